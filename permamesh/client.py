@@ -1,0 +1,174 @@
+"""The researcher's Python client: submit generation jobs to a mesh and read the answers.
+
+>>> from permamesh import Client
+>>> with Client() as client:                      # workers found in the local registry
+...     result = client.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
+...     print(result.text)
+
+:meth:`Client.generate` blocks and returns a :class:`GenerateResult`; pass ``on_text`` to
+see the answer as it streams. :meth:`Client.events` yields every message of one job
+(``Accepted``, ``TokenChunk``..., then the result). Each client signs with a fresh
+ephemeral identity, so workers cannot link its jobs to a long-term key.
+
+Failures: a worker that does not accept within ``accept_timeout_s``, or answers
+``queue_full``/``shutting_down``, is skipped and the job goes to the next worker; anything
+else raises :class:`ClientError` with the worker's code and reason. A Client is not thread-
+safe: use one per thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from permamesh.errors import PermameshError
+from permamesh.identity import NodeIdentity
+from permamesh.localmesh import WorkerRecord, default_data_dir, discover
+from permamesh.transport import DealerClient
+from permamesh.wire import (
+    Accepted,
+    ChatMessage,
+    ErrorReply,
+    GenerateRequest,
+    GenerateResult,
+    Message,
+    StatusReply,
+    StatusRequest,
+    TokenChunk,
+    WireError,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = ("queue_full", "shutting_down")
+
+
+class ClientError(PermameshError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class Client:
+    def __init__(self, endpoints: Sequence[str] | None = None, *, data_dir: Path | str | None = None,
+                 timeout_s: float = 300.0, accept_timeout_s: float = 10.0) -> None:
+        """``endpoints``: worker addresses (tcp://host:port); default: the local registry.
+        ``timeout_s``: seconds to wait for the next message of an accepted job.
+        ``accept_timeout_s``: seconds a worker has to accept a job before we try another."""
+        self._pins: dict[str, bytes] = {}
+        if endpoints is None:
+            records: list[WorkerRecord] = discover(Path(data_dir) if data_dir else default_data_dir())
+            endpoints = [r.endpoint for r in records]
+            self._pins = {r.endpoint: bytes.fromhex(r.sign_key) for r in records}
+        if not endpoints:
+            raise ClientError("no_workers", "no worker endpoints given and none registered locally; start `permamesh worker` or `permamesh demo --serve`")
+        self.endpoints = list(endpoints)
+        self.timeout_s = timeout_s
+        self.accept_timeout_s = accept_timeout_s
+        self.identity = NodeIdentity.generate()
+        self._sockets: dict[str, DealerClient] = {}
+        self._next = itertools.cycle(range(len(self.endpoints)))
+
+    # -------------------------------------------------------------- public API
+    def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str] | ChatMessage] = (),
+                 on_text: Callable[[str], None] | None = None, **params) -> GenerateResult:
+        """Run one job to completion. ``params``: max_tokens, temperature, top_p, seed, stop,
+        logprobs, model (see :class:`GenerateRequest`)."""
+        for msg in self.events(prompt, messages=messages, stream=on_text is not None, **params):
+            if isinstance(msg, TokenChunk) and on_text is not None and msg.text:
+                on_text(msg.text)
+            elif isinstance(msg, GenerateResult):
+                return msg
+        raise ClientError("no_result", "the job ended without a result")  # events() never gets here
+
+    def events(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str] | ChatMessage] = (),
+               **params) -> Iterator[Message]:
+        chat = tuple(m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages)
+        if "stop" in params:
+            params["stop"] = tuple(params["stop"] or ())
+        request = GenerateRequest(request_id=uuid.uuid4().hex, prompt=prompt, messages=chat, **params)
+        last_error: ClientError | None = None
+        for _ in range(len(self.endpoints)):
+            endpoint = self.endpoints[next(self._next)]
+            try:
+                yield from self._run_on(endpoint, request)
+                return
+            except ClientError as exc:
+                if exc.code not in RETRYABLE + ("no_answer",):
+                    raise
+                log.warning("worker %s: %s; trying the next one", endpoint, exc)
+                last_error = exc
+        raise last_error or ClientError("no_workers", "no worker accepted the job")
+
+    def status(self) -> list[StatusReply]:
+        """Ask every worker for its status; workers that do not answer are left out."""
+        replies = []
+        for endpoint in self.endpoints:
+            rid = uuid.uuid4().hex
+            self._socket(endpoint).send(encode(StatusRequest(rid), self.identity))
+            try:
+                msg = self._next_message(endpoint, rid, self.accept_timeout_s, "no_answer")
+            except ClientError:
+                continue
+            if isinstance(msg, StatusReply):
+                replies.append(msg)
+        return replies
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- internals
+    def _socket(self, endpoint: str) -> DealerClient:
+        if endpoint not in self._sockets:
+            self._sockets[endpoint] = DealerClient(endpoint)
+        return self._sockets[endpoint]
+
+    def _run_on(self, endpoint: str, request: GenerateRequest) -> Iterator[Message]:
+        self._socket(endpoint).send(encode(request, self.identity))
+        first = self._next_message(endpoint, request.request_id, self.accept_timeout_s, "no_answer")
+        if not isinstance(first, Accepted):
+            raise ClientError("protocol", f"expected accepted, got {first.TAG}")
+        yield first
+        while True:
+            msg = self._next_message(endpoint, request.request_id, self.timeout_s, "timeout")
+            yield msg
+            if isinstance(msg, GenerateResult):
+                return
+
+    def _next_message(self, endpoint: str, request_id: str, timeout_s: float, timeout_code: str) -> Message:
+        """The next message about ``request_id`` from ``endpoint``; ErrorReply becomes ClientError."""
+        deadline = time.monotonic() + timeout_s
+        sock = self._socket(endpoint)
+        while True:
+            frame = sock.recv(max(0.0, deadline - time.monotonic()))
+            if frame is None:
+                raise ClientError(timeout_code, f"no answer from {endpoint} within {timeout_s:g} s")
+            try:
+                received = decode(frame)
+            except WireError as exc:
+                log.warning("dropping bad frame from %s: %s", endpoint, exc)
+                continue
+            pin = self._pins.setdefault(endpoint, received.sender or b"")
+            if received.sender != pin:
+                log.warning("dropping frame from %s signed by an unexpected key", endpoint)
+                continue
+            msg = received.msg
+            if getattr(msg, "request_id", None) not in (request_id, ""):
+                continue  # a late answer to an earlier, abandoned job
+            if isinstance(msg, ErrorReply):
+                raise ClientError(msg.code, msg.message)
+            return msg

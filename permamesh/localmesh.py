@@ -1,0 +1,78 @@
+"""The local mesh registry: which workers run on this machine, and how to reach them.
+
+A worker started with a data directory writes ``<data_dir>/run/workers/<node_id>.json`` once
+it is serving and removes it when it stops; ``permamesh submit`` and :class:`permamesh.Client`
+read these records to find workers (and pin each worker's signing key, so replies are
+authenticated). Records whose process is gone are ignored and cleaned up. This is discovery
+for one machine only; the committee's registry replaces it across machines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def default_data_dir() -> Path:
+    """``$PERMAMESH_HOME``, else ``~/.local/share/permamesh``."""
+    env = os.environ.get("PERMAMESH_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "permamesh"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRecord:
+    node_id: str
+    endpoint: str  # tcp://host:port
+    sign_key: str  # hex Ed25519 public key
+    model: str
+    pid: int
+
+
+def _dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "run" / "workers"
+
+
+def register(data_dir: Path, record: WorkerRecord) -> Path:
+    directory = _dir(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{record.node_id}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(record)))
+    os.replace(tmp, path)
+    return path
+
+
+def unregister(data_dir: Path, node_id: str) -> None:
+    (_dir(data_dir) / f"{node_id}.json").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def discover(data_dir: Path) -> list[WorkerRecord]:
+    """Live workers registered under ``data_dir``, sorted by node id."""
+    found = []
+    directory = _dir(data_dir)
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            record = WorkerRecord(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("ignoring unreadable worker record %s: %s", path, exc)
+            continue
+        if _alive(record.pid):
+            found.append(record)
+        else:
+            path.unlink(missing_ok=True)
+    return found

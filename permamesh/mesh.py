@@ -1,0 +1,153 @@
+"""The embedded mesh: real worker processes on loopback, owned by one parent process.
+
+:class:`EmbeddedMesh` starts each worker as ``python -m permamesh worker`` in its own session
+(so a terminal's Ctrl-C reaches only the parent, which then stops them in order), asks the
+kernel to SIGTERM each child if the parent dies (``PR_SET_PDEATHSIG``), and waits for each
+worker's ``READY`` line rather than sleeping. :meth:`EmbeddedMesh.stop` sends SIGTERM, waits,
+then SIGKILLs stragglers, so no process outlives the mesh.
+
+Who calls it: ``permamesh demo`` and the end-to-end tests. Later issues add relays and
+validators here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from permamesh.errors import PermameshError
+
+log = logging.getLogger(__name__)
+
+
+class MeshError(PermameshError):
+    """The embedded mesh could not start or stop."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data_dir: Path
+    workers: int = 2  # worker processes
+    model: str = "smollm2-135m"
+    model_path: str | None = None
+    device: str = "auto"
+    threads_per_worker: int = 0  # torch threads per worker, 0 = cores / workers
+    start_timeout_s: float = 300.0  # seconds to wait for all workers to be ready
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM us when the parent process dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclasses.dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    endpoint: str | None = None
+    node_id: str | None = None
+
+
+class EmbeddedMesh:
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.children: list[_Child] = []
+        self.log_dir = Path(config.data_dir) / "run" / "logs"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [c.endpoint for c in self.children if c.endpoint]
+
+    def start(self) -> list[str]:
+        cfg = self.config
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers)
+        try:
+            for i in range(cfg.workers):
+                self._spawn(f"worker-{i}", threads)
+            self._wait_ready(time.monotonic() + cfg.start_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self.endpoints
+
+    def _spawn(self, name: str, threads: int) -> None:
+        cfg = self.config
+        cmd = [sys.executable, "-m", "permamesh", "worker", "--data-dir", str(cfg.data_dir), "--name", f"mesh-{name}",
+               "--model", cfg.model, "--device", cfg.device, "--threads", str(threads)]
+        if cfg.model_path:
+            cmd += ["--model-path", cfg.model_path]
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "wb") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+        self.children.append(_Child(name, proc, log_path))
+
+    def _wait_ready(self, deadline: float) -> None:
+        with selectors.DefaultSelector() as sel:
+            for child in self.children:
+                sel.register(child.proc.stdout, selectors.EVENT_READ, child)
+            waiting = len(self.children)
+            while waiting:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MeshError(f"workers not ready after {self.config.start_timeout_s:g} s; logs in {self.log_dir}")
+                for key, _ in sel.select(min(remaining, 1.0)):
+                    child = key.data
+                    line = child.proc.stdout.readline().decode(errors="replace").split()
+                    if len(line) == 3 and line[0] == "READY":
+                        child.endpoint, child.node_id = line[1], line[2]
+                        sel.unregister(child.proc.stdout)
+                        waiting -= 1
+                    elif not line:
+                        raise MeshError(f"{child.name} exited before it was ready:\n{self.log_tail(child)}")
+                for child in self.children:
+                    if child.endpoint is None and child.proc.poll() is not None:
+                        raise MeshError(f"{child.name} exited with code {child.proc.returncode}:\n{self.log_tail(child)}")
+
+    def log_tail(self, child: _Child, lines: int = 20) -> str:
+        try:
+            return "\n".join(child.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one worker (failure drills and tests)."""
+        self.children[index].proc.kill()
+        self.children[index].proc.wait()
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %g s; killing it", child.name, grace_s)
+                child.proc.kill()
+                child.proc.wait()
+            if child.proc.stdout:
+                child.proc.stdout.close()
+        self.children.clear()
+
+    def __enter__(self) -> EmbeddedMesh:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

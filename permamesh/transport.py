@@ -1,0 +1,118 @@
+"""Small zmq wrappers that own their sockets: ROUTER servers and DEALER clients over TCP.
+
+- :class:`RouterServer` (asyncio, :mod:`zmq.asyncio`): a worker (later relays, validators)
+  binds one, receives ``(peer, frame)`` pairs and answers ``send(peer, frame)``. Only the
+  event-loop thread that owns it may touch it.
+- :class:`DealerClient` (blocking): a client connects one to a server, sends frames and waits
+  for replies with a timeout. One per thread.
+
+Every socket sets ``LINGER=0`` and ``MAXMSGSIZE`` (zmq drops larger frames before we see
+them) and is recorded in :data:`OPEN_SOCKETS` until closed, so tests can fail on leaks.
+Frames are opaque bytes here; :mod:`permamesh.wire` gives them meaning.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import zmq
+import zmq.asyncio
+
+from permamesh.errors import PermameshError
+from permamesh.wire.codec import MAX_FRAME_BYTES
+
+log = logging.getLogger(__name__)
+
+OPEN_SOCKETS: "weakref.WeakSet[zmq.Socket]" = weakref.WeakSet()
+
+
+class TransportError(PermameshError):
+    """A socket could not be bound, connected, or used."""
+
+
+def _prepare(sock: zmq.Socket) -> zmq.Socket:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
+    OPEN_SOCKETS.add(sock)
+    return sock
+
+
+def open_sockets() -> list[zmq.Socket]:
+    """Sockets created through this module and not yet closed."""
+    return [s for s in list(OPEN_SOCKETS) if not s.closed]
+
+
+class RouterServer:
+    """An asyncio ROUTER socket bound on TCP. ``recv`` yields ``(peer, frame)``; multipart
+    messages with more than one body part yield ``frame=None`` so the caller can reject them."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = _prepare(self._ctx.socket(zmq.ROUTER))
+        try:
+            if port:
+                self._sock.bind(f"tcp://{host}:{port}")
+            else:
+                self._sock.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise TransportError(f"cannot bind tcp://{host}:{port}: {exc}") from None
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    async def recv(self) -> tuple[bytes, bytes | None]:
+        parts = await self._sock.recv_multipart(copy=True)
+        peer = parts[0]
+        if len(parts) != 2:
+            return peer, None
+        return peer, parts[1]
+
+    async def send(self, peer: bytes, frame: bytes) -> None:
+        try:
+            await self._sock.send_multipart([peer, frame])
+        except zmq.ZMQError as exc:  # peer gone, or socket closing: log, never crash the server
+            log.debug("send to %s failed: %s", peer.hex(), exc)
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close(0)
+
+
+class DealerClient:
+    """A blocking DEALER socket connected to one endpoint."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._ctx = zmq.Context.instance()
+        self._sock = _prepare(self._ctx.socket(zmq.DEALER))
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise TransportError(f"cannot connect to {endpoint}: {exc}") from None
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def send(self, frame: bytes) -> None:
+        self._sock.send(frame)
+
+    def send_parts(self, parts: list[bytes]) -> None:
+        """Send raw multipart frames (tests use it to play a misbehaving peer)."""
+        self._sock.send_multipart(parts)
+
+    def recv(self, timeout_s: float) -> bytes | None:
+        """The next frame, or None when nothing arrived within ``timeout_s`` seconds."""
+        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+            return None
+        return self._sock.recv()
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._poller.unregister(self._sock)
+            self._sock.close(0)
+
+    def __enter__(self) -> DealerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

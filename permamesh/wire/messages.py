@@ -1,0 +1,129 @@
+"""The messages workers and clients exchange (the request path of the foundation).
+
+Every class here is a frozen dataclass registered with :func:`message`; ``__post_init__``
+checks values (ranges, lengths) so a bad request is refused at decode time with a clear
+reason, before any worker state changes.
+
+Who sends what:
+
+- client -> worker: :class:`GenerateRequest`, :class:`StatusRequest`
+- worker -> client: :class:`Accepted` (queued, with position), zero or more
+  :class:`TokenChunk` when streaming, then exactly one :class:`GenerateResult` or
+  :class:`ErrorReply`; :class:`StatusReply` for a status request.
+- anyone -> anyone: :class:`ErrorReply` with ``request_id=""`` for a frame that could not
+  be decoded at all (code ``bad_frame``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from permamesh.wire.codec import Message, WireError, message, struct
+
+MAX_PROMPT_CHARS = 256 * 1024
+MAX_NEW_TOKENS = 8192
+MAX_STOP_STRINGS = 8
+ROLES = ("system", "user", "assistant")
+
+
+def _require(cond: bool, what: str) -> None:
+    if not cond:
+        raise WireError(what)
+
+
+@struct
+class ChatMessage:
+    role: str  # one of ROLES
+    content: str
+
+    def __post_init__(self) -> None:
+        _require(self.role in ROLES, f"chat role must be one of {ROLES}, got {self.role[:32]!r}")
+
+
+@message("generate", max_bytes=1024 * 1024)
+class GenerateRequest(Message):
+    """A generation job. Exactly one of ``prompt`` (raw text) or ``messages`` (chat)."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    max_tokens: int = 128  # new tokens to generate at most
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept, (0, 1]
+    seed: int | None = None  # sampling seed; None = fresh randomness
+    stop: tuple[str, ...] = ()  # stop strings, not included in the answer
+    stream: bool = False  # send TokenChunk messages as tokens are produced
+    logprobs: bool = False  # report log-probabilities of the generated tokens
+    model: str = ""  # the model the client wants; "" = whatever the worker serves
+
+    def __post_init__(self) -> None:
+        _require(0 < len(self.request_id) <= 64, "request_id must be 1-64 characters")
+        _require((self.prompt is None) != (not self.messages), "give exactly one of prompt or messages")
+        size = len(self.prompt or "") + sum(len(m.content) for m in self.messages)
+        _require(size <= MAX_PROMPT_CHARS, f"prompt of {size} chars exceeds {MAX_PROMPT_CHARS}")
+        _require(1 <= self.max_tokens <= MAX_NEW_TOKENS, f"max_tokens must be in 1..{MAX_NEW_TOKENS}")
+        _require(math.isfinite(self.temperature) and 0.0 <= self.temperature <= 10.0, "temperature must be in [0, 10]")
+        _require(math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
+        _require(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
+        _require(len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings")
+        _require(all(0 < len(s) <= 256 for s in self.stop), "stop strings must be 1-256 characters")
+        _require(len(self.model) <= 128, "model name too long")
+
+
+@message("accepted")
+class Accepted(Message):
+    request_id: str
+    queue_position: int  # requests ahead of this one, 0 = running next
+    worker_id: str
+
+
+@message("token", max_bytes=256 * 1024)
+class TokenChunk(Message):
+    request_id: str
+    index: int  # position of the first token of this chunk in the answer
+    text: str  # new text (held back while it could still be the start of a stop string)
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()  # one per token when requested
+
+
+@message("result", max_bytes=2 * 1024 * 1024)
+class GenerateResult(Message):
+    request_id: str
+    text: str
+    finish_reason: str  # "stop" (eos or stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()  # log-probability of each generated token, when requested
+    worker_id: str = ""
+    model: str = ""
+    queue_wait_s: float = 0.0  # seconds spent queued at the worker
+    ttft_s: float = 0.0  # seconds from start of work to first token
+    total_s: float = 0.0  # seconds from start of work to the last token
+
+
+@message("error")
+class ErrorReply(Message):
+    request_id: str  # "" when the frame could not be decoded
+    code: str  # bad_frame, bad_request, queue_full, model_mismatch, internal, shutting_down
+    message: str
+
+
+@message("status?")
+class StatusRequest(Message):
+    request_id: str
+
+
+@message("status")
+class StatusReply(Message):
+    request_id: str
+    worker_id: str
+    model: str
+    device: str
+    queue_length: int  # requests waiting, not counting the one running
+    busy: bool
+    served: int  # requests completed since start
+    rejected_frames: int  # malformed or forged frames refused since start
+    prefill_tok_per_s: float  # measured, 0 before the first request
+    decode_tok_per_s: float
+    uptime_s: float
