@@ -75,6 +75,8 @@ class WorkerServer:
         self.endpoint: str | None = None
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._busy = False
+        self._accepted = 0  # jobs queued since start (event-loop thread writes)
+        self._finished = 0  # jobs the engine thread has finished with (engine thread writes)
         self._served = 0
         self._rejected = 0
         self._prefill_rate = 0.0  # tokens/s, moving average
@@ -140,8 +142,10 @@ class WorkerServer:
         waiting = self._jobs.qsize()
         if waiting >= self.config.max_queue:
             return ErrorReply(msg.request_id, "queue_full", f"{waiting} requests already queued; try another worker")
+        position = self._accepted - self._finished  # jobs ahead of this one, running included
+        self._accepted += 1
         self._jobs.put(_Job(peer, msg, time.monotonic()))
-        return Accepted(msg.request_id, waiting + int(self._busy), self.worker_id)
+        return Accepted(msg.request_id, position, self.worker_id)
 
     async def _send_loop(self, router: RouterServer, outbox: asyncio.Queue) -> None:
         while True:
@@ -192,6 +196,7 @@ class WorkerServer:
                 post(job.peer, ErrorReply(job.request.request_id, "internal", f"{exc.__class__.__name__}: {exc}"))
             finally:
                 self._busy = False
+                self._finished += 1
 
     def _run(self, job: _Job, post: Callable[[bytes, Message], None]) -> GenerateResult:
         req = job.request

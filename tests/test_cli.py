@@ -1,0 +1,119 @@
+"""The command line as people use it: help texts, a worker process, submit, status, demo,
+and Ctrl-C. Real processes on loopback; tiny-random keeps them fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from permamesh.localmesh import discover
+
+CMD = [sys.executable, "-m", "permamesh"]
+
+
+def run(*args, timeout=120, **kw):
+    return subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_help_lists_the_roles():
+    out = run("--help").stdout
+    for role in ("worker", "submit", "status", "demo", "partner", "researcher"):
+        assert role in out
+
+
+@pytest.mark.parametrize("role,units", [
+    ("worker", ["count", "(default: 0)", "TCP port"]),
+    ("submit", ["count", "seconds", "nats"]),
+    ("demo", ["count"]),
+])
+def test_each_role_documents_its_options_with_units(role, units):
+    out = run(role, "--help").stdout
+    for word in units:
+        assert word in out, f"{role} --help lacks {word!r}"
+
+
+def test_worker_process_serves_submit_and_stops_cleanly_on_sigterm(home):
+    proc = subprocess.Popen([*CMD, "worker", "--model", "tiny-random", "--name", "w1", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready[0] == "READY", proc.stderr.read()
+        assert [r.endpoint for r in discover(home)] == [ready[1]]
+        submitted = run("submit", "--prompt", "hi there", "--max-tokens", "6", "--json")
+        assert submitted.returncode == 0, submitted.stderr
+        result = json.loads(submitted.stdout)
+        assert result["completion_tokens"] >= 1 and result["worker_id"] == ready[2]
+        status = run("status")
+        assert status.returncode == 0 and ready[2] in status.stdout and "served     1" in status.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+    assert discover(home) == []  # the worker removed its registry record
+
+
+def test_submit_without_a_mesh_says_what_to_do(home):
+    out = run("submit", "--prompt", "anyone?")
+    assert out.returncode == 2
+    assert "no_workers" in out.stderr and "permamesh worker" in out.stderr
+
+
+def test_bad_model_name_is_a_clear_error(home):
+    out = run("worker", "--model", "gpt-17")
+    assert out.returncode == 2 and "unknown model 'gpt-17'" in out.stderr
+
+
+def test_demo_runs_the_embedded_mesh_and_leaves_nothing_behind(home):
+    out = run("demo", "--model", "tiny-random", "--max-tokens", "6", timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("ttft") == 3 and "end-to-end latency" in out.stdout
+    assert "mesh stopped" in out.stdout
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_ctrl_c_stops_the_demo_and_all_its_workers(home):
+    proc = subprocess.Popen([*CMD, "demo", "--model", "tiny-random", "--max-tokens", "4", "--serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if "mesh is up" in line:
+                break
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the demo
+        rest = proc.stdout.read()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert "mesh stopped" in rest
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+    assert discover(home) == []
+
+
+def test_workers_die_with_a_killed_demo(home):
+    """kill -9 of the parent: the kernel's parent-death signal stops the workers."""
+    proc = subprocess.Popen([*CMD, "demo", "--model", "tiny-random", "--max-tokens", "4", "--serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if "mesh is up" in line:
+                break
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.stdout.close()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive
