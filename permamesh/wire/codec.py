@@ -6,7 +6,7 @@ A frame on the wire is a msgpack array ``[version, tag, body, sender, signature]
 - ``tag``: the message type's registered name (``Message.TAG``).
 - ``body``: msgpack bytes of a map from field name to value.
 - ``sender``: the signer's Ed25519 public key (32 bytes), or nil for unsigned types.
-- ``signature``: Ed25519 over ``DOMAIN + tag + body``, or nil.
+- ``signature``: Ed25519 over ``DOMAIN + tag + NUL + body``, or nil.
 
 Decoding never trusts the peer: the frame size is checked before parsing, the tag must name a
 known :class:`Message` subclass, the body must fit that type's ``MAX_BYTES``, the signature must
@@ -68,6 +68,8 @@ def message(tag: str, *, max_bytes: int = 64 * 1024, signed: bool = True):
     def wrap(cls: type[M]) -> type[M]:
         if tag in _REGISTRY:
             raise TypeError(f"wire tag {tag!r} registered twice")
+        if not tag or "\x00" in tag:
+            raise TypeError(f"wire tag {tag!r} must be non-empty and free of NUL")
         cls = dataclasses.dataclass(frozen=True)(cls)
         cls.TAG, cls.MAX_BYTES, cls.SIGNED = tag, max_bytes, signed
         _REGISTRY[tag] = cls
@@ -113,9 +115,17 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+def _signed_bytes(tag: str, body: bytes) -> bytes:
+    """What a signature covers: domain, tag, a NUL separator (tags never hold one), body."""
+    return DOMAIN + tag.encode() + b"\x00" + body
+
+
 def encode(msg: Message, signer: NodeIdentity | None = None) -> bytes:
     """Serialize ``msg`` into one frame, signed by ``signer`` when the type is signed."""
-    body = msgpack.packb(msg.to_fields(), use_bin_type=True)
+    try:
+        body = msgpack.packb(msg.to_fields(), use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. a lone surrogate in a str
+        raise WireError(f"{msg.TAG}: cannot encode: {exc}") from None
     if len(body) > msg.MAX_BYTES:
         raise WireError(f"{msg.TAG}: body of {len(body)} bytes exceeds limit {msg.MAX_BYTES}")
     sender = signature = None
@@ -123,7 +133,7 @@ def encode(msg: Message, signer: NodeIdentity | None = None) -> bytes:
         if signer is None:
             raise WireError(f"{msg.TAG} must be signed: pass signer=")
         sender = signer.public.sign_key
-        signature = signer.sign(DOMAIN + msg.TAG.encode() + body)
+        signature = signer.sign(_signed_bytes(msg.TAG, body))
     return msgpack.packb([PROTOCOL_VERSION, msg.TAG, body, sender, signature], use_bin_type=True)
 
 
@@ -166,10 +176,14 @@ def decode(frame: bytes, expect: type[M] | tuple[type[Message], ...] | None = No
     if not isinstance(outer, tuple) or len(outer) != 5:
         raise WireError("frame must be an array of 5 items [version, tag, body, sender, sig]")
     version, tag, body, sender, signature = outer
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
-        raise WireError(f"unsupported protocol version {version!r} (speaking {PROTOCOL_VERSION})")
-    if not isinstance(tag, str) or tag not in _REGISTRY:
-        raise WireError(f"unknown message type {str(tag)[:64]!r}")
+    if type(version) is not int:  # never format peer values of unknown shape (deep nesting)
+        raise WireError(f"protocol version must be an int, got {type(version).__name__}")
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"unsupported protocol version {version} (speaking {PROTOCOL_VERSION})")
+    if not isinstance(tag, str):
+        raise WireError(f"message type must be a string, got {type(tag).__name__}")
+    if tag not in _REGISTRY:
+        raise WireError(f"unknown message type {tag[:64]!r}")
     cls = _REGISTRY[tag]
     if expect is not None and not issubclass(cls, expect):
         raise WireError(f"unexpected message type {tag!r} here")
@@ -182,7 +196,7 @@ def decode(frame: bytes, expect: type[M] | tuple[type[Message], ...] | None = No
             raise WireError(f"{tag}: missing or malformed sender key")
         if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
             raise WireError(f"{tag}: missing or malformed signature")
-        if not verify_signature(sender, signature, DOMAIN + tag.encode() + body):
+        if not verify_signature(sender, signature, _signed_bytes(tag, body)):
             raise WireError(f"{tag}: bad signature")
     else:
         sender = None

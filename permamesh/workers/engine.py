@@ -158,4 +158,4 @@ class Engine:
                 keep[0] = True
                 probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
             token = int(torch.multinomial(probs, 1, generator=gen))
-        return token, float(logp[token])
+        return token, max(float(logp[token]), -1e30)  # finite, so it always encodes

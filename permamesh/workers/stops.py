@@ -46,11 +46,13 @@ class StopScanner:
         return new
 
     def _held_back(self, text: str) -> int:
+        """Characters at the end that may still change: an unfinished UTF-8 sequence (shown as
+        U+FFFD), plus whatever before it could be the start of a stop string."""
+        settled = text.rstrip(_REPLACEMENT)
         hold = 0
         for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(text)), hold, -1):
-                if text.endswith(stop[:k]):
+            for k in range(min(len(stop) - 1, len(settled)), hold, -1):
+                if settled.endswith(stop[:k]):
                     hold = k
                     break
-        tail = len(text) - len(text.rstrip(_REPLACEMENT))
-        return max(hold, tail)
+        return len(text) - len(settled) + hold
