@@ -11,13 +11,18 @@ see the answer as it streams. :meth:`Client.events` yields every message of one 
 ephemeral identity, so workers cannot link its jobs to a long-term key.
 
 Failures: a worker that does not accept within ``accept_timeout_s``, or answers
-``queue_full``/``shutting_down``, is skipped and the job goes to the next worker; anything
-else raises :class:`ClientError` with the worker's code and reason. A Client is not thread-
-safe: use one per thread.
+``queue_full``/``shutting_down``, is skipped and the job goes to the next worker. Workers send
+a :class:`Progress` keep-alive about once a second for every job they hold, so silence for
+``timeout_s`` means the job was lost (its worker died): the job is resubmitted elsewhere when
+that cannot change what the caller already saw (nothing streamed yet, or the answer is
+deterministic: temperature 0 or a seed, in which case chunks already shown are skipped).
+Anything else raises :class:`ClientError` with the worker's code and reason. A Client is not
+thread-safe: use one per thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -36,6 +41,7 @@ from permamesh.wire import (
     GenerateRequest,
     GenerateResult,
     Message,
+    Progress,
     StatusReply,
     StatusRequest,
     TokenChunk,
@@ -46,7 +52,7 @@ from permamesh.wire import (
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = ("queue_full", "shutting_down")
+RETRYABLE = ("queue_full", "shutting_down", "no_answer", "lost")
 
 
 class ClientError(PermameshError):
@@ -57,9 +63,10 @@ class ClientError(PermameshError):
 
 class Client:
     def __init__(self, endpoints: Sequence[str] | None = None, *, data_dir: Path | str | None = None,
-                 timeout_s: float = 300.0, accept_timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 30.0, accept_timeout_s: float = 10.0) -> None:
         """``endpoints``: worker addresses (tcp://host:port); default: the local registry.
-        ``timeout_s``: seconds to wait for the next message of an accepted job.
+        ``timeout_s``: seconds of silence (no token, result or keep-alive) after which an
+        accepted job counts as lost.
         ``accept_timeout_s``: seconds a worker has to accept a job before we try another."""
         self._pins: dict[str, bytes] = {}
         if endpoints is None:
@@ -93,16 +100,29 @@ class Client:
         if "stop" in params:
             params["stop"] = tuple(params["stop"] or ())
         request = GenerateRequest(request_id=uuid.uuid4().hex, prompt=prompt, messages=chat, **params)
+        deterministic = request.temperature == 0.0 or request.seed is not None
+        shown = 0  # token chunks the caller has already seen
         last_error: ClientError | None = None
-        for _ in range(len(self.endpoints)):
+        for attempt in range(2 * len(self.endpoints)):
             endpoint = self.endpoints[next(self._next)]
+            if attempt:
+                request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
+            seen = 0
             try:
-                yield from self._run_on(endpoint, request)
+                for msg in self._run_on(endpoint, request):
+                    if isinstance(msg, TokenChunk):
+                        seen += 1
+                        if seen <= shown:
+                            continue  # a deterministic rerun repeats what was already shown
+                        shown = seen
+                    elif isinstance(msg, Accepted) and attempt:
+                        continue
+                    yield msg
                 return
             except ClientError as exc:
-                if exc.code not in RETRYABLE + ("no_answer",):
+                if exc.code not in RETRYABLE or (shown and not deterministic):
                     raise
-                log.warning("worker %s: %s; trying the next one", endpoint, exc)
+                log.warning("worker %s: %s; resubmitting elsewhere", endpoint, exc)
                 last_error = exc
         raise last_error or ClientError("no_workers", "no worker accepted the job")
 
@@ -144,7 +164,7 @@ class Client:
             raise ClientError("protocol", f"expected accepted, got {first.TAG}")
         yield first
         while True:
-            msg = self._next_message(endpoint, request.request_id, self.timeout_s, "timeout")
+            msg = self._next_message(endpoint, request.request_id, self.timeout_s, "lost")
             yield msg
             if isinstance(msg, GenerateResult):
                 return
@@ -171,4 +191,7 @@ class Client:
                 continue  # a late answer to an earlier, abandoned job
             if isinstance(msg, ErrorReply):
                 raise ClientError(msg.code, msg.message)
+            if isinstance(msg, Progress):  # the job is alive: wait another full timeout
+                deadline = time.monotonic() + timeout_s
+                continue
             return msg

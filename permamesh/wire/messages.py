@@ -100,6 +100,7 @@ class GenerateResult(Message):
     queue_wait_s: float = 0.0  # seconds spent queued at the worker
     ttft_s: float = 0.0  # seconds from start of work to first token
     total_s: float = 0.0  # seconds from start of work to the last token
+    cached_tokens: int = 0  # prompt tokens whose prefill the worker's prefix cache saved
 
 
 @message("error")
@@ -127,3 +128,24 @@ class StatusReply(Message):
     prefill_tok_per_s: float  # measured, 0 before the first request
     decode_tok_per_s: float
     uptime_s: float
+
+
+@message("progress")
+class Progress(Message):
+    """Keep-alive for a job that is queued, running or forwarded: sent about once a second so
+    the submitter can tell a slow job from a dead worker."""
+
+    request_id: str
+    queue_position: int  # jobs ahead of this one at the worker holding it, 0 = running
+    worker_id: str
+
+
+@message("forward", max_bytes=1024 * 1024 + 4096)
+class ForwardedRequest(Message):
+    """An entry worker hands a client's job to the group member that should run it. The member
+    runs it locally (never forwards again) and answers the entry worker, which relays to the
+    client: the member never learns who asked."""
+
+    request: GenerateRequest
+    entry: str  # node id of the entry worker
+    group: str

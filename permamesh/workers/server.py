@@ -1,12 +1,13 @@
-"""The worker's network face: a ROUTER socket, a request queue, and one engine thread.
+"""The worker's network face: a ROUTER socket in front of an :class:`Executor`.
 
 Threads and ownership:
 
 - the event-loop thread owns the ROUTER socket (:class:`permamesh.transport.RouterServer`):
   it decodes every frame, answers status requests at once, queues generation jobs (replying
-  :class:`Accepted` with the queue position) and sends whatever the engine produces;
-- the engine thread owns the model: it takes jobs in arrival order, runs
-  :meth:`Engine.generate`, and hands replies back to the loop with ``call_soon_threadsafe``.
+  :class:`Accepted` with the queue position), sends a :class:`Progress` keep-alive for every
+  held job once per ``progress_interval_s``, and sends whatever the engine produces;
+- the engine thread (:class:`~permamesh.workers.executor.Executor`) owns the model and hands
+  replies back to the loop with ``call_soon_threadsafe``.
 
 A frame that does not decode (garbage, oversized, forged, unknown type) is answered with
 ``ErrorReply(code="bad_frame")`` and counted; the worker keeps serving. On shutdown, queued
@@ -22,10 +23,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from permamesh.identity import NodeIdentity
 from permamesh.transport import RouterServer
@@ -33,17 +33,17 @@ from permamesh.wire import (
     Accepted,
     ErrorReply,
     GenerateRequest,
-    GenerateResult,
     Message,
+    Progress,
     StatusReply,
     StatusRequest,
-    TokenChunk,
     WireError,
     decode,
     encode,
 )
-from permamesh.workers.engine import Engine, SamplingParams, Step
+from permamesh.workers.engine import Engine
 from permamesh.workers.errors import WorkerError
+from permamesh.workers.executor import Job, Executor
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port
     max_queue: int = 256  # requests waiting at most; more are refused with queue_full
-
-
-@dataclasses.dataclass(frozen=True)
-class _Job:
-    peer: bytes
-    request: GenerateRequest
-    queued_at: float  # time.monotonic()
-
-
-class _Cancelled(Exception):
-    pass
+    progress_interval_s: float = 1.0  # keep-alive period for held jobs
 
 
 class WorkerServer:
@@ -73,54 +63,55 @@ class WorkerServer:
         self.config = config
         self.worker_id = identity.node_id
         self.endpoint: str | None = None
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._busy = False
-        self._accepted = 0  # jobs queued since start (event-loop thread writes)
-        self._finished = 0  # jobs the engine thread has finished with (engine thread writes)
-        self._served = 0
+        self.executor = Executor(engine, self.worker_id)
         self._rejected = 0
-        self._prefill_rate = 0.0  # tokens/s, moving average
-        self._decode_rate = 0.0
         self._started = time.monotonic()
-        self._stopping = threading.Event()
+        self._stopping = False
 
-    # ------------------------------------------------------------------ event-loop side
+    # ------------------------------------------------------------------ lifecycle
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        outbox: asyncio.Queue[tuple[bytes, Message]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[bytes, Message]] = asyncio.Queue()
         router = RouterServer(self.config.host, self.config.port)
         self.endpoint = router.endpoint
-        engine_thread = threading.Thread(
-            target=self._engine_loop, args=(loop, outbox), name="engine", daemon=True
-        )
-        engine_thread.start()
-        tasks = [asyncio.create_task(self._recv_loop(router, outbox)), asyncio.create_task(self._send_loop(router, outbox))]
+        self.executor.start(lambda peer, msg: loop.call_soon_threadsafe(self._outbox.put_nowait, (peer, msg)))
+        tasks = [
+            asyncio.create_task(self._recv_loop(router)),
+            asyncio.create_task(self._progress_loop()),
+            asyncio.create_task(self._send_loop(router)),
+        ]
         log.info("worker %s serving %s on %s", self.worker_id, self.engine.loaded.name, self.endpoint)
         try:
             if on_ready is not None:
                 on_ready(self.endpoint)
             await stop.wait()
         finally:
-            self._stopping.set()
-            tasks[0].cancel()
-            self._jobs.put(None)
-            await asyncio.to_thread(engine_thread.join)
-            while not self._jobs.empty():  # answer everything still queued
-                job = self._jobs.get_nowait()
-                if job is not None:
-                    outbox.put_nowait((job.peer, ErrorReply(job.request.request_id, "shutting_down", "worker is stopping; resubmit")))
-            await outbox.join()
-            tasks[1].cancel()
+            self._stopping = True
+            for task in tasks[:2]:
+                task.cancel()
+            for job in await asyncio.to_thread(self.executor.stop):  # answer everything still queued
+                self.send(job.peer, ErrorReply(job.request.request_id, "shutting_down", "worker is stopping; resubmit"))
+            await self._outbox.join()
+            tasks[2].cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             router.close()
-            log.info("worker %s stopped after %d requests", self.worker_id, self._served)
+            log.info("worker %s stopped after %d requests", self.worker_id, self.executor.served)
 
-    async def _recv_loop(self, router: RouterServer, outbox: asyncio.Queue) -> None:
+    def send(self, peer: bytes, msg: Message) -> None:
+        """Queue ``msg`` for ``peer`` (event-loop thread only)."""
+        self._outbox.put_nowait((peer, msg))
+
+    # ------------------------------------------------------------------ receiving
+    async def _recv_loop(self, router: RouterServer) -> None:
         while True:
             peer, frame = await router.recv()
-            reply = self._handle(peer, frame)
+            try:
+                reply = self._handle(peer, frame)
+            except Exception as exc:  # a bug handling one frame must not stop the receive loop
+                log.exception("failed to handle a frame from %s", peer.hex()[:16])
+                reply = ErrorReply("", "internal", f"{exc.__class__.__name__}: {exc}")
             if reply is not None:
-                outbox.put_nowait((peer, reply))
+                self.send(peer, reply)
 
     def _handle(self, peer: bytes, frame: bytes | None) -> Message | None:
         try:
@@ -133,110 +124,59 @@ class WorkerServer:
             return ErrorReply("", "bad_frame", str(exc))
         if isinstance(msg, StatusRequest):
             return self.status(msg.request_id)
-        if not isinstance(msg, GenerateRequest):
-            return ErrorReply(getattr(msg, "request_id", ""), "bad_request", f"a worker does not take {msg.TAG!r}")
-        if msg.model and msg.model != self.engine.loaded.name:
-            return ErrorReply(msg.request_id, "model_mismatch", f"this worker serves {self.engine.loaded.name!r}, not {msg.model!r}")
-        if self._stopping.is_set():
-            return ErrorReply(msg.request_id, "shutting_down", "worker is stopping; resubmit")
-        waiting = self._jobs.qsize()
-        if waiting >= self.config.max_queue:
-            return ErrorReply(msg.request_id, "queue_full", f"{waiting} requests already queued; try another worker")
-        position = self._accepted - self._finished  # jobs ahead of this one, running included
-        self._accepted += 1
-        self._jobs.put(_Job(peer, msg, time.monotonic()))
-        return Accepted(msg.request_id, position, self.worker_id)
+        if isinstance(msg, GenerateRequest):
+            return self.accept(peer, msg)
+        return ErrorReply(getattr(msg, "request_id", ""), "bad_request", f"a worker does not take {msg.TAG!r}")
 
-    async def _send_loop(self, router: RouterServer, outbox: asyncio.Queue) -> None:
+    def accept(self, peer: bytes, req: GenerateRequest, prompt_ids: Sequence[int] | None = None,
+               cached_tokens: int = 0) -> Message:
+        """Run ``req`` here: check it, queue it, answer Accepted (or why not)."""
+        if req.model and req.model != self.engine.loaded.name:
+            return ErrorReply(req.request_id, "model_mismatch", f"this worker serves {self.engine.loaded.name!r}, not {req.model!r}")
+        if self._stopping:
+            return ErrorReply(req.request_id, "shutting_down", "worker is stopping; resubmit")
+        waiting = self.executor.queue_length
+        if waiting >= self.config.max_queue:
+            return ErrorReply(req.request_id, "queue_full", f"{waiting} requests already queued; try another worker")
+        ids = tuple(prompt_ids) if prompt_ids is not None else tuple(self.engine.prompt_ids(req))
+        work_s = self.executor.estimate_work_s(len(ids), cached_tokens, req.max_tokens)
+        position = self.executor.submit(Job(peer, req, ids, time.monotonic(), work_s))
+        return Accepted(req.request_id, position, self.worker_id)
+
+    # ------------------------------------------------------------------ sending
+    async def _send_loop(self, router: RouterServer) -> None:
         while True:
-            peer, msg = await outbox.get()
+            peer, msg = await self._outbox.get()
             try:
                 await router.send(peer, encode(msg, self.identity))
             except WireError as exc:  # e.g. an answer larger than the frame limit
                 log.error("cannot encode reply %s: %s", msg.TAG, exc)
                 await router.send(peer, encode(ErrorReply(getattr(msg, "request_id", ""), "internal", str(exc)), self.identity))
             finally:
-                outbox.task_done()
+                self._outbox.task_done()
+
+    async def _progress_loop(self) -> None:
+        """Tell every submitter whose job we hold that it is alive, once per interval."""
+        while True:
+            await asyncio.sleep(self.config.progress_interval_s)
+            for request_id, peer, position in self.executor.holding():
+                self.send(peer, Progress(request_id, position, self.worker_id))
 
     def status(self, request_id: str = "") -> StatusReply:
+        ex = self.executor
         return StatusReply(
             request_id=request_id,
             worker_id=self.worker_id,
             model=self.engine.loaded.name,
             device=self.engine.loaded.device,
-            queue_length=self._jobs.qsize(),
-            busy=self._busy,
-            served=self._served,
+            queue_length=ex.queue_length,
+            busy=ex.busy,
+            served=ex.served,
             rejected_frames=self._rejected,
-            prefill_tok_per_s=round(self._prefill_rate, 3),
-            decode_tok_per_s=round(self._decode_rate, 3),
+            prefill_tok_per_s=round(ex.prefill_rate, 3),
+            decode_tok_per_s=round(ex.decode_rate, 3),
             uptime_s=round(time.monotonic() - self._started, 3),
         )
-
-    # ------------------------------------------------------------------ engine side
-    def _engine_loop(self, loop: asyncio.AbstractEventLoop, outbox: asyncio.Queue) -> None:
-        def post(peer: bytes, msg: Message) -> None:
-            loop.call_soon_threadsafe(outbox.put_nowait, (peer, msg))
-
-        while True:
-            job = self._jobs.get()
-            if job is None or self._stopping.is_set():
-                if job is not None:
-                    post(job.peer, ErrorReply(job.request.request_id, "shutting_down", "worker is stopping; resubmit"))
-                return
-            self._busy = True
-            try:
-                post(job.peer, self._run(job, post))
-            except _Cancelled:
-                post(job.peer, ErrorReply(job.request.request_id, "shutting_down", "worker stopped mid-request; resubmit"))
-            except WorkerError as exc:
-                post(job.peer, ErrorReply(job.request.request_id, "bad_request", str(exc)))
-            except Exception as exc:  # a bug or a torch failure must not kill the worker
-                log.exception("request %s failed", job.request.request_id)
-                post(job.peer, ErrorReply(job.request.request_id, "internal", f"{exc.__class__.__name__}: {exc}"))
-            finally:
-                self._busy = False
-                self._finished += 1
-
-    def _run(self, job: _Job, post: Callable[[bytes, Message], None]) -> GenerateResult:
-        req = job.request
-        started = time.monotonic()
-        ids = self.engine.prompt_ids(req)
-
-        def on_step(step: Step) -> None:
-            if self._stopping.is_set():
-                raise _Cancelled
-            if req.stream and (step.text or step.token_id >= 0):
-                token_ids = (step.token_id,) if step.token_id >= 0 else ()
-                lps = (step.logprob,) if step.logprob is not None else ()
-                post(job.peer, TokenChunk(req.request_id, step.index, step.text, token_ids, lps))
-
-        done = self.engine.generate(ids, SamplingParams.of(req), on_step)
-        self._served += 1
-        self._observe(done.prompt_tokens, done.prefill_s, len(done.token_ids), done.total_s - done.prefill_s)
-        return GenerateResult(
-            request_id=req.request_id,
-            text=done.text,
-            finish_reason=done.finish_reason,
-            prompt_tokens=done.prompt_tokens,
-            completion_tokens=len(done.token_ids),
-            token_ids=done.token_ids,
-            logprobs=done.logprobs,
-            worker_id=self.worker_id,
-            model=self.engine.loaded.name,
-            queue_wait_s=round(started - job.queued_at, 6),
-            ttft_s=round(done.ttft_s, 6),
-            total_s=round(done.total_s, 6),
-        )
-
-    def _observe(self, prompt_tokens: int, prefill_s: float, new_tokens: int, decode_s: float) -> None:
-        def ema(old: float, new: float) -> float:
-            return new if old == 0.0 else 0.8 * old + 0.2 * new
-
-        if prefill_s > 0:
-            self._prefill_rate = ema(self._prefill_rate, prompt_tokens / prefill_s)
-        if decode_s > 0 and new_tokens > 1:
-            self._decode_rate = ema(self._decode_rate, (new_tokens - 1) / decode_s)
 
 
 class ServerThread:

@@ -18,6 +18,7 @@ from permamesh.wire import (
     ErrorReply,
     GenerateRequest,
     GenerateResult,
+    Progress,
     StatusReply,
     StatusRequest,
     TokenChunk,
@@ -55,10 +56,11 @@ def worker(tiny_loaded):
     thread.stop()
 
 
-@pytest.fixture
-def gated(tiny_loaded):
+@pytest.fixture(params=[3])
+def gated(tiny_loaded, request):
+    """A gated worker; ``max_queue`` comes from the param (indirect parametrization)."""
     engine = GatedEngine(tiny_loaded)
-    thread, endpoint = _serve(engine, ServerConfig(max_queue=3))
+    thread, endpoint = _serve(engine, ServerConfig(max_queue=request.param))
     yield engine, thread, endpoint
     engine.gate.set()
     thread.stop()
@@ -70,13 +72,21 @@ def _request(**kw) -> GenerateRequest:
     return GenerateRequest(request_id=uuid.uuid4().hex, **kw)
 
 
+def recv_msg(sock: DealerClient, timeout_s: float = 10.0):
+    """The next message that is not a keep-alive."""
+    while True:
+        frame = sock.recv(timeout_s)
+        assert frame is not None, f"no answer within {timeout_s} s"
+        msg = decode(frame).msg
+        if not isinstance(msg, Progress):
+            return msg
+
+
 def _read_until_final(sock: DealerClient, count: int = 1, timeout_s: float = 30.0):
     """Collect messages until ``count`` results or errors arrived."""
     got, finals = [], 0
     while finals < count:
-        frame = sock.recv(timeout_s)
-        assert frame is not None, f"no answer within {timeout_s} s; got so far {got}"
-        msg = decode(frame).msg
+        msg = recv_msg(sock, timeout_s)
         got.append(msg)
         finals += isinstance(msg, (GenerateResult, ErrorReply))
     return got
@@ -135,6 +145,7 @@ def test_chat_messages_are_served(worker):
     assert result.prompt_tokens > len("be brief hi")
 
 
+@pytest.mark.parametrize("gated", [64], indirect=True)
 def test_concurrent_requests_are_queued_in_order_not_dropped(gated):
     engine, thread, endpoint = gated
     with DealerClient(endpoint) as sock:
@@ -142,11 +153,11 @@ def test_concurrent_requests_are_queued_in_order_not_dropped(gated):
         requests = [_request() for _ in range(4)]
         for req in requests:
             sock.send(encode(req, me))
-        accepted = [decode(sock.recv(10)).msg for _ in requests]
+        accepted = [recv_msg(sock) for _ in requests]
         assert [a.queue_position for a in accepted] == [0, 1, 2, 3]
         assert engine.waiting.acquire(timeout=10)  # the first job is running, three wait
         sock.send(encode(StatusRequest("s1"), me))
-        status = decode(sock.recv(10)).msg
+        status = recv_msg(sock)
         assert isinstance(status, StatusReply) and status.queue_length == 3 and status.busy
         engine.gate.set()
         results = [m for m in _read_until_final(sock, 4) if isinstance(m, GenerateResult)]
@@ -158,13 +169,13 @@ def test_a_full_queue_refuses_clearly(gated):
     with DealerClient(endpoint) as sock:
         me = NodeIdentity.generate()
         sock.send(encode(_request(), me))
-        assert isinstance(decode(sock.recv(10)).msg, Accepted)
+        assert isinstance(recv_msg(sock), Accepted)
         assert engine.waiting.acquire(timeout=10)
         for _ in range(3):
             sock.send(encode(_request(), me))
-            assert isinstance(decode(sock.recv(10)).msg, Accepted)
+            assert isinstance(recv_msg(sock), Accepted)
         sock.send(encode(_request(), me))
-        refused = decode(sock.recv(10)).msg
+        refused = recv_msg(sock)
     assert isinstance(refused, ErrorReply) and refused.code == "queue_full"
 
 
@@ -176,7 +187,7 @@ def test_stopping_answers_every_queued_request(tiny_loaded):
         for _ in range(3):
             sock.send(encode(_request(max_tokens=200), me))
         for _ in range(3):
-            assert isinstance(decode(sock.recv(10)).msg, Accepted)
+            assert isinstance(recv_msg(sock), Accepted)
         assert engine.waiting.acquire(timeout=10)
         stopper = threading.Thread(target=thread.stop)
         stopper.start()
@@ -196,12 +207,12 @@ def test_mallory_cannot_crash_a_worker_with_bad_frames(worker):
     with DealerClient(worker) as sock:
         for bad in (b"\x00garbage\xff", b"", msgpack.packb({"t": "generate"}), forged):
             sock.send(bad)
-            reply = decode(sock.recv(10)).msg
+            reply = recv_msg(sock)
             assert isinstance(reply, ErrorReply) and reply.code == "bad_frame", reply
         sock.send_parts([b"part one", b"part two"])
-        assert decode(sock.recv(10)).msg.code == "bad_frame"
+        assert recv_msg(sock).code == "bad_frame"
         sock.send(encode(StatusRequest("after"), me))
-        status = decode(sock.recv(10)).msg
+        status = recv_msg(sock)
         assert status.rejected_frames == 5
         sock.send(good)
         assert any(isinstance(m, GenerateResult) for m in _read_until_final(sock))
@@ -213,7 +224,7 @@ def test_forged_signature_reply_names_the_reason(worker):
     other = NodeIdentity.generate().public.sign_key
     with DealerClient(worker) as sock:
         sock.send(msgpack.packb([outer[0], outer[1], outer[2], other, outer[4]]))
-        reply = decode(sock.recv(10)).msg
+        reply = recv_msg(sock)
     assert reply.code == "bad_frame" and "signature" in reply.message
 
 
