@@ -13,6 +13,7 @@ from pathlib import Path
 
 from permamesh.errors import PermameshError
 from permamesh.localmesh import default_data_dir
+from permamesh.routing.policy import POLICY_NAMES
 
 ROLES = """\
 roles and commands:
@@ -20,6 +21,7 @@ roles and commands:
   submit     researcher: send a prompt to a running mesh, print the streamed answer
   status     anyone: show the workers of a running local mesh and their load
   demo       anyone new: start an embedded mesh on loopback, ask it questions, stop it
+  bench      benchmark harness: routing policies compared, JSON + PNG reports
 
 data directory (keys, model cache, local registry): --data-dir, else $PERMAMESH_HOME,
 else ~/.local/share/permamesh. Relays, validators and the gateway arrive with their issues.
@@ -51,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-queue", type=int, default=256, help="requests waiting at most before queue_full replies (count, default: 256)")
     w.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (count)")
     w.add_argument("--seed", type=int, default=0, help="weight seed for tiny-random (default: 0)")
+    w.add_argument("--group", default=None, help="worker group to route within (default: the model name; '' = serve alone)")
+    w.add_argument("--policy", default="permamesh", choices=POLICY_NAMES, help="routing policy inside the group (default: permamesh)")
+    w.add_argument("--block-size", type=int, default=16, help="tokens per block of the prefix cache and routing tree (count, default: 16)")
+    w.add_argument("--prefix-cache-mb", type=int, default=1024, help="prefix KV cache budget (MiB, default: 1024; 0 = off)")
+    w.add_argument("--measure-sync", action="store_true", help="also count the bytes a full-tree broadcast would send (benchmarks; costs CPU)")
 
     s = sub.add_parser("submit", help="send a prompt to a running mesh (researcher role)", description="Send one job and stream the answer to stdout.")
     _common(s)
@@ -77,6 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="worker processes (count, default: 2)")
     d.add_argument("--max-tokens", type=int, default=48, help="new tokens per answer at most (count, default: 48)")
     d.add_argument("--serve", action="store_true", help="keep the mesh running after the demo until Ctrl-C")
+    b = sub.add_parser("bench", help="benchmarks that write JSON (and PNG) reports", description="Run a benchmark; figures are ratios against baselines measured in the same run.")
+    bsub = b.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    r = bsub.add_parser("routing", help="routing policies on a trace (sim or real workers)",
+                        description="Compare random, round-robin, least-loaded, cache-aware and permamesh routing on one trace.")
+    _common(r)
+    r.add_argument("--mode", default="sim", choices=["sim", "real"], help="sim: discrete-event simulation; real: worker processes on loopback (default: sim)")
+    r.add_argument("--trace", type=Path, default=None, help="a JSONL trace (format in benchmarks/README.md); default: generate one")
+    r.add_argument("--generator", default="multi-turn", help="trace generator: multi-turn, system-prompt, few-shot, zipf (default: multi-turn)")
+    r.add_argument("--requests", type=int, default=0, help="requests to generate (count; default: 20000 sim, 48 real)")
+    r.add_argument("--rate", type=float, default=0.0, help="arrivals per second (default: scaled to the workers)")
+    r.add_argument("--workers", type=int, default=0, help="workers (count; default: 128 sim, 2 real)")
+    r.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma-separated policies (default: all)")
+    r.add_argument("--seed", type=int, default=0, help="seed for the trace and tie-breaking (default: 0)")
+    r.add_argument("--quick", action="store_true", help="a smaller run that finishes in under a minute")
+    _model_args(r)
+    r.add_argument("--kill-worker-at", type=float, default=None, help="real mode: SIGKILL one worker this many seconds into each policy's run")
+    r.add_argument("--cache-blocks", type=int, default=4096, help="sim: prefix-cache capacity per worker (blocks, default: 4096)")
+    r.add_argument("--json", type=Path, default=None, help="write the JSON report here")
+    r.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     return parser
 
 
@@ -89,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
             from permamesh.workers.process import WorkerOptions, run_worker
 
             return run_worker(WorkerOptions(data_dir, args.name, args.model, args.model_path, args.device,
-                                            args.host, args.port, args.max_queue, args.seed, args.threads))
+                                            args.host, args.port, args.max_queue, args.seed, args.threads,
+                                            args.group, args.policy, args.block_size, args.prefix_cache_mb,
+                                            args.measure_sync))
         if args.command == "submit":
             return _submit(args, data_dir)
         if args.command == "status":
             return _status(args, data_dir)
+        if args.command == "bench":
+            return _bench(args, data_dir)
         if args.command == "demo":
             from permamesh.demo import DemoOptions, run_demo
 
@@ -106,6 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+def _bench(args: argparse.Namespace, data_dir: Path) -> int:
+    from permamesh.bench import routing
+
+    bench = routing.RoutingBench(
+        mode=args.mode, trace=args.trace, generator=args.generator, requests=args.requests, rate_per_s=args.rate,
+        workers=args.workers, policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), seed=args.seed,
+        quick=args.quick, data_dir=data_dir, model=args.model, model_path=args.model_path,
+        kill_at_s=args.kill_worker_at, cache_blocks=args.cache_blocks)
+    report = routing.run(bench)
+    routing.write_outputs(report, args.json, args.plot)
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _submit(args: argparse.Namespace, data_dir: Path) -> int:

@@ -77,7 +77,9 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             say("\n== worker status ==")
             for st in client.status():
                 say(f"  {st.worker_id} {st.model} on {st.device}: served {st.served}, queue {st.queue_length}, "
-                    f"prefill {st.prefill_tok_per_s:.0f} tok/s, decode {st.decode_tok_per_s:.1f} tok/s")
+                    f"prefill {st.prefill_tok_per_s:.0f} tok/s, decode {st.decode_tok_per_s:.1f} tok/s, "
+                    f"group {st.group or '-'} ({st.members} peers, forwarded {st.forwarded}), "
+                    f"prefix cache {st.cached_tokens_total}/{st.prompt_tokens_total} prompt tokens")
         if opts.serve:
             say("\nmesh is up. In another shell: permamesh submit --prompt 'Hello'   (Ctrl-C here to stop)")
             threading.Event().wait()

@@ -31,6 +31,7 @@ class WorkerRecord:
     sign_key: str  # hex Ed25519 public key
     model: str
     pid: int
+    group: str = ""  # the worker group it routes within ("" = none)
 
 
 def _dir(data_dir: Path) -> Path:
@@ -67,7 +68,8 @@ def discover(data_dir: Path) -> list[WorkerRecord]:
     directory = _dir(data_dir)
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         try:
-            record = WorkerRecord(**json.loads(path.read_text()))
+            fields = json.loads(path.read_text())
+            record = WorkerRecord(**{k: v for k, v in fields.items() if k in WorkerRecord.__dataclass_fields__})
         except (OSError, ValueError, TypeError) as exc:
             log.warning("ignoring unreadable worker record %s: %s", path, exc)
             continue

@@ -41,6 +41,7 @@ class MeshConfig:
     device: str = "auto"
     threads_per_worker: int = 0  # torch threads per worker, 0 = cores / workers
     start_timeout_s: float = 300.0  # seconds to wait for all workers to be ready
+    worker_args: tuple[str, ...] = ()  # extra `permamesh worker` options (policy, group, cache)
 
 
 def _die_with_parent() -> None:
@@ -90,6 +91,7 @@ class EmbeddedMesh:
                "--model", cfg.model, "--device", cfg.device, "--threads", str(threads)]
         if cfg.model_path:
             cmd += ["--model-path", cfg.model_path]
+        cmd += list(cfg.worker_args)
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,

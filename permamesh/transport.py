@@ -3,6 +3,7 @@
 - :class:`RouterServer` (asyncio, :mod:`zmq.asyncio`): a worker (later relays, validators)
   binds one, receives ``(peer, frame)`` pairs and answers ``send(peer, frame)``. Only the
   event-loop thread that owns it may touch it.
+- :class:`AsyncDealer` (asyncio): a worker's link to another member of its group.
 - :class:`DealerClient` (blocking): a client connects one to a server, sends frames and waits
   for replies with a timeout. One per thread.
 
@@ -72,6 +73,36 @@ class RouterServer:
             await self._sock.send_multipart([peer, frame])
         except zmq.ZMQError as exc:  # peer gone, or socket closing: log, never crash the server
             log.debug("send to %s failed: %s", peer.hex(), exc)
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close(0)
+
+
+class AsyncDealer:
+    """An asyncio DEALER socket connected to one endpoint (worker-to-worker links). Only the
+    event-loop thread that created it may use it."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._sock = _prepare(zmq.asyncio.Context.instance().socket(zmq.DEALER))
+        self._sock.setsockopt(zmq.SNDHWM, 10_000)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise TransportError(f"cannot connect to {endpoint}: {exc}") from None
+
+    async def send(self, frame: bytes) -> None:
+        try:
+            await self._sock.send(frame, flags=zmq.NOBLOCK)
+        except zmq.Again:  # the peer is not keeping up (or gone): drop, like a lost packet
+            log.debug("dropping a frame to %s: send queue full", self.endpoint)
+        except zmq.ZMQError as exc:
+            log.debug("send to %s failed: %s", self.endpoint, exc)
+
+    async def recv(self) -> bytes:
+        return await self._sock.recv()
 
     def close(self) -> None:
         if not self._sock.closed:

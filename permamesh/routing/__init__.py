@@ -12,14 +12,35 @@ Modules today:
 - :mod:`~permamesh.routing.hrtree`: :class:`HashRadixTree`, the pure, deterministic record of
   which worker holds which prefix, with LRU eviction and a canonical snapshot and digest for
   comparing replicas.
+- :mod:`~permamesh.routing.messages`: the signed wire messages of tree sync
+  (:class:`TreeDelta`, :class:`TreeSyncRequest`, :class:`TreeSnapshot`, :class:`Load`).
+- :mod:`~permamesh.routing.sync`: delta sync between tree replicas: each worker's
+  :class:`DeltaPublisher` and its :class:`GroupReplica` of the group's tree.
 - :mod:`~permamesh.routing.errors`: :class:`RoutingError`, the package's exception family.
 
-Planned: the routing policy (longest match against load), delta sync between tree replicas,
-S-IDA cloves, onion layers, path selection, and relaying.
+Planned: the routing policy (longest match against load), S-IDA cloves, onion layers, path
+selection, and relaying.
 """
 
 from permamesh.routing.blocks import DIGEST_SIZE, BlockHasher, chain_digests
 from permamesh.routing.errors import RoutingError
 from permamesh.routing.hrtree import HashRadixTree
+from permamesh.routing.messages import Insert, Load, TreeDelta, TreeSnapshot, TreeSyncRequest
+from permamesh.routing.sync import DeltaPublisher, GroupReplica, MemberState, SyncStats
 
-__all__ = ["DIGEST_SIZE", "BlockHasher", "HashRadixTree", "RoutingError", "chain_digests"]
+__all__ = [
+    "DIGEST_SIZE",
+    "BlockHasher",
+    "DeltaPublisher",
+    "GroupReplica",
+    "HashRadixTree",
+    "Insert",
+    "Load",
+    "MemberState",
+    "RoutingError",
+    "SyncStats",
+    "TreeDelta",
+    "TreeSnapshot",
+    "TreeSyncRequest",
+    "chain_digests",
+]

@@ -55,6 +55,7 @@ class GenerateRequest(Message):
     stream: bool = False  # send TokenChunk messages as tokens are produced
     logprobs: bool = False  # report log-probabilities of the generated tokens
     model: str = ""  # the model the client wants; "" = whatever the worker serves
+    session: str = ""  # opaque conversation id for session affinity ("" = none)
 
     def __post_init__(self) -> None:
         _require(0 < len(self.request_id) <= 64, "request_id must be 1-64 characters")
@@ -68,6 +69,7 @@ class GenerateRequest(Message):
         _require(len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings")
         _require(all(0 < len(s) <= 256 for s in self.stop), "stop strings must be 1-256 characters")
         _require(len(self.model) <= 128, "model name too long")
+        _require(len(self.session) <= 64, "session id too long")
 
 
 @message("accepted")
@@ -128,6 +130,14 @@ class StatusReply(Message):
     prefill_tok_per_s: float  # measured, 0 before the first request
     decode_tok_per_s: float
     uptime_s: float
+    group: str = ""  # worker group it routes within
+    members: int = 0  # other group members it hears from
+    forwarded: int = 0  # jobs it handed to another member
+    sync_delta_bytes: int = 0  # tree-sync bytes it published as deltas
+    sync_full_tree_bytes: int = 0  # what broadcasting its full tree at each change would have cost
+    sync_snapshot_bytes: int = 0  # resync snapshots it sent
+    prompt_tokens_total: int = 0  # prompt tokens it served
+    cached_tokens_total: int = 0  # of which its prefix cache supplied
 
 
 @message("progress")

@@ -3,7 +3,10 @@
 Our own decode loop (rather than ``model.generate``) so that every token can be streamed,
 stop strings cut exactly, per-token log-probabilities reported under the model's own
 distribution (before temperature and top-p: that is what verification compares), and the
-prefill step kept separate so a prefix KV cache can plug in (routing issue).
+prefill step kept separate so a :class:`~permamesh.workers.prefix_cache.PrefixKVCache` can serve
+the longest cached block-aligned prefix of a prompt and prefill only the rest. After each request
+the KV of the prompt and of every answer token fed through the model is stored, so the next turn
+of a chat (whose prompt contains this answer) hits a long prefix.
 
 Who calls it: :class:`permamesh.workers.server.WorkerServer` runs :meth:`Engine.generate` on
 its engine thread, one request after another. Nothing here is thread-safe by itself.
@@ -20,6 +23,7 @@ from typing import Callable, Sequence
 from permamesh.wire.messages import GenerateRequest
 from permamesh.workers.errors import RequestError
 from permamesh.workers.models import LoadedModel
+from permamesh.workers.prefix_cache import PrefixKVCache
 from permamesh.workers.stops import StopScanner
 
 log = logging.getLogger(__name__)
@@ -59,11 +63,13 @@ class Completion:
     prefill_s: float  # seconds of prefill
     ttft_s: float  # seconds to the first token
     total_s: float  # seconds for the whole request
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, prefix_cache: PrefixKVCache | None = None) -> None:
         self.loaded = loaded
+        self.prefix_cache = prefix_cache
         self.tokenizer = loaded.tokenizer
         config = getattr(loaded.model, "config", None)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
@@ -88,9 +94,11 @@ class Engine:
         scanner = StopScanner(params.stop)
         started = time.monotonic()
         with torch.inference_mode():
-            logits, cache = self._prefill(prompt_ids)
+            matched, past = self.prefix_cache.lookup(prompt_ids) if self.prefix_cache is not None else (0, None)
+            logits, cache = self._prefill(prompt_ids[matched:], past)
             prefill_s = time.monotonic() - started
             ids: list[int] = []
+            fed: list[int] = []  # answer tokens whose KV is in `cache` (the last sampled one is not)
             lps: list[float] = []
             ttft_s = 0.0
             finish = "length"
@@ -112,9 +120,12 @@ class Engine:
                     break
                 if index + 1 < max_tokens:
                     logits, cache = self._decode(token, cache)
+                    fed.append(token)
             tail = scanner.finish(self.tokenizer.decode(ids))
             if tail and on_step is not None:
                 on_step(Step(len(ids), tail, -1, None))
+            if self.prefix_cache is not None:
+                self._store([*prompt_ids, *fed], cache)
         return Completion(
             text=scanner.final_text or "",
             token_ids=tuple(ids),
@@ -124,14 +135,25 @@ class Engine:
             prefill_s=prefill_s,
             ttft_s=ttft_s,
             total_s=time.monotonic() - started,
+            cached_tokens=matched,
         )
 
-    def _prefill(self, prompt_ids: Sequence[int]):
+    def _store(self, token_ids: list[int], cache) -> None:
+        """Keep the KV of ``token_ids`` for later prompts; a cache failure never costs the answer."""
+        try:
+            added = self.prefix_cache.store(token_ids, cache)
+        except Exception:  # noqa: BLE001 - the answer is complete; log the bug and move on
+            log.exception("prefix cache store failed for %d tokens", len(token_ids))
+            return
+        log.debug("prefix cache: %d new blocks from %d tokens", added, len(token_ids))
+
+    def _prefill(self, prompt_ids: Sequence[int], past=None):
+        """Run ``prompt_ids`` on top of ``past`` (a cache of the tokens before them, or None)."""
         import torch
 
         device = self.loaded.device
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-        out = self.loaded.model(input_ids=input_ids, use_cache=True)
+        out = self.loaded.model(input_ids=input_ids, past_key_values=past, use_cache=True)
         return out.logits[0, -1].float(), out.past_key_values
 
     def _decode(self, token: int, cache):

@@ -17,9 +17,13 @@ import sys
 from pathlib import Path
 
 from permamesh.identity import NodeIdentity
-from permamesh.localmesh import WorkerRecord, register, unregister
+from permamesh.localmesh import WorkerRecord, discover, register, unregister
+from permamesh.routing.blocks import BlockHasher
 from permamesh.workers import models
 from permamesh.workers.engine import Engine
+from permamesh.workers.group import GroupConfig, GroupLink, Peer
+from permamesh.workers.prefix_cache import PrefixKVCache
+from permamesh.workers.errors import WorkerError
 from permamesh.workers.server import ServerConfig, WorkerServer
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,36 @@ class WorkerOptions:
     max_queue: int = 256  # waiting requests at most
     seed: int = 0  # weights seed for tiny-random
     threads: int = 0  # torch intra-op threads, 0 = torch's default
+    group: str | None = None  # worker group to route within; None = one per model, "" = none
+    policy: str = "permamesh"  # routing policy inside the group
+    block_size: int = 16  # tokens per block (prefix cache and routing tree)
+    prefix_cache_mb: int = 1024  # KV cache budget in MiB, 0 = no prefix cache
+    measure_sync: bool = False  # count full-tree broadcast bytes too (benchmarks)
+
+
+def group_salt(data_dir: Path, group: str) -> bytes:
+    """The group's block-hash salt: 32 random bytes in ``<data_dir>/keys/group-<name>.salt``,
+    made once (0600) and shared by every worker using this data directory. Created with a
+    hard link, so concurrent starters agree on one value."""
+    keys = Path(data_dir) / "keys"
+    keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in group)
+    path = keys / f"group-{safe}.salt"
+    if not path.exists():
+        tmp = keys / f".{safe}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    salt = path.read_bytes()
+    if len(salt) != 32:
+        raise WorkerError(f"{path} is corrupt (expected 32 bytes); delete it to make a new salt")
+    return salt
 
 
 def run_worker(opts: WorkerOptions) -> int:
@@ -48,7 +82,18 @@ def run_worker(opts: WorkerOptions) -> int:
     loaded = models.load(opts.model, opts.model_path, opts.data_dir, opts.device, opts.seed)
     if opts.model_path and opts.model == models.DEFAULT_MODEL:
         loaded.name = Path(opts.model_path).stem
-    server = WorkerServer(Engine(loaded), identity, ServerConfig(opts.host, opts.port, opts.max_queue))
+    group_name = loaded.name if opts.group is None else opts.group
+    salt = group_salt(opts.data_dir, group_name) if group_name else b""
+    hasher = BlockHasher(opts.block_size, salt)
+    cache = PrefixKVCache(hasher, opts.prefix_cache_mb * 2**20) if opts.prefix_cache_mb > 0 else None
+    server = WorkerServer(Engine(loaded, prefix_cache=cache), identity, ServerConfig(opts.host, opts.port, opts.max_queue))
+    if group_name:
+        def peers() -> list[Peer]:
+            return [Peer(r.node_id, r.endpoint, bytes.fromhex(r.sign_key))
+                    for r in discover(opts.data_dir) if r.group == group_name and r.model == loaded.name]
+
+        server.group = GroupLink(server, GroupConfig(group_name, salt, opts.block_size, opts.policy,
+                                                                 measure_full_tree=opts.measure_sync), peers)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -57,7 +102,8 @@ def run_worker(opts: WorkerOptions) -> int:
             loop.add_signal_handler(sig, stop.set)
 
         def ready(endpoint: str) -> None:
-            register(opts.data_dir, WorkerRecord(identity.node_id, endpoint, identity.public.sign_key.hex(), loaded.name, os.getpid()))
+            register(opts.data_dir, WorkerRecord(identity.node_id, endpoint, identity.public.sign_key.hex(),
+                                                 loaded.name, os.getpid(), group_name))
             print(f"READY {endpoint} {identity.node_id}", flush=True)
 
         try:

@@ -44,6 +44,7 @@ from permamesh.wire import (
 from permamesh.workers.engine import Engine
 from permamesh.workers.errors import WorkerError
 from permamesh.workers.executor import Job, Executor
+from permamesh.workers.group import GROUP_MESSAGES, GroupLink
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,12 @@ class WorkerServer:
         self.worker_id = identity.node_id
         self.endpoint: str | None = None
         self.executor = Executor(engine, self.worker_id)
+        self.group: GroupLink | None = None  # set by the worker process when it joins a group
         self._rejected = 0
         self._started = time.monotonic()
         self._stopping = False
+        self._prompt_tokens = 0
+        self._cached_tokens = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
@@ -75,6 +79,9 @@ class WorkerServer:
         router = RouterServer(self.config.host, self.config.port)
         self.endpoint = router.endpoint
         self.executor.start(lambda peer, msg: loop.call_soon_threadsafe(self._outbox.put_nowait, (peer, msg)))
+        self.executor.on_done = lambda job, done: loop.call_soon_threadsafe(self._after_job, done)
+        if self.group is not None:
+            self.group.start()
         tasks = [
             asyncio.create_task(self._recv_loop(router)),
             asyncio.create_task(self._progress_loop()),
@@ -89,6 +96,8 @@ class WorkerServer:
             self._stopping = True
             for task in tasks[:2]:
                 task.cancel()
+            if self.group is not None:
+                await self.group.close()
             for job in await asyncio.to_thread(self.executor.stop):  # answer everything still queued
                 self.send(job.peer, ErrorReply(job.request.request_id, "shutting_down", "worker is stopping; resubmit"))
             await self._outbox.join()
@@ -117,15 +126,22 @@ class WorkerServer:
         try:
             if frame is None:
                 raise WireError("expected exactly one frame part")
-            msg = decode(frame).msg
+            received = decode(frame)
         except WireError as exc:
             self._rejected += 1
             log.warning("rejected frame from %s: %s", peer.hex()[:16], exc)
             return ErrorReply("", "bad_frame", str(exc))
+        msg = received.msg
         if isinstance(msg, StatusRequest):
             return self.status(msg.request_id)
         if isinstance(msg, GenerateRequest):
+            if self.group is not None and not self._stopping:
+                return self.group.route(peer, msg)
             return self.accept(peer, msg)
+        if isinstance(msg, GROUP_MESSAGES):
+            if self.group is None:
+                return ErrorReply(getattr(msg, "request_id", ""), "bad_request", "this worker is in no group")
+            return self.group.on_peer_message(peer, received)
         return ErrorReply(getattr(msg, "request_id", ""), "bad_request", f"a worker does not take {msg.TAG!r}")
 
     def accept(self, peer: bytes, req: GenerateRequest, prompt_ids: Sequence[int] | None = None,
@@ -162,8 +178,20 @@ class WorkerServer:
             for request_id, peer, position in self.executor.holding():
                 self.send(peer, Progress(request_id, position, self.worker_id))
 
+    def _after_job(self, done) -> None:
+        """Event-loop side of a finished job: count tokens, publish cache changes to the group."""
+        self._prompt_tokens += done.prompt_tokens
+        self._cached_tokens += getattr(done, "cached_tokens", 0)
+        cache = getattr(self.engine, "prefix_cache", None)
+        if cache is not None:
+            inserted, evicted = cache.drain_events()
+            if self.group is not None:
+                self.group.on_cache_events(inserted, evicted)
+
     def status(self, request_id: str = "") -> StatusReply:
         ex = self.executor
+        group = self.group
+        stats = group.publisher.stats if group is not None else None
         return StatusReply(
             request_id=request_id,
             worker_id=self.worker_id,
@@ -176,6 +204,14 @@ class WorkerServer:
             prefill_tok_per_s=round(ex.prefill_rate, 3),
             decode_tok_per_s=round(ex.decode_rate, 3),
             uptime_s=round(time.monotonic() - self._started, 3),
+            group=group.config.name if group is not None else "",
+            members=len(group.links) if group is not None else 0,
+            forwarded=group.forwarded if group is not None else 0,
+            sync_delta_bytes=stats.delta_bytes if stats else 0,
+            sync_full_tree_bytes=stats.full_tree_bytes if stats else 0,
+            sync_snapshot_bytes=stats.snapshot_bytes if stats else 0,
+            prompt_tokens_total=self._prompt_tokens,
+            cached_tokens_total=self._cached_tokens,
         )
 
 

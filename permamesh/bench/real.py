@@ -1,0 +1,127 @@
+"""Real-mode routing benchmark: replay a trace against real worker processes on loopback.
+
+For each policy a fresh :class:`~permamesh.mesh.EmbeddedMesh` starts (same model, same
+prefix-cache budget, the group told to use that policy), so every policy begins with cold
+caches. Requests are sent open-loop at their trace times, each to an entry worker drawn with
+a seeded generator (as the overlay would deliver them), streaming, so time to first token is
+measured by the client from the request's scheduled arrival. Optionally one worker is
+SIGKILLed mid-run to show that no request is lost (entries re-route forwarded jobs; clients
+resubmit jobs whose entry died).
+
+Who calls it: :mod:`permamesh.bench.routing` (``permamesh bench routing --mode real``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from permamesh.bench.stats import RequestRecord
+from permamesh.bench.traces import TraceRequest
+from permamesh.client import Client, ClientError
+from permamesh.mesh import EmbeddedMesh, MeshConfig
+from permamesh.wire import GenerateResult, StatusReply, TokenChunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealConfig:
+    data_dir: Path
+    workers: int = 2  # worker processes
+    model: str = "smollm2-135m"
+    model_path: str | None = None
+    threads_per_worker: int = 1  # torch threads per worker
+    prefix_cache_mb: int = 1024  # per worker
+    kill_at_s: float | None = None  # SIGKILL worker 0 this many seconds into each run
+    seed: int = 0  # entry choice
+    client_timeout_s: float = 10.0  # silence after which a client resubmits a job
+
+
+@dataclasses.dataclass(frozen=True)
+class RealRun:
+    policy: str
+    records: list[RequestRecord]
+    statuses: list[StatusReply]  # of the workers alive at the end
+    workers: list[str]  # node ids of all workers started
+    wall_s: float
+
+
+def run_policy(trace: list[TraceRequest], policy: str, cfg: RealConfig,
+               progress: Callable[[str], None] = lambda line: None) -> RealRun:
+    group = f"bench-{policy}-{uuid.uuid4().hex[:6]}"
+    mesh = EmbeddedMesh(MeshConfig(
+        cfg.data_dir, cfg.workers, cfg.model, cfg.model_path, "cpu", cfg.threads_per_worker,
+        worker_args=("--policy", policy, "--group", group, "--prefix-cache-mb", str(cfg.prefix_cache_mb), "--measure-sync"),
+    ))
+    started = time.monotonic()
+    try:
+        endpoints = mesh.start()
+        node_ids = [c.node_id or "" for c in mesh.children]
+        _wait_for_group(endpoints, cfg.workers - 1)
+        rng = random.Random(cfg.seed)
+        entries = [rng.randrange(len(endpoints)) for _ in trace]
+        records: list[RequestRecord | None] = [None] * len(trace)
+        killer = None
+        if cfg.kill_at_s is not None:
+            killer = threading.Timer(cfg.kill_at_s, lambda: (mesh.kill(0), progress(f"  killed worker {node_ids[0]}")))
+            killer.start()
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=min(64, max(1, len(trace)))) as pool:
+            for i, req in enumerate(trace):
+                delay = t0 + req.t - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)  # open-loop replay: wait for the request's arrival time
+                ring = endpoints[entries[i]:] + endpoints[:entries[i]]
+                pool.submit(_one, i, req, ring, t0 + req.t, cfg.client_timeout_s, records)
+        if killer is not None:
+            killer.cancel()
+        alive = [e for c, e in zip(mesh.children, endpoints) if c.proc.poll() is None]
+        with Client(alive, accept_timeout_s=5.0) as client:
+            statuses = client.status()
+        done = [r for r in records if r is not None]
+        failed = sum(not r.ok for r in done)
+        progress(f"  {policy}: {len(done)} requests, {failed} failed, {time.monotonic() - t0:.1f} s")
+        return RealRun(policy, done, statuses, node_ids, time.monotonic() - started)
+    finally:
+        mesh.stop()
+
+
+def _wait_for_group(endpoints: list[str], peers: int, timeout_s: float = 30.0) -> None:
+    """Wait until every worker reports hearing from all the others (state polled over zmq)."""
+    deadline = time.monotonic() + timeout_s
+    with Client(endpoints, accept_timeout_s=2.0) as client:
+        while True:
+            statuses = client.status()
+            if len(statuses) == len(endpoints) and all(s.members >= peers for s in statuses):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker group did not form within {timeout_s:g} s")
+            time.sleep(0.1)
+
+
+def _one(i: int, req: TraceRequest, ring: list[str], arrival: float, timeout_s: float,
+         out: list[RequestRecord | None]) -> None:
+    messages = [{"role": r, "content": c} for r, c in req.messages]
+    first = None
+    try:
+        with Client(ring, accept_timeout_s=5.0, timeout_s=timeout_s) as client:
+            for msg in client.events(req.prompt, messages=messages, max_tokens=req.max_tokens,
+                                     session=req.session, stream=True):
+                if isinstance(msg, TokenChunk) and first is None:
+                    first = time.monotonic()
+                elif isinstance(msg, GenerateResult):
+                    end = time.monotonic()
+                    first = first or end
+                    out[i] = RequestRecord(msg.request_id, req.session, msg.worker_id, req.t, first - arrival,
+                                           end - arrival, msg.prompt_tokens, msg.cached_tokens)
+    except (ClientError, OSError) as exc:
+        out[i] = RequestRecord(f"req-{i}", req.session, "", req.t, 0.0, time.monotonic() - arrival, 0, 0,
+                               ok=False, error=str(exc))
