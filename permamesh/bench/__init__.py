@@ -2,17 +2,27 @@
 
 - :mod:`~permamesh.bench.traces`: the JSONL trace format (:class:`TraceRequest`,
   :func:`load_trace`, :func:`save_trace`) and seeded generators (:data:`GENERATORS`).
+- :mod:`~permamesh.bench.tokens`: the fast stand-in tokenizer (:func:`word_tokenizer` over
+  :func:`chat_text`, a ChatML rendering of a request).
 - :mod:`~permamesh.bench.sim`: :func:`simulate` replays a trace through the real routing
   policies (:mod:`permamesh.routing.policy`) over simulated FIFO workers with LRU prefix
-  caches; :func:`word_tokenizer` is its fast stand-in tokenizer.
+  caches.
 - :mod:`~permamesh.bench.stats`: :class:`RequestRecord` and :func:`summarize`.
+- :mod:`~permamesh.bench.syncreplay`: the tree-sync bytes of a simulated run, replayed through
+  real delta publishers.
+- :mod:`~permamesh.bench.real`: the same trace against real worker processes on loopback.
+- :mod:`~permamesh.bench.routing`: ``permamesh bench routing``, every policy on one trace in
+  sim or real mode, and its JSON report.
+- :mod:`~permamesh.bench.plot`: PNG plots of the reports.
 
-The ``permamesh bench`` command and ``benchmarks/`` scripts call these; nothing here touches
-the network or a model.
+The ``permamesh bench`` command and ``benchmarks/`` scripts call these. What this package
+imports (traces, tokens, sim, stats) touches neither the network nor a model; ``real``,
+``routing``, ``syncreplay`` and ``plot`` are imported by name where needed.
 """
 
-from permamesh.bench.sim import SimConfig, chat_text, simulate, word_tokenizer
+from permamesh.bench.sim import SimConfig, simulate
 from permamesh.bench.stats import RequestRecord, percentile, summarize
+from permamesh.bench.tokens import chat_text, word_tokenizer
 from permamesh.bench.traces import (
     GENERATORS,
     TraceError,

@@ -64,6 +64,10 @@ def _check_now(now: object) -> float:
     return float(now)
 
 
+def _first_digest(node: _Node) -> bytes:
+    return node.edge[0]
+
+
 def _full_chain(node: _Node) -> Chain:
     edges: list[Chain] = []
     while node.parent is not None:
@@ -234,21 +238,13 @@ class HashRadixTree:
         excess = self._held.get(worker, 0) - max_blocks
         if excess <= 0:
             return []
-        heap: list[tuple[float, Chain, int, _Node]] = []
-        serial = 0  # breaks no real tie (full chains differ); keeps nodes out of comparisons
-        stack = [c for c in self._root.children.values() if worker in c.holders]
-        while stack:
-            node = stack.pop()
-            below = [c for c in node.children.values() if worker in c.holders]
-            if below:
-                stack.extend(below)
-            else:
-                heap.append((node.holders[worker], _full_chain(node), serial, node))
-                serial += 1
+        heap = self._leaves_of(worker)
         heapq.heapify(heap)
         evicted: list[Chain] = []
         while excess > 0:
-            stamp, full, _, node = heapq.heappop(heap)
+            stamp, rank, node, full = heapq.heappop(heap)
+            if full is None:
+                full = _full_chain(node)
             count = min(excess, len(node.edge))
             if count < len(node.edge):
                 self._split(node, len(node.edge) - count)
@@ -269,11 +265,34 @@ class HashRadixTree:
                 and excess > 0
                 and not any(worker in c.holders for c in parent.children.values())
             ):
+                # The parent takes its last child's rank: it sorts against every other leaf
+                # exactly as that child did (their paths part above it).
                 heapq.heappush(
-                    heap, (parent.holders[worker], full[: len(full) - count], serial, parent)
+                    heap, (parent.holders[worker], rank, parent, full[: len(full) - count])
                 )
-                serial += 1
         return evicted
+
+    def _leaves_of(self, worker: str) -> list[tuple[float, int, _Node, Chain | None]]:
+        """``worker``'s leaf nodes (no node of ``worker`` below them) as ``(last use, rank,
+        node, None)``, ranked in the lexicographic order of their full chains.
+
+        Visits only ``worker``'s nodes, depth first, children in order of their first digest:
+        two leaves part where their paths go down children with different first digests, so
+        leaves come in chain order without building the chains. Needs ``worker`` in the tree.
+        """
+        leaves: list[tuple[float, int, _Node, Chain | None]] = []
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            top = len(stack)
+            for child in node.children.values():
+                if worker in child.holders:
+                    stack.append(child)
+            if len(stack) == top:
+                leaves.append((node.holders[worker], len(leaves), node, None))
+            elif len(stack) > top + 1:  # the stack must pop the smallest first digest first
+                stack[top:] = sorted(stack[top:], key=_first_digest, reverse=True)
+        return leaves
 
     # -- queries ----------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Wire messages of tree sync: how a worker group keeps its hash-radix tree replicas in step.
 
 Every worker of a group runs a :class:`~permamesh.routing.sync.DeltaPublisher` for its own
-prefix cache and a :class:`~permamesh.routing.sync.GroupReplica` of the group's tree.
+prefix cache and a :class:`~permamesh.routing.replica.GroupReplica` of the group's tree.
 
 Who sends what (all signed by the sending worker's long-term key):
 
@@ -26,7 +26,7 @@ from permamesh.routing.blocks import DIGEST_SIZE
 from permamesh.wire.codec import MAX_FRAME_BYTES, Message, WireError, message, struct
 
 HOLDINGS_SIZE = 32
-"""Bytes in a holdings digest (see :func:`permamesh.routing.sync.holdings_element`)."""
+"""Bytes in a holdings digest (see :func:`permamesh.routing.holdings.holdings_element`)."""
 
 MAX_NAME = 128  # characters in a group or worker id
 MAX_SEQ = 2**63  # epochs and sequence numbers are in [0, MAX_SEQ)

@@ -27,7 +27,7 @@ from permamesh.routing import (
     TreeSyncRequest,
 )
 from permamesh.routing.messages import HOLDINGS_SIZE, MAX_DELTA_BLOCKS, MAX_RUN
-from permamesh.routing.sync import holdings_element
+from permamesh.routing.holdings import holdings_element
 from permamesh.wire import WireError, decode, encode
 from permamesh.wire.codec import DOMAIN, PROTOCOL_VERSION
 
