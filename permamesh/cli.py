@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--generator", default="multi-turn", help="trace generator: multi-turn, system-prompt, few-shot, zipf (default: multi-turn)")
     r.add_argument("--requests", type=int, default=0, help="requests to generate (count; default: 20000 sim, 48 real)")
     r.add_argument("--rate", type=float, default=0.0, help="arrivals per second (default: scaled to the workers)")
-    r.add_argument("--workers", type=int, default=0, help="workers (count; default: 128 sim, 2 real)")
+    r.add_argument("--workers", type=int, default=0, help="workers (count; default: 128 sim, 4 real)")
     r.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma-separated policies (default: all)")
     r.add_argument("--seed", type=int, default=0, help="seed for the trace and tie-breaking (default: 0)")
     r.add_argument("--quick", action="store_true", help="a smaller run that finishes in under a minute")

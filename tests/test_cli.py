@@ -78,15 +78,21 @@ def test_demo_runs_the_embedded_mesh_and_leaves_nothing_behind(home):
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
 
 
-def test_ctrl_c_stops_the_demo_and_all_its_workers(home):
+def _serving_demo():
+    """Start `permamesh demo --serve` and return it with its two worker processes, once up."""
     proc = subprocess.Popen([*CMD, "demo", "--model", "tiny-random", "--max-tokens", "4", "--serve"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if "mesh is up" in line:
+            break
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) == 2
+    return proc, workers
+
+
+def test_ctrl_c_stops_the_demo_and_all_its_workers(home):
+    proc, workers = _serving_demo()
     try:
-        for line in proc.stdout:
-            if "mesh is up" in line:
-                break
-        workers = psutil.Process(proc.pid).children(recursive=True)
-        assert len(workers) == 2
         proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the demo
         rest = proc.stdout.read()
         assert proc.wait(60) == 0
@@ -103,14 +109,8 @@ def test_ctrl_c_stops_the_demo_and_all_its_workers(home):
 
 def test_workers_die_with_a_killed_demo(home):
     """kill -9 of the parent: the kernel's parent-death signal stops the workers."""
-    proc = subprocess.Popen([*CMD, "demo", "--model", "tiny-random", "--max-tokens", "4", "--serve"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc, workers = _serving_demo()
     try:
-        for line in proc.stdout:
-            if "mesh is up" in line:
-                break
-        workers = psutil.Process(proc.pid).children(recursive=True)
-        assert len(workers) == 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:

@@ -2,9 +2,11 @@
 
 For each policy a fresh :class:`~permamesh.mesh.EmbeddedMesh` starts (same model, same
 prefix-cache budget, the group told to use that policy), so every policy begins with cold
-caches. Requests are sent open-loop at their trace times, each to an entry worker drawn with
-a seeded generator (as the overlay would deliver them), streaming, so time to first token is
-measured by the client from the request's scheduled arrival. Optionally one worker is
+caches. Each conversation of the trace is a user: its first turn is sent at its trace time,
+each next turn a think time (the trace's gap between the two turns) after the previous answer
+arrived, as a person would. Each request goes to an entry worker drawn with a seeded
+generator (as the overlay would deliver them), streaming; time to first token and end-to-end
+latency are measured by the client from the moment the request is sent. Optionally one worker is
 SIGKILLed mid-run to show that no request is lost (entries re-route forwarded jobs; clients
 resubmit jobs whose entry died).
 
@@ -74,13 +76,25 @@ def run_policy(trace: list[TraceRequest], policy: str, cfg: RealConfig,
             killer = threading.Timer(cfg.kill_at_s, lambda: (mesh.kill(0), progress(f"  killed worker {node_ids[0]}")))
             killer.start()
         t0 = time.monotonic()
-        with ThreadPoolExecutor(max_workers=min(64, max(1, len(trace)))) as pool:
-            for i, req in enumerate(trace):
-                delay = t0 + req.t - time.monotonic()
+        sessions: dict[str, list[int]] = {}
+        for i in sorted(range(len(trace)), key=lambda i: (trace[i].t, i)):
+            sessions.setdefault(trace[i].session, []).append(i)
+
+        def conversation(turns: list[int]) -> None:
+            """A user: the first turn at its trace time, each next one a think time (the trace's
+            gap between the turns) after the previous answer arrived."""
+            send_at = t0 + trace[turns[0]].t
+            for k, i in enumerate(turns):
+                delay = send_at - time.monotonic()
                 if delay > 0:
-                    time.sleep(delay)  # open-loop replay: wait for the request's arrival time
+                    time.sleep(delay)  # the user is thinking
                 ring = endpoints[entries[i]:] + endpoints[:entries[i]]
-                pool.submit(_one, i, req, ring, t0 + req.t, cfg.client_timeout_s, records)
+                _one(i, trace[i], ring, time.monotonic(), t0, cfg.client_timeout_s, records)
+                if k + 1 < len(turns):
+                    send_at = time.monotonic() + trace[turns[k + 1]].t - trace[i].t
+
+        with ThreadPoolExecutor(max_workers=max(1, len(sessions))) as pool:
+            list(pool.map(conversation, sessions.values()))
         if killer is not None:
             killer.cancel()
         alive = [e for c, e in zip(mesh.children, endpoints) if c.proc.poll() is None]
@@ -107,7 +121,7 @@ def _wait_for_group(endpoints: list[str], peers: int, timeout_s: float = 30.0) -
             time.sleep(0.1)
 
 
-def _one(i: int, req: TraceRequest, ring: list[str], arrival: float, timeout_s: float,
+def _one(i: int, req: TraceRequest, ring: list[str], arrival: float, t0: float, timeout_s: float,
          out: list[RequestRecord | None]) -> None:
     messages = [{"role": r, "content": c} for r, c in req.messages]
     first = None
@@ -120,8 +134,8 @@ def _one(i: int, req: TraceRequest, ring: list[str], arrival: float, timeout_s: 
                 elif isinstance(msg, GenerateResult):
                     end = time.monotonic()
                     first = first or end
-                    out[i] = RequestRecord(msg.request_id, req.session, msg.worker_id, req.t, first - arrival,
+                    out[i] = RequestRecord(msg.request_id, req.session, msg.worker_id, arrival - t0, first - arrival,
                                            end - arrival, msg.prompt_tokens, msg.cached_tokens)
     except (ClientError, OSError) as exc:
-        out[i] = RequestRecord(f"req-{i}", req.session, "", req.t, 0.0, time.monotonic() - arrival, 0, 0,
+        out[i] = RequestRecord(f"req-{i}", req.session, "", arrival - t0, 0.0, time.monotonic() - arrival, 0, 0,
                                ok=False, error=str(exc))

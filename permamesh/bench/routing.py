@@ -57,8 +57,8 @@ class RoutingBench:
 DEFAULTS = {
     ("sim", False): (128, 20000, 0.0),
     ("sim", True): (100, 4000, 0.0),
-    ("real", False): (2, 48, 0.0),
-    ("real", True): (2, 16, 0.0),
+    ("real", False): (4, 48, 0.0),
+    ("real", True): (4, 16, 0.0),
 }
 
 
@@ -67,11 +67,13 @@ def _trace(b: RoutingBench, requests: int, rate: float) -> list[TraceRequest]:
         return load_trace(b.trace)
     if b.mode == "real" and b.generator == "multi-turn":
         # Real mode on 2 CPU cores: chats sized for SmolLM2's speed (~180 prompt tok/s and
-        # ~15 tok/s decode per single-thread worker) and its 8k context: 4 turns, a shared
-        # system prompt of 150-400 words, short questions and answers, quick replies.
+        # ~15 tok/s decode per single-thread worker) and its 8k context: 4 turns, each chat
+        # with its own context of 300-700 words (a pasted document, a long instruction),
+        # short questions and answers, quick replies.
         turns = 4
-        return multi_turn(-(-requests // turns), turns, rate, b.seed, system_words=(150, 400), user_words=(8, 30),
-                          answer_tokens=(16, 40), think_min_s=1.0, think_mean_s=3.0)[:requests]
+        sessions = -(-requests // turns)
+        return multi_turn(sessions, turns, rate, b.seed, system_prompts=0, system_words=(300, 700),
+                          user_words=(8, 30), answer_tokens=(16, 40), think_min_s=1.0, think_mean_s=3.0)[:requests]
     if b.generator not in GENERATORS:
         raise BenchError(f"unknown generator {b.generator!r}: one of {sorted(GENERATORS)}")
     return GENERATORS[b.generator](requests, rate, b.seed)

@@ -225,7 +225,7 @@ def _answer(rng: random.Random, max_tokens: int) -> str:
 
 def multi_turn(
     sessions: int, turns: int, rate_per_s: float, seed: int, *,
-    system_prompts: int = 8,
+    system_prompts: int = 8,  # distinct system prompts; 0 = every chat has its own
     system_words: tuple[int, int] = (150, 600),
     user_words: tuple[int, int] = (10, 60),
     answer_tokens: tuple[int, int] = (64, 256),
@@ -236,11 +236,12 @@ def multi_turn(
     arrive at about ``rate_per_s``. Turn k+1's messages are turn k's, the assistant's answer
     (``max_tokens`` long, fixed here), and a new user message, sent a think time after turn k."""
     rng = random.Random(seed)
-    systems = [text(rng, rng.randint(*system_words)) for _ in range(system_prompts)]
+    systems = [text(rng, rng.randint(*system_words)) for _ in range(system_prompts or sessions)]
     starts = _arrivals(rng, sessions, rate_per_s / turns)
     out = []
     for index, start in enumerate(starts):
-        history: tuple[tuple[str, str], ...] = (("system", rng.choice(systems)),)
+        system = rng.choice(systems) if system_prompts else systems[index]
+        history: tuple[tuple[str, str], ...] = (("system", system),)
         t = start
         for _ in range(turns):
             history += (("user", question(rng, rng.randint(*user_words))),)

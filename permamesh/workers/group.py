@@ -199,8 +199,11 @@ class GroupLink:
         return None
 
     def _observe_load(self, worker: str, load: Load) -> None:
-        self.view.update(MemberState(worker, load.queue_length, load.backlog_s, load.prefill_tok_per_s,
-                                     load.decode_tok_per_s, 1.0, load.cached_blocks))
+        try:
+            self.view.update(MemberState(worker, load.queue_length, load.backlog_s, load.prefill_tok_per_s,
+                                         load.decode_tok_per_s, 1.0, load.cached_blocks))
+        except RoutingError as exc:  # a member publishing nonsense keeps its last sane load
+            log.warning("ignoring the load published by %s: %s", worker, exc)
 
     async def _link_recv(self, node_id: str, dealer: AsyncDealer) -> None:
         """Answers from one member: relays for forwarded jobs, snapshots for our replica."""
