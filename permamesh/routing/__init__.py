@@ -27,7 +27,8 @@ Modules today:
   estimated time to first token, and the baselines it is compared with.
 - :mod:`~permamesh.routing.errors`: :class:`RoutingError`, the package's exception family.
 
-Planned: S-IDA cloves, onion layers, path selection, and relaying.
+- :mod:`~permamesh.routing.overlay`: the anonymous overlay (S-IDA cloves, onion cells, reply
+  blocks, path selection); see its own docstring.
 """
 
 from permamesh.routing.blocks import DIGEST_SIZE, BlockHasher, chain_digests

@@ -31,6 +31,12 @@ Traps :class:`PermameshPolicy` guards against:
     worker with that chain when the new prompt extends it; it keeps the session there while
     its estimate is within ``affinity_slack_rel`` / ``affinity_slack_s`` of the best, since
     blocks never capture the latest partial block.
+(e) *Decoding is shared.* Real workers schedule per step, so a member's backlog counts only
+    the prefills queued ahead, and a member already decoding many answers looks free. With
+    ``decode_share_weight`` w > 0 the score adds ``w * max_tokens * load / decode rate``: the
+    time the new answer's decode would be stretched by the ``load`` jobs it shares the member
+    with (and they by it). The simulator models FIFO workers, whose backlog already holds the
+    decodes, so it uses w = 0.
 """
 
 from __future__ import annotations
@@ -80,6 +86,12 @@ def _prefill_s(query: RouteQuery, member: MemberState, matched_blocks: int) -> f
     uncached = query.prompt_tokens - cached
     rate = member.prefill_tok_per_s
     return PER_REQUEST_OVERHEAD_S + (uncached + cached / CACHED_SPEEDUP) / rate
+
+
+def estimate_prefill_s(query: RouteQuery, member: MemberState, matched_blocks: int) -> float:
+    """Seconds of prefill the request costs on ``member`` (its uncached part, the cached part
+    at :data:`CACHED_SPEEDUP` times the rate, and the fixed overhead)."""
+    return _prefill_s(query, member, matched_blocks)
 
 
 def estimate_ttft_s(query: RouteQuery, member: MemberState, matched_blocks: int) -> float:
@@ -193,7 +205,11 @@ class PermameshPolicy(Policy):
         affinity_slack_s: float = 0.05,  # ... + 50 ms of the best estimate
         tie_s: float = 0.001,  # estimates this close are ties
         max_sessions: int = 65536,  # sessions remembered (LRU)
+        decode_share_weight: float = 0.0,  # trap (e): 0 for FIFO members
     ) -> None:
+        if decode_share_weight < 0:
+            raise RoutingError("decode_share_weight must be >= 0")
+        self.decode_share_weight = decode_share_weight
         self._rng = random.Random(seed)
         self.reputation_floor, self.tie_s = reputation_floor, tie_s
         self.max_sessions = max_sessions
@@ -218,6 +234,9 @@ class PermameshPolicy(Policy):
             for m in members
             if m.reputation >= floor
         ]
+        if self.decode_share_weight > 0:
+            w, rates = self.decode_share_weight * query.max_tokens, {m.worker: m for m in members}
+            scored = [(s + w * rates[wk].queue_length / rates[wk].decode_tok_per_s, wk) for s, wk in scored]
         if not scored:
             raise RoutingError(f"no member has reputation >= {floor} (of {len(members)})")
         best = min(score for score, _ in scored)
@@ -240,15 +259,16 @@ class PermameshPolicy(Policy):
 POLICY_NAMES = ("random", "round-robin", "least-loaded", "cache-aware", "permamesh")
 
 
-def make_policy(name: str, seed: int = 0) -> Policy:
+def make_policy(name: str, seed: int = 0, decode_share_weight: float = 0.0) -> Policy:
     """A fresh policy by name (one of :data:`POLICY_NAMES`); ``seed`` seeds random draws and
-    tie-breaking, and offsets round-robin's start."""
+    tie-breaking, and offsets round-robin's start; ``decode_share_weight`` is
+    :class:`PermameshPolicy`'s trap (e) weight (0 for FIFO members, as in the simulator)."""
     factories = {
         "random": lambda: RandomPolicy(seed),
         "round-robin": lambda: RoundRobinPolicy(start=seed),
         "least-loaded": LeastLoadedPolicy,
         "cache-aware": CacheAwarePolicy,
-        "permamesh": lambda: PermameshPolicy(seed=seed),
+        "permamesh": lambda: PermameshPolicy(seed=seed, decode_share_weight=decode_share_weight),
     }
     if name not in factories:
         raise RoutingError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

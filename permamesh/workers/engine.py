@@ -1,4 +1,4 @@
-"""The generation engine: one model, one request at a time, token by token.
+"""The generation engine: one model; requests decode token by token, interleaved.
 
 Our own decode loop (rather than ``model.generate``) so that every token can be streamed,
 stop strings cut exactly, per-token log-probabilities reported under the model's own
@@ -8,23 +8,25 @@ the longest cached block-aligned prefix of a prompt and prefill only the rest. A
 the KV of the prompt and of every answer token fed through the model is stored, so the next turn
 of a chat (whose prompt contains this answer) hits a long prefix.
 
-Who calls it: :class:`permamesh.workers.server.WorkerServer` runs :meth:`Engine.generate` on
-its engine thread, one request after another. Nothing here is thread-safe by itself.
+Who calls it: :class:`permamesh.workers.executor.Executor` starts a
+:class:`~permamesh.workers.decoding.Decoding` per request (:meth:`Engine.start`) and steps the
+active ones in turn on its engine thread; :meth:`Engine.generate` runs one request to the end
+(tests, tools). Nothing here is thread-safe by itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from permamesh.wire.messages import GenerateRequest
 from permamesh.workers.errors import RequestError
 from permamesh.workers.models import LoadedModel
 from permamesh.workers.prefix_cache import PrefixKVCache
-from permamesh.workers.stops import StopScanner
+
+if TYPE_CHECKING:
+    from permamesh.workers.decoding import Decoding
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class Completion:
     ttft_s: float  # seconds to the first token
     total_s: float  # seconds for the whole request
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
+    compute_s: float = 0.0  # seconds spent in this request's own model calls (not others' steps)
+    decode_s: float = 0.0  # the decode part of compute_s
 
 
 class Engine:
@@ -79,64 +83,28 @@ class Engine:
             return self.tokenizer.chat_ids(req.messages)
         return self.tokenizer.encode(req.prompt or "")
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                 on_step: Callable[[Step], None] | None = None) -> Completion:
-        import torch
-
+    def start(self, prompt_ids: Sequence[int], params: SamplingParams,
+              on_step: Callable[[Step], None] | None = None) -> Decoding:
+        """A request's decoding state, not yet run: call :meth:`Decoding.prefill`, then
+        :meth:`Decoding.step` until it returns True, then :meth:`Decoding.finish`."""
         if not prompt_ids:
             raise RequestError("empty prompt")
         room = self.max_context - len(prompt_ids)
         if room < 1:
             raise RequestError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.max_context}-token context")
-        max_tokens = min(params.max_tokens, room)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        scanner = StopScanner(params.stop)
-        started = time.monotonic()
-        with torch.inference_mode():
-            matched, past = self.prefix_cache.lookup(prompt_ids) if self.prefix_cache is not None else (0, None)
-            logits, cache = self._prefill(prompt_ids[matched:], past)
-            prefill_s = time.monotonic() - started
-            ids: list[int] = []
-            fed: list[int] = []  # answer tokens whose KV is in `cache` (the last sampled one is not)
-            lps: list[float] = []
-            ttft_s = 0.0
-            finish = "length"
-            for index in range(max_tokens):
-                token, logprob = self._sample(logits, params, gen)
-                if index == 0:
-                    ttft_s = time.monotonic() - started
-                if token in self.tokenizer.eos_ids:
-                    finish = "stop"
-                    break
-                ids.append(token)
-                if params.logprobs:
-                    lps.append(logprob)
-                new_text = scanner.feed(self.tokenizer.decode(ids))
-                if on_step is not None:
-                    on_step(Step(index, new_text, token, logprob if params.logprobs else None))
-                if scanner.stopped:
-                    finish = "stop"
-                    break
-                if index + 1 < max_tokens:
-                    logits, cache = self._decode(token, cache)
-                    fed.append(token)
-            tail = scanner.finish(self.tokenizer.decode(ids))
-            if tail and on_step is not None:
-                on_step(Step(len(ids), tail, -1, None))
-            if self.prefix_cache is not None:
-                self._store([*prompt_ids, *fed], cache)
-        return Completion(
-            text=scanner.final_text or "",
-            token_ids=tuple(ids),
-            logprobs=tuple(lps),
-            finish_reason=finish,
-            prompt_tokens=len(prompt_ids),
-            prefill_s=prefill_s,
-            ttft_s=ttft_s,
-            total_s=time.monotonic() - started,
-            cached_tokens=matched,
-        )
+        from permamesh.workers.decoding import Decoding
+
+        return Decoding(self, tuple(prompt_ids), dataclasses.replace(params, max_tokens=min(params.max_tokens, room)),
+                        on_step)
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                 on_step: Callable[[Step], None] | None = None) -> Completion:
+        """Run one request to the end on the calling thread."""
+        run = self.start(prompt_ids, params, on_step)
+        done = run.prefill()
+        while not done:
+            done = run.step()
+        return run.finish()
 
     def _store(self, token_ids: list[int], cache) -> None:
         """Keep the KV of ``token_ids`` for later prompts; a cache failure never costs the answer."""

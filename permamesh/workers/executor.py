@@ -1,10 +1,16 @@
 """The engine thread and the local job queue of one worker.
 
-:class:`Executor` owns the model: jobs run one at a time in arrival order on its thread.
+:class:`Executor` owns the model. Requests are scheduled per step (iteration-level scheduling,
+as in Orca and vLLM, without batching): a new job is admitted as soon as the current step ends,
+its prefill runs at once and its first token goes out, and then the active jobs take decode
+steps in turn. So a request's time to first token is its own prefill plus the prefills admitted
+before it, never another request's whole answer. At most ``max_active`` jobs decode at once; the
+rest wait in arrival order.
+
 Everything it produces (token chunks, results, errors) leaves through ``post(peer, msg)``,
 which the server makes thread-safe (it hops onto the event loop). It also keeps the figures
-routing needs: queue length, the estimated seconds of queued work (``backlog_s``) and
-measured prefill/decode rates.
+routing needs: how many jobs it holds, the seconds before a new job's prefill would start
+(``backlog_s``: prefills queued ahead plus one step), and measured prefill/decode rates.
 
 Who calls it: :class:`permamesh.workers.server.WorkerServer` (``submit`` from the event-loop
 thread; ``start``/``stop`` around serving).
@@ -12,6 +18,7 @@ thread; ``start``/``stop`` around serving).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import queue
@@ -20,6 +27,7 @@ import time
 from typing import Callable
 
 from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, Message, TokenChunk
+from permamesh.workers.decoding import Decoding
 from permamesh.workers.engine import Completion, Engine, SamplingParams, Step
 from permamesh.workers.errors import WorkerError
 
@@ -27,6 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_TOK_PER_S = 300.0  # a priori rates until the first request is measured
 DEFAULT_DECODE_TOK_PER_S = 20.0
+MIN_RATE_SAMPLE_TOKENS = 32  # prefills shorter than this do not update the prefill rate
+DEFAULT_MAX_ACTIVE = 8  # jobs decoding at once; each holds its own KV
 
 Post = Callable[[bytes, Message], None]
 
@@ -37,7 +47,7 @@ class Job:
     request: GenerateRequest
     prompt_ids: tuple[int, ...]
     queued_at: float  # time.monotonic()
-    work_s: float  # estimated seconds this job adds to the backlog
+    prefill_s: float  # estimated seconds of its (uncached) prefill
 
 
 class _Cancelled(Exception):
@@ -45,18 +55,22 @@ class _Cancelled(Exception):
 
 
 class Executor:
-    def __init__(self, engine: Engine, worker_id: str) -> None:
+    def __init__(self, engine: Engine, worker_id: str, max_active: int = DEFAULT_MAX_ACTIVE) -> None:
+        if max_active < 1:
+            raise ValueError("max_active must be >= 1")
         self.engine = engine
         self.worker_id = worker_id
+        self.max_active = max_active
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._holding: dict[str, tuple[bytes, int]] = {}  # request_id -> (peer, order), queued or running
+        self._holding: dict[str, tuple[bytes, int]] = {}  # request_id -> (peer, order), queued or active
+        self._active: set[str] = set()  # request ids admitted (prefilled or decoding)
+        self._started_at: dict[str, float] = {}
         self._order = 0
-        self._running: str | None = None
-        self._backlog_s = 0.0
+        self._pending_prefill_s = 0.0  # estimated prefill seconds of jobs not yet admitted
         self.served = 0
         self.prefill_rate = 0.0  # tokens/s, moving average; 0 = not measured yet
-        self.decode_rate = 0.0
+        self.decode_rate = 0.0  # tokens/s of one job's own decode compute
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._post: Post = lambda peer, msg: None
@@ -68,44 +82,57 @@ class Executor:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
-    def estimate_work_s(self, prompt_tokens: int, cached_tokens: int, max_tokens: int) -> float:
-        prefill = self.prefill_rate or DEFAULT_PREFILL_TOK_PER_S
-        decode = self.decode_rate or DEFAULT_DECODE_TOK_PER_S
-        return max(0, prompt_tokens - cached_tokens) / prefill + max_tokens / decode
+    def estimate_prefill_s(self, prompt_tokens: int, cached_tokens: int) -> float:
+        return max(0, prompt_tokens - cached_tokens) / (self.prefill_rate or DEFAULT_PREFILL_TOK_PER_S)
 
     def submit(self, job: Job) -> int:
-        """Queue ``job``; return how many jobs are ahead of it (running one included)."""
+        """Queue ``job``; return how many jobs are ahead of it (active ones included)."""
         with self._lock:
             position = len(self._holding)
             self._order += 1
             self._holding[job.request.request_id] = (job.peer, self._order)
-            self._backlog_s += job.work_s
+            self._pending_prefill_s += job.prefill_s
         self._jobs.put(job)
         return position
 
     @property
     def queue_length(self) -> int:
-        """Jobs waiting, not counting the running one."""
+        """Jobs waiting to be admitted."""
         with self._lock:
-            return len(self._holding) - (self._running is not None)
+            return len(self._holding) - len(self._active)
+
+    @property
+    def active(self) -> int:
+        """Jobs admitted: prefilling or decoding."""
+        with self._lock:
+            return len(self._active)
 
     @property
     def busy(self) -> bool:
-        return self._running is not None
+        return self.active > 0
+
+    @property
+    def load(self) -> int:
+        """Every job held: waiting plus active."""
+        with self._lock:
+            return len(self._holding)
 
     @property
     def backlog_s(self) -> float:
+        """Seconds before a job submitted now would start its prefill: the prefills queued ahead
+        of it, plus one decode step if something is running (admission waits for the step)."""
         with self._lock:
-            return max(0.0, self._backlog_s)
+            step = 1.0 / (self.decode_rate or DEFAULT_DECODE_TOK_PER_S) if self._active else 0.0
+            return max(0.0, self._pending_prefill_s) + step
 
     def holding(self) -> list[tuple[str, bytes, int]]:
-        """(request_id, peer, position) of every job queued or running, in order."""
+        """(request_id, peer, position) of every job queued or active, in order."""
         with self._lock:
             ordered = sorted(self._holding.items(), key=lambda kv: kv[1][1])
         return [(rid, peer, pos) for pos, (rid, (peer, _)) in enumerate(ordered)]
 
     def stop(self, timeout_s: float = 30.0) -> list[Job]:
-        """Stop after the running job is cancelled; return the jobs never started."""
+        """Stop after the active jobs are cancelled; return the jobs never started."""
         self._stopping.set()
         self._jobs.put(None)
         if self._thread is not None:
@@ -119,34 +146,87 @@ class Executor:
 
     # ---------------------------------------------------------------- engine thread
     def _loop(self) -> None:
+        """Admit waiting jobs (prefill, first token) whenever there is room, else give the next
+        active job one decode step; active jobs take steps in turn."""
+        active: collections.deque[tuple[Job, Decoding]] = collections.deque()
         while True:
-            job = self._jobs.get()
-            if job is None or self._stopping.is_set():
-                if job is not None:
-                    self._finish(job, ErrorReply(job.request.request_id, "shutting_down", "worker is stopping; resubmit"))
+            while len(active) < self.max_active:
+                try:
+                    job = self._jobs.get(block=not active)
+                except queue.Empty:
+                    break
+                if job is None or self._stopping.is_set():
+                    self._shut(job, active)
+                    return
+                self._admit(job, active)
+            if not active:
+                continue
+            if self._stopping.is_set():
+                self._shut(None, active)
                 return
-            self._running = job.request.request_id
-            try:
-                reply: Message = self._run(job)
-            except _Cancelled:
-                reply = ErrorReply(job.request.request_id, "shutting_down", "worker stopped mid-request; resubmit")
-            except WorkerError as exc:
-                reply = ErrorReply(job.request.request_id, "bad_request", str(exc))
-            except Exception as exc:  # a bug or a torch failure must not kill the worker
-                log.exception("request %s failed", job.request.request_id)
-                reply = ErrorReply(job.request.request_id, "internal", f"{exc.__class__.__name__}: {exc}")
-            self._finish(job, reply)
+            job, run = active.popleft()
+            if self._advance(job, run, run.step):
+                active.append((job, run))
+
+    def _admit(self, job: Job, active: collections.deque[tuple[Job, Decoding]]) -> None:
+        rid = job.request.request_id
+        with self._lock:
+            self._active.add(rid)
+            self._pending_prefill_s -= job.prefill_s
+            self._started_at[rid] = time.monotonic()
+        try:
+            run = self.engine.start(job.prompt_ids, SamplingParams.of(job.request), self._streamer(job))
+        except Exception as exc:  # noqa: BLE001 - reported to the client by _fail
+            self._fail(job, None, exc)
+            return
+        if self._advance(job, run, run.prefill):
+            active.append((job, run))
+
+    def _advance(self, job: Job, run: Decoding, call: Callable[[], bool]) -> bool:
+        """Run one prefill or step of ``job``; True while it has more steps to take."""
+        try:
+            if not call():
+                return True
+            reply: Message = self._result(job, run.finish())
+        except Exception as exc:  # noqa: BLE001 - a bad request or a torch failure ends only this job
+            self._fail(job, run, exc)
+            return False
+        self._finish(job, reply)
+        return False
+
+    def _fail(self, job: Job, run: Decoding | None, exc: Exception) -> None:
+        if run is not None:
+            run.abandon()
+        rid = job.request.request_id
+        if isinstance(exc, _Cancelled):
+            reply: Message = ErrorReply(rid, "shutting_down", "worker stopped mid-request; resubmit")
+        elif isinstance(exc, WorkerError):
+            reply = ErrorReply(rid, "bad_request", str(exc))
+        else:  # a bug or a torch failure must not kill the worker
+            log.error("request %s failed", rid, exc_info=exc)
+            reply = ErrorReply(rid, "internal", f"{exc.__class__.__name__}: {exc}")
+        self._finish(job, reply)
+
+    def _shut(self, job: Job | None, active: collections.deque[tuple[Job, Decoding]]) -> None:
+        """Stopping: the active jobs and ``job`` get shutting_down; queued ones stay for stop()."""
+        for running, run in active:
+            self._fail(running, run, _Cancelled())
+        active.clear()
+        if job is not None:
+            self._finish(job, ErrorReply(job.request.request_id, "shutting_down", "worker is stopping; resubmit"))
 
     def _finish(self, job: Job, reply: Message) -> None:
+        rid = job.request.request_id
         with self._lock:
-            self._holding.pop(job.request.request_id, None)
-            self._backlog_s -= job.work_s
-            self._running = None
+            if rid not in self._active:  # never admitted: its prefill was still pending
+                self._pending_prefill_s -= job.prefill_s
+            self._holding.pop(rid, None)
+            self._active.discard(rid)
+            self._started_at.pop(rid, None)
         self._post(job.peer, reply)
 
-    def _run(self, job: Job) -> GenerateResult:
+    def _streamer(self, job: Job) -> Callable[[Step], None]:
         req = job.request
-        started = time.monotonic()
 
         def on_step(step: Step) -> None:
             if self._stopping.is_set():
@@ -156,7 +236,11 @@ class Executor:
                 lps = (step.logprob,) if step.logprob is not None else ()
                 self._post(job.peer, TokenChunk(req.request_id, step.index, step.text, token_ids, lps))
 
-        done = self.engine.generate(job.prompt_ids, SamplingParams.of(req), on_step)
+        return on_step
+
+    def _result(self, job: Job, done: Completion) -> GenerateResult:
+        req = job.request
+        started = self._started_at.get(req.request_id, job.queued_at)
         self.served += 1
         self._observe(done)
         if self.on_done is not None:
@@ -174,16 +258,15 @@ class Executor:
             queue_wait_s=round(started - job.queued_at, 6),
             ttft_s=round(done.ttft_s, 6),
             total_s=round(done.total_s, 6),
-            cached_tokens=getattr(done, "cached_tokens", 0),
+            cached_tokens=done.cached_tokens,
         )
 
     def _observe(self, done: Completion) -> None:
         def ema(old: float, new: float) -> float:
             return new if old == 0.0 else 0.8 * old + 0.2 * new
 
-        uncached = done.prompt_tokens - getattr(done, "cached_tokens", 0)
-        if done.prefill_s > 0 and uncached > 0:
+        uncached = done.prompt_tokens - done.cached_tokens
+        if done.prefill_s > 0 and uncached >= MIN_RATE_SAMPLE_TOKENS:  # short ones measure overhead
             self.prefill_rate = ema(self.prefill_rate, uncached / done.prefill_s)
-        decode_s = done.total_s - done.prefill_s
-        if decode_s > 0 and len(done.token_ids) > 1:
-            self.decode_rate = ema(self.decode_rate, (len(done.token_ids) - 1) / decode_s)
+        if done.decode_s > 0 and len(done.token_ids) > 1:
+            self.decode_rate = ema(self.decode_rate, (len(done.token_ids) - 1) / done.decode_s)

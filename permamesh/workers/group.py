@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable
 from permamesh.routing.blocks import BlockHasher
 from permamesh.routing.errors import RoutingError
 from permamesh.routing.messages import Load, TreeDelta, TreeSnapshot, TreeSyncRequest
-from permamesh.routing.policy import GroupView, MemberState, RouteQuery, estimate_work_s, make_policy
+from permamesh.routing.policy import GroupView, MemberState, RouteQuery, estimate_prefill_s, make_policy
 from permamesh.routing.sync import DeltaPublisher, GroupReplica
 from permamesh.transport import AsyncDealer
 from permamesh.wire import (
@@ -65,6 +65,7 @@ class GroupConfig:
     forward_timeout_s: float = 5.0  # a forwarded job silent this long is re-routed
     peer_refresh_s: float = 1.0  # how often the peer source is read
     measure_full_tree: bool = False  # also count what broadcasting full trees would cost (benchmarks)
+    decode_share_weight: float = 0.5  # permamesh policy, trap (e): members schedule per step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,7 @@ class GroupLink:
                                         signer=server.identity, track_full_tree=config.measure_full_tree)
         self.replica = GroupReplica(config.name, self.me)
         self.view = GroupView()
-        self.policy = make_policy(config.policy, config.seed)
+        self.policy = make_policy(config.policy, config.seed, config.decode_share_weight)
         self.links: dict[str, tuple[Peer, AsyncDealer, asyncio.Task]] = {}
         self._keys: dict[bytes, str] = {}  # member sign key -> node id
         self.pending: dict[str, _Pending] = {}
@@ -141,7 +142,7 @@ class GroupLink:
             reply = self.server.accept(p.client, p.request, p.ids, cached)
             return None if (p.accepted_sent and isinstance(reply, Accepted)) else reply
         state = next(m for m in members if m.worker == target)
-        self.view.assign(target, estimate_work_s(p.query, state, matched.get(target, 0)))
+        self.view.assign(target, estimate_prefill_s(p.query, state, matched.get(target, 0)))
         p.target, p.last_heard = target, time.monotonic()
         self.pending[p.request.request_id] = p
         self.forwarded += 1
@@ -151,7 +152,7 @@ class GroupLink:
 
     def _members(self) -> list[MemberState]:
         ex = self.server.executor
-        mine = MemberState(self.me, ex.queue_length + int(ex.busy), ex.backlog_s,
+        mine = MemberState(self.me, ex.load, ex.backlog_s,
                            ex.prefill_rate or DEFAULT_PREFILL_TOK_PER_S, ex.decode_rate or DEFAULT_DECODE_TOK_PER_S,
                            self.reputation(self.me))
         live = set(self.replica.members()) & set(self.links)
@@ -253,7 +254,7 @@ class GroupLink:
 
     def _load(self) -> Load:
         ex = self.server.executor
-        return Load(ex.queue_length + int(ex.busy), ex.backlog_s, ex.prefill_rate or DEFAULT_PREFILL_TOK_PER_S,
+        return Load(ex.load, ex.backlog_s, ex.prefill_rate or DEFAULT_PREFILL_TOK_PER_S,
                     ex.decode_rate or DEFAULT_DECODE_TOK_PER_S, len(self.publisher.current))
 
     async def _maintain(self) -> None:

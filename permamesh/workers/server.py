@@ -155,8 +155,8 @@ class WorkerServer:
         if waiting >= self.config.max_queue:
             return ErrorReply(req.request_id, "queue_full", f"{waiting} requests already queued; try another worker")
         ids = tuple(prompt_ids) if prompt_ids is not None else tuple(self.engine.prompt_ids(req))
-        work_s = self.executor.estimate_work_s(len(ids), cached_tokens, req.max_tokens)
-        position = self.executor.submit(Job(peer, req, ids, time.monotonic(), work_s))
+        prefill_s = self.executor.estimate_prefill_s(len(ids), cached_tokens)
+        position = self.executor.submit(Job(peer, req, ids, time.monotonic(), prefill_s))
         return Accepted(req.request_id, position, self.worker_id)
 
     # ------------------------------------------------------------------ sending

@@ -41,11 +41,11 @@ class GatedEngine(Engine):
         super().__init__(*a, **kw)
         self.gate, self.waiting = threading.Event(), threading.Semaphore(0)
 
-    def generate(self, *a, **kw):
+    def start(self, *a, **kw):
         if self.hold:
             self.waiting.release()
             self.gate.wait(30)
-        return super().generate(*a, **kw)
+        return super().start(*a, **kw)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from permamesh.wire import (
     decode,
     encode,
 )
-from permamesh.workers.engine import Engine
+from permamesh.workers.engine import Engine, SamplingParams
 from permamesh.workers.server import ServerConfig, ServerThread, WorkerServer
 
 
@@ -37,11 +37,13 @@ class GatedEngine(Engine):
         super().__init__(loaded)
         self.gate = threading.Event()
         self.waiting = threading.Semaphore(0)
+        self.started: list[tuple[int, ...]] = []  # prompt ids, in the order jobs were admitted
 
-    def generate(self, *args, **kwargs):
+    def start(self, prompt_ids, *args, **kwargs):
+        self.started.append(tuple(prompt_ids))
         self.waiting.release()
         self.gate.wait(30)
-        return super().generate(*args, **kwargs)
+        return super().start(prompt_ids, *args, **kwargs)
 
 
 def _serve(engine, config=ServerConfig(), identity=None):
@@ -150,7 +152,7 @@ def test_concurrent_requests_are_queued_in_order_not_dropped(gated):
     engine, thread, endpoint = gated
     with DealerClient(endpoint) as sock:
         me = NodeIdentity.generate()
-        requests = [_request() for _ in range(4)]
+        requests = [_request(prompt=f"hello {i}") for i in range(4)]
         for req in requests:
             sock.send(encode(req, me))
         accepted = [recv_msg(sock) for _ in requests]
@@ -161,7 +163,32 @@ def test_concurrent_requests_are_queued_in_order_not_dropped(gated):
         assert isinstance(status, StatusReply) and status.queue_length == 3 and status.busy
         engine.gate.set()
         results = [m for m in _read_until_final(sock, 4) if isinstance(m, GenerateResult)]
-    assert [r.request_id for r in results] == [r.request_id for r in requests]
+    assert sorted(r.request_id for r in results) == sorted(r.request_id for r in requests)
+    assert engine.started == [tuple(engine.prompt_ids(r)) for r in requests]  # admitted in arrival order
+
+
+def test_a_long_answer_does_not_hold_back_a_short_ones_first_token(tiny_loaded):
+    """Per-step scheduling: a job admitted while another decodes gets its answer long before
+    the long one ends, and both answers equal what each gets alone (temperature 0)."""
+    engine = Engine(tiny_loaded)
+    alone = {n: engine.generate(engine.tokenizer.encode(p), SamplingParams(max_tokens=n)).token_ids
+             for p, n in (("a long story", 200), ("short", 3))}
+    thread, endpoint = _serve(engine)
+    try:
+        with DealerClient(endpoint) as sock:
+            me = NodeIdentity.generate()
+            long_req = _request(prompt="a long story", max_tokens=200, stream=True)
+            short_req = _request(prompt="short", max_tokens=3)
+            sock.send(encode(long_req, me))
+            assert isinstance(recv_msg(sock), Accepted)
+            while not isinstance(recv_msg(sock), TokenChunk):  # the long one is decoding
+                pass
+            sock.send(encode(short_req, me))
+            finals = [m for m in _read_until_final(sock, 2) if isinstance(m, GenerateResult)]
+    finally:
+        thread.stop()
+    assert [r.request_id for r in finals] == [short_req.request_id, long_req.request_id]
+    assert finals[0].token_ids == alone[3] and finals[1].token_ids == alone[200]
 
 
 def test_a_full_queue_refuses_clearly(gated):
@@ -255,6 +282,6 @@ def test_client_drops_replies_signed_by_an_unexpected_key(tiny_loaded, home):
 
 def test_status_reports_rates_after_work(worker):
     with Client([worker]) as client:
-        client.generate("warm up the rates", max_tokens=8)
+        client.generate("warm up the rates " * 4, max_tokens=8)  # >= 32 tokens: a rate sample
         (status,) = client.status()
     assert status.served == 1 and status.prefill_tok_per_s > 0 and status.decode_tok_per_s > 0
