@@ -6,6 +6,7 @@ Logging handlers are set up here and only here (entry point); modules only log.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, default=0, help="TCP port to bind, 0 = any free port (default: 0)")
     w.add_argument("--name", default="worker", help="identity name: keys live in DATA_DIR/keys/NAME.ed25519|.x25519 (default: worker)")
     w.add_argument("--max-queue", type=int, default=256, help="requests waiting at most before queue_full replies (count, default: 256)")
+    w.add_argument("--max-active", type=int, default=4, help="requests decoding at once, their steps interleaved so a new "
+                   "request's first token never waits for a whole answer; 1 = one at a time (count, default: 4)")
     w.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (count)")
     w.add_argument("--seed", type=int, default=0, help="weight seed for tiny-random (default: 0)")
     w.add_argument("--group", default=None, help="worker group to route within (default: the model name; '' = serve alone)")
@@ -73,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--logprobs", action="store_true", help="also print per-token log-probabilities (nats)")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the next part of the answer (default: 300)")
     s.add_argument("--json", action="store_true", help="print the full result as JSON instead of streaming text")
+    s.add_argument("--direct", action="store_true", help="talk to a worker directly instead of through the overlay "
+                   "(the default when the registry lists enough relays; direct answers stream)")
+
+    rl = sub.add_parser("relay", help="forward onion cells (user and partner role)",
+                        description="Run an overlay relay: peel one onion layer per cell and pass it on; the last relay "
+                                    "of a path hands its clove to the entry worker. Relays never see prompts or answers.")
+    _common(rl)
+    from permamesh.routing.overlay.relayproc import add_relay_arguments
+
+    add_relay_arguments(rl)
 
     st = sub.add_parser("status", help="show the workers of the local mesh", description="Ask each worker for its status.")
     _common(st)
@@ -84,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="worker processes (count, default: 2)")
     d.add_argument("--max-tokens", type=int, default=48, help="new tokens per answer at most (count, default: 48)")
     d.add_argument("--serve", action="store_true", help="keep the mesh running after the demo until Ctrl-C")
+    d.add_argument("--relays", type=int, default=16, help="relay processes; prompts go through the overlay, which needs at least 12 (count, default: 16)")
     b = sub.add_parser("bench", help="benchmarks that write JSON (and PNG) reports", description="Run a benchmark; figures are ratios against baselines measured in the same run.")
     bsub = b.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     r = bsub.add_parser("routing", help="routing policies on a trace (sim or real workers)",
@@ -97,12 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=0, help="workers (count; default: 128 sim, 4 real)")
     r.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma-separated policies (default: all)")
     r.add_argument("--seed", type=int, default=0, help="seed for the trace and tie-breaking (default: 0)")
-    r.add_argument("--quick", action="store_true", help="a smaller run that finishes in under a minute")
+    r.add_argument("--quick", action="store_true", help="a smaller run that finishes in under a minute (real mode: "
+                   "workers as threads of one process, tiny-random unless --model is given)")
     _model_args(r)
+    r.set_defaults(model=None)
     r.add_argument("--kill-worker-at", type=float, default=None, help="real mode: SIGKILL one worker this many seconds into each policy's run")
     r.add_argument("--cache-blocks", type=int, default=4096, help="sim: prefix-cache capacity per worker (blocks, default: 4096)")
     r.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     r.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    from permamesh.bench.overlay import add_overlay_bench_arguments
+
+    o = bsub.add_parser("overlay", help="the anonymous overlay: delivery under relay failure, codecs, overhead, anonymity",
+                        description="Delivery rate vs relay failure (simulation at 10,000 relays and a real mesh of relay "
+                                    "processes), S-IDA prep/rebuild per codec and size, end-to-end overhead vs direct, "
+                                    "and the anonymity simulation.")
+    _common(o)
+    add_overlay_bench_arguments(o)
     return parser
 
 
@@ -117,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_worker(WorkerOptions(data_dir, args.name, args.model, args.model_path, args.device,
                                             args.host, args.port, args.max_queue, args.seed, args.threads,
                                             args.group, args.policy, args.block_size, args.prefix_cache_mb,
-                                            args.measure_sync))
+                                            args.measure_sync, args.max_active))
+        if args.command == "relay":
+            from permamesh.routing.overlay.relayproc import run_relay_from_args
+
+            return run_relay_from_args(args)
         if args.command == "submit":
             return _submit(args, data_dir)
         if args.command == "status":
@@ -129,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.workers < 1:
                 raise SystemExit("permamesh demo: --workers must be at least 1")
-            return run_demo(DemoOptions(data_dir, args.workers, args.model, args.model_path, args.device, args.max_tokens, args.serve))
+            if args.relays < 12:
+                raise SystemExit("permamesh demo: --relays must be at least 12 (4 disjoint paths of 3 relays)")
+            return run_demo(DemoOptions(data_dir, args.workers, args.model, args.model_path, args.device, args.max_tokens,
+                                        args.serve, args.relays))
     except PermameshError as exc:
         print(f"permamesh {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -139,12 +170,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, data_dir: Path) -> int:
+    if args.bench == "overlay":
+        from permamesh.bench.overlay import run_from_args
+        from permamesh.bench.overlayreal import RealOverlayConfig, quick_config, run_real
+
+        return run_from_args(args, real=lambda quick, seed, say: run_real(
+            quick_config(seed) if quick else RealOverlayConfig(seed=seed), say))
     from permamesh.bench import routing
 
     bench = routing.RoutingBench(
         mode=args.mode, trace=args.trace, generator=args.generator, requests=args.requests, rate_per_s=args.rate,
         workers=args.workers, policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), seed=args.seed,
-        quick=args.quick, data_dir=data_dir, model=args.model, model_path=args.model_path,
+        quick=args.quick, data_dir=data_dir, model_path=args.model_path,
+        model=args.model or ("tiny-random" if args.quick and args.mode == "real" else "smollm2-135m"),
         kill_at_s=args.kill_worker_at, cache_blocks=args.cache_blocks)
     report = routing.run(bench)
     routing.write_outputs(report, args.json, args.plot)
@@ -159,6 +197,10 @@ def _submit(args: argparse.Namespace, data_dir: Path) -> int:
     messages = [] if args.raw else ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   stop=tuple(args.stop or ()), logprobs=args.logprobs)
+    if not args.direct and not args.worker:
+        overlay = _submit_overlay(args, data_dir, messages, params)
+        if overlay is not None:
+            return overlay
     with Client(args.worker, data_dir=data_dir, timeout_s=args.timeout) as client:
         if args.json:
             result = client.generate(args.prompt if args.raw else None, messages=messages, **params)
@@ -171,6 +213,31 @@ def _submit(args: argparse.Namespace, data_dir: Path) -> int:
             print("logprobs:", " ".join(f"{lp:.3f}" for lp in result.logprobs))
         print(f"[worker {result.worker_id}] {result.completion_tokens} tokens, ttft {result.ttft_s * 1000:.0f} ms, "
               f"total {result.total_s:.2f} s, queued {result.queue_wait_s:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _submit_overlay(args: argparse.Namespace, data_dir: Path, messages: list, params: dict) -> int | None:
+    """Send through the overlay; None when the registry has too few relays for it."""
+    from permamesh.localmesh import discover
+    from permamesh.routing.overlay.directory import discover_relays
+    from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+
+    relays, workers, config = discover_relays(data_dir), discover(data_dir), OverlayConfig()
+    if len(relays) < config.n * config.hops:
+        print(f"only {len(relays)} relays registered (the overlay needs {config.n * config.hops}); sending directly",
+              file=sys.stderr)
+        return None
+    with OverlayClient(relays, workers, dataclasses.replace(config, answer_timeout_s=args.timeout)) as client:
+        result = client.generate(args.prompt if args.raw else None, messages=messages, **params)
+        d = client.last
+    if args.json:
+        print(json.dumps(result.to_fields(), indent=2))
+        return 0
+    print(result.text)
+    if args.logprobs:
+        print("logprobs:", " ".join(f"{lp:.3f}" for lp in result.logprobs))
+    print(f"[worker {result.worker_id}] via the overlay: {d.cloves_sent} cloves, {d.paths_failed} paths failed, "
+          f"end-to-end {d.elapsed_s:.2f} s (worker {result.total_s:.2f} s)", file=sys.stderr)
     return 0
 
 

@@ -1,15 +1,18 @@
 """``permamesh demo``: the whole mesh on one machine, with real answers and real figures.
 
-Starts an :class:`~permamesh.mesh.EmbeddedMesh` (two workers by default, SmolLM2 on CPU),
-streams a few answers one by one, then sends a concurrent burst to show queueing across the
-workers, prints latency figures and each worker's status, and stops every process, also on
-Ctrl-C. ``--serve`` keeps the mesh up afterwards so ``permamesh submit`` can talk to it.
+Starts an :class:`~permamesh.mesh.EmbeddedMesh` (16 relays and two workers by default, SmolLM2
+on CPU) and sends every prompt through the anonymous overlay (S-IDA cloves over onion paths,
+answers back over reply blocks): a few one by one (the first shows its paths), one after
+killing relays the client still trusts (a drill: it resends over fresh paths), then a
+concurrent burst; prints latency figures and each worker's status, and stops every process,
+also on Ctrl-C. ``--serve`` keeps the mesh up afterwards so ``permamesh submit`` can talk to it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import statistics
 import sys
 import threading
@@ -19,7 +22,11 @@ from pathlib import Path
 from typing import TextIO
 
 from permamesh.client import Client
+from permamesh.localmesh import discover, process_alive
 from permamesh.mesh import EmbeddedMesh, MeshConfig
+from permamesh.routing.overlay.directory import discover_relays
+from permamesh.routing.overlay.errors import OverlayError
+from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
 from permamesh.workers import models
 
 log = logging.getLogger(__name__)
@@ -46,36 +53,41 @@ class DemoOptions:
     device: str = "auto"
     max_tokens: int = 48  # per answer
     serve: bool = False  # keep running until Ctrl-C
+    relays: int = 16  # relay processes; the overlay needs at least n * hops (12) of them
 
 
 def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
-    say(f"permamesh demo: {opts.workers} workers serving {opts.model_path or opts.model}")
+    say(f"permamesh demo: {opts.workers} workers serving {opts.model_path or opts.model}, {opts.relays} relays")
     if opts.model_path or opts.model != models.TINY_RANDOM:
         started = time.monotonic()
         say("preparing the model (the first run converts the GGUF, ~20 s; later runs reuse the cache)...")
         models.resolve(opts.model, opts.model_path, opts.data_dir)
         say(f"model ready in {time.monotonic() - started:.1f} s")
-    mesh = EmbeddedMesh(MeshConfig(opts.data_dir, opts.workers, opts.model, opts.model_path, opts.device))
+    mesh = EmbeddedMesh(MeshConfig(opts.data_dir, opts.workers, opts.model, opts.model_path, opts.device,
+                                   relays=opts.relays))
     started = time.monotonic()
-    say("starting workers...")
+    say("starting relays and workers...")
     try:
         endpoints = mesh.start()
-        say(f"{len(endpoints)} workers ready in {time.monotonic() - started:.1f} s: {', '.join(endpoints)}")
-        with Client(endpoints) as client:
-            say("\n== one at a time, streamed ==")
-            for prompt in PROMPTS:
-                say(f"\n> {prompt}")
-                out.write("  ")
-                result = client.generate(messages=[{"role": "user", "content": prompt}], max_tokens=opts.max_tokens,
-                                         on_text=lambda t: (out.write(t.replace("\n", "\n  ")), out.flush()))
-                say(f"\n  [{result.worker_id}] ttft {result.ttft_s * 1000:.0f} ms, total {result.total_s:.2f} s, "
-                    f"{result.completion_tokens} tokens, {_rate(result.completion_tokens, result.total_s):.1f} tok/s")
-            _burst(endpoints, opts.max_tokens, say)
+        say(f"{len(mesh.relay_children)} relays and {len(endpoints)} workers ready in {time.monotonic() - started:.1f} s")
+        relays, workers = discover_relays(opts.data_dir), discover(opts.data_dir)
+        names = {r.node_id: f"{r.node_id[:6]}({r.isp})" for r in relays}
+        config = OverlayConfig()
+        say(f"\nevery prompt below travels as S-IDA cloves: split into {config.max_cloves}, any {config.k} rebuild; "
+            f"{config.n} leave at once, each over its own onion path of {config.hops} relays; the answer comes back as "
+            "cloves over the reversed paths. No relay sees the prompt; the worker never learns who asked.")
+        with OverlayClient(relays, workers, config) as client:
+            say("\n== one at a time, through the overlay ==")
+            for i, prompt in enumerate(PROMPTS):
+                _ask(client, prompt, opts.max_tokens, say, names if i == 0 else None)
+            _drill(mesh, client, opts.max_tokens, say)
+        _burst(relays, workers, opts.max_tokens, say)
+        with Client(endpoints) as direct:
             say("\n== worker status ==")
-            for st in client.status():
+            for st in direct.status():
                 say(f"  {st.worker_id} {st.model} on {st.device}: served {st.served}, queue {st.queue_length}, "
                     f"prefill {st.prefill_tok_per_s:.0f} tok/s, decode {st.decode_tok_per_s:.1f} tok/s, "
                     f"group {st.group or '-'} ({st.members} peers, forwarded {st.forwarded}), "
@@ -87,27 +99,52 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         say("\ninterrupted; stopping the mesh")
     finally:
         mesh.stop()
-        say("mesh stopped; no worker process left running")
+        say("mesh stopped; no worker or relay process left running")
     return 0
+
+
+def _ask(client: OverlayClient, prompt: str, max_tokens: int, say, names: dict | None) -> None:
+    say(f"\n> {prompt}")
+    r = client.generate(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
+    d = client.last
+    say("  " + r.text.strip().replace("\n", "\n  "))
+    say(f"  [{r.worker_id}] {d.cloves_sent} cloves sent, {d.paths_failed} paths failed; end-to-end {d.elapsed_s:.2f} s, "
+        f"of which the worker {r.total_s:.2f} s (queue {r.queue_wait_s:.2f} s, ttft {r.ttft_s * 1000:.0f} ms)")
+    if names:
+        for i, path in enumerate(d.paths):
+            say(f"    path {i + 1}: you -> " + " -> ".join(names.get(n, n) for n in path) + f" -> entry {d.entry[:6]}")
+
+
+def _drill(mesh: EmbeddedMesh, client: OverlayClient, max_tokens: int, say) -> None:
+    """Failures drilled on purpose: kill relays the client still believes in, then ask again."""
+    victims = list(range(0, len(mesh.relay_children), 5))[:3]
+    for i in victims:
+        mesh.kill_relay(i)
+    say(f"\n== drill: {len(victims)} relays killed (SIGKILL); the client does not know which ==")
+    try:
+        _ask(client, "Say something kind about resilience.", max_tokens, say, None)
+    except OverlayError as exc:
+        say(f"  not delivered: {exc}")
 
 
 def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
-def _burst(endpoints: list[str], max_tokens: int, say) -> None:
-    say(f"\n== a burst of {len(BURST)} concurrent requests ==")
+def _burst(relays, workers, max_tokens: int, say) -> None:
+    say(f"\n== a burst of {len(BURST)} concurrent requests, each through the overlay ==")
+    relays = [r for r in relays if r.pid == 0 or process_alive(r.pid)]
 
-    def one(i_prompt: tuple[int, str]):
-        i, prompt = i_prompt
-        with Client(endpoints[i % len(endpoints):] + endpoints[: i % len(endpoints)]) as c:
+    def one(prompt: str):
+        with OverlayClient(relays, workers) as c:
             sent = time.monotonic()
             r = c.generate(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
             return prompt, r, time.monotonic() - sent
 
     with ThreadPoolExecutor(len(BURST)) as pool:
-        results = list(pool.map(one, enumerate(BURST)))
+        results = list(pool.map(one, BURST))
     for prompt, r, e2e in results:
         say(f"> {prompt}\n  {r.text.strip()}\n  [{r.worker_id}] queued {r.queue_wait_s:.2f} s, end-to-end {e2e:.2f} s")
     lat = sorted(e2e for _, _, e2e in results)
     say(f"end-to-end latency: p50 {statistics.median(lat):.2f} s, max {lat[-1]:.2f} s over {len(lat)} requests")
+

@@ -52,7 +52,8 @@ def unregister(data_dir: Path, node_id: str) -> None:
     (_dir(data_dir) / f"{node_id}.json").unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -73,7 +74,7 @@ def discover(data_dir: Path) -> list[WorkerRecord]:
         except (OSError, ValueError, TypeError) as exc:
             log.warning("ignoring unreadable worker record %s: %s", path, exc)
             continue
-        if _alive(record.pid):
+        if process_alive(record.pid):
             found.append(record)
         else:
             path.unlink(missing_ok=True)

@@ -1,12 +1,14 @@
-"""The embedded mesh: real worker processes on loopback, owned by one parent process.
+"""The embedded mesh: real worker and relay processes on loopback, owned by one parent process.
 
-:class:`EmbeddedMesh` starts each worker as ``python -m permamesh worker`` in its own session
+:class:`EmbeddedMesh` starts each worker as ``python -m permamesh worker`` (and each relay as
+``python -m permamesh relay``, spread over made-up ISPs, grids and locations so paths can obey
+the diversity rules of ``docs/paths.md``) in its own session
 (so a terminal's Ctrl-C reaches only the parent, which then stops them in order), asks the
 kernel to SIGTERM each child if the parent dies (``PR_SET_PDEATHSIG``), and waits for each
 worker's ``READY`` line rather than sleeping. :meth:`EmbeddedMesh.stop` sends SIGTERM, waits,
 then SIGKILLs stragglers, so no process outlives the mesh.
 
-Who calls it: ``permamesh demo`` and the end-to-end tests. Later issues add relays and
+Who calls it: ``permamesh demo``, the benchmarks and the end-to-end tests. A later issue adds
 validators here.
 """
 
@@ -42,6 +44,14 @@ class MeshConfig:
     threads_per_worker: int = 0  # torch threads per worker, 0 = cores / workers
     start_timeout_s: float = 300.0  # seconds to wait for all workers to be ready
     worker_args: tuple[str, ...] = ()  # extra `permamesh worker` options (policy, group, cache)
+    relays: int = 0  # relay processes (the overlay needs at least n * hops of them)
+    relay_args: tuple[str, ...] = ()  # extra `permamesh relay` options
+
+
+def relay_placement(i: int) -> tuple[str, str, str]:
+    """(isp, grid, location) of the i-th embedded relay: 8 ISPs, 4 grids, every relay its own
+    location, so any 3 consecutive relays differ in all three."""
+    return f"isp-{i % 8}", f"grid-{i % 4}", f"loc-{i}"
 
 
 def _die_with_parent() -> None:
@@ -61,11 +71,15 @@ class _Child:
     endpoint: str | None = None
     node_id: str | None = None
 
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
 
 class EmbeddedMesh:
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
-        self.children: list[_Child] = []
+        self.children: list[_Child] = []  # workers
+        self.relay_children: list[_Child] = []
         self.log_dir = Path(config.data_dir) / "run" / "logs"
 
     @property
@@ -75,8 +89,10 @@ class EmbeddedMesh:
     def start(self) -> list[str]:
         cfg = self.config
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers)
+        threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
         try:
+            for i in range(cfg.relays):
+                self._spawn_relay(i)
             for i in range(cfg.workers):
                 self._spawn(f"worker-{i}", threads)
             self._wait_ready(time.monotonic() + cfg.start_timeout_s)
@@ -92,21 +108,32 @@ class EmbeddedMesh:
         if cfg.model_path:
             cmd += ["--model-path", cfg.model_path]
         cmd += list(cfg.worker_args)
+        self.children.append(self._popen(name, cmd))
+
+    def _spawn_relay(self, i: int) -> None:
+        cfg = self.config
+        isp, grid, location = relay_placement(i)
+        cmd = [sys.executable, "-m", "permamesh", "relay", "--data-dir", str(cfg.data_dir), "--name", f"mesh-relay-{i}",
+               "--isp", isp, "--grid", grid, "--location", location, *cfg.relay_args]
+        self.relay_children.append(self._popen(f"relay-{i}", cmd))
+
+    def _popen(self, name: str, cmd: list[str]) -> _Child:
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                     start_new_session=True, preexec_fn=_die_with_parent)
-        self.children.append(_Child(name, proc, log_path))
+        return _Child(name, proc, log_path)
 
     def _wait_ready(self, deadline: float) -> None:
+        everyone = self.children + self.relay_children
         with selectors.DefaultSelector() as sel:
-            for child in self.children:
+            for child in everyone:
                 sel.register(child.proc.stdout, selectors.EVENT_READ, child)
-            waiting = len(self.children)
+            waiting = len(everyone)
             while waiting:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise MeshError(f"workers not ready after {self.config.start_timeout_s:g} s; logs in {self.log_dir}")
+                    raise MeshError(f"workers or relays not ready after {self.config.start_timeout_s:g} s; logs in {self.log_dir}")
                 for key, _ in sel.select(min(remaining, 1.0)):
                     child = key.data
                     line = child.proc.stdout.readline().decode(errors="replace").split()
@@ -116,7 +143,7 @@ class EmbeddedMesh:
                         waiting -= 1
                     elif not line:
                         raise MeshError(f"{child.name} exited before it was ready:\n{self.log_tail(child)}")
-                for child in self.children:
+                for child in everyone:
                     if child.endpoint is None and child.proc.poll() is not None:
                         raise MeshError(f"{child.name} exited with code {child.proc.returncode}:\n{self.log_tail(child)}")
 
@@ -131,12 +158,18 @@ class EmbeddedMesh:
         self.children[index].proc.kill()
         self.children[index].proc.wait()
 
+    def kill_relay(self, index: int) -> None:
+        """SIGKILL one relay (delivery drills and the overlay benchmark)."""
+        self.relay_children[index].proc.kill()
+        self.relay_children[index].proc.wait()
+
     def stop(self, grace_s: float = 15.0) -> None:
-        for child in self.children:
+        everyone = self.children + self.relay_children
+        for child in everyone:
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for child in self.children:
+        for child in everyone:
             try:
                 child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -146,6 +179,7 @@ class EmbeddedMesh:
             if child.proc.stdout:
                 child.proc.stdout.close()
         self.children.clear()
+        self.relay_children.clear()
 
     def __enter__(self) -> EmbeddedMesh:
         self.start()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Sequence
 
 import zmq
 import zmq.asyncio
@@ -147,3 +148,67 @@ class DealerClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def poll_readable(clients: Sequence[DealerClient], timeout_s: float) -> list[DealerClient]:
+    """The clients with a frame waiting, after waiting up to ``timeout_s`` for any of them."""
+    poller = zmq.Poller()
+    for client in clients:
+        poller.register(client._sock, zmq.POLLIN)
+    ready = dict(poller.poll(max(0, int(timeout_s * 1000))))
+    return [c for c in clients if c._sock in ready]
+
+
+class ServingThread:
+    """Run a server's ``async serve(stop, on_ready)`` on its own event loop in a background
+    thread (tests and embedding); :meth:`start` returns its ``endpoint`` once it is serving.
+    Subclasses name the error they raise (``error``)."""
+
+    error: type[Exception] = TransportError
+    what = "server"
+
+    def __init__(self, server, name: str = "serving") -> None:
+        import threading
+
+        self.server = server
+        self._ready = threading.Event()
+        self._loop = None
+        self._stop = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        self._thread.start()
+        if not self._ready.wait(timeout_s) or self.server.endpoint is None:
+            raise self.error(f"{self.what} did not start: {self._error!r}")
+        return self.server.endpoint
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _main(self) -> None:
+        import asyncio
+
+        async def run() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await self.server.serve(self._stop, on_ready=lambda _: self._ready.set())
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:  # surfaced through start()
+            self._error = exc
+            self._ready.set()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise self.error(f"{self.what} did not stop in time")
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

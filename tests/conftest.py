@@ -64,3 +64,13 @@ def smollm2_loaded(model_cache_dir):
 
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def wait_for(cond, timeout_s: float = 15.0, what: str = "condition") -> None:
+    """Poll a condition until it holds (state changes arrive over sockets), or fail."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

@@ -73,20 +73,23 @@ def test_bad_model_name_is_a_clear_error(home):
 def test_demo_runs_the_embedded_mesh_and_leaves_nothing_behind(home):
     out = run("demo", "--model", "tiny-random", "--max-tokens", "6", timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("ttft") == 3 and "end-to-end latency" in out.stdout
+    assert out.stdout.count("ttft") == 4 and "end-to-end latency" in out.stdout  # 3 prompts and the drill
+    assert out.stdout.count("cloves sent") == 4 and "path 1: you ->" in out.stdout
+    assert "drill: 3 relays killed" in out.stdout and "not delivered" not in out.stdout
     assert "mesh stopped" in out.stdout
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
 
 
 def _serving_demo():
-    """Start `permamesh demo --serve` and return it with its two worker processes, once up."""
+    """Start `permamesh demo --serve` and return it with its processes (16 relays, 2 workers; the
+    drill killed 3 relays), once up."""
     proc = subprocess.Popen([*CMD, "demo", "--model", "tiny-random", "--max-tokens", "4", "--serve"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
         if "mesh is up" in line:
             break
     workers = psutil.Process(proc.pid).children(recursive=True)
-    assert len(workers) == 2
+    assert len(workers) == 15
     return proc, workers
 
 

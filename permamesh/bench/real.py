@@ -2,7 +2,9 @@
 
 For each policy a fresh :class:`~permamesh.mesh.EmbeddedMesh` starts (same model, same
 prefix-cache budget, the group told to use that policy), so every policy begins with cold
-caches. Each conversation of the trace is a user: its first turn is sent at its trace time,
+caches. With ``in_process`` (``--quick``) the workers are real :class:`WorkerServer` s with
+real sockets and group links, but run as threads of this process sharing one loaded model:
+no process start-up per policy, so a smoke run fits in a minute (timings then share one GIL). Each conversation of the trace is a user: its first turn is sent at its trace time,
 each next turn a think time (the trace's gap between the two turns) after the previous answer
 arrived, as a person would. Each request goes to an entry worker drawn with a seeded
 generator (as the overlay would deliver them), streaming; time to first token and end-to-end
@@ -45,6 +47,7 @@ class RealConfig:
     kill_at_s: float | None = None  # SIGKILL worker 0 this many seconds into each run
     seed: int = 0  # entry choice
     client_timeout_s: float = 10.0  # silence after which a client resubmits a job
+    in_process: bool = False  # workers as threads of this process (quick runs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +62,10 @@ class RealRun:
 def run_policy(trace: list[TraceRequest], policy: str, cfg: RealConfig,
                progress: Callable[[str], None] = lambda line: None) -> RealRun:
     group = f"bench-{policy}-{uuid.uuid4().hex[:6]}"
-    mesh = EmbeddedMesh(MeshConfig(
+    mesh = (_InProcessGroup(cfg, policy, group) if cfg.in_process else EmbeddedMesh(MeshConfig(
         cfg.data_dir, cfg.workers, cfg.model, cfg.model_path, "cpu", cfg.threads_per_worker,
         worker_args=("--policy", policy, "--group", group, "--prefix-cache-mb", str(cfg.prefix_cache_mb), "--measure-sync"),
-    ))
+    )))
     started = time.monotonic()
     try:
         endpoints = mesh.start()
@@ -97,7 +100,7 @@ def run_policy(trace: list[TraceRequest], policy: str, cfg: RealConfig,
             list(pool.map(conversation, sessions.values()))
         if killer is not None:
             killer.cancel()
-        alive = [e for c, e in zip(mesh.children, endpoints) if c.proc.poll() is None]
+        alive = [e for c, e in zip(mesh.children, endpoints) if c.alive()]
         with Client(alive, accept_timeout_s=5.0) as client:
             statuses = client.status()
         done = [r for r in records if r is not None]
@@ -106,6 +109,56 @@ def run_policy(trace: list[TraceRequest], policy: str, cfg: RealConfig,
         return RealRun(policy, done, statuses, node_ids, time.monotonic() - started)
     finally:
         mesh.stop()
+
+
+class _Member:
+    def __init__(self, node_id: str, alive) -> None:
+        self.node_id, self.alive = node_id, alive
+
+
+class _InProcessGroup:
+    """The workers of one policy run as threads (see the module docstring); mesh-like API."""
+
+    _loaded: dict = {}  # (model, path) -> LoadedModel, shared by every policy's workers
+
+    def __init__(self, cfg: RealConfig, policy: str, group: str) -> None:
+        self.cfg, self.policy, self.group = cfg, policy, group
+        self.threads: list = []
+        self.children: list[_Member] = []
+
+    def start(self) -> list[str]:
+        from permamesh.identity import NodeIdentity
+        from permamesh.routing.blocks import BlockHasher
+        from permamesh.workers import models
+        from permamesh.workers.engine import Engine
+        from permamesh.workers.group import GroupConfig, GroupLink, Peer
+        from permamesh.workers.prefix_cache import PrefixKVCache
+        from permamesh.workers.server import ServerThread, WorkerServer
+
+        key = (self.cfg.model, self.cfg.model_path)
+        if key not in self._loaded:
+            self._loaded[key] = models.load(self.cfg.model, self.cfg.model_path, self.cfg.data_dir, "cpu", 0)
+        salt, peers = uuid.uuid4().bytes * 2, []
+        config = GroupConfig(self.group, salt, 16, self.policy, measure_full_tree=True)
+        servers = []
+        for _ in range(self.cfg.workers):
+            cache = PrefixKVCache(BlockHasher(16, salt), self.cfg.prefix_cache_mb * 2**20)
+            server = WorkerServer(Engine(self._loaded[key], prefix_cache=cache), NodeIdentity.generate())
+            server.group = GroupLink(server, config, lambda: list(peers))
+            servers.append(server)
+            self.threads.append(ServerThread(server))
+        endpoints = [t.start() for t in self.threads]
+        peers += [Peer(s.worker_id, e, s.identity.public.sign_key) for s, e in zip(servers, endpoints)]
+        self.children = [_Member(s.worker_id, t.alive) for s, t in zip(servers, self.threads)]
+        return endpoints
+
+    def kill(self, index: int) -> None:
+        self.threads[index].stop()
+
+    def stop(self) -> None:
+        for thread in self.threads:
+            thread.stop()
+        self.threads.clear()
 
 
 def _wait_for_group(endpoints: list[str], peers: int, timeout_s: float = 30.0) -> None:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from permamesh.bench.stats import summarize
+from permamesh.bench.stats import summarize, write_report
 from permamesh.bench.traces import GENERATORS, BenchError, TraceRequest, load_trace, multi_turn
 from permamesh.routing.policy import POLICY_NAMES
 
@@ -65,6 +65,12 @@ DEFAULTS = {
 def _trace(b: RoutingBench, requests: int, rate: float) -> list[TraceRequest]:
     if b.trace is not None:
         return load_trace(b.trace)
+    if b.mode == "real" and b.generator == "multi-turn" and b.quick:
+        # A smoke run (tiny-random in-process workers by default): 4 chats of 4 turns, quick
+        # replies, contexts that fit tiny-random's byte tokenizer.
+        sessions = -(-requests // 4)
+        return multi_turn(sessions, 4, rate * 4, b.seed, system_prompts=0, system_words=(80, 160),
+                          user_words=(5, 15), answer_tokens=(8, 16), think_min_s=0.2, think_mean_s=0.5)[:requests]
     if b.mode == "real" and b.generator == "multi-turn":
         # Real mode on 2 CPU cores: chats sized for SmolLM2's speed (~180 prompt tok/s and
         # ~15 tok/s decode per single-thread worker) and its 8k context: 4 turns, each chat
@@ -147,7 +153,8 @@ def _run_real(b: RoutingBench, trace: list[TraceRequest], workers: int, say: Cal
     if b.model_path or b.model != models.TINY_RANDOM:
         models.resolve(b.model, b.model_path, b.data_dir)  # convert once, before workers start
     threads = max(1, (os.cpu_count() or 1) // workers)
-    cfg = RealConfig(b.data_dir, workers, b.model, b.model_path, threads, kill_at_s=b.kill_at_s, seed=b.seed)
+    cfg = RealConfig(b.data_dir, workers, b.model, b.model_path, threads, kill_at_s=b.kill_at_s, seed=b.seed,
+                     in_process=b.quick)
     out = {}
     for policy in b.policies:
         result = run_policy(trace, policy, cfg, say)
@@ -160,10 +167,9 @@ def _run_real(b: RoutingBench, trace: list[TraceRequest], workers: int, say: Cal
 
 
 def write_outputs(report: dict, json_path: Path | None, plot_path: Path | None) -> None:
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    if plot_path is not None:
+    def plot(report: dict, path: Path) -> None:
         from permamesh.bench.plot import plot_routing
 
-        plot_routing(report, plot_path)
+        plot_routing(report, path)
+
+    write_report(report, json_path, plot_path, plot)

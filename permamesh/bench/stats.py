@@ -51,7 +51,9 @@ def summarize(
 ) -> dict[str, object]:
     """The summary of one run.
 
-    Latencies are over successful requests, in seconds. ``cache_hit_rate`` is cached prompt
+    Latencies are over successful requests, in seconds; ``ttft_mean_s_first_turns`` covers
+    each session's earliest request (nothing of it can be cached), ``..._later_turns`` the rest.
+    ``cache_hit_rate`` is cached prompt
     tokens over all prompt tokens. ``per_worker`` counts successful requests per worker;
     ``workers`` names members that may have received none, so they count as 0 in the
     imbalance figures (``max`` and ``max / mean`` of those counts).
@@ -66,6 +68,11 @@ def summarize(
     counts = list(per_worker.values())
     mean_load = _mean(counts)
     prompt = sum(r.prompt_tokens for r in ok)
+    firsts = {}  # session -> its earliest request: a conversation's first turn
+    for r in records:
+        if r.session not in firsts or r.arrival_s < firsts[r.session].arrival_s:
+            firsts[r.session] = r
+    first_ids = {id(r) for r in firsts.values()}
     return {
         "count": len(records),
         "failed": len(records) - len(ok),
@@ -75,9 +82,23 @@ def summarize(
         "e2e_mean_s": _mean(e2e),
         "e2e_p50_s": percentile(e2e, 50),
         "e2e_p99_s": percentile(e2e, 99),
+        "ttft_mean_s_first_turns": _mean([r.ttft_s for r in ok if id(r) in first_ids]),
+        "ttft_mean_s_later_turns": _mean([r.ttft_s for r in ok if id(r) not in first_ids]),
         "cache_hit_rate": sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
         "per_worker": dict(sorted(per_worker.items())),
         "load_max": max(counts, default=0),
         "load_mean": mean_load,
         "load_imbalance": max(counts) / mean_load if counts and mean_load else math.nan,
     }
+
+
+def write_report(report: dict, json_path, plot_path, plot) -> None:
+    """Write ``report`` as sorted, indented JSON to ``json_path`` and draw it with
+    ``plot(report, plot_path)``; either path may be None (skipped)."""
+    import json
+
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if plot_path is not None:
+        plot(report, plot_path)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFILL_TOK_PER_S = 300.0  # a priori rates until the first request is measured
 DEFAULT_DECODE_TOK_PER_S = 20.0
 MIN_RATE_SAMPLE_TOKENS = 32  # prefills shorter than this do not update the prefill rate
-DEFAULT_MAX_ACTIVE = 8  # jobs decoding at once; each holds its own KV
+DEFAULT_MAX_ACTIVE = 4  # jobs decoding at once; each holds its own KV (1 = first come, first served)
 
 Post = Callable[[bytes, Message], None]
 

@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 
 from permamesh.identity import NodeIdentity
+from permamesh.routing.overlay.directory import CachedLookup, relay_endpoints
 from permamesh.localmesh import WorkerRecord, discover, register, unregister
 from permamesh.routing.blocks import BlockHasher
 from permamesh.workers import models
 from permamesh.workers.engine import Engine
+from permamesh.workers.inbox import Inbox
 from permamesh.workers.group import GroupConfig, GroupLink, Peer
 from permamesh.workers.prefix_cache import PrefixKVCache
 from permamesh.workers.errors import WorkerError
@@ -46,6 +48,7 @@ class WorkerOptions:
     block_size: int = 16  # tokens per block (prefix cache and routing tree)
     prefix_cache_mb: int = 1024  # KV cache budget in MiB, 0 = no prefix cache
     measure_sync: bool = False  # count full-tree broadcast bytes too (benchmarks)
+    max_active: int = 4  # requests decoding at once, steps interleaved (1 = one at a time)
 
 
 def group_salt(data_dir: Path, group: str) -> bytes:
@@ -86,7 +89,9 @@ def run_worker(opts: WorkerOptions) -> int:
     salt = group_salt(opts.data_dir, group_name) if group_name else b""
     hasher = BlockHasher(opts.block_size, salt)
     cache = PrefixKVCache(hasher, opts.prefix_cache_mb * 2**20) if opts.prefix_cache_mb > 0 else None
-    server = WorkerServer(Engine(loaded, prefix_cache=cache), identity, ServerConfig(opts.host, opts.port, opts.max_queue))
+    server = WorkerServer(Engine(loaded, prefix_cache=cache), identity, ServerConfig(opts.host, opts.port, opts.max_queue,
+                                                                                     max_active=opts.max_active))
+    server.inbox = Inbox(server, CachedLookup(lambda: relay_endpoints(opts.data_dir)))  # overlay traffic
     if group_name:
         def peers() -> list[Peer]:
             return [Peer(r.node_id, r.endpoint, bytes.fromhex(r.sign_key))

@@ -9,6 +9,10 @@ Threads and ownership:
 - the engine thread (:class:`~permamesh.workers.executor.Executor`) owns the model and hands
   replies back to the loop with ``call_soon_threadsafe``.
 
+Overlay traffic: a :class:`CloveDrop` from a proxy goes to the :class:`~permamesh.workers.inbox.Inbox`
+(when the worker has one), which rebuilds requests from cloves and runs them under local
+peer ids (:meth:`WorkerServer.add_sink`): their messages go to the inbox, not to a socket.
+
 A frame that does not decode (garbage, oversized, forged, unknown type) is answered with
 ``ErrorReply(code="bad_frame")`` and counted; the worker keeps serving. On shutdown, queued
 and running requests are answered ``shutting_down`` so clients can resubmit elsewhere:
@@ -28,7 +32,8 @@ import time
 from typing import Callable, Sequence
 
 from permamesh.identity import NodeIdentity
-from permamesh.transport import RouterServer
+from permamesh.routing.overlay.messages import CloveDrop
+from permamesh.transport import RouterServer, ServingThread
 from permamesh.wire import (
     Accepted,
     ErrorReply,
@@ -43,8 +48,9 @@ from permamesh.wire import (
 )
 from permamesh.workers.engine import Engine
 from permamesh.workers.errors import WorkerError
-from permamesh.workers.executor import Job, Executor
+from permamesh.workers.executor import DEFAULT_MAX_ACTIVE, Executor, Job
 from permamesh.workers.group import GROUP_MESSAGES, GroupLink
+from permamesh.workers.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ class ServerConfig:
     port: int = 0  # 0 = pick a free port
     max_queue: int = 256  # requests waiting at most; more are refused with queue_full
     progress_interval_s: float = 1.0  # keep-alive period for held jobs
+    max_active: int = DEFAULT_MAX_ACTIVE  # jobs decoding at once (steps interleaved); 1 = one at a time
 
 
 class WorkerServer:
@@ -64,8 +71,10 @@ class WorkerServer:
         self.config = config
         self.worker_id = identity.node_id
         self.endpoint: str | None = None
-        self.executor = Executor(engine, self.worker_id)
+        self.executor = Executor(engine, self.worker_id, config.max_active)
         self.group: GroupLink | None = None  # set by the worker process when it joins a group
+        self.inbox: Inbox | None = None  # set when the worker takes requests from the overlay
+        self._sinks: dict[bytes, Callable[[Message], None]] = {}  # local peers (overlay jobs)
         self._rejected = 0
         self._started = time.monotonic()
         self._stopping = False
@@ -98,6 +107,8 @@ class WorkerServer:
                 task.cancel()
             if self.group is not None:
                 await self.group.close()
+            if self.inbox is not None:
+                self.inbox.close()
             for job in await asyncio.to_thread(self.executor.stop):  # answer everything still queued
                 self.send(job.peer, ErrorReply(job.request.request_id, "shutting_down", "worker is stopping; resubmit"))
             await self._outbox.join()
@@ -135,14 +146,30 @@ class WorkerServer:
         if isinstance(msg, StatusRequest):
             return self.status(msg.request_id)
         if isinstance(msg, GenerateRequest):
-            if self.group is not None and not self._stopping:
-                return self.group.route(peer, msg)
-            return self.accept(peer, msg)
+            return self.dispatch(peer, msg)
+        if isinstance(msg, CloveDrop):
+            if self.inbox is None:
+                return ErrorReply("", "bad_request", "this worker takes no overlay traffic")
+            self.inbox.on_clove(msg.envelope)
+            return None
         if isinstance(msg, GROUP_MESSAGES):
             if self.group is None:
                 return ErrorReply(getattr(msg, "request_id", ""), "bad_request", "this worker is in no group")
             return self.group.on_peer_message(peer, received)
         return ErrorReply(getattr(msg, "request_id", ""), "bad_request", f"a worker does not take {msg.TAG!r}")
+
+    def dispatch(self, peer: bytes, req: GenerateRequest) -> Message | None:
+        """A job for ``peer``: route it inside the group, or run it here."""
+        if self.group is not None and not self._stopping:
+            return self.group.route(peer, req)
+        return self.accept(peer, req)
+
+    def add_sink(self, peer: bytes, sink: Callable[[Message], None]) -> None:
+        """Messages for ``peer`` go to ``sink`` (event-loop thread) instead of a socket."""
+        self._sinks[peer] = sink
+
+    def remove_sink(self, peer: bytes) -> None:
+        self._sinks.pop(peer, None)
 
     def accept(self, peer: bytes, req: GenerateRequest, prompt_ids: Sequence[int] | None = None,
                cached_tokens: int = 0) -> Message:
@@ -163,7 +190,14 @@ class WorkerServer:
     async def _send_loop(self, router: RouterServer) -> None:
         while True:
             peer, msg = await self._outbox.get()
+            sink = self._sinks.get(peer)
             try:
+                if sink is not None:
+                    try:
+                        sink(msg)
+                    except Exception:  # noqa: BLE001 - one overlay answer must not stop sending
+                        log.exception("overlay sink for %s failed", msg.TAG)
+                    continue
                 await router.send(peer, encode(msg, self.identity))
             except WireError as exc:  # e.g. an answer larger than the frame limit
                 log.error("cannot encode reply %s: %s", msg.TAG, exc)
@@ -215,37 +249,10 @@ class WorkerServer:
         )
 
 
-class ServerThread:
+class ServerThread(ServingThread):
     """Run a :class:`WorkerServer` on its own event loop in a background thread (tests, embedding)."""
 
+    error, what = WorkerError, "worker server"
+
     def __init__(self, server: WorkerServer) -> None:
-        self.server = server
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="worker-server", daemon=True)
-
-    def start(self, timeout_s: float = 30.0) -> str:
-        self._thread.start()
-        if not self._ready.wait(timeout_s) or self.server.endpoint is None:
-            raise WorkerError(f"worker server did not start: {self._error!r}")
-        return self.server.endpoint
-
-    def _main(self) -> None:
-        async def run() -> None:
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            await self.server.serve(self._stop, on_ready=lambda _: self._ready.set())
-
-        try:
-            asyncio.run(run())
-        except BaseException as exc:  # surfaced through start()
-            self._error = exc
-            self._ready.set()
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            raise WorkerError("worker server did not stop in time")
+        super().__init__(server, name="worker-server")

@@ -19,17 +19,10 @@ from permamesh.workers.engine import Engine
 from permamesh.workers.group import GroupConfig, GroupLink, Peer
 from permamesh.workers.prefix_cache import PrefixKVCache
 from permamesh.workers.server import ServerThread, WorkerServer
+from tests.conftest import wait_for
 
 SALT = b"test-group-salt"
 PREFIX = "You are a careful assistant for the permacomputer mesh. " * 8  # ~450 byte tokens
-
-
-def wait_for(cond, timeout_s=15.0, what="condition"):
-    """Poll a condition until it holds (state changes arrive over sockets), or fail."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 class GatedEngine(Engine):

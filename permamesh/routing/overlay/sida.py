@@ -177,6 +177,10 @@ class Rebuilder:
         """Messages with some cloves in and not yet rebuilt."""
         return len(self._pending)
 
+    def __contains__(self, message_id: object) -> bool:
+        """Whether ``message_id`` has cloves in and is not yet rebuilt."""
+        return message_id in self._pending
+
     def add(self, clove: Clove, now: float | None = None) -> bytes | None:
         """Take one clove; the message if this clove completes it, else None.
 

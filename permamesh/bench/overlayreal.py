@@ -1,0 +1,179 @@
+"""The overlay benchmark on a real mesh: relay processes on loopback and a real entry worker.
+
+Two measurements, both through the real code path (onion cells over zmq between relay
+processes, the entry worker's inbox, acks and answers over reply blocks):
+
+- **overhead vs direct**: first, with every relay up, the same small request alternately sent
+  directly to the worker and through the overlay; the p50 and p90 of the difference in
+  end-to-end time.
+- **delivery vs relay failure**: then, for each failure rate p in increasing order, relays are
+  SIGKILLed until a fraction p of them is dead (the clients' relay lists still hold them, as
+  a stale directory would), and ``requests`` requests are sent per scheme (single-path onion,
+  and S-IDA (4,3), (5,3), (6,3) with targeted resends). A request counts as delivered when its
+  answer comes back. One mesh serves every p, so relays start once.
+
+The entry worker runs in this process (a real :class:`WorkerServer` with tiny-random, on a
+real socket, registered in the local registry the relays read), so no model process has to
+start; the relays are separate processes, so killing one is a real failure.
+
+Who calls it: :mod:`permamesh.bench.overlay` (``permamesh bench overlay``) as its ``real`` part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from permamesh.client import Client
+from permamesh.identity import NodeIdentity
+from permamesh.localmesh import WorkerRecord, discover, register, unregister
+from permamesh.mesh import EmbeddedMesh, MeshConfig
+from permamesh.routing.overlay.directory import CachedLookup, discover_relays, relay_endpoints
+from permamesh.routing.overlay.errors import OverlayError
+from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ((1, 1), (4, 3), (5, 3), (6, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class RealOverlayConfig:
+    relays: int = 100
+    failure_rates: tuple[float, ...] = (0.0, 0.03, 0.10, 0.20)
+    schemes: tuple[tuple[int, int], ...] = SCHEMES
+    requests: int = 100  # per scheme and failure rate
+    overhead_pairs: int = 60
+    ack_timeout_s: float = 0.3  # loopback: the worker acks within milliseconds
+    seed: int = 0
+
+
+def quick_config(seed: int = 0) -> RealOverlayConfig:
+    return RealOverlayConfig(relays=20, failure_rates=(0.03, 0.10), schemes=((1, 1), (4, 3)), requests=15,
+                             overhead_pairs=10, seed=seed)
+
+
+class _EntryWorker:
+    """A tiny-random worker in this process, registered so relays can reach it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from permamesh.workers import models
+        from permamesh.workers.engine import Engine
+        from permamesh.workers.inbox import Inbox
+        from permamesh.workers.server import ServerThread, WorkerServer
+
+        self.data_dir = data_dir
+        self.server = WorkerServer(Engine(models.load(models.TINY_RANDOM, device="cpu", seed=0)), NodeIdentity.generate())
+        self.server.inbox = Inbox(self.server, CachedLookup(lambda: relay_endpoints(data_dir)))
+        self.thread = ServerThread(self.server)
+        self.endpoint = self.thread.start()
+        register(data_dir, WorkerRecord(self.server.worker_id, self.endpoint, self.server.identity.public.sign_key.hex(),
+                                        self.server.engine.loaded.name, os.getpid()))
+
+    def stop(self) -> None:
+        unregister(self.data_dir, self.server.worker_id)
+        self.thread.stop()
+
+
+def _one_request(client: OverlayClient) -> bool:
+    try:
+        client.generate("ping", max_tokens=2)
+        return True
+    except OverlayError as exc:
+        log.debug("not delivered: %s", exc)
+        return False
+
+
+def measure_delivery(mesh: _Mesh, cfg: RealOverlayConfig, say: Callable[[str], None] = print) -> list[dict]:
+    rows, relays = [], discover_relays(mesh.dir)
+    rng = random.Random(cfg.seed)
+    order = list(range(len(mesh.mesh.relay_children)))
+    rng.shuffle(order)  # relays die in this order as p grows
+    dead = 0
+    for p in sorted(cfg.failure_rates):
+        while dead < round(p * cfg.relays):
+            mesh.mesh.kill_relay(order[dead])
+            dead += 1
+        for n, k in cfg.schemes:
+            oc = OverlayConfig(n=n, k=k, max_cloves=max(8, n + 3), ack_timeout_s=cfg.ack_timeout_s, answer_grace_s=1.0,
+                               answer_timeout_s=30.0)
+            started, clove_counts, ok = time.monotonic(), [], 0
+            with OverlayClient(relays, [mesh.worker_record], oc, random.Random(rng.getrandbits(64))) as client:
+                for _ in range(cfg.requests):
+                    delivered = _one_request(client)
+                    ok += delivered
+                    if delivered and client.last is not None:
+                        clove_counts.append(client.last.cloves_sent / n)
+            rows.append({"scheme": "onion" if n == 1 else "sida", "n": n, "k": k, "failure_rate": p,
+                         "dead_relays": dead, "relays": cfg.relays, "requests": cfg.requests,
+                         "delivery_rate": ok / cfg.requests,
+                         "mean_attempts": statistics.fmean(clove_counts) if clove_counts else None,
+                         "wall_s": round(time.monotonic() - started, 2)})
+            say(f"  real mesh: {dead}/{cfg.relays} relays dead, ({n},{k}): delivered {ok}/{cfg.requests}")
+    return rows
+
+
+def measure_overhead(mesh: _Mesh, cfg: RealOverlayConfig, say: Callable[[str], None] = print) -> dict:
+    relays = discover_relays(mesh.dir)
+    direct_s, overlay_s = [], []
+    with OverlayClient(relays, [mesh.worker_record], OverlayConfig(ack_timeout_s=1.0), random.Random(cfg.seed)) as client, \
+            Client([mesh.worker.endpoint]) as direct:
+        for i in range(cfg.overhead_pairs + 3):
+            t0 = time.monotonic()
+            direct.generate("ping", max_tokens=2)
+            t1 = time.monotonic()
+            client.generate("ping", max_tokens=2)
+            t2 = time.monotonic()
+            if i >= 3:  # the first pairs warm connections up
+                direct_s.append(t1 - t0)
+                overlay_s.append(t2 - t1)
+    diffs = sorted((o - d) * 1000 for o, d in zip(overlay_s, direct_s))
+    result = {"pairs": len(diffs), "direct_ms_p50": statistics.median(direct_s) * 1000,
+              "overlay_ms_p50": statistics.median(overlay_s) * 1000, "overhead_ms_p50": statistics.median(diffs),
+              "overhead_ms_p90": diffs[int(0.9 * (len(diffs) - 1))]}
+    say(f"  real mesh: overhead p50 {result['overhead_ms_p50']:.1f} ms (direct {result['direct_ms_p50']:.1f} ms, "
+        f"overlay {result['overlay_ms_p50']:.1f} ms)")
+    return result
+
+
+def run_real(cfg: RealOverlayConfig, say: Callable[[str], None] = print) -> dict:
+    """Both measurements on one mesh: ``{"real_mesh": [rows], "overhead": {...}}``."""
+    say(f"  real mesh: starting {cfg.relays} relay processes and an entry worker...")
+    with _Mesh(cfg.relays) as mesh:
+        overhead = measure_overhead(mesh, cfg, say)
+        return {"real_mesh": measure_delivery(mesh, cfg, say), "overhead": overhead}
+
+
+class _Mesh:
+    """Relay processes plus the in-process entry worker, in a throwaway data directory."""
+
+    def __init__(self, relays: int) -> None:
+        self.relays = relays
+
+    def __enter__(self) -> _Mesh:
+        self.dir = Path(tempfile.mkdtemp(prefix="permamesh-overlay-"))
+        self.mesh = EmbeddedMesh(MeshConfig(self.dir, workers=0, relays=self.relays, start_timeout_s=120.0))
+        try:
+            self.mesh.start()
+            self.worker = _EntryWorker(self.dir)
+            self.worker_record = next(w for w in discover(self.dir) if w.node_id == self.worker.server.worker_id)
+        except BaseException:
+            self.mesh.stop()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.worker.stop()
+        finally:
+            self.mesh.stop()
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,274 @@
+"""The client's end of the overlay: send a request as S-IDA cloves over onion paths, get the
+answer back as cloves over reply blocks, and resend over fresh paths when paths fail.
+
+One request (:meth:`OverlayClient.generate`):
+
+1. The request is a signed :class:`GenerateRequest` frame (signed with this client's session
+   key, never a long-term one), split once into ``max_cloves`` cloves of which any ``k`` rebuild.
+2. ``n`` cloves leave at once, each over its own path (:class:`PathSelector`: disjoint, diverse,
+   weighted); each carries an ack block and an answer block over the reverse of its path, so a
+   path works both ways or not at all.
+3. A path whose ack does not come within ``ack_timeout_s`` is failed: its relays are avoided
+   for this request, and the next unused clove goes over a fresh path (at most ``resends``
+   rounds deep, at most ``max_cloves`` cloves in all). That is the rule of ``docs/paths.md``.
+4. The answer comes back as cloves (any ``k`` rebuild), signed by the entry worker, whose key
+   is pinned from the registry. If some answer cloves came but fewer than ``k`` within
+   ``answer_grace_s``, another clove goes out over a fresh path, and the worker answers it from
+   its cache.
+5. A request either returns its :class:`GenerateResult` or raises :class:`OverlayError` saying
+   what failed (never hangs past ``answer_timeout_s``).
+
+The client talks only to the first relays of its paths (its guards), over one connection each
+on which it has attached its ``client_id`` for deliveries.
+
+Who calls it: ``permamesh submit --overlay``, the demo, and the overlay benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+
+from permamesh.identity import NodeIdentity
+from permamesh.localmesh import WorkerRecord
+from permamesh.routing.overlay.directory import RelayRecord
+from permamesh.routing.overlay.envelope import STARTED, Ack, decode_reply_item, encode_envelope
+from permamesh.routing.overlay.errors import OverlayError
+from permamesh.routing.overlay.messages import RelayAttach, RelayCell, RelayDelivery
+from permamesh.routing.overlay.onion import HopInfo, build_forward
+from permamesh.routing.overlay.paths import PathPolicy, PathSelector
+from permamesh.routing.overlay.relay import DEFAULT_EPOCH_S, current_epoch
+from permamesh.routing.overlay.reply import ReplyKeys, build_reply_block, open_reply
+from permamesh.routing.overlay.sida import Rebuilder, split
+from permamesh.transport import DealerClient, poll_readable
+from permamesh.wire import ChatMessage, ErrorReply, GenerateRequest, GenerateResult, WireError, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class OverlayConfig:
+    n: int = 4  # cloves sent at once, one path each
+    k: int = 3  # cloves that rebuild a message
+    max_cloves: int = 8  # cloves of the split; resends use the unused ones
+    hops: int = 3  # relays per path
+    resends: int = 3  # rounds of replacement paths at most
+    ack_timeout_s: float = 1.0  # a path not acknowledged this long after sending has failed
+    answer_grace_s: float = 3.0  # some answer cloves came, the rest not this long after: resend
+    answer_timeout_s: float = 600.0  # the whole request, at most
+    epoch_s: float = DEFAULT_EPOCH_S  # replay-guard epoch length (relays use the same)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.n <= self.max_cloves <= 255:
+            raise OverlayError("overlay needs 1 <= k <= n <= max_cloves <= 255")
+
+
+@dataclasses.dataclass
+class _Path:
+    relays: tuple[RelayRecord, ...]
+    clove: int  # index of the clove it carries
+    depth: int  # 0 for the first n, r for a replacement in round r
+    sent_at: float
+    acked: bool = False
+    failed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """How the last request went (for benchmarks and the demo)."""
+
+    cloves_sent: int
+    paths_failed: int
+    rounds: int  # deepest replacement round used
+    elapsed_s: float
+    entry: str  # node id of the entry worker
+    paths: tuple[tuple[str, ...], ...]  # relay node ids of each path, first hop first
+    acked: tuple[bool, ...]  # per path: did the entry worker acknowledge its clove
+
+
+class OverlayClient:
+    def __init__(self, relays: Sequence[RelayRecord], workers: Sequence[WorkerRecord],
+                 config: OverlayConfig = OverlayConfig(), rng: random.Random | None = None) -> None:
+        if not workers:
+            raise OverlayError("no entry worker: start a worker first")
+        self.config, self.workers = config, list(workers)
+        self.relays = {r.node_id.encode("ascii"): r for r in relays}
+        self.rng = rng or random.Random()
+        self.selector = PathSelector([r.descriptor() for r in relays], PathPolicy(hops=config.hops, n_paths=config.n),
+                                     random.Random(self.rng.getrandbits(64)))
+        self.session = NodeIdentity.generate()  # signs requests; unlinkable to any long-term key
+        self.client_id = os.urandom(16)
+        self.guards: dict[str, DealerClient] = {}
+        self.last: Delivery | None = None
+
+    def close(self) -> None:
+        for guard in self.guards.values():
+            guard.close()
+        self.guards.clear()
+
+    def __enter__(self) -> OverlayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ one request
+    def generate(self, prompt: str | None = None, *, messages: Sequence[dict] = (), max_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+                 logprobs: bool = False, session: str = "", entry: str | None = None) -> GenerateResult:
+        worker = self._entry(entry)
+        req = GenerateRequest(os.urandom(16).hex(), prompt=prompt,
+                              messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages),
+                              max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              stop=tuple(stop), logprobs=logprobs, session=session)
+        return _Request(self, worker, req).run()
+
+    def _entry(self, entry: str | None) -> WorkerRecord:
+        if entry is None:
+            return self.rng.choice(self.workers)
+        for w in self.workers:
+            if w.node_id == entry:
+                return w
+        raise OverlayError(f"no worker {entry} in the registry")
+
+    def _guard(self, relay: RelayRecord) -> DealerClient:
+        guard = self.guards.get(relay.endpoint)
+        if guard is None:
+            guard = self.guards[relay.endpoint] = DealerClient(relay.endpoint)
+            guard.send(encode(RelayAttach(self.client_id), self.session))
+        return guard
+
+
+class _Request:
+    """The state of one request on the client (see the module docstring for the rules)."""
+
+    def __init__(self, client: OverlayClient, worker: WorkerRecord, req: GenerateRequest) -> None:
+        self.c, self.worker, self.req = client, worker, req
+        self.mid = os.urandom(16)
+        cfg = client.config
+        self.cloves = split(encode(req, client.session), n=cfg.max_cloves, k=cfg.k, message_id=self.mid)
+        self.paths: list[_Path] = []
+        self.replies: dict[bytes, tuple[ReplyKeys, int]] = {}  # reply id -> (keys, path index)
+        self.avoid: set[bytes] = set()  # relays of failed paths
+        self.answers = Rebuilder()
+        self.started = False
+        self.first_answer_at: float | None = None
+
+    def run(self) -> GenerateResult:
+        cfg, t0 = self.c.config, time.monotonic()
+        self._send_new(cfg.n, depth=0)
+        deadline = t0 + cfg.answer_timeout_s
+        while True:
+            now = time.monotonic()
+            if now > deadline:
+                raise OverlayError(f"no answer within {cfg.answer_timeout_s:g} s")
+            self._check_timeouts(now)
+            guards = list(self.c.guards.values())
+            for guard in poll_readable(guards, 0.05):
+                frame = guard.recv(0)
+                result = self._on_frame(frame) if frame is not None else None
+                if result is not None:
+                    self.c.last = Delivery(len(self.paths), sum(p.failed for p in self.paths),
+                                           max(p.depth for p in self.paths), time.monotonic() - t0, self.worker.node_id,
+                                           tuple(tuple(r.node_id for r in p.relays) for p in self.paths),
+                                           tuple(p.acked for p in self.paths))
+                    if isinstance(result, ErrorReply):
+                        raise OverlayError(f"the entry worker refused the request: {result.code}: {result.message}")
+                    return result
+
+    # ------------------------------------------------------------------ sending
+    def _send_new(self, count: int, depth: int) -> int:
+        cfg = self.c.config
+        count = min(count, cfg.max_cloves - len(self.paths))
+        if count <= 0:
+            return 0
+        live = {r.node_id.encode("ascii") for p in self.paths if not p.failed for r in p.relays}
+        try:
+            drawn = self.c.selector.select(count, exclude=self.avoid | live)
+        except OverlayError:
+            try:  # a small mesh: share relays with live paths rather than give up
+                drawn = self.c.selector.select(count, exclude=self.avoid)
+            except OverlayError as exc:
+                log.info("no fresh path for a resend: %s", exc)
+                return 0
+        for descriptors in drawn:
+            relays = tuple(self.c.relays[d.node_id] for d in descriptors)
+            self._send_clove(relays, depth)
+        return len(drawn)
+
+    def _send_clove(self, relays: tuple[RelayRecord, ...], depth: int) -> None:
+        cfg, index = self.c.config, len(self.paths)
+        epoch = current_epoch(cfg.epoch_s)
+        hops = [r.hop() for r in relays]
+        back = list(reversed(hops))
+        ack_block, ack_keys = build_reply_block(back, self.c.client_id, epoch=epoch)
+        answer_block, answer_keys = build_reply_block(back, self.c.client_id, epoch=epoch)
+        self.replies[ack_keys.reply_id] = (ack_keys, index)
+        self.replies[answer_keys.reply_id] = (answer_keys, index)
+        envelope = encode_envelope(self.cloves[index], ack_block, answer_block)
+        _, cell = build_forward(hops, self.worker.node_id.encode("ascii"), envelope, epoch=epoch)
+        self.paths.append(_Path(relays, index, depth, time.monotonic()))
+        self.c._guard(relays[0]).send(encode(RelayCell(cell), self.c.session))
+
+    def _check_timeouts(self, now: float) -> None:
+        cfg = self.c.config
+        for path in list(self.paths):
+            if path.acked or path.failed or now - path.sent_at < cfg.ack_timeout_s:
+                continue
+            path.failed = True
+            self.avoid |= {r.node_id.encode("ascii") for r in path.relays}
+            if not self.started and path.depth < cfg.resends:  # rule 6 of docs/paths.md
+                self._send_new(1, path.depth + 1)
+        if not self.started and not any(not p.acked and not p.failed for p in self.paths):
+            acked = sum(p.acked for p in self.paths)
+            if acked < cfg.k:
+                raise OverlayError(
+                    f"request not delivered: {acked} of {cfg.k} cloves acknowledged after {len(self.paths)} cloves "
+                    f"over {len(self.paths)} paths ({sum(p.failed for p in self.paths)} failed)")
+        if self.first_answer_at is not None and now - self.first_answer_at > cfg.answer_grace_s:
+            self.first_answer_at = now  # some answer cloves were lost on the way back: ask again
+            if self._send_new(1, 1) == 0:
+                raise OverlayError("the answer was lost on the way back and no fresh path is left")
+
+    # ------------------------------------------------------------------ receiving
+    def _on_frame(self, frame: bytes) -> GenerateResult | ErrorReply | None:
+        try:
+            msg = decode(frame).msg
+        except WireError as exc:
+            log.debug("dropped a frame from a guard: %s", exc)
+            return None
+        if not isinstance(msg, RelayDelivery) or msg.reply_id not in self.replies:
+            return None
+        keys, index = self.replies.pop(msg.reply_id)
+        try:
+            item = decode_reply_item(open_reply(keys, msg.payload))
+        except OverlayError as exc:
+            log.info("dropped a reply on path %d: %s", index, exc)
+            return None
+        path = self.paths[index]
+        if isinstance(item, Ack):
+            if item.message_id == self.mid and not path.failed:
+                path.acked = True
+                self.started = self.started or item.status >= STARTED
+            return None
+        if item.message_id != self.mid:
+            return None
+        path.acked = True
+        self.started = True
+        self.first_answer_at = self.first_answer_at or time.monotonic()
+        frame = self.answers.add(item)
+        if frame is None:
+            return None
+        try:
+            received = decode(frame)
+        except WireError as exc:
+            raise OverlayError(f"the rebuilt answer is not a valid frame: {exc}") from exc
+        if received.sender != bytes.fromhex(self.worker.sign_key):
+            raise OverlayError("the answer is not signed by the entry worker")
+        if not isinstance(received.msg, (GenerateResult, ErrorReply)):
+            raise OverlayError(f"the answer is a {received.msg.TAG}, not a result")
+        return received.msg

@@ -1,0 +1,193 @@
+"""The entry worker's end of the overlay: rebuild requests from cloves, answer over reply blocks.
+
+A proxy hands each clove to the entry worker as a :class:`CloveDrop` whose envelope holds the
+clove and two reply blocks (an ack block and an answer block, over the reverse of the clove's
+path). For every valid clove the inbox acknowledges at once over the ack block (so the client
+learns within one round trip which paths work) and keeps the answer block. When k valid cloves
+rebuild the request (a signed :class:`GenerateRequest` frame from the client's session key), the
+job runs like any other (routed inside the worker group, or here), under a local peer id that
+collects its final message instead of sending it on a socket. The final message, signed by
+this worker, is split into ``answer_cloves`` cloves (any ``k`` rebuild, the request's own k) and each kept answer
+block carries one; blocks that arrive later (the client resending over fresh paths) get the
+next cloves of the same split, from a bounded cache of recent answers.
+
+Nothing here learns who asked: the cloves came from proxies, and the answers go to the first
+relays of reply blocks. Malformed envelopes or cloves are dropped and counted, never answered.
+
+Who calls it: :class:`permamesh.workers.server.WorkerServer` calls :meth:`Inbox.on_clove` from
+its event loop for each :class:`CloveDrop`, and :meth:`Inbox.close` when it stops. The inbox
+calls back ``server.dispatch(peer, request)`` to run a job and ``server.add_sink`` to collect
+its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Callable, Mapping
+
+from permamesh.routing.overlay.envelope import ANSWERED, HELD, STARTED, Ack, decode_envelope, encode_ack, encode_answer_item
+from permamesh.routing.overlay.errors import OverlayError
+from permamesh.routing.overlay.messages import RelayCell
+from permamesh.routing.overlay.reply import ReplyBlock, seal_reply
+from permamesh.routing.overlay.sida import Rebuilder, RebuilderConfig, split
+from permamesh.transport import AsyncDealer
+from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, Message, WireError, decode, encode
+
+if TYPE_CHECKING:
+    from permamesh.workers.server import WorkerServer
+
+log = logging.getLogger(__name__)
+
+SINK_PREFIX = b"\x00overlay:"  # local peer ids of overlay jobs (zmq identities never start with 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class InboxConfig:
+    answer_cloves: int = 8  # cloves of each answer's split (blocks beyond use them in turn)
+    max_jobs: int = 1024  # overlay jobs remembered (running or answered), oldest dropped
+    answer_ttl_s: float = 300.0  # answers kept this long for late or resent cloves
+    rebuild_ttl_s: float = 60.0  # incomplete messages dropped after this long
+
+
+@dataclasses.dataclass
+class _Job:
+    created: float
+    k: int  # cloves that rebuild the answer: as many as rebuilt the request
+    blocks: list[ReplyBlock]  # answer blocks waiting for the answer
+    cloves: list | None = None  # the answer's cloves once it is ready
+    next_clove: int = 0
+
+
+class Inbox:
+    def __init__(self, server: WorkerServer, relays: Callable[[], Mapping[bytes, str]],
+                 config: InboxConfig = InboxConfig()) -> None:
+        self.server, self.relays, self.config = server, relays, config
+        self.rebuilder = Rebuilder(RebuilderConfig(ttl_s=config.rebuild_ttl_s))
+        self.jobs: collections.OrderedDict[bytes, _Job] = collections.OrderedDict()
+        self.waiting: dict[bytes, list[ReplyBlock]] = {}  # message id -> answer blocks before rebuild
+        self.dealers: dict[str, AsyncDealer] = {}
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------------ cloves in
+    def on_clove(self, envelope: bytes) -> None:
+        now = time.monotonic()
+        self._expire(now)
+        try:
+            env = decode_envelope(envelope)
+        except OverlayError as exc:
+            self.counts["bad_envelope"] += 1
+            log.debug("dropped an envelope: %s", exc)
+            return
+        clove, mid = env.clove, env.clove.message_id
+        if not clove.is_self_consistent():  # its content does not match its own fingerprint
+            self.counts["bad_clove"] += 1
+            return
+        self.counts["cloves"] += 1
+        job = self.jobs.get(mid)
+        if job is not None:  # a late or resent clove of a known message
+            status = ANSWERED if job.cloves is not None else STARTED
+        else:
+            try:
+                message = self.rebuilder.add(clove, now)
+            except OverlayError as exc:
+                self.counts["bad_clove"] += 1
+                log.debug("dropped a clove: %s", exc)
+                return
+            status = HELD if message is None else STARTED
+        if env.ack_block is not None:
+            self._seal(env.ack_block, encode_ack(Ack(mid, clove.index, status)))
+        if job is None and status == HELD:
+            if env.answer_block is not None:
+                self.waiting.setdefault(mid, []).append(env.answer_block)
+            return
+        if job is None:
+            job = self._start(mid, message, now, clove.k)
+            if job is None:
+                return
+        if env.answer_block is not None:
+            job.blocks.append(env.answer_block)
+        self._flush(job)
+
+    def _start(self, mid: bytes, frame: bytes, now: float, k: int) -> _Job | None:
+        try:
+            received = decode(frame)
+        except WireError as exc:
+            self.counts["bad_request"] += 1
+            log.info("a rebuilt overlay message is not a valid frame: %s", exc)
+            return None
+        req = received.msg
+        if not isinstance(req, GenerateRequest):
+            self.counts["bad_request"] += 1
+            log.info("a rebuilt overlay message is a %s, not a request", req.TAG)
+            return None
+        job = _Job(now, k, self.waiting.pop(mid, []))
+        self.jobs[mid] = job
+        while len(self.jobs) > self.config.max_jobs:
+            self.jobs.popitem(last=False)
+        peer = SINK_PREFIX + mid
+        self.server.add_sink(peer, lambda msg: self._on_answer(mid, peer, msg))
+        self.counts["requests"] += 1
+        reply = self.server.dispatch(peer, dataclasses.replace(req, stream=False))
+        if reply is not None:
+            self._on_answer(mid, peer, reply)
+        return job
+
+    # ------------------------------------------------------------------ answers out
+    def _on_answer(self, mid: bytes, peer: bytes, msg: Message) -> None:
+        if not isinstance(msg, (GenerateResult, ErrorReply)):
+            return  # Accepted, Progress: the client learns progress from acks
+        self.server.remove_sink(peer)
+        job = self.jobs.get(mid)
+        if job is None:
+            return
+        frame = encode(msg, self.server.identity)
+        job.cloves = split(frame, n=max(self.config.answer_cloves, job.k), k=job.k, message_id=mid)
+        self.counts["answers"] += 1
+        self._flush(job)
+
+    def _flush(self, job: _Job) -> None:
+        if job.cloves is None:
+            return
+        while job.blocks:
+            block = job.blocks.pop(0)
+            clove = job.cloves[job.next_clove % len(job.cloves)]
+            job.next_clove += 1
+            self._seal(block, encode_answer_item(clove))
+
+    def _seal(self, block: ReplyBlock, item: bytes) -> None:
+        endpoint = self.relays().get(block.first_hop)
+        if endpoint is None:
+            self.counts["unknown_first_hop"] += 1
+            log.info("no relay %s for a reply", block.first_hop.decode("ascii", "replace"))
+            return
+        try:
+            _, cell = seal_reply(block, item)
+        except OverlayError as exc:
+            self.counts["seal_failed"] += 1
+            log.info("cannot seal a reply: %s", exc)
+            return
+        dealer = self.dealers.get(endpoint)
+        if dealer is None:
+            dealer = self.dealers[endpoint] = AsyncDealer(endpoint)
+        asyncio.ensure_future(dealer.send(encode(RelayCell(cell), self.server.identity)))
+        self.counts["replies"] += 1
+
+    def _expire(self, now: float) -> None:
+        self.rebuilder.expire(now)
+        for mid in [m for m in self.waiting if m not in self.jobs and m not in self.rebuilder]:
+            del self.waiting[mid]
+        while self.jobs:
+            mid, job = next(iter(self.jobs.items()))
+            if now - job.created <= self.config.answer_ttl_s:
+                break
+            self.jobs.popitem(last=False)
+            self.server.remove_sink(SINK_PREFIX + mid)
+
+    def close(self) -> None:
+        for dealer in self.dealers.values():
+            dealer.close()
+        self.dealers.clear()

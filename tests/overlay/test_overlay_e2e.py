@@ -1,0 +1,131 @@
+"""End to end through the overlay in one process: real relays (RelayThread) on loopback zmq
+sockets, a real tiny-random worker with its inbox, and the OverlayClient. Relay processes
+and SIGKILL drills are covered by tests/test_overlay_mesh.py and the overlay benchmark; here
+"dead" relays are RelayConfig(drop_all=True): they read every frame and forward nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+import pytest
+
+from permamesh.client import Client
+from permamesh.identity import NodeIdentity
+from permamesh.localmesh import WorkerRecord, register
+from permamesh.mesh import relay_placement
+from permamesh.routing.overlay.directory import CachedLookup, RelayRecord, relay_endpoints, register_relay, worker_endpoints
+from permamesh.routing.overlay.envelope import encode_envelope
+from permamesh.routing.overlay.errors import OverlayError
+from permamesh.routing.overlay.messages import CloveDrop
+from permamesh.routing.overlay.relay import RelayConfig, RelayServer, RelayThread
+from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+from permamesh.routing.overlay.sida import split
+from permamesh.transport import DealerClient
+from permamesh.wire import StatusRequest, StatusReply, decode, encode
+from permamesh.workers.engine import Engine
+from permamesh.workers.inbox import Inbox
+from permamesh.workers.server import ServerThread, WorkerServer
+from tests.conftest import wait_for
+
+FAST = OverlayConfig(ack_timeout_s=0.5, answer_grace_s=1.0, answer_timeout_s=30.0)
+
+
+def _start_relays(home, count: int, dead: set[int]) -> tuple[list[RelayThread], list[RelayRecord]]:
+    threads, records = [], []
+    for i in range(count):
+        identity = NodeIdentity.generate()
+        server = RelayServer(identity, RelayConfig(drop_all=i in dead),
+                             CachedLookup(lambda: relay_endpoints(home), 0.0), CachedLookup(lambda: worker_endpoints(home), 0.0))
+        thread = RelayThread(server)
+        endpoint = thread.start()
+        isp, grid, location = relay_placement(i)
+        record = RelayRecord(identity.node_id, endpoint, identity.public.sign_key.hex(), identity.public.kex_key.hex(),
+                             isp, grid, location, pid=os.getpid())
+        register_relay(home, record)
+        threads.append(thread)
+        records.append(record)
+    return threads, records
+
+
+@pytest.fixture
+def overlay(home, tiny_loaded, request):
+    """(relay records, worker record, worker server); ``request.param`` = indices of dead relays."""
+    dead = getattr(request, "param", set())
+    relay_threads, records = _start_relays(home, 16, dead)
+    server = WorkerServer(Engine(tiny_loaded), NodeIdentity.generate())
+    server.inbox = Inbox(server, CachedLookup(lambda: relay_endpoints(home), 0.0))
+    worker_thread = ServerThread(server)
+    endpoint = worker_thread.start()
+    record = WorkerRecord(server.worker_id, endpoint, server.identity.public.sign_key.hex(), server.engine.loaded.name, os.getpid())
+    register(home, record)
+    yield records, record, server
+    worker_thread.stop()
+    for thread in relay_threads:
+        thread.stop()
+
+
+def test_an_answer_through_the_overlay_equals_the_direct_one(overlay):
+    records, worker, server = overlay
+    with OverlayClient(records, [worker], FAST, random.Random(1)) as client:
+        via = client.generate("hello overlay", max_tokens=12)
+        delivery = client.last
+    with Client([worker.endpoint]) as direct:
+        straight = direct.generate("hello overlay", max_tokens=12)
+    assert via.token_ids == straight.token_ids and via.text == straight.text
+    assert delivery.cloves_sent == 4 and delivery.paths_failed == 0
+    assert all(len(path) == 3 for path in delivery.paths)
+    flat = [relay for path in delivery.paths for relay in path]
+    assert len(set(flat)) == len(flat)  # disjoint paths
+    assert server.inbox.counts["requests"] == 1 and server.inbox.counts["answers"] == 1
+
+
+@pytest.mark.parametrize("overlay", [{0, 5, 10}], indirect=True)
+def test_requests_arrive_despite_dead_relays_by_resending_over_fresh_paths(overlay):
+    records, worker, _ = overlay
+    failed = 0
+    with OverlayClient(records, [worker], FAST, random.Random(7)) as client:
+        for i in range(6):
+            result = client.generate(f"question {i}", max_tokens=3)
+            assert result.completion_tokens >= 1
+            failed += client.last.paths_failed
+            for path, acked in zip(client.last.paths, client.last.acked):
+                if acked:  # a path that worked holds no dead relay
+                    assert not {records[d].node_id for d in (0, 5, 10)} & set(path)
+    assert failed >= 1  # some paths did cross a dead relay, and the requests still arrived
+
+
+@pytest.mark.parametrize("overlay", [set(range(0, 16, 2))], indirect=True)
+def test_when_too_few_paths_survive_the_client_gets_a_clear_error(overlay):
+    records, worker, _ = overlay
+    config = OverlayConfig(ack_timeout_s=0.3, resends=1, answer_timeout_s=20.0)
+    with OverlayClient(records, [worker], config, random.Random(3)) as client:
+        outcomes = []
+        for i in range(4):
+            try:
+                client.generate(f"q{i}", max_tokens=2)
+                outcomes.append("ok")
+            except OverlayError as exc:
+                assert "not delivered" in str(exc) or "no fresh path" in str(exc)
+                outcomes.append("error")
+    assert "error" in outcomes
+
+
+def test_the_worker_drops_bad_cloves_and_keeps_serving(overlay):
+    records, worker, server = overlay
+    me = NodeIdentity.generate()
+    cloves = split(b"not a request frame", n=4, k=3)
+    forged = dataclasses.replace(cloves[0], data_share=b"x" * len(cloves[0].data_share))
+    with DealerClient(worker.endpoint) as sock:
+        sock.send(encode(CloveDrop(b"\x01garbage"), me))
+        sock.send(encode(CloveDrop(encode_envelope(forged, None, None)), me))
+        for clove in cloves[1:]:  # three valid cloves of something that is not a request
+            sock.send(encode(CloveDrop(encode_envelope(clove, None, None)), me))
+        wait_for(lambda: server.inbox.counts["bad_request"] == 1, what="the rebuilt non-request to be refused")
+        sock.send(encode(StatusRequest("s"), me))
+        status = decode(sock.recv(5.0)).msg
+    assert isinstance(status, StatusReply)
+    assert server.inbox.counts["bad_envelope"] == 1 and server.inbox.counts["bad_clove"] == 1
+    with OverlayClient(records, [worker], FAST) as client:
+        assert client.generate("still there?", max_tokens=2).completion_tokens >= 1
