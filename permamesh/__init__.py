@@ -6,9 +6,11 @@ Map of the package (see docs/architecture.md for the request path):
   (Ed25519/X25519 keys), :mod:`~permamesh.transport` (zmq wrappers),
   :mod:`~permamesh.localmesh` (local worker registry), :mod:`~permamesh.errors`.
 - packages: :mod:`~permamesh.workers` (models, engine, worker process),
-  :mod:`~permamesh.routing` (hash-radix tree; later policy, sync, overlay),
+  :mod:`~permamesh.routing` (hash-radix tree, policies, delta sync, and the anonymous
+  overlay in :mod:`~permamesh.routing.overlay`: S-IDA cloves, onion cells, relays, paths),
   ``verify``, ``committee``, ``scheduler`` (later issues).
-- entry points: :mod:`~permamesh.client` (researchers), :mod:`~permamesh.mesh` and
+- entry points: :mod:`~permamesh.client` (researchers, direct),
+  :class:`~permamesh.routing.overlay.sender.OverlayClient` (researchers, anonymous), :mod:`~permamesh.mesh` and
   :mod:`~permamesh.demo` (embedded mesh), :mod:`~permamesh.cli` (the command).
 """
 
@@ -20,4 +22,8 @@ def __getattr__(name: str):
         from permamesh.client import Client
 
         return Client
+    if name == "OverlayClient":
+        from permamesh.routing.overlay.sender import OverlayClient
+
+        return OverlayClient
     raise AttributeError(name)

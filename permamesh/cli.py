@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(model=None)
     r.add_argument("--kill-worker-at", type=float, default=None, help="real mode: SIGKILL one worker this many seconds into each policy's run")
     r.add_argument("--cache-blocks", type=int, default=4096, help="sim: prefix-cache capacity per worker (blocks, default: 4096)")
+    r.add_argument("--max-active", type=int, default=4, help="real: requests each worker decodes at once, steps interleaved; "
+                   "1 = one at a time (count, default: 4)")
     r.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     r.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     from permamesh.bench.overlay import add_overlay_bench_arguments
@@ -183,7 +185,7 @@ def _bench(args: argparse.Namespace, data_dir: Path) -> int:
         workers=args.workers, policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), seed=args.seed,
         quick=args.quick, data_dir=data_dir, model_path=args.model_path,
         model=args.model or ("tiny-random" if args.quick and args.mode == "real" else "smollm2-135m"),
-        kill_at_s=args.kill_worker_at, cache_blocks=args.cache_blocks)
+        kill_at_s=args.kill_worker_at, cache_blocks=args.cache_blocks, max_active=args.max_active)
     report = routing.run(bench)
     routing.write_outputs(report, args.json, args.plot)
     if args.json:

@@ -6,7 +6,7 @@
   :func:`chat_text`, a ChatML rendering of a request).
 - :mod:`~permamesh.bench.sim`: :func:`simulate` replays a trace through the real routing
   policies (:mod:`permamesh.routing.policy`) over simulated FIFO workers with LRU prefix
-  caches.
+  caches (real workers interleave decode steps; see docs/routing.md).
 - :mod:`~permamesh.bench.stats`: :class:`RequestRecord` and :func:`summarize`.
 - :mod:`~permamesh.bench.syncreplay`: the tree-sync bytes of a simulated run, replayed through
   real delta publishers.
@@ -14,6 +14,13 @@
 - :mod:`~permamesh.bench.routing`: ``permamesh bench routing``, every policy on one trace in
   sim or real mode, and its JSON report.
 - :mod:`~permamesh.bench.plot`: PNG plots of the reports.
+- :mod:`~permamesh.bench.codecs`: S-IDA prep and rebuild latency per message size and codec.
+- :mod:`~permamesh.bench.overlaysim`: delivery rate vs relay failure at 10,000 relays under the
+  client's resend rule (and its analytic check).
+- :mod:`~permamesh.bench.anonsim`: the PlanetServe-style anonymity/confidentiality simulation.
+- :mod:`~permamesh.bench.overlayreal`: delivery and overhead through relay processes.
+- :mod:`~permamesh.bench.overlay`: ``permamesh bench overlay`` and its JSON report;
+  :mod:`~permamesh.bench.overlayplot` its PNG.
 
 The ``permamesh bench`` command and ``benchmarks/`` scripts call these. What this package
 imports (traces, tokens, sim, stats) touches neither the network nor a model; ``real``,

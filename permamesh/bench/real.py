@@ -48,6 +48,7 @@ class RealConfig:
     seed: int = 0  # entry choice
     client_timeout_s: float = 10.0  # silence after which a client resubmits a job
     in_process: bool = False  # workers as threads of this process (quick runs)
+    max_active: int = 4  # requests each worker decodes at once (1 = one at a time)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,8 @@ def run_policy(trace: list[TraceRequest], policy: str, cfg: RealConfig,
     group = f"bench-{policy}-{uuid.uuid4().hex[:6]}"
     mesh = (_InProcessGroup(cfg, policy, group) if cfg.in_process else EmbeddedMesh(MeshConfig(
         cfg.data_dir, cfg.workers, cfg.model, cfg.model_path, "cpu", cfg.threads_per_worker,
-        worker_args=("--policy", policy, "--group", group, "--prefix-cache-mb", str(cfg.prefix_cache_mb), "--measure-sync"),
+        worker_args=("--policy", policy, "--group", group, "--prefix-cache-mb", str(cfg.prefix_cache_mb), "--measure-sync",
+                     "--max-active", str(cfg.max_active)),
     )))
     started = time.monotonic()
     try:
@@ -133,7 +135,7 @@ class _InProcessGroup:
         from permamesh.workers.engine import Engine
         from permamesh.workers.group import GroupConfig, GroupLink, Peer
         from permamesh.workers.prefix_cache import PrefixKVCache
-        from permamesh.workers.server import ServerThread, WorkerServer
+        from permamesh.workers.server import ServerConfig, ServerThread, WorkerServer
 
         key = (self.cfg.model, self.cfg.model_path)
         if key not in self._loaded:
@@ -143,7 +145,8 @@ class _InProcessGroup:
         servers = []
         for _ in range(self.cfg.workers):
             cache = PrefixKVCache(BlockHasher(16, salt), self.cfg.prefix_cache_mb * 2**20)
-            server = WorkerServer(Engine(self._loaded[key], prefix_cache=cache), NodeIdentity.generate())
+            server = WorkerServer(Engine(self._loaded[key], prefix_cache=cache), NodeIdentity.generate(),
+                                  ServerConfig(max_active=self.cfg.max_active))
             server.group = GroupLink(server, config, lambda: list(peers))
             servers.append(server)
             self.threads.append(ServerThread(server))

@@ -51,6 +51,7 @@ class RoutingBench:
     model_path: str | None = None
     kill_at_s: float | None = None  # real mode: SIGKILL one worker this far into each run
     cache_blocks: int = 4096  # sim: blocks each worker's cache holds
+    max_active: int = 4  # real: requests each worker decodes at once (1 = one at a time)
 
 
 # (workers, requests, rate/s) per mode; quick variants finish in under a minute here
@@ -107,6 +108,7 @@ def run(b: RoutingBench, say: Callable[[str], None] = print) -> dict:
         "requests": len(trace),
         "workers": workers,
         "seed": b.seed,
+        "max_active": b.max_active if b.mode == "real" else None,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "policies": by_policy,
         "sync": sync,
@@ -154,7 +156,7 @@ def _run_real(b: RoutingBench, trace: list[TraceRequest], workers: int, say: Cal
         models.resolve(b.model, b.model_path, b.data_dir)  # convert once, before workers start
     threads = max(1, (os.cpu_count() or 1) // workers)
     cfg = RealConfig(b.data_dir, workers, b.model, b.model_path, threads, kill_at_s=b.kill_at_s, seed=b.seed,
-                     in_process=b.quick)
+                     in_process=b.quick, max_active=b.max_active)
     out = {}
     for policy in b.policies:
         result = run_policy(trace, policy, cfg, say)

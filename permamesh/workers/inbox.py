@@ -71,6 +71,7 @@ class Inbox:
         self.waiting: dict[bytes, list[ReplyBlock]] = {}  # message id -> answer blocks before rebuild
         self.dealers: dict[str, AsyncDealer] = {}
         self.counts: collections.Counter[str] = collections.Counter()
+        self.closed = False
 
     # ------------------------------------------------------------------ cloves in
     def on_clove(self, envelope: bytes) -> None:
@@ -159,6 +160,9 @@ class Inbox:
             self._seal(block, encode_answer_item(clove))
 
     def _seal(self, block: ReplyBlock, item: bytes) -> None:
+        if self.closed:  # stopping: the sockets are gone; the client resends elsewhere
+            self.counts["dropped_closing"] += 1
+            return
         endpoint = self.relays().get(block.first_hop)
         if endpoint is None:
             self.counts["unknown_first_hop"] += 1
@@ -188,6 +192,7 @@ class Inbox:
             self.server.remove_sink(SINK_PREFIX + mid)
 
     def close(self) -> None:
+        self.closed = True
         for dealer in self.dealers.values():
             dealer.close()
         self.dealers.clear()

@@ -46,3 +46,14 @@ def test_cli_runs_a_trace_file_and_refuses_a_bad_one(tmp_path):
 def test_the_summary_needs_its_baselines():
     with pytest.raises(routing.BenchError, match="round-robin"):
         routing.run(routing.RoutingBench(policies=("permamesh", "random")), say=lambda line: None)
+
+
+def test_the_real_mode_smoke_run_answers_every_request_through_real_sockets(tmp_path):
+    """`--mode real --quick`: real WorkerServers with group links on loopback (threads of this
+    process, tiny-random); every request answered, the summary complete, sync bytes counted."""
+    bench = routing.RoutingBench(mode="real", quick=True, model="tiny-random", data_dir=tmp_path,
+                                 policies=("round-robin", "least-loaded", "permamesh"))
+    report = routing.run(bench, say=lambda line: None)
+    assert SUMMARY_KEYS <= set(report["summary"]) and report["summary"]["lost_requests"] == 0
+    assert report["requests"] == 16 and all(p["count"] == 16 for p in report["policies"].values())
+    assert report["sync"]["delta_bytes"] > 0 and report["policies"]["permamesh"]["cache_hit_rate"] > 0

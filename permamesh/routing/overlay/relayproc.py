@@ -54,7 +54,7 @@ class RelayOptions:
     burst: int = 2000  # frames an upstream peer may send at once
     epoch_s: float = DEFAULT_EPOCH_S  # seconds per replay-guard epoch (clients must agree)
     fail_after: int = 0  # drills: drop everything after this many cells (0 = never)
-    directory_refresh_s: float = 1.0  # seconds between re-reads of the local registries
+    directory_refresh_s: float = 10.0  # seconds between re-reads of the local registries (misses re-read sooner)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
