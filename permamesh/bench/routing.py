@@ -70,8 +70,8 @@ def _trace(b: RoutingBench, requests: int, rate: float) -> list[TraceRequest]:
         # A smoke run (tiny-random in-process workers by default): 4 chats of 4 turns, quick
         # replies, contexts that fit tiny-random's byte tokenizer.
         sessions = -(-requests // 4)
-        return multi_turn(sessions, 4, rate * 4, b.seed, system_prompts=0, system_words=(80, 160),
-                          user_words=(5, 15), answer_tokens=(8, 16), think_min_s=0.2, think_mean_s=0.5)[:requests]
+        return multi_turn(sessions, 4, rate * 8, b.seed, system_prompts=0, system_words=(80, 160),
+                          user_words=(5, 15), answer_tokens=(8, 16), think_min_s=0.05, think_mean_s=0.15)[:requests]
     if b.mode == "real" and b.generator == "multi-turn":
         # Real mode on 2 CPU cores: chats sized for SmolLM2's speed (~180 prompt tok/s and
         # ~15 tok/s decode per single-thread worker) and its 8k context: 4 turns, each chat
