@@ -212,3 +212,31 @@ class ServingThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def serve_until_signalled(server, node_id: str, register, unregister) -> None:
+    """Run ``server.serve`` in this process until SIGINT or SIGTERM (process entry points).
+
+    Once the server listens: ``register(endpoint)`` (the local registry record), then the line
+    ``READY <endpoint> <node_id>`` on stdout, which the embedded mesh waits for. On the way
+    out, whatever happened: ``unregister()``.
+    """
+    import asyncio
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(endpoint: str) -> None:
+            register(endpoint)
+            print(f"READY {endpoint} {node_id}", flush=True)
+
+        try:
+            await server.serve(stop, on_ready=ready)
+        finally:
+            unregister()
+
+    asyncio.run(main())

@@ -8,16 +8,15 @@ socket closes, and its local registry record is removed.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 from permamesh.identity import NodeIdentity
 from permamesh.routing.overlay.directory import CachedLookup, relay_endpoints
+from permamesh.transport import serve_until_signalled
 from permamesh.localmesh import WorkerRecord, discover, register, unregister
 from permamesh.routing.blocks import BlockHasher
 from permamesh.workers import models
@@ -100,21 +99,9 @@ def run_worker(opts: WorkerOptions) -> int:
         server.group = GroupLink(server, GroupConfig(group_name, salt, opts.block_size, opts.policy,
                                                                  measure_full_tree=opts.measure_sync), peers)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-
-        def ready(endpoint: str) -> None:
-            register(opts.data_dir, WorkerRecord(identity.node_id, endpoint, identity.public.sign_key.hex(),
-                                                 loaded.name, os.getpid(), group_name))
-            print(f"READY {endpoint} {identity.node_id}", flush=True)
-
-        try:
-            await server.serve(stop, on_ready=ready)
-        finally:
-            unregister(opts.data_dir, identity.node_id)
-
-    asyncio.run(main())
+    serve_until_signalled(
+        server, identity.node_id,
+        lambda endpoint: register(opts.data_dir, WorkerRecord(identity.node_id, endpoint, identity.public.sign_key.hex(),
+                                                              loaded.name, os.getpid(), group_name)),
+        lambda: unregister(opts.data_dir, identity.node_id))
     return 0

@@ -14,12 +14,10 @@ Who calls it: :mod:`permamesh.cli` wires :func:`add_relay_arguments` and
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import math
 import os
-import signal
 from pathlib import Path
 
 from permamesh.identity import NodeIdentity
@@ -34,6 +32,7 @@ from permamesh.routing.overlay.directory import (
 )
 from permamesh.routing.overlay.errors import OverlayError
 from permamesh.routing.overlay.relay import DEFAULT_EPOCH_S, RelayConfig, RelayServer
+from permamesh.transport import serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +80,12 @@ def run_relay(opts: RelayOptions) -> int:
     server = RelayServer(identity, config, relays, workers)
     public = identity.public
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-
-        def ready(endpoint: str) -> None:
-            register_relay(data_dir, RelayRecord(
-                identity.node_id, endpoint, public.sign_key.hex(), public.kex_key.hex(), opts.isp,
-                opts.grid, opts.location, bandwidth=opts.bandwidth, pid=os.getpid()))
-            print(f"READY {endpoint} {identity.node_id}", flush=True)
-
-        try:
-            await server.serve(stop, on_ready=ready)
-        finally:
-            unregister_relay(data_dir, identity.node_id)
-
-    asyncio.run(main())
+    serve_until_signalled(
+        server, identity.node_id,
+        lambda endpoint: register_relay(data_dir, RelayRecord(
+            identity.node_id, endpoint, public.sign_key.hex(), public.kex_key.hex(), opts.isp,
+            opts.grid, opts.location, bandwidth=opts.bandwidth, pid=os.getpid())),
+        lambda: unregister_relay(data_dir, identity.node_id))
     return 0
 
 
