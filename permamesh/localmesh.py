@@ -38,14 +38,42 @@ def _dir(data_dir: Path) -> Path:
     return Path(data_dir) / "run" / "workers"
 
 
-def register(data_dir: Path, record: WorkerRecord) -> Path:
-    directory = _dir(data_dir)
+def write_record(directory: Path, record) -> Path:
+    """Write a registry ``record`` (a dataclass with ``node_id``) as ``<node_id>.json``
+    atomically: a temporary file of this process renamed into place."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{record.node_id}.json"
-    tmp = path.with_suffix(".tmp")
+    tmp = directory / f".{record.node_id}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(dataclasses.asdict(record)))
     os.replace(tmp, path)
     return path
+
+
+def read_records(directory: Path, cls, errors: tuple[type[Exception], ...] = (), what: str = "record") -> list:
+    """The records of live processes in ``directory``, sorted by node id, built as ``cls``
+    (unknown fields ignored). Unreadable files are skipped with a warning (``errors`` are the
+    extra exceptions ``cls`` may raise); records of dead processes are deleted."""
+    found = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            fields = json.loads(path.read_text())
+            if not isinstance(fields, dict):
+                raise ValueError("not a JSON object")
+            record = cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+            if path.stem != record.node_id:
+                raise ValueError(f"file name does not match node id {record.node_id}")
+        except (OSError, ValueError, TypeError, *errors) as exc:
+            log.warning("ignoring unreadable %s %s: %s", what, path, exc)
+            continue
+        if record.pid and process_alive(record.pid):
+            found.append(record)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def register(data_dir: Path, record: WorkerRecord) -> Path:
+    return write_record(_dir(data_dir), record)
 
 
 def unregister(data_dir: Path, node_id: str) -> None:
@@ -65,17 +93,4 @@ def process_alive(pid: int) -> bool:
 
 def discover(data_dir: Path) -> list[WorkerRecord]:
     """Live workers registered under ``data_dir``, sorted by node id."""
-    found = []
-    directory = _dir(data_dir)
-    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
-        try:
-            fields = json.loads(path.read_text())
-            record = WorkerRecord(**{k: v for k, v in fields.items() if k in WorkerRecord.__dataclass_fields__})
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("ignoring unreadable worker record %s: %s", path, exc)
-            continue
-        if process_alive(record.pid):
-            found.append(record)
-        else:
-            path.unlink(missing_ok=True)
-    return found
+    return read_records(_dir(data_dir), WorkerRecord, what="worker record")

@@ -16,16 +16,14 @@ for every cell: at most one reload per ``max_age_s``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from permamesh.localmesh import process_alive as _pid_alive  # the same liveness rule as workers
+from permamesh.localmesh import read_records, write_record  # the same registry rules as workers
 from permamesh.localmesh import discover as discover_workers
 from permamesh.routing.overlay.cells import HopInfo
 from permamesh.routing.overlay.errors import OverlayError
@@ -96,13 +94,7 @@ def _dir(data_dir: Path) -> Path:
 
 def register_relay(data_dir: Path, record: RelayRecord) -> Path:
     """Write ``record`` atomically (a temporary file renamed into place); returns its path."""
-    directory = _dir(data_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{record.node_id}.json"
-    tmp = directory / f".{record.node_id}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(dataclasses.asdict(record)))
-    os.replace(tmp, path)
-    return path
+    return write_record(_dir(data_dir), record)
 
 
 def unregister_relay(data_dir: Path, node_id: str) -> None:
@@ -113,25 +105,7 @@ def unregister_relay(data_dir: Path, node_id: str) -> None:
 
 def discover_relays(data_dir: Path) -> list[RelayRecord]:
     """Live relays registered under ``data_dir``, sorted by node id."""
-    found = []
-    directory = _dir(data_dir)
-    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
-        try:
-            fields = json.loads(path.read_text())
-            if not isinstance(fields, dict):
-                raise ValueError("not a JSON object")
-            known = {k: v for k, v in fields.items() if k in RelayRecord.__dataclass_fields__}
-            record = RelayRecord(**known)
-            if path.stem != record.node_id:
-                raise ValueError(f"file name does not match node id {record.node_id}")
-        except (OSError, ValueError, TypeError, OverlayError) as exc:
-            log.warning("ignoring unreadable relay record %s: %s", path, exc)
-            continue
-        if record.pid and _pid_alive(record.pid):
-            found.append(record)
-        else:
-            path.unlink(missing_ok=True)
-    return found
+    return read_records(_dir(data_dir), RelayRecord, (OverlayError,), "relay record")
 
 
 def relay_endpoints(data_dir: Path) -> dict[bytes, str]:
