@@ -32,4 +32,4 @@ def test_requests_cross_relay_processes_and_survive_killed_relays(home):
                               "--max-tokens", "3"], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     assert "via the overlay" in cli.stderr
-    assert failed >= 0  # kills may or may not touch the drawn paths; every request arrived regardless
+    assert failed >= 1  # some drawn paths crossed a killed relay (seeded paths), and every request arrived
