@@ -2,8 +2,11 @@
 
 A proxy hands each clove to the entry worker as a :class:`CloveDrop` whose envelope holds the
 clove and two reply blocks (an ack block and an answer block, over the reverse of the clove's
-path). For every valid clove the inbox acknowledges at once over the ack block (so the client
-learns within one round trip which paths work) and keeps the answer block. When k valid cloves
+path). For every valid clove the inbox keeps the answer block and acknowledges over the ack
+block (so the client learns within one round trip which paths work), unless an answer clove
+goes over the same path within ``ack_delay_s``: an answer proves the path as well as an ack
+does, and a short job then costs one reply cell per path instead of two (delayed acks, as in
+TCP). When k valid cloves
 rebuild the request (a signed :class:`GenerateRequest` frame from the client's session key), the
 job runs like any other (routed inside the worker group, or here), under a local peer id that
 collects its final message instead of sending it on a socket. The final message, signed by
@@ -29,7 +32,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from permamesh.routing.overlay.envelope import ANSWERED, HELD, STARTED, Ack, decode_envelope, encode_ack, encode_answer_item
+from permamesh.routing.overlay.envelope import ANSWERED, HELD, STARTED, Ack, Envelope, decode_envelope, encode_ack, encode_answer_item
 from permamesh.routing.overlay.errors import OverlayError
 from permamesh.routing.overlay.messages import RelayCell
 from permamesh.routing.overlay.reply import ReplyBlock, seal_reply
@@ -48,6 +51,7 @@ SINK_PREFIX = b"\x00overlay:"  # local peer ids of overlay jobs (zmq identities 
 @dataclasses.dataclass(frozen=True)
 class InboxConfig:
     answer_cloves: int = 8  # cloves of each answer's split (blocks beyond use them in turn)
+    ack_delay_s: float = 0.02  # an ack waits this long for an answer clove that makes it moot
     max_jobs: int = 1024  # overlay jobs remembered (running or answered), oldest dropped
     answer_ttl_s: float = 300.0  # answers kept this long for late or resent cloves
     rebuild_ttl_s: float = 60.0  # incomplete messages dropped after this long
@@ -70,6 +74,7 @@ class Inbox:
         self.jobs: collections.OrderedDict[bytes, _Job] = collections.OrderedDict()
         self.waiting: dict[bytes, list[ReplyBlock]] = {}  # message id -> answer blocks before rebuild
         self.dealers: dict[str, AsyncDealer] = {}
+        self.pending_acks: dict[bytes, asyncio.TimerHandle] = {}  # answer block alpha -> its ack
         self.counts: collections.Counter[str] = collections.Counter()
         self.closed = False
 
@@ -99,8 +104,8 @@ class Inbox:
                 log.debug("dropped a clove: %s", exc)
                 return
             status = HELD if message is None else STARTED
-        if env.ack_block is not None:
-            self._seal(env.ack_block, encode_ack(Ack(mid, clove.index, status)))
+        if env.ack_block is not None and not (status == ANSWERED and env.answer_block is not None):
+            self._ack(env, status)
         if job is None and status == HELD:
             if env.answer_block is not None:
                 self.waiting.setdefault(mid, []).append(env.answer_block)
@@ -112,6 +117,26 @@ class Inbox:
         if env.answer_block is not None:
             job.blocks.append(env.answer_block)
         self._flush(job)
+
+    def _ack(self, env: Envelope, status: int) -> None:
+        """Acknowledge ``env``'s clove now, or after ``ack_delay_s`` unless its answer block
+        carries an answer clove by then."""
+        delay = self.config.ack_delay_s
+        if delay <= 0 or env.answer_block is None:
+            self._seal(env.ack_block, encode_ack(Ack(env.clove.message_id, env.clove.index, status)))
+            return
+        key = env.answer_block.header[:32]  # the block's alpha: fresh per block
+        old = self.pending_acks.pop(key, None)
+        if old is not None:  # the same block twice: a replayed envelope; keep the newer ack
+            old.cancel()
+        self.pending_acks[key] = asyncio.get_running_loop().call_later(delay, self._late_ack, key, env)
+
+    def _late_ack(self, key: bytes, env: Envelope) -> None:
+        self.pending_acks.pop(key, None)
+        mid = env.clove.message_id
+        job = self.jobs.get(mid)
+        status = HELD if job is None else ANSWERED if job.cloves is not None else STARTED
+        self._seal(env.ack_block, encode_ack(Ack(mid, env.clove.index, status)))
 
     def _start(self, mid: bytes, frame: bytes, now: float, k: int) -> _Job | None:
         try:
@@ -155,6 +180,10 @@ class Inbox:
             return
         while job.blocks:
             block = job.blocks.pop(0)
+            pending = self.pending_acks.pop(block.header[:32], None)
+            if pending is not None:  # the answer clove acknowledges this path
+                pending.cancel()
+                self.counts["acks_saved"] += 1
             clove = job.cloves[job.next_clove % len(job.cloves)]
             job.next_clove += 1
             self._seal(block, encode_answer_item(clove))
@@ -193,6 +222,9 @@ class Inbox:
 
     def close(self) -> None:
         self.closed = True
+        for pending in self.pending_acks.values():
+            pending.cancel()
+        self.pending_acks.clear()
         for dealer in self.dealers.values():
             dealer.close()
         self.dealers.clear()

@@ -146,11 +146,15 @@ def build_forward(
     epoch: int = 0,
     size_class: int | None = None,
     rng: Rng = cells.default_rng,
+    secrets: Sequence[cells.HopSecret] | None = None,
 ) -> tuple[bytes, bytes]:
     """``(first hop id, cell)`` carrying ``payload`` over ``path`` to ``exit_command``.
 
     The payload is padded to ``size_class`` (default: the smallest that fits). ``epoch`` must
     be within the relays' :class:`ReplayGuard` window. ``rng`` supplies every random byte.
+    ``secrets`` are the hops' key agreements made ahead of time (``cells.client_secret`` per
+    hop, see :mod:`~permamesh.routing.overlay.prepared`); each set must be used for one cell
+    only, or the relays drop the second as a replay.
     """
     if not isinstance(exit_command, bytes) or len(exit_command) > MAX_EXIT_COMMAND_BYTES:
         raise OverlayError(f"exit command must be bytes of at most {MAX_EXIT_COMMAND_BYTES}")
@@ -159,7 +163,10 @@ def build_forward(
     if not 1 <= len(path) <= MAX_HOPS:
         raise OverlayError(f"a path has 1..{MAX_HOPS} hops, got {len(path)}")
     total = cells.size_class_for(cells.LENGTH_BYTES + len(payload), size_class)
-    secrets = [cells.client_secret(hop, rng) for hop in path]
+    if secrets is None:
+        secrets = [cells.client_secret(hop, rng) for hop in path]
+    elif len(secrets) != len(path):
+        raise OverlayError(f"{len(secrets)} hop secrets for a path of {len(path)} hops")
     body = cells.pad(payload, total)
     tags: list[bytes] = [b""] * len(path)
     for i in range(len(path) - 1, -1, -1):  # innermost layer first

@@ -14,9 +14,14 @@ One request (:meth:`OverlayClient.generate`):
 4. The answer comes back as cloves (any ``k`` rebuild), signed by the entry worker, whose key
    is pinned from the registry. If some answer cloves came but fewer than ``k`` within
    ``answer_grace_s``, another clove goes out over a fresh path, and the worker answers it from
-   its cache.
+   its cache. A clove's ack may be left out when its path carries an answer clove soon enough:
+   an answer clove proves its path works just as well.
 5. A request either returns its :class:`GenerateResult` or raises :class:`OverlayError` saying
    what failed (never hangs past ``answer_timeout_s``).
+
+Between requests a background thread draws the next request's paths and does their public-key
+work (``prepare``, see :mod:`~permamesh.routing.overlay.prepared`), so a request only seals its
+cloves; resends and requests that find no set ready build their own kits.
 
 The client talks only to the first relays of its paths (its guards), over one connection each
 on which it has attached its ``client_id`` for deliveries.
@@ -30,6 +35,7 @@ import dataclasses
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Sequence
 
@@ -41,8 +47,9 @@ from permamesh.routing.overlay.errors import OverlayError
 from permamesh.routing.overlay.messages import RelayAttach, RelayCell, RelayDelivery
 from permamesh.routing.overlay.onion import HopInfo, build_forward
 from permamesh.routing.overlay.paths import PathPolicy, PathSelector
+from permamesh.routing.overlay.prepared import KitPreparer, PathKit, prepare_kit
 from permamesh.routing.overlay.relay import DEFAULT_EPOCH_S, current_epoch
-from permamesh.routing.overlay.reply import ReplyKeys, build_reply_block, open_reply
+from permamesh.routing.overlay.reply import ReplyKeys, open_reply
 from permamesh.routing.overlay.sida import Rebuilder, split
 from permamesh.transport import DealerClient, poll_readable
 from permamesh.wire import ChatMessage, ErrorReply, GenerateRequest, GenerateResult, WireError, decode, encode
@@ -61,6 +68,7 @@ class OverlayConfig:
     answer_grace_s: float = 3.0  # some answer cloves came, the rest not this long after: resend
     answer_timeout_s: float = 600.0  # the whole request, at most
     epoch_s: float = DEFAULT_EPOCH_S  # replay-guard epoch length (relays use the same)
+    prepare: bool = True  # between requests, draw the next paths and do their X25519 work
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.n <= self.max_cloves <= 255:
@@ -104,8 +112,28 @@ class OverlayClient:
         self.client_id = os.urandom(16)
         self.guards: dict[str, DealerClient] = {}
         self.last: Delivery | None = None
+        self._select_lock = threading.Lock()  # the selector is shared with the preparer thread
+        self.preparer = (KitPreparer(self._draw_next, self.client_id, self.epoch) if config.prepare else None)
+
+    def epoch(self) -> int:
+        return current_epoch(self.config.epoch_s)
+
+    def select(self, count: int, exclude: set[bytes]) -> list[tuple[RelayRecord, ...]]:
+        """``count`` paths avoiding ``exclude`` (raises OverlayError when the rules cannot)."""
+        with self._select_lock:
+            drawn = self.selector.select(count, exclude=exclude)
+        return [tuple(self.relays[d.node_id] for d in descriptors) for descriptors in drawn]
+
+    def _draw_next(self) -> list[list]:
+        return [[r.hop() for r in relays] for relays in self.select(self.config.n, set())]
+
+    def wait_prepared(self, timeout_s: float = 5.0) -> bool:
+        """Block until the next request's path kits are ready; False without preparation."""
+        return self.preparer is not None and self.preparer.wait_ready(timeout_s)
 
     def close(self) -> None:
+        if self.preparer is not None:
+            self.preparer.close()
         for guard in self.guards.values():
             guard.close()
         self.guards.clear()
@@ -125,7 +153,11 @@ class OverlayClient:
                               messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages),
                               max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               stop=tuple(stop), logprobs=logprobs, session=session)
-        return _Request(self, worker, req).run()
+        try:
+            return _Request(self, worker, req).run()
+        finally:
+            if self.preparer is not None:
+                self.preparer.refill()
 
     def _entry(self, entry: str | None) -> WorkerRecord:
         if entry is None:
@@ -160,7 +192,12 @@ class _Request:
 
     def run(self) -> GenerateResult:
         cfg, t0 = self.c.config, time.monotonic()
-        self._send_new(cfg.n, depth=0)
+        kits = self.c.preparer.take() if self.c.preparer is not None else None
+        if kits is None:
+            self._send_new(cfg.n, depth=0)
+        else:
+            for kit in kits:
+                self._send_kit(tuple(self.c.relays[node] for node in kit.path), kit, depth=0)
         deadline = t0 + cfg.answer_timeout_s
         while True:
             now = time.monotonic()
@@ -188,29 +225,26 @@ class _Request:
             return 0
         live = {r.node_id.encode("ascii") for p in self.paths if not p.failed for r in p.relays}
         try:
-            drawn = self.c.selector.select(count, exclude=self.avoid | live)
+            drawn = self.c.select(count, self.avoid | live)
         except OverlayError:
             try:  # a small mesh: share relays with live paths rather than give up
-                drawn = self.c.selector.select(count, exclude=self.avoid)
+                drawn = self.c.select(count, self.avoid)
             except OverlayError as exc:
                 log.info("no fresh path for a resend: %s", exc)
                 return 0
-        for descriptors in drawn:
-            relays = tuple(self.c.relays[d.node_id] for d in descriptors)
-            self._send_clove(relays, depth)
+        epoch = self.c.epoch()
+        for relays in drawn:
+            self._send_kit(relays, prepare_kit([r.hop() for r in relays], self.c.client_id, epoch), depth)
         return len(drawn)
 
-    def _send_clove(self, relays: tuple[RelayRecord, ...], depth: int) -> None:
-        cfg, index = self.c.config, len(self.paths)
-        epoch = current_epoch(cfg.epoch_s)
-        hops = [r.hop() for r in relays]
-        back = list(reversed(hops))
-        ack_block, ack_keys = build_reply_block(back, self.c.client_id, epoch=epoch)
-        answer_block, answer_keys = build_reply_block(back, self.c.client_id, epoch=epoch)
+    def _send_kit(self, relays: tuple[RelayRecord, ...], kit: PathKit, depth: int) -> None:
+        index = len(self.paths)
+        (ack_block, ack_keys), (answer_block, answer_keys) = kit.ack, kit.answer
         self.replies[ack_keys.reply_id] = (ack_keys, index)
         self.replies[answer_keys.reply_id] = (answer_keys, index)
         envelope = encode_envelope(self.cloves[index], ack_block, answer_block)
-        _, cell = build_forward(hops, self.worker.node_id.encode("ascii"), envelope, epoch=epoch)
+        _, cell = build_forward([r.hop() for r in relays], self.worker.node_id.encode("ascii"), envelope,
+                                epoch=kit.epoch, secrets=kit.forward)
         self.paths.append(_Path(relays, index, depth, time.monotonic()))
         self.c._guard(relays[0]).send(encode(RelayCell(cell), self.c.session))
 
