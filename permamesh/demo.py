@@ -116,11 +116,15 @@ def _ask(client: OverlayClient, prompt: str, max_tokens: int, say, names: dict |
 
 
 def _drill(mesh: EmbeddedMesh, client: OverlayClient, max_tokens: int, say) -> None:
-    """Failures drilled on purpose: kill relays the client still believes in, then ask again."""
-    victims = list(range(0, len(mesh.relay_children), 5))[:3]
+    """Failures drilled on purpose: kill the middle relay of three of the paths the client's
+    session keeps using (it still believes in them), then ask again."""
+    index = {child.node_id: i for i, child in enumerate(mesh.relay_children)}
+    paths = client.last.paths if client.last is not None else ()
+    victims = [index[path[len(path) // 2]] for path in paths[:3] if path[len(path) // 2] in index]
     for i in victims:
         mesh.kill_relay(i)
-    say(f"\n== drill: {len(victims)} relays killed (SIGKILL); the client does not know which ==")
+    say(f"\n== drill: {len(victims)} relays killed (SIGKILL), one on each of 3 of the session's paths; "
+        "the client does not know which ==")
     try:
         _ask(client, "Say something kind about resilience.", max_tokens, say, None)
     except OverlayError as exc:

@@ -16,18 +16,24 @@ worker; answers come back the same way over reply blocks. Modules:
   relay does), :class:`ReplayGuard`.
 - :mod:`~permamesh.routing.overlay.reply`: reply blocks (:func:`build_reply_block`,
   :func:`seal_reply`, :func:`open_reply`) for the return direction.
-- :mod:`~permamesh.routing.overlay.paths`: :class:`PathSelector` and :class:`SessionPaths`, the
-  rules of ``docs/paths.md``.
+- :mod:`~permamesh.routing.overlay.paths`: :class:`PathSelector`, the rules of ``docs/paths.md``.
+- :mod:`~permamesh.routing.overlay.sessions`: :class:`SessionPaths`, a session's path set, its
+  rotation and its repair after failures.
+- :mod:`~permamesh.routing.overlay.prepared`: path kits (the X25519 work of a clove) made
+  while the client idles.
+- :mod:`~permamesh.routing.overlay.relay` / ``relayproc`` and ``sender``: the network ends,
+  a relay and the client (:class:`~permamesh.routing.overlay.sender.OverlayClient`).
 - :mod:`~permamesh.routing.overlay.errors`: :class:`OverlayError`, the family of every refusal.
 
-Who calls it: clients split and wrap, relays peel, entry workers rebuild and seal replies
-(the relay process and the client/worker wiring are the next step; see docs/architecture.md).
+Who calls it: clients split and wrap, relays peel, entry workers
+(:mod:`permamesh.workers.inbox`) rebuild and seal replies; see docs/architecture.md.
 """
 
 from permamesh.routing.overlay.clove import Clove, decode_clove, encode_clove
 from permamesh.routing.overlay.errors import OverlayError
 from permamesh.routing.overlay.onion import HopInfo, ReplayGuard, build_forward, peel
-from permamesh.routing.overlay.paths import PathPolicy, PathSelector, RelayDescriptor, SessionPaths
+from permamesh.routing.overlay.paths import PathPolicy, PathSelector, RelayDescriptor
+from permamesh.routing.overlay.sessions import SessionPaths
 from permamesh.routing.overlay.reply import ReplyBlock, ReplyKeys, build_reply_block, open_reply, seal_reply
 from permamesh.routing.overlay.sida import Rebuilder, rebuild, split
 

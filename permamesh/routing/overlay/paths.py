@@ -4,8 +4,9 @@ Each of a request's n cloves travels over its own onion path of ``hops`` relays;
 relay (the proxy) hands it to the entry worker. :class:`PathSelector` draws the n paths of
 one request from the relay directory: disjoint paths, no ISP, power grid or location twice
 within a path, proxies in distinct ISPs, relays under the reputation floor never, the rest
-weighted by reputation x capped bandwidth. :class:`SessionPaths` keeps a path set per
-session, rotates it, and rebuilds around failures. The rules and their reasons are
+weighted by reputation x capped bandwidth. :class:`~permamesh.routing.overlay.sessions.SessionPaths`
+(in :mod:`~permamesh.routing.overlay.sessions`) keeps a path set per session, rotates it, and
+rebuilds around failures. The rules and their reasons are
 ``docs/paths.md``.
 
 Everything here is pure and deterministic given the ``random.Random`` passed in; production
@@ -21,7 +22,6 @@ import itertools
 import logging
 import random
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -235,91 +235,3 @@ class PathSelector:
         if not candidates:
             return None
         return self._rng.choices([r for r, _ in candidates], [w for _, w in candidates])[0]
-
-
-@dataclass
-class _Session:
-    paths: list[Path]
-    built_at: float  # clock time the set was built
-    uses: int = 0
-    suspects: frozenset[bytes] = frozenset()  # relays of this session's paths that timed out
-
-
-class SessionPaths:
-    """Per-session path sets: built on first use, rebuilt after ``max_uses`` requests or
-    ``max_age_s`` seconds, patched when a relay is known dead, rebuilt for a resend.
-
-    ``clock`` returns seconds (monotonic); tests pass a fake one. Not thread-safe: one client
-    owns one instance."""
-
-    def __init__(self, selector: PathSelector, clock: Callable[[], float] | None = None) -> None:
-        self._selector = selector
-        self._clock = clock or time.monotonic
-        self._sessions: dict[str, _Session] = {}
-        self._failed: set[bytes] = set()
-
-    @property
-    def failed(self) -> frozenset[bytes]:
-        """Relays known dead; no new path uses them."""
-        return frozenset(self._failed)
-
-    def paths_for(self, session_id: str) -> tuple[Path, ...]:
-        """The path set the session's next request uses (counts one use)."""
-        policy, now = self._selector.policy, self._clock()
-        state = self._sessions.get(session_id)
-        if (state is None or state.uses >= policy.max_uses
-                or now - state.built_at >= policy.max_age_s):
-            # suspicion is per path set: a rotation forgets it
-            state = _Session(self._selector.select(exclude=self._failed), now)
-            self._sessions[session_id] = state
-            log.debug("session %s: new path set", session_id)
-        state.uses += 1
-        return tuple(state.paths)
-
-    def resend_paths(self, session_id: str, failed: Iterable[int]) -> tuple[Path, ...]:
-        """A request timed out: the relays of paths ``failed`` (indices into the current set)
-        become suspects for this session (a client cannot tell which hop died), and the resend
-        goes over a whole fresh path set that avoids them. Counts one use."""
-        state = self._sessions.get(session_id)
-        if state is None:
-            raise OverlayError(f"session {session_id!r} has no paths to resend over")
-        suspects = set(state.suspects)
-        for index in failed:
-            if not 0 <= index < len(state.paths):
-                raise OverlayError(f"session {session_id!r}: no path {index}")
-            suspects.update(r.node_id for r in state.paths[index])
-        paths = self._selector.select(exclude=self._failed | suspects)
-        self._sessions[session_id] = _Session(paths, self._clock(), 1, frozenset(suspects))
-        return tuple(paths)
-
-    def mark_failed(self, node_id: bytes) -> int:
-        """A relay is known dead: every path through it is replaced (the session's other
-        paths are kept). Returns how many paths were replaced. A session whose path cannot be
-        replaced loses its set; its next :meth:`paths_for` rebuilds or raises."""
-        self._failed.add(node_id)
-        policy, replaced = self._selector.policy, 0
-        for session_id in sorted(self._sessions):
-            state = self._sessions[session_id]
-            for i, path in enumerate(state.paths):
-                if all(r.node_id != node_id for r in path):
-                    continue
-                others = [p for j, p in enumerate(state.paths) if j != i]
-                exclude = self._failed | state.suspects | {r.node_id for p in others for r in p}
-                proxy_isps = {p[-1].isp for p in others} if policy.distinct_proxy_isps else ()
-                try:
-                    state.paths[i] = self._selector.select(
-                        1, exclude=exclude, avoid_proxy_isps=proxy_isps)[0]
-                except OverlayError as exc:
-                    log.warning("session %s: cannot replace a path: %s", session_id, exc)
-                    del self._sessions[session_id]
-                    break
-                replaced += 1
-        return replaced
-
-    def mark_recovered(self, node_id: bytes) -> None:
-        """A relay known dead is back; new paths may use it again."""
-        self._failed.discard(node_id)
-
-    def forget(self, session_id: str) -> None:
-        """Drop a finished session's paths."""
-        self._sessions.pop(session_id, None)

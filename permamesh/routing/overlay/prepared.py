@@ -8,15 +8,17 @@ before the request exists, the way Tor builds circuits before a user asks for on
 - :func:`prepare_kit` does it for one path: the forward hops' key agreements and the two
   finished reply blocks with their keys, stamped with the replay-guard epoch they were made
   in. A kit is used for one clove only (relays drop a reused header as a replay).
-- :class:`KitPreparer` keeps the next request's path set ready: a background thread draws
-  ``n`` paths from the client's :class:`PathSelector` (the same draw the request would make)
-  and builds their kits. :meth:`KitPreparer.take` hands the set to exactly one request and
-  asks for the next set, which is built only when :meth:`KitPreparer.refill` says the client
-  is idle again, so preparation never competes with a request in flight.
+- :class:`KitPreparer` keeps kits ready for the paths the next request will use (the
+  session's path set, :meth:`SessionPaths.peek <permamesh.routing.overlay.sessions.SessionPaths.peek>`):
+  a background thread builds one kit per path. :meth:`KitPreparer.take` hands the kits of a
+  request's paths to that request and drops the rest; the next kits are built only when
+  :meth:`KitPreparer.refill` says the client is idle again, so preparation never competes
+  with a request in flight.
 
-A taken set is used only if its epoch is still the current one; otherwise it is thrown away
-and the request builds its kits itself, as it does when no set is ready. Preparation changes
-when the work happens, never which paths are drawn or what goes on the wire.
+A kit is used only for the path it was made for and only while its epoch is the current one;
+otherwise the request builds that path's kit itself, as it does when none is ready.
+Preparation changes when the work happens, never which paths are used or what goes on the
+wire.
 
 Who calls it: :class:`~permamesh.routing.overlay.sender.OverlayClient` only.
 """
@@ -63,39 +65,41 @@ def prepare_kit(hops: Sequence[HopInfo], client_id: bytes, epoch: int,
 
 
 Draw = Callable[[], Sequence[Sequence[HopInfo]]]  # the next request's paths (may raise)
+PathKey = tuple[bytes, ...]  # relay node ids of a path, first hop first
 
 
 class KitPreparer:
-    """One ready path set for the next request, built on a background thread while idle.
+    """Kits for the next request's paths, built on a background thread while the client idles.
 
-    ``draw`` picks the paths (the client passes its selector under its own lock); ``epoch``
-    returns the current replay-guard epoch. Thread-safe; :meth:`close` stops the thread.
+    ``draw`` names the paths (the client passes its session's set, under its own lock);
+    ``epoch`` returns the current replay-guard epoch. Thread-safe; :meth:`close` stops the
+    thread.
     """
 
     def __init__(self, draw: Draw, client_id: bytes, epoch: Callable[[], int]) -> None:
         self._draw, self._client_id, self._epoch = draw, client_id, epoch
         self._cond = threading.Condition()
-        self._ready: list[PathKit] | None = None
+        self._ready: dict[PathKey, PathKit] | None = None
         self._wanted = True  # a set should be built (the client is idle)
         self._building = False
         self._closed = False
-        self.built = self.used = self.discarded = 0  # sets, for tests and benchmarks
+        self.built = self.used = self.discarded = 0  # kits, for tests and benchmarks
         self._thread = threading.Thread(target=self._run, name="overlay-prepare", daemon=True)
         self._thread.start()
 
-    def take(self, timeout_s: float = 0.05) -> list[PathKit] | None:
-        """The ready set (waiting up to ``timeout_s`` for one being built), or None. Either
-        way no new set is built until :meth:`refill`."""
+    def take(self, paths: Sequence[PathKey], timeout_s: float = 0.05) -> list[PathKit | None]:
+        """The ready kit of each of ``paths`` (None where there is none, or it is stale),
+        waiting up to ``timeout_s`` for kits being built. Kits of other paths are dropped, and
+        no new kit is built until :meth:`refill`."""
         with self._cond:
             if self._ready is None and self._building:
                 self._cond.wait_for(lambda: not self._building, timeout_s)
-            kits, self._ready, self._wanted = self._ready, None, False
-        if kits is None:
-            return None
-        if any(k.epoch != self._epoch() for k in kits):
-            self.discarded += 1
-            return None
-        self.used += 1
+            ready, self._ready, self._wanted = self._ready or {}, None, False
+        epoch = self._epoch()
+        taken = [ready.pop(tuple(path), None) for path in paths]
+        kits = [k if k is not None and k.epoch == epoch else None for k in taken]
+        self.used += sum(k is not None for k in kits)
+        self.discarded += len(ready) + sum(k is not None for k in taken) - sum(k is not None for k in kits)
         return kits
 
     def refill(self) -> None:
@@ -105,7 +109,7 @@ class KitPreparer:
             self._cond.notify_all()
 
     def wait_ready(self, timeout_s: float = 5.0) -> bool:
-        """Block until a set is ready (or preparation cannot make one); True if one is."""
+        """Block until kits are ready (or preparation cannot make them); True if they are."""
         with self._cond:
             self._cond.wait_for(lambda: self._closed or self._ready is not None
                                 or not (self._wanted or self._building), timeout_s)
@@ -124,10 +128,11 @@ class KitPreparer:
                 if self._closed:
                     return
                 self._building, self._wanted = True, False
-            kits: list[PathKit] | None = None
+            kits: dict[PathKey, PathKit] | None = None
             try:
                 epoch = self._epoch()
-                kits = [prepare_kit(hops, self._client_id, epoch) for hops in self._draw()]
+                made = [prepare_kit(hops, self._client_id, epoch) for hops in self._draw()]
+                kits = {kit.path: kit for kit in made}
             except OverlayError as exc:  # e.g. too few relays right now: requests build their own
                 log.info("no path set prepared: %s", exc)
             except Exception:  # never let the thread die silently; requests still work without it
@@ -136,5 +141,5 @@ class KitPreparer:
                 self._building = False
                 if kits is not None and not self._closed:
                     self._ready = kits
-                    self.built += 1
+                    self.built += len(kits)
                 self._cond.notify_all()

@@ -5,12 +5,15 @@ One request (:meth:`OverlayClient.generate`):
 
 1. The request is a signed :class:`GenerateRequest` frame (signed with this client's session
    key, never a long-term one), split once into ``max_cloves`` cloves of which any ``k`` rebuild.
-2. ``n`` cloves leave at once, each over its own path (:class:`PathSelector`: disjoint, diverse,
-   weighted); each carries an ack block and an answer block over the reverse of its path, so a
+2. ``n`` cloves leave at once, each over its own path of the session's path set
+   (:class:`SessionPaths` over a :class:`PathSelector`: disjoint, diverse, weighted, kept for
+   ``max_uses`` requests or ``max_age_s``; ``keep_paths=False`` draws a fresh set per request);
+   each clove carries an ack block and an answer block over the reverse of its path, so a
    path works both ways or not at all.
 3. A path whose ack does not come within ``ack_timeout_s`` is failed: its relays are avoided
-   for this request, and the next unused clove goes over a fresh path (at most ``resends``
-   rounds deep, at most ``max_cloves`` cloves in all). That is the rule of ``docs/paths.md``.
+   for this request and, as suspects, by the session's set (the path is replaced there), and
+   the next unused clove goes over a fresh path (at most ``resends`` rounds deep, at most
+   ``max_cloves`` cloves in all). That is the rule of ``docs/paths.md``.
 4. The answer comes back as cloves (any ``k`` rebuild), signed by the entry worker, whose key
    is pinned from the registry. If some answer cloves came but fewer than ``k`` within
    ``answer_grace_s``, another clove goes out over a fresh path, and the worker answers it from
@@ -19,8 +22,7 @@ One request (:meth:`OverlayClient.generate`):
 5. A request either returns its :class:`GenerateResult` or raises :class:`OverlayError` saying
    what failed (never hangs past ``answer_timeout_s``).
 
-Between requests a background thread draws the next request's paths and does their public-key
-work (``prepare``, see :mod:`~permamesh.routing.overlay.prepared`), so a request only seals its
+Between requests a background thread does the public-key work of the next request's paths (``prepare``, see :mod:`~permamesh.routing.overlay.prepared`), so a request only seals its
 cloves; resends and requests that find no set ready build their own kits.
 
 The client talks only to the first relays of its paths (its guards), over one connection each
@@ -48,6 +50,7 @@ from permamesh.routing.overlay.messages import RelayAttach, RelayCell, RelayDeli
 from permamesh.routing.overlay.onion import HopInfo, build_forward
 from permamesh.routing.overlay.paths import PathPolicy, PathSelector
 from permamesh.routing.overlay.prepared import KitPreparer, PathKit, prepare_kit
+from permamesh.routing.overlay.sessions import SessionPaths
 from permamesh.routing.overlay.relay import DEFAULT_EPOCH_S, current_epoch
 from permamesh.routing.overlay.reply import ReplyKeys, open_reply
 from permamesh.routing.overlay.sida import Rebuilder, split
@@ -68,7 +71,8 @@ class OverlayConfig:
     answer_grace_s: float = 3.0  # some answer cloves came, the rest not this long after: resend
     answer_timeout_s: float = 600.0  # the whole request, at most
     epoch_s: float = DEFAULT_EPOCH_S  # replay-guard epoch length (relays use the same)
-    prepare: bool = True  # between requests, draw the next paths and do their X25519 work
+    keep_paths: bool = True  # a session's requests share its path set (docs/paths.md 5); else fresh per request
+    prepare: bool = True  # between requests, do the X25519 work of the next request's paths
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.n <= self.max_cloves <= 255:
@@ -112,20 +116,45 @@ class OverlayClient:
         self.client_id = os.urandom(16)
         self.guards: dict[str, DealerClient] = {}
         self.last: Delivery | None = None
-        self._select_lock = threading.Lock()  # the selector is shared with the preparer thread
-        self.preparer = (KitPreparer(self._draw_next, self.client_id, self.epoch) if config.prepare else None)
+        self.sessions = SessionPaths(self.selector)
+        self._select_lock = threading.Lock()  # selector and sessions are shared with the preparer thread
+        self._next_session = ""  # the session the preparer prepares for: the last one used
+        self.preparer = (KitPreparer(self._draw_next, self.client_id, self.epoch)
+                         if config.prepare and config.keep_paths else None)
 
     def epoch(self) -> int:
         return current_epoch(self.config.epoch_s)
 
-    def select(self, count: int, exclude: set[bytes]) -> list[tuple[RelayRecord, ...]]:
-        """``count`` paths avoiding ``exclude`` (raises OverlayError when the rules cannot)."""
+    def select(self, count: int, exclude: set[bytes], session: str | None = None) -> list[tuple[RelayRecord, ...]]:
+        """``count`` fresh paths avoiding ``exclude`` and ``session``'s suspects (raises
+        OverlayError when the rules cannot be met)."""
         with self._select_lock:
+            if session is not None:
+                exclude = exclude | self.sessions.suspects(session)
             drawn = self.selector.select(count, exclude=exclude)
-        return [tuple(self.relays[d.node_id] for d in descriptors) for descriptors in drawn]
+        return [self._records(descriptors) for descriptors in drawn]
+
+    def path_set(self, session: str) -> list[tuple[RelayRecord, ...]]:
+        """The paths of ``session``'s next request (one use of its set)."""
+        if not self.config.keep_paths:
+            return self.select(self.config.n, set())
+        with self._select_lock:
+            self._next_session = session
+            return [self._records(p) for p in self.sessions.paths_for(session)]
+
+    def path_failed(self, session: str, relays: tuple[RelayRecord, ...]) -> None:
+        """A path of ``session`` timed out: its set replaces it and suspects its relays."""
+        if self.config.keep_paths:
+            with self._select_lock:
+                self.sessions.path_failed(session, {r.node_id_bytes for r in relays})
+
+    def _records(self, descriptors) -> tuple[RelayRecord, ...]:
+        return tuple(self.relays[d.node_id] for d in descriptors)
 
     def _draw_next(self) -> list[list]:
-        return [[r.hop() for r in relays] for relays in self.select(self.config.n, set())]
+        with self._select_lock:
+            paths = self.sessions.peek(self._next_session)
+        return [[self.relays[d.node_id].hop() for d in path] for path in paths]
 
     def wait_prepared(self, timeout_s: float = 5.0) -> bool:
         """Block until the next request's path kits are ready; False without preparation."""
@@ -154,7 +183,7 @@ class OverlayClient:
                               max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               stop=tuple(stop), logprobs=logprobs, session=session)
         try:
-            return _Request(self, worker, req).run()
+            return _Request(self, worker, req, session).run()
         finally:
             if self.preparer is not None:
                 self.preparer.refill()
@@ -178,8 +207,8 @@ class OverlayClient:
 class _Request:
     """The state of one request on the client (see the module docstring for the rules)."""
 
-    def __init__(self, client: OverlayClient, worker: WorkerRecord, req: GenerateRequest) -> None:
-        self.c, self.worker, self.req = client, worker, req
+    def __init__(self, client: OverlayClient, worker: WorkerRecord, req: GenerateRequest, session: str) -> None:
+        self.c, self.worker, self.req, self.session = client, worker, req, session
         self.mid = os.urandom(16)
         cfg = client.config
         self.cloves = split(encode(req, client.session), n=cfg.max_cloves, k=cfg.k, message_id=self.mid)
@@ -192,12 +221,12 @@ class _Request:
 
     def run(self) -> GenerateResult:
         cfg, t0 = self.c.config, time.monotonic()
-        kits = self.c.preparer.take() if self.c.preparer is not None else None
-        if kits is None:
-            self._send_new(cfg.n, depth=0)
-        else:
-            for kit in kits:
-                self._send_kit(tuple(self.c.relays[node] for node in kit.path), kit, depth=0)
+        paths = self.c.path_set(self.session)
+        keys = [tuple(r.node_id_bytes for r in relays) for relays in paths]
+        kits = self.c.preparer.take(keys) if self.c.preparer is not None else [None] * len(paths)
+        epoch = self.c.epoch()
+        for relays, kit in zip(paths, kits):
+            self._send_kit(relays, kit or prepare_kit([r.hop() for r in relays], self.c.client_id, epoch), depth=0)
         deadline = t0 + cfg.answer_timeout_s
         while True:
             now = time.monotonic()
@@ -225,10 +254,10 @@ class _Request:
             return 0
         live = {r.node_id.encode("ascii") for p in self.paths if not p.failed for r in p.relays}
         try:
-            drawn = self.c.select(count, self.avoid | live)
+            drawn = self.c.select(count, self.avoid | live, self.session)
         except OverlayError:
             try:  # a small mesh: share relays with live paths rather than give up
-                drawn = self.c.select(count, self.avoid)
+                drawn = self.c.select(count, self.avoid, self.session)
             except OverlayError as exc:
                 log.info("no fresh path for a resend: %s", exc)
                 return 0
@@ -254,7 +283,8 @@ class _Request:
             if path.acked or path.failed or now - path.sent_at < cfg.ack_timeout_s:
                 continue
             path.failed = True
-            self.avoid |= {r.node_id.encode("ascii") for r in path.relays}
+            self.avoid |= {r.node_id_bytes for r in path.relays}
+            self.c.path_failed(self.session, path.relays)
             if not self.started and path.depth < cfg.resends:  # rule 6 of docs/paths.md
                 self._send_new(1, path.depth + 1)
         if not self.started and not any(not p.acked and not p.failed for p in self.paths):
