@@ -19,7 +19,10 @@ One request (:meth:`OverlayClient.generate`):
    ``answer_grace_s``, another clove goes out over a fresh path, and the worker answers it from
    its cache. A clove's ack may be left out when its path carries an answer clove soon enough:
    an answer clove proves its path works just as well.
-5. A request either returns its :class:`GenerateResult` or raises :class:`OverlayError` saying
+5. Paths a request stopped waiting for (it returned at k answer cloves) are judged before the
+   next request (:mod:`~permamesh.routing.overlay.late`): one still unheard from after
+   ``ack_timeout_s`` is replaced in its session's set like a path that timed out.
+6. A request either returns its :class:`GenerateResult` or raises :class:`OverlayError` saying
    what failed (never hangs past ``answer_timeout_s``).
 
 Between requests a background thread does the public-key work of the next request's paths (``prepare``, see :mod:`~permamesh.routing.overlay.prepared`), so a request only seals its
@@ -46,6 +49,7 @@ from permamesh.localmesh import WorkerRecord
 from permamesh.routing.overlay.directory import RelayRecord
 from permamesh.routing.overlay.envelope import STARTED, Ack, decode_reply_item, encode_envelope
 from permamesh.routing.overlay.errors import OverlayError
+from permamesh.routing.overlay.late import LateEvidence
 from permamesh.routing.overlay.messages import RelayAttach, RelayCell, RelayDelivery
 from permamesh.routing.overlay.onion import HopInfo, build_forward
 from permamesh.routing.overlay.paths import PathPolicy, PathSelector
@@ -121,6 +125,7 @@ class OverlayClient:
         self._next_session = ""  # the session the preparer prepares for: the last one used
         self.preparer = (KitPreparer(self._draw_next, self.client_id, self.epoch)
                          if config.prepare and config.keep_paths else None)
+        self.late = LateEvidence(config.ack_timeout_s, self.path_failed)  # paths a request stopped waiting for
 
     def epoch(self) -> int:
         return current_epoch(self.config.epoch_s)
@@ -182,11 +187,28 @@ class OverlayClient:
                               messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages),
                               max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               stop=tuple(stop), logprobs=logprobs, session=session)
+        self.settle_paths()
         try:
             return _Request(self, worker, req, session).run()
         finally:
             if self.preparer is not None:
                 self.preparer.refill()
+
+    def settle_paths(self) -> None:
+        """Read what came back for earlier requests since they returned, then judge their
+        unheard paths (a dead one is replaced in its session's set). Runs before each request;
+        call it when idle to judge sooner."""
+        if not len(self.late):
+            return
+        for guard in list(self.guards.values()):
+            while (frame := guard.recv(0)) is not None:
+                try:
+                    msg = decode(frame).msg
+                except WireError:
+                    continue
+                if isinstance(msg, RelayDelivery):
+                    self.late.offer(msg)
+        self.late.settle(time.monotonic())
 
     def _entry(self, entry: str | None) -> WorkerRecord:
         if entry is None:
@@ -238,6 +260,7 @@ class _Request:
                 frame = guard.recv(0)
                 result = self._on_frame(frame) if frame is not None else None
                 if result is not None:
+                    self._hold_unheard()
                     self.c.last = Delivery(len(self.paths), sum(p.failed for p in self.paths),
                                            max(p.depth for p in self.paths), time.monotonic() - t0, self.worker.node_id,
                                            tuple(tuple(r.node_id for r in p.relays) for p in self.paths),
@@ -245,6 +268,12 @@ class _Request:
                     if isinstance(result, ErrorReply):
                         raise OverlayError(f"the entry worker refused the request: {result.code}: {result.message}")
                     return result
+
+    def _hold_unheard(self) -> None:
+        for index, path in enumerate(self.paths):
+            if not (path.acked or path.failed):
+                keys = {rid: k for rid, (k, i) in self.replies.items() if i == index}
+                self.c.late.hold(self.session, path.relays, path.sent_at, keys)
 
     # ------------------------------------------------------------------ sending
     def _send_new(self, count: int, depth: int) -> int:
@@ -305,7 +334,10 @@ class _Request:
         except WireError as exc:
             log.debug("dropped a frame from a guard: %s", exc)
             return None
-        if not isinstance(msg, RelayDelivery) or msg.reply_id not in self.replies:
+        if not isinstance(msg, RelayDelivery):
+            return None
+        if msg.reply_id not in self.replies:
+            self.c.late.offer(msg)  # perhaps a path an earlier request stopped waiting for
             return None
         keys, index = self.replies.pop(msg.reply_id)
         try:
