@@ -22,7 +22,7 @@ roles and commands:
   submit     researcher: send a prompt to a running mesh, print the streamed answer
   status     anyone: show the workers of a running local mesh and their load
   demo       anyone new: start an embedded mesh on loopback, ask it questions, stop it
-  bench      benchmark harness: routing policies compared, JSON + PNG reports
+  bench      benchmark harness: routing, overlay, verification; JSON + PNG reports
 
 data directory (keys, model cache, local registry): --data-dir, else $PERMAMESH_HOME,
 else ~/.local/share/permamesh. Relays, validators and the gateway arrive with their issues.
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "request's first token never waits for a whole answer; 1 = one at a time (count, default: 4)")
     w.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (count)")
     w.add_argument("--seed", type=int, default=0, help="weight seed for tiny-random (default: 0)")
+    w.add_argument("--claim", default=None, help="announce this model name whatever is served: lets any local model "
+                   "pose as another, for verification drills (the committee's challenges must catch it)")
     w.add_argument("--group", default=None, help="worker group to route within (default: the model name; '' = serve alone)")
     w.add_argument("--policy", default="permamesh", choices=POLICY_NAMES, help="routing policy inside the group (default: permamesh)")
     w.add_argument("--block-size", type=int, default=16, help="tokens per block of the prefix cache and routing tree (count, default: 16)")
@@ -129,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and the anonymity simulation.")
     _common(o)
     add_overlay_bench_arguments(o)
+    from permamesh.bench.verify import add_verify_bench_arguments
+
+    v = bsub.add_parser("verify", help="verification: cheaters caught, honest workers spared, verifications per minute",
+                        description="Honest workers and a zoo of cheaters answer challenges for a number of epochs; "
+                                    "every answer is scored against the reference model and reputation updated.")
+    _common(v)
+    add_verify_bench_arguments(v)
     return parser
 
 
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_worker(WorkerOptions(data_dir, args.name, args.model, args.model_path, args.device,
                                             args.host, args.port, args.max_queue, args.seed, args.threads,
                                             args.group, args.policy, args.block_size, args.prefix_cache_mb,
-                                            args.measure_sync, args.max_active))
+                                            args.measure_sync, args.max_active, args.claim))
         if args.command == "relay":
             from permamesh.routing.overlay.relayproc import run_relay_from_args
 
@@ -172,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, data_dir: Path) -> int:
+    if args.bench == "verify":
+        from permamesh.bench.verify import run_from_args as run_verify
+
+        return run_verify(args, data_dir)
     if args.bench == "overlay":
         from permamesh.bench.overlay import run_from_args
         from permamesh.bench.overlayreal import RealOverlayConfig, quick_config, run_real

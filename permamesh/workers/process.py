@@ -48,6 +48,7 @@ class WorkerOptions:
     prefix_cache_mb: int = 1024  # KV cache budget in MiB, 0 = no prefix cache
     measure_sync: bool = False  # count full-tree broadcast bytes too (benchmarks)
     max_active: int = 4  # requests decoding at once, steps interleaved (1 = one at a time)
+    claim: str | None = None  # announce this model name instead (verification drills: an impostor)
 
 
 def group_salt(data_dir: Path, group: str) -> bytes:
@@ -84,6 +85,9 @@ def run_worker(opts: WorkerOptions) -> int:
     loaded = models.load(opts.model, opts.model_path, opts.data_dir, opts.device, opts.seed)
     if opts.model_path and opts.model == models.DEFAULT_MODEL:
         loaded.name = Path(opts.model_path).stem
+    if opts.claim:  # lets any local model pose as another: what the committee must catch
+        log.warning("serving %s but announcing %r (--claim)", loaded.name, opts.claim)
+        loaded.name = opts.claim
     group_name = loaded.name if opts.group is None else opts.group
     salt = group_salt(opts.data_dir, group_name) if group_name else b""
     hasher = BlockHasher(opts.block_size, salt)

@@ -186,10 +186,13 @@ class OverlayClient:
         req = GenerateRequest(os.urandom(16).hex(), prompt=prompt,
                               messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages),
                               max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              stop=tuple(stop), logprobs=logprobs, session=session)
+                              stop=tuple(stop), logprobs=True, session=session)  # always: see below
         self.settle_paths()
         try:
-            return _Request(self, worker, req, session).run()
+            result = _Request(self, worker, req, session).run()
+            # every overlay request asks for log-probs, so the committee's challenges (which
+            # need them) look like any other request; the caller gets them only if it asked
+            return result if logprobs or not isinstance(result, GenerateResult) else dataclasses.replace(result, logprobs=())
         finally:
             if self.preparer is not None:
                 self.preparer.refill()

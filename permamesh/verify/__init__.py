@@ -1,0 +1,26 @@
+"""Verification: does a worker serve the model it claims? (pure where possible)
+
+The committee's validators send challenges that look like user traffic, score each answer
+against the registered (reference) model, and fold the scores into a reputation that routing
+and payment read. ``docs/verification.md`` states the rules and their calibration. Modules:
+
+- :mod:`~permamesh.verify.traffic`: a seeded model of user traffic and the
+  :class:`~permamesh.verify.traffic.TrafficProfile` learned from it (pure).
+- :mod:`~permamesh.verify.challenges`: :class:`~permamesh.verify.challenges.ChallengePool`
+  (consented prompts, perturbed, plus fresh ones, with traffic's parameters) and
+  :class:`~permamesh.verify.challenges.ChallengeSchedule` (send times spread like arrivals) (pure).
+- :mod:`~permamesh.verify.scoring`: the teacher-forced pass of the reference model over prompt +
+  answer (the only module that imports torch, lazily).
+- :mod:`~permamesh.verify.credit`: per-answer credit C in [0, 1] from that evidence: structure,
+  log-prob agreement, greedy match or typicality; PlanetServe's 1/PPL for comparison (pure).
+- :mod:`~permamesh.verify.verifier`: :class:`~permamesh.verify.verifier.Verifier`, a request
+  and its answer in, a credit out; ``epoch_credit`` (the minimum of an epoch's challenges).
+- :mod:`~permamesh.verify.reputation`: the fixed-point reputation rule (PlanetServe's, window
+  counted correctly), trust floor with hysteresis, challenges per epoch rising for low
+  reputation (pure, integer ppm: what the committee stores).
+- :mod:`~permamesh.verify.zoo`: cheaters for tests and the benchmark.
+- :mod:`~permamesh.verify.errors`: :class:`~permamesh.verify.errors.VerifyError`.
+
+Who calls it: validators (the committee), ``permamesh bench verify``, tests. Nothing here
+opens a socket.
+"""

@@ -1,0 +1,413 @@
+"""Challenge requests: what validators send a worker to check the model it serves, drawn so
+that the worker cannot tell them from user traffic (a cheat that behaves only when it spots a
+challenge must never spot one).
+
+Who calls what:
+
+- a client whose user consents calls :func:`sample_for_verification` after an answer arrived;
+  when it says yes, the client hands ``(request, result)`` to the validators, who score the
+  answer and call :meth:`ChallengePool.add_consented` with the group that served it;
+- a validator keeps one :class:`ChallengePool` (built on a
+  :class:`~permamesh.verify.traffic.TrafficProfile`), asks :class:`ChallengeSchedule` for the
+  epoch's send times, calls :meth:`ChallengePool.draw` at each and sends ``challenge.request``
+  (nothing else of a :class:`Challenge` goes on the wire) through the overlay; when the
+  answer comes back it calls :meth:`ChallengePool.answered`, so that a later turn of a chat
+  challenge carries the worker's own answer in its history, as a user's client would.
+
+What a worker sees of a challenge and why it matches traffic: the parameters are a consented
+user's own or are drawn from the profile (chat and raw separately, so e.g. the share at
+temperature 0 matches); a chat keeps one set of parameters and one session id for all its
+turns, which come a think time (learned from traffic) after the previous answer; the number
+of turns follows the traffic's conversation lengths; ids are 16 random bytes in hex, like the
+overlay client's; ``logprobs`` is always True, as the overlay client always asks for them.
+
+Reusing consented prompts (the choice made here): a worker may remember every prompt it has
+served. So a consented sample is (1) never sent to the group that served the original, (2)
+sent at most once to any group, and (3) always perturbed: a chat gets a system prompt drawn
+afresh and its first message's lead-in replaced, a raw prompt another template; each redraw
+keeps the traffic's distribution of lead-ins and templates (see :func:`_shift`) and is
+repeated until the text differs from the original and every earlier use. A consented
+conversation is replayed as a new one of its user turns only, cut at a turn drawn from the
+traffic's conversation lengths. The requests of one conversation (one session id) are kept
+once, the longest, so one user conversation never yields two challenges; a prompt that many
+users send stays as common among challenges as it is in traffic (and as often "seen before").
+
+Fresh prompts are composed in the traffic's style (:func:`~permamesh.verify.traffic.compose`)
+with a length drawn from the profile and a topic drawn given that length, so the pool is
+never empty and never only replays.
+
+Limits: fresh prompts are synthetic text, which a worker running a language model of its own
+could learn to tell from human text: keep ``fresh_share`` low once consented samples abound.
+Workers of different groups that pool what they served can still match a reused consented
+prompt on its words beyond the lead-in, and a replayed conversation's later user turns
+answer the original model's replies, not this worker's. With few challenges an epoch, a later
+chat turn goes at a send time near its think time's end: right on average, but spread wider.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+
+from permamesh.verify.errors import VerifyError
+from permamesh.verify.traffic import (
+    FOLLOW_LEADS, LEAD_INS, RAW_FORMATS, THINK_MIN_S, TOPICS, Params, Topic, TrafficProfile, compose,
+    compose_followup, given_words, hex_id, split_lead_in, system_prompt, unwrap_raw, weighted,
+)
+from permamesh.wire import ChatMessage, GenerateRequest, GenerateResult
+from permamesh.wire.messages import MAX_PROMPT_CHARS
+
+log = logging.getLogger(__name__)
+
+TRIES = 16  # redraws of a perturbation (or picks of a consented sample) before giving up
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One challenge: ``request`` goes on the wire; the rest stays with the validator."""
+
+    request: GenerateRequest
+    greedy: bool  # temperature 0: the answer must match the reference model token for token
+    source: str  # "consented" (a perturbed user prompt) or "fresh" (composed)
+    group: str  # the worker group it was drawn for
+    conversation: int  # the pool's number for its conversation
+    turn: int  # 1 opens a conversation
+    last: bool  # no later turn follows (answered() is then optional)
+    sample: int = -1  # the consented sample it came from (its original answer may be on file); -1 fresh
+
+
+@dataclass
+class _Sample:
+    number: int
+    system: str | None
+    turns: tuple[str, ...]  # user messages (chat); the question (raw)
+    fmt: str  # raw template, "" for chat
+    params: Params
+    origin: str  # the group that served the original
+    used_by: set[str] = field(default_factory=set)
+    sent: set[str] = field(default_factory=set)  # digests of every text sent from it
+
+
+@dataclass
+class _Open:  # a chat challenge with turns still to come
+    number: int
+    group: str
+    session: str
+    params: Params
+    history: tuple[ChatMessage, ...]
+    script: list[str]  # consented user turns still to send; fresh ones are composed
+    topic: Topic
+    turns_left: int
+    source: str
+    sample: int
+    sent_at: float | None
+    gap_s: float  # think time: the next turn goes this long after the last was sent
+    awaiting: str = ""  # request id whose answer is missing
+    earliest: float = -math.inf  # no sooner than this (s)
+    due: float | None = None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _shift(rng: random.Random, pairs: tuple[tuple[str, float], ...], current: str) -> str:
+    """Another value of ``pairs`` whose distribution, over originals drawn from ``pairs``, is
+    ``pairs`` again: a uniform point in the original's arc of the unit circle, turned half a
+    circle. It differs from ``current`` whenever no value holds more than half the mass."""
+    total = sum(w for _, w in pairs)
+    start = 0.0
+    for value, w in pairs:
+        if value == current:
+            break
+        start += w
+    else:
+        return str(weighted(rng, pairs))  # an original we do not know: any value
+    point = (start + rng.random() * w + total / 2) % total
+    for value, w in pairs:
+        if point < w:
+            return value
+        point -= w
+    return pairs[-1][0]
+
+
+class ChallengePool:
+    """Consented samples plus a composer of fresh prompts; :meth:`draw` gives a challenge.
+
+    ``fresh_share``: of new conversations, the share composed even when a consented sample is
+    there; ``stale_s``: an open chat challenge whose answer or next turn is this late is
+    dropped (the user left); ``max_open``: open chat challenges kept, the oldest dropped."""
+
+    def __init__(self, profile: TrafficProfile, *, fresh_share: float = 0.25, stale_s: float = 900.0,
+                 max_open: int = 1024) -> None:
+        if not isinstance(profile, TrafficProfile):
+            raise VerifyError("a challenge pool needs a TrafficProfile")
+        if not (0.0 <= fresh_share <= 1.0 and stale_s > 0 and max_open >= 1):
+            raise VerifyError(f"bad pool settings: fresh_share={fresh_share!r}, stale_s={stale_s!r}")
+        if profile.logprobs_share < 0.99:
+            log.warning("only %.0f%% of traffic asks for logprobs: challenges (always True) stand out",
+                        100 * profile.logprobs_share)
+        self.profile, self.fresh_share, self.stale_s, self.max_open = profile, fresh_share, stale_s, max_open
+        self._samples: dict[tuple[bool, str], _Sample] = {}  # by (chat?, session id or request id)
+        self._keys: dict[bool, list[tuple[bool, str]]] = {True: [], False: []}  # in arrival order
+        self._open: dict[int, _Open] = {}
+        self._spacing: dict[str, tuple[float, float]] = {}  # group -> (last draw s, mean spacing s)
+        self._numbers = 0
+        s, mean = profile.chat_share, profile.mean_conversation()
+        # new conversations that are chats, so that requests (later turns included) match chat_share
+        self._new_chat = 0.0 if profile.chat is None else 1.0 if profile.raw is None else s / (s + mean * (1 - s))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    # -- consented samples
+    def add_consented(self, request: GenerateRequest, *, group: str = "") -> None:
+        """Keep a request its user allowed to be reused (``group``: the group that served it)."""
+        if not isinstance(request, GenerateRequest) or not isinstance(group, str):
+            raise VerifyError("add_consented takes a GenerateRequest and a group name")
+        if sum(len(m.content) for m in request.messages) + len(request.prompt or "") > MAX_PROMPT_CHARS - 4096:
+            raise VerifyError("a consented request too close to the size limit to be perturbed")
+        params = Params(request.max_tokens, request.temperature, request.top_p, request.stop, request.seed,
+                        request.model, request.stream)
+        if request.prompt is not None:
+            if not request.prompt.strip():
+                raise VerifyError("a consented raw prompt is empty")
+            fmt, question = unwrap_raw(request.prompt)
+            sample = _Sample(len(self._samples), None, (question,), fmt, params, group)
+        else:
+            turns = tuple(m.content for m in request.messages if m.role == "user")
+            if not turns or not all(t.strip() for t in turns):
+                raise VerifyError("a consented chat needs non-empty user messages")
+            system = request.messages[0].content if request.messages[0].role == "system" else None
+            sample = _Sample(len(self._samples), system, turns, "", params, group)
+        key = (request.prompt is None, request.session or request.request_id)  # one per conversation
+        old = self._samples.get(key)
+        if old is None:
+            self._keys[key[0]].append(key)
+        elif len(old.turns) >= len(sample.turns):
+            return
+        else:
+            sample.number, sample.used_by, sample.sent = old.number, old.used_by, old.sent
+        self._samples[key] = sample
+
+    def _pick(self, rng: random.Random, chat: bool, group: str) -> _Sample | None:
+        keys = self._keys[chat]
+        for _ in range(TRIES if keys else 0):
+            sample = self._samples[keys[rng.randrange(len(keys))]]
+            if group not in sample.used_by and not (sample.origin and sample.origin == group):
+                return sample
+        return None
+
+    # -- drawing
+    def draw(self, rng: random.Random, *, now: float | None = None, group: str = "") -> Challenge:
+        """The next challenge for ``group`` at time ``now`` (s): a due later turn of an open
+        chat challenge if there is one, else a new conversation or raw prompt.
+
+        A later turn is due from a mean draw spacing before its think time ends: it goes at
+        the first draw after that, on average when the think time ends, not a spacing later."""
+        if not isinstance(rng, random.Random):
+            raise VerifyError("draw() needs a random.Random")
+        if now is not None and not (isinstance(now, (int, float)) and math.isfinite(now)):
+            raise VerifyError(f"now must be a finite time in seconds, not {now!r}")
+        if not isinstance(group, str) or len(group) > 64:
+            raise VerifyError("group must be a string of at most 64 characters")
+        self._expire(now)
+        lead = 0.0
+        if now is not None:
+            last, lead = self._spacing.get(group, (None, 0.0))
+            if last is not None and now >= last:
+                lead = now - last if not lead else 0.9 * lead + 0.1 * (now - last)
+            self._spacing[group] = (now, lead)
+        due = [o for o in self._open.values() if o.group == group and not o.awaiting
+               and (now is None or o.due is None or max(o.due - lead, o.earliest) <= now)]
+        if due:
+            return self._next_turn(rng, min(due, key=lambda o: (o.due or 0.0, o.number)), now)
+        chat = rng.random() < self._new_chat
+        sample = self._pick(rng, chat, group) if rng.random() >= self.fresh_share else None
+        if chat:
+            return self._new_conversation(rng, sample, now, group)
+        return self._raw(rng, sample, group)
+
+    def _number(self) -> int:
+        self._numbers += 1
+        return self._numbers
+
+    def _raw(self, rng: random.Random, sample: _Sample | None, group: str) -> Challenge:
+        kind = self.profile.raw
+        if sample is not None:
+            for _ in range(TRIES):
+                prompt = _shift(rng, RAW_FORMATS, sample.fmt).replace("{q}", sample.turns[0])
+                if _digest(prompt) not in sample.sent and prompt != sample.fmt.replace("{q}", sample.turns[0]):
+                    return self._send_raw(rng, prompt, sample.params, group, sample)
+            sample.used_by.add(group)  # no new surface form left for it
+        fmt, topic, body = given_words(rng, kind.sample_words(rng), RAW_FORMATS)
+        question = compose(rng, topic, body)
+        return self._send_raw(rng, fmt.replace("{q}", question), kind.sample(rng), group, None)
+
+    def _send_raw(self, rng: random.Random, prompt: str, params: Params, group: str,
+                  sample: _Sample | None) -> Challenge:
+        if sample is not None:
+            sample.used_by.add(group)
+            sample.sent.add(_digest(prompt))
+        session = hex_id(rng) if rng.random() < self.profile.raw.session_share else ""
+        request = GenerateRequest(hex_id(rng), prompt=prompt, session=session, logprobs=True, **vars(params))
+        return Challenge(request, params.temperature == 0.0, "fresh" if sample is None else "consented", group,
+                         self._number(), 1, True, -1 if sample is None else sample.number)
+
+    def _new_conversation(self, rng: random.Random, sample: _Sample | None, now: float | None,
+                          group: str) -> Challenge:
+        profile, kind = self.profile, self.profile.chat
+        turns = int(weighted(rng, profile.conversation_turns()))
+        topic = weighted(rng, ((t, t.weight) for t in TOPICS))
+        opening = None
+        if sample is not None:
+            lead, rest = split_lead_in(sample.turns[0])
+            for _ in range(TRIES):
+                system = system_prompt(rng) if rng.random() < profile.system_share else None
+                first = " ".join(p for p in (_shift(rng, LEAD_INS, lead), rest) if p)
+                if first != sample.turns[0] and _digest(first) not in sample.sent:
+                    opening, params, script = (system, first), sample.params, list(sample.turns[1:turns])
+                    sample.used_by.add(group)
+                    sample.sent.add(_digest(first))
+                    break
+            else:
+                sample.used_by.add(group)
+        if opening is None:
+            lead, topic, body = given_words(rng, kind.sample_words(rng), LEAD_INS)
+            system = system_prompt(rng) if rng.random() < profile.system_share else None
+            opening, params, script, sample = (system, compose(rng, topic, body, lead)), kind.sample(rng), [], None
+        history = (ChatMessage("system", opening[0]),) if opening[0] is not None else ()
+        history += (ChatMessage("user", opening[1]),)
+        session = hex_id(rng) if rng.random() < kind.session_share else ""
+        conv = _Open(self._number(), group, session, params, (), script, topic, turns,
+                     "fresh" if sample is None else "consented", -1 if sample is None else sample.number, now, 0.0)
+        return self._send_turn(rng, conv, history)
+
+    def _next_turn(self, rng: random.Random, conv: _Open, now: float | None) -> Challenge:
+        if conv.script:
+            _, rest = split_lead_in(conv.script.pop(0), FOLLOW_LEADS)
+            said = " ".join(p for p in (str(weighted(rng, FOLLOW_LEADS)), rest) if p)
+        else:
+            lead, _, body = given_words(rng, self.profile.sample_followup_words(rng), FOLLOW_LEADS, None)
+            said = compose_followup(rng, conv.topic, body, lead)
+        conv.sent_at = now
+        return self._send_turn(rng, conv, conv.history + (ChatMessage("user", said),))
+
+    def _send_turn(self, rng: random.Random, conv: _Open, history: tuple[ChatMessage, ...]) -> Challenge:
+        request = GenerateRequest(hex_id(rng), messages=history, session=conv.session, logprobs=True,
+                                  **vars(conv.params))
+        conv.history, conv.turns_left = history, conv.turns_left - 1
+        turn = sum(m.role == "user" for m in history)
+        if conv.turns_left > 0:
+            conv.awaiting, conv.due, conv.gap_s = request.request_id, None, self.profile.sample_think_s(rng)
+            self._open[conv.number] = conv
+            while len(self._open) > self.max_open:
+                self._open.pop(next(iter(self._open)))
+        else:
+            self._open.pop(conv.number, None)
+        return Challenge(request, conv.params.temperature == 0.0, conv.source, conv.group, conv.number, turn,
+                         conv.turns_left <= 0, conv.sample)
+
+    def answered(self, challenge: Challenge, text: str, *, at: float | None = None) -> None:
+        """The worker's answer to ``challenge`` (received at ``at`` s): its conversation's next
+        turn becomes due a think time after the challenge was sent, not before the answer."""
+        if not isinstance(challenge, Challenge) or not isinstance(text, str):
+            raise VerifyError("answered() takes a Challenge and the answer's text")
+        conv = self._open.get(challenge.conversation)
+        if conv is None or conv.awaiting != challenge.request.request_id:
+            if challenge.last:
+                return
+            raise VerifyError(f"challenge {challenge.request.request_id} is not awaiting an answer (expired?)")
+        conv.history += (ChatMessage("assistant", text),)
+        conv.awaiting = ""
+        if conv.sent_at is not None:  # never sooner than the quickest user, nor before the answer
+            quickest = self.profile.think_s[0] if self.profile.think_s else THINK_MIN_S
+            conv.due = conv.sent_at + conv.gap_s
+            conv.earliest = max(conv.sent_at + min(quickest, conv.gap_s), at if at is not None else -math.inf)
+
+    def _expire(self, now: float | None) -> None:
+        if now is None:
+            return
+        for number, conv in list(self._open.items()):
+            last = conv.due if conv.due is not None else conv.sent_at
+            if last is not None and now - last > self.stale_s:
+                log.debug("challenge conversation %d dropped after %.0f s", number, now - last)
+                del self._open[number]
+
+
+@dataclass(frozen=True)
+class ChallengeSchedule:
+    """When challenges go out: each epoch's count (an input; validators raise it for nodes of
+    low reputation) at times spread like user arrivals, a Poisson process with the traffic's
+    rate conditioned on the count, so never at fixed offsets."""
+
+    epoch_s: float = 60.0
+    rates: tuple[float, ...] = ()  # relative user arrival rate in equal bins of period_s; () = flat
+    period_s: float = 86400.0  # s, the cycle of ``rates`` (a day)
+    floor: float = 0.05  # no bin's rate below this share of the mean: quiet hours get fewer, not none
+
+    def __post_init__(self) -> None:
+        if not (0 < self.epoch_s < math.inf and 0 < self.period_s < math.inf):
+            raise VerifyError(f"epoch_s and period_s must be > 0, not {self.epoch_s!r}, {self.period_s!r}")
+        if not all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 0 for r in self.rates):
+            raise VerifyError("rates must be finite and >= 0")
+        if self.rates and not sum(self.rates) > 0:
+            raise VerifyError("rates must not all be zero")
+
+    @classmethod
+    def from_arrivals(cls, arrivals: list[float], *, epoch_s: float = 60.0, period_s: float = 86400.0,
+                      bins: int = 24) -> ChallengeSchedule:
+        """A schedule following the rate of observed user arrival times (s)."""
+        if bins < 1 or not arrivals or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in arrivals):
+            raise VerifyError("from_arrivals needs finite arrival times and bins >= 1")
+        counts = [0] * bins
+        for t in arrivals:
+            counts[min(int((t % period_s) / period_s * bins), bins - 1)] += 1
+        return cls(epoch_s, tuple(float(c) for c in counts), period_s)
+
+    def _rate(self, t: float) -> float:
+        mean = sum(self.rates) / len(self.rates)
+        return max(self.rates[min(int((t % self.period_s) / self.period_s * len(self.rates)), len(self.rates) - 1)],
+                   self.floor * mean)
+
+    def send_times(self, epoch: int, count: int, rng: random.Random) -> tuple[float, ...]:
+        """``count`` sorted send times (s) in ``[epoch * epoch_s, (epoch + 1) * epoch_s)``."""
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(count, int) and 0 <= count <= 100_000):
+            raise VerifyError(f"need an epoch >= 0 and a count in 0..100000, not {epoch!r}, {count!r}")
+        if not isinstance(rng, random.Random):
+            raise VerifyError("send_times() needs a random.Random")
+        start, end = epoch * self.epoch_s, (epoch + 1) * self.epoch_s
+        cuts = [start]
+        if self.rates:
+            step = self.period_s / len(self.rates)
+            cuts += [k * step for k in range(math.floor(start / step) + 1, math.ceil(end / step))]
+        cuts.append(end)
+        segments = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+        weights = [(b - a) * (self._rate(a) if self.rates else 1.0) for a, b in segments]
+        times = []
+        for a, b in rng.choices(segments, weights, k=count):
+            times.append(min(a + rng.random() * (b - a), math.nextafter(end, start)))
+        return tuple(sorted(times))
+
+    def plan(self, counts: list[int], rng: random.Random, *, first_epoch: int = 0) -> list[float]:
+        """Send times for consecutive epochs, ``counts[i]`` in epoch ``first_epoch + i``."""
+        return [t for i, count in enumerate(counts) for t in self.send_times(first_epoch + i, count, rng)]
+
+
+def sample_for_verification(request: GenerateRequest, result: GenerateResult, consent: bool, rate: float,
+                            rng: random.Random) -> bool:
+    """Whether the client forwards this real answer to the validators (True at ``rate``, only
+    where its user consents). The client decides after the answer arrived, so the worker
+    cannot serve sampled requests differently; a forwarded request may later be reused,
+    perturbed, as a challenge (:meth:`ChallengePool.add_consented`)."""
+    if not isinstance(request, GenerateRequest) or not isinstance(result, GenerateResult):
+        raise VerifyError("sample_for_verification takes a GenerateRequest and its GenerateResult")
+    if result.request_id != request.request_id:
+        raise VerifyError(f"result {result.request_id!r} answers another request than {request.request_id!r}")
+    if not (isinstance(rate, (int, float)) and 0.0 <= rate <= 1.0) or not isinstance(rng, random.Random):
+        raise VerifyError(f"rate must be in [0, 1] and rng a random.Random, not {rate!r}")
+    draw = rng.random()  # drawn either way: consent does not change the stream of decisions
+    return bool(consent) and draw < rate

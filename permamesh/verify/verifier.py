@@ -1,0 +1,106 @@
+"""The validator's scorer: a (request, answer) pair in, a :class:`~permamesh.verify.credit.Credit` out.
+
+A :class:`Verifier` holds the registered model as its reference (a
+:class:`~permamesh.workers.models.LoadedModel`: the same weights, tokenizer and chat template
+the worker claims to serve). :meth:`Verifier.score` re-derives the prompt's token ids the way
+a worker must (chat template or raw text), checks what it can without the model (the answer
+names the claimed model, its text is what its tokens decode to, its counts add up), runs one
+teacher-forced pass (:func:`~permamesh.verify.scoring.teacher_forced`) and returns the credit.
+:func:`epoch_credit` folds one node's challenge credits of an epoch into C(T): the minimum, so
+one failed challenge makes the epoch abnormal (a part-time cheater is caught in an epoch with
+probability ``1 - (1 - p)^challenges``).
+
+Bad answers are expected here (that is the point): every malformed field is a zero credit with
+its reason, never an exception; only a bad *request* (the validator's own input) raises
+:class:`~permamesh.verify.errors.VerifyError`.
+
+Who calls it: validators (the committee issue's process), the verification benchmark and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from permamesh.verify.credit import Credit, CreditConfig, answer_credit, to_ppm
+from permamesh.verify.errors import VerifyError
+from permamesh.verify.scoring import teacher_forced
+from permamesh.wire.messages import GenerateRequest, GenerateResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Verifier", "epoch_credit", "zero_credit"]
+
+
+def zero_credit(reason: str) -> Credit:
+    """Credit 0 for an answer that fails before the model is consulted."""
+    return Credit(0.0, 0.0, 0.0, 0.0, 0.0, float("inf"), None, None, reason)
+
+
+def epoch_credit(credits: Iterable[Credit | float]) -> int:
+    """C(T) in ppm from one node's challenge credits of an epoch (the minimum; 0 if none
+    answered: a node that answers no challenge earns nothing)."""
+    values = [c.credit if isinstance(c, Credit) else float(c) for c in credits]
+    return to_ppm(min(values)) if values else 0
+
+
+class Verifier:
+    """Scores answers against ``reference`` (a LoadedModel of the registered model)."""
+
+    def __init__(self, reference, config: CreditConfig = CreditConfig(), claimed: str | None = None) -> None:
+        from permamesh.workers.engine import Engine  # the worker's own prompt rendering
+
+        self.reference = reference
+        self.config = config
+        self.claimed = claimed if claimed is not None else reference.name
+        self._engine = Engine(reference)
+        self.scored = 0
+        self.busy_s = 0.0  # seconds spent in score(), for the verifications-per-minute figure
+
+    def prompt_ids(self, request: GenerateRequest) -> list[int]:
+        return self._engine.prompt_ids(request)
+
+    def score(self, request: GenerateRequest, result: object) -> Credit:
+        """The credit of ``result`` as an answer to ``request``."""
+        started = time.monotonic()
+        try:
+            return self._score(request, result)
+        finally:
+            self.scored += 1
+            self.busy_s += time.monotonic() - started
+
+    def _score(self, request: GenerateRequest, result: object) -> Credit:
+        if not isinstance(request, GenerateRequest):
+            raise VerifyError(f"a challenge must be a GenerateRequest, not {type(request).__name__}")
+        if not isinstance(result, GenerateResult):
+            return zero_credit(f"answer is a {type(result).__name__}, not a result")
+        if result.request_id != request.request_id:
+            return zero_credit("answer is for another request")
+        if self.claimed and result.model and result.model != self.claimed:
+            return zero_credit(f"answer names model {result.model!r}, not {self.claimed!r}")
+        ids = list(result.token_ids)
+        if result.completion_tokens != len(ids):
+            return zero_credit(f"completion_tokens {result.completion_tokens} for {len(ids)} token ids")
+        tok = self.reference.tokenizer
+        try:
+            decoded = tok.decode(ids)
+        except Exception as exc:  # noqa: BLE001 - ids from a peer may be anything
+            return zero_credit(f"token ids do not decode: {exc}")
+        stop_hit = any(s in decoded for s in request.stop)
+        if not decoded.startswith(result.text.rstrip()) and not stop_hit:
+            return zero_credit("text is not what the token ids decode to")
+        try:
+            evidence = teacher_forced(self.reference.model, self.prompt_ids(request), ids, eos_ids=tok.eos_ids,
+                                      temperature=request.temperature, top_p=request.top_p,
+                                      device=self.reference.device)
+        except VerifyError as exc:
+            return zero_credit(str(exc))
+        credit = answer_credit(evidence, result.logprobs, finish_reason=result.finish_reason,
+                               max_tokens=request.max_tokens, stop_hit=stop_hit, config=self.config)
+        log.debug("credit %.3f for %s (%s)", credit.credit, request.request_id, credit.reason or "ok")
+        return credit
+
+    def rate_per_minute(self) -> float:
+        """Verifications per minute of scoring time so far."""
+        return 60.0 * self.scored / self.busy_s if self.busy_s > 0 else 0.0
