@@ -40,7 +40,8 @@ from permamesh.bench.stats import write_report
 from permamesh.bench.verifyzoo import CHEATERS, FULL_TIME, HONEST_KINDS, Zoo, load_reference
 from permamesh.verify import reputation as rep
 from permamesh.verify.challenges import ChallengePool
-from permamesh.verify.traffic import TrafficProfile, user_requests
+from permamesh.verify.profile import TrafficProfile
+from permamesh.verify.traffic import user_requests
 from permamesh.verify.verifier import Verifier, epoch_credit
 from permamesh.workers import models
 
@@ -77,7 +78,10 @@ def _pool(seed: int) -> tuple[ChallengePool, TrafficProfile]:
     return pool, profile
 
 
-def run(bench: VerifyBench, say: Callable[[str], None] = print) -> dict:
+def run(bench: VerifyBench, say: Callable[[str], None] = print,
+        checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """The whole benchmark; ``checkpoint`` gets the report so far after every epoch
+    (``complete`` false), so a long run that is stopped still leaves its figures."""
     started = time.monotonic()
     ref = load_reference(bench.model, bench.data_dir, bench.seed)
     verifier = Verifier(ref)
@@ -118,6 +122,14 @@ def run(bench: VerifyBench, say: Callable[[str], None] = print) -> dict:
         low = min(states[n].reputation_ppm for n in nodes if n.startswith("honest-")) / 1e6
         say(f"  epoch {epoch}/{bench.epochs}: {out} cheaters excluded; lowest honest reputation {low:.2f}; "
             f"{verifier.scored} answers scored")
+        if checkpoint is not None and epoch < bench.epochs:
+            checkpoint(_report(bench, ref, verifier, config, calibration, history, nodes, epoch, started))
+    report = _report(bench, ref, verifier, config, calibration, history, nodes, bench.epochs, started)
+    say("summary: " + str(report["summary"]))
+    return report
+
+
+def _report(bench, ref, verifier, config, calibration, history, nodes, epochs_done: int, started: float) -> dict:
     report = {
         "benchmark": "verify", "quick": bench.quick, "seed": bench.seed, "model": ref.name,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(bench).items()},
@@ -127,10 +139,10 @@ def run(bench: VerifyBench, say: Callable[[str], None] = print) -> dict:
         "calibration": _calibration(calibration),
         "nodes": history,
         "scored": verifier.scored, "scoring_s": round(verifier.busy_s, 3),
+        "epochs_done": epochs_done, "complete": epochs_done == bench.epochs,
     }
-    report["summary"] = _summary(report, nodes, bench)
+    report["summary"] = _summary(report, nodes, dataclasses.replace(bench, epochs=epochs_done))
     report["wall_s"] = round(time.monotonic() - started, 2)
-    say("summary: " + str(report["summary"]))
     return report
 
 
@@ -228,7 +240,8 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
     bench = dataclasses.replace(bench, **changes)
     if bench.epochs < 1 or bench.honest_nodes < 1 or bench.answer_cap < 1:
         raise SystemExit("permamesh bench verify: --epochs, --honest-nodes and --answer-cap must be >= 1")
-    report = run(bench)
+    report = run(bench, checkpoint=(lambda partial: write_report(partial, args.json, None, plot_verify))
+                 if args.json else None)
     write_report(report, args.json, args.plot, plot_verify)
     for path in (args.json, args.plot):
         if path:

@@ -4,11 +4,18 @@ The committee's validators send challenges that look like user traffic, score ea
 against the registered (reference) model, and fold the scores into a reputation that routing
 and payment read. ``docs/verification.md`` states the rules and their calibration. Modules:
 
-- :mod:`~permamesh.verify.traffic`: a seeded model of user traffic and the
-  :class:`~permamesh.verify.traffic.TrafficProfile` learned from it (pure).
+- :mod:`~permamesh.verify.textgen`: English-like user text: topics, lead-ins, raw templates
+  and the composers that write a message of a given length (pure).
+- :mod:`~permamesh.verify.traffic`: a seeded model of user traffic, ``user_requests``:
+  conversations, parameters, arrivals (pure).
+- :mod:`~permamesh.verify.profile`: :class:`~permamesh.verify.profile.TrafficProfile`, what a
+  worker can observe of traffic, learned from requests and sampled for challenges (pure).
 - :mod:`~permamesh.verify.challenges`: :class:`~permamesh.verify.challenges.ChallengePool`
-  (consented prompts, perturbed, plus fresh ones, with traffic's parameters) and
-  :class:`~permamesh.verify.challenges.ChallengeSchedule` (send times spread like arrivals) (pure).
+  (consented prompts, perturbed, plus fresh ones, with traffic's parameters) (pure).
+- :mod:`~permamesh.verify.consented`: consented samples: the client's
+  ``sample_for_verification`` and how the pool keeps and rewords what it forwards (pure).
+- :mod:`~permamesh.verify.schedule`: :class:`~permamesh.verify.schedule.ChallengeSchedule`
+  (send times spread like arrivals) (pure).
 - :mod:`~permamesh.verify.scoring`: the teacher-forced pass of the reference model over prompt +
   answer (the only module that imports torch, lazily).
 - :mod:`~permamesh.verify.credit`: per-answer credit C in [0, 1] from that evidence: structure,

@@ -1,18 +1,22 @@
 """Challenge requests: what validators send a worker to check the model it serves, drawn so
 that the worker cannot tell them from user traffic (a cheat that behaves only when it spots a
-challenge must never spot one).
+challenge must never spot one). This module owns :class:`ChallengePool` and
+:class:`Challenge`; consented samples are kept and reworded in
+:mod:`~permamesh.verify.consented`, send times come from :mod:`~permamesh.verify.schedule`.
 
 Who calls what:
 
-- a client whose user consents calls :func:`sample_for_verification` after an answer arrived;
-  when it says yes, the client hands ``(request, result)`` to the validators, who score the
-  answer and call :meth:`ChallengePool.add_consented` with the group that served it;
+- a client whose user consents calls :func:`~permamesh.verify.consented.sample_for_verification`
+  after an answer arrived; when it says yes, the client hands ``(request, result)`` to the
+  validators, who score the answer and call :meth:`ChallengePool.add_consented` with the
+  group that served it;
 - a validator keeps one :class:`ChallengePool` (built on a
-  :class:`~permamesh.verify.traffic.TrafficProfile`), asks :class:`ChallengeSchedule` for the
-  epoch's send times, calls :meth:`ChallengePool.draw` at each and sends ``challenge.request``
-  (nothing else of a :class:`Challenge` goes on the wire) through the overlay; when the
-  answer comes back it calls :meth:`ChallengePool.answered`, so that a later turn of a chat
-  challenge carries the worker's own answer in its history, as a user's client would.
+  :class:`~permamesh.verify.profile.TrafficProfile`), asks
+  :class:`~permamesh.verify.schedule.ChallengeSchedule` for the epoch's send times, calls
+  :meth:`ChallengePool.draw` at each and sends ``challenge.request`` (nothing else of a
+  :class:`Challenge` goes on the wire) through the overlay; when the answer comes back it
+  calls :meth:`ChallengePool.answered`, so that a later turn of a chat challenge carries the
+  worker's own answer in its history, as a user's client would.
 
 What a worker sees of a challenge and why it matches traffic: the parameters are a consented
 user's own or are drawn from the profile (chat and raw separately, so e.g. the share at
@@ -25,14 +29,15 @@ Reusing consented prompts (the choice made here): a worker may remember every pr
 served. So a consented sample is (1) never sent to the group that served the original, (2)
 sent at most once to any group, and (3) always perturbed: a chat gets a system prompt drawn
 afresh and its first message's lead-in replaced, a raw prompt another template; each redraw
-keeps the traffic's distribution of lead-ins and templates (see :func:`_shift`) and is
-repeated until the text differs from the original and every earlier use. A consented
+keeps the traffic's distribution of lead-ins and templates (see
+:func:`~permamesh.verify.consented.shift`) and is repeated until the text differs from the
+original and every earlier use. A consented
 conversation is replayed as a new one of its user turns only, cut at a turn drawn from the
 traffic's conversation lengths. The requests of one conversation (one session id) are kept
 once, the longest, so one user conversation never yields two challenges; a prompt that many
 users send stays as common among challenges as it is in traffic (and as often "seen before").
 
-Fresh prompts are composed in the traffic's style (:func:`~permamesh.verify.traffic.compose`)
+Fresh prompts are composed in the traffic's style (:func:`~permamesh.verify.textgen.compose`)
 with a length drawn from the profile and a topic drawn given that length, so the pool is
 never empty and never only replays.
 
@@ -46,23 +51,22 @@ chat turn goes at a send time near its think time's end: right on average, but s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from permamesh.verify.consented import TRIES, Sample, digest, reword_opening, reword_raw, sample_of
 from permamesh.verify.errors import VerifyError
-from permamesh.verify.traffic import (
-    FOLLOW_LEADS, LEAD_INS, RAW_FORMATS, THINK_MIN_S, TOPICS, Params, Topic, TrafficProfile, compose,
-    compose_followup, given_words, hex_id, split_lead_in, system_prompt, unwrap_raw, weighted,
+from permamesh.verify.profile import Params, TrafficProfile
+from permamesh.verify.textgen import (
+    FOLLOW_LEADS, LEAD_INS, RAW_FORMATS, TOPICS, Topic, compose, compose_followup, given_words, split_lead_in,
+    system_prompt, weighted,
 )
-from permamesh.wire import ChatMessage, GenerateRequest, GenerateResult
-from permamesh.wire.messages import MAX_PROMPT_CHARS
+from permamesh.verify.traffic import THINK_MIN_S, hex_id
+from permamesh.wire import ChatMessage, GenerateRequest
 
 log = logging.getLogger(__name__)
-
-TRIES = 16  # redraws of a perturbation (or picks of a consented sample) before giving up
 
 
 @dataclass(frozen=True)
@@ -77,18 +81,6 @@ class Challenge:
     turn: int  # 1 opens a conversation
     last: bool  # no later turn follows (answered() is then optional)
     sample: int = -1  # the consented sample it came from (its original answer may be on file); -1 fresh
-
-
-@dataclass
-class _Sample:
-    number: int
-    system: str | None
-    turns: tuple[str, ...]  # user messages (chat); the question (raw)
-    fmt: str  # raw template, "" for chat
-    params: Params
-    origin: str  # the group that served the original
-    used_by: set[str] = field(default_factory=set)
-    sent: set[str] = field(default_factory=set)  # digests of every text sent from it
 
 
 @dataclass
@@ -110,30 +102,6 @@ class _Open:  # a chat challenge with turns still to come
     due: float | None = None
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _shift(rng: random.Random, pairs: tuple[tuple[str, float], ...], current: str) -> str:
-    """Another value of ``pairs`` whose distribution, over originals drawn from ``pairs``, is
-    ``pairs`` again: a uniform point in the original's arc of the unit circle, turned half a
-    circle. It differs from ``current`` whenever no value holds more than half the mass."""
-    total = sum(w for _, w in pairs)
-    start = 0.0
-    for value, w in pairs:
-        if value == current:
-            break
-        start += w
-    else:
-        return str(weighted(rng, pairs))  # an original we do not know: any value
-    point = (start + rng.random() * w + total / 2) % total
-    for value, w in pairs:
-        if point < w:
-            return value
-        point -= w
-    return pairs[-1][0]
-
-
 class ChallengePool:
     """Consented samples plus a composer of fresh prompts; :meth:`draw` gives a challenge.
 
@@ -151,7 +119,7 @@ class ChallengePool:
             log.warning("only %.0f%% of traffic asks for logprobs: challenges (always True) stand out",
                         100 * profile.logprobs_share)
         self.profile, self.fresh_share, self.stale_s, self.max_open = profile, fresh_share, stale_s, max_open
-        self._samples: dict[tuple[bool, str], _Sample] = {}  # by (chat?, session id or request id)
+        self._samples: dict[tuple[bool, str], Sample] = {}  # by (chat?, session id or request id)
         self._keys: dict[bool, list[tuple[bool, str]]] = {True: [], False: []}  # in arrival order
         self._open: dict[int, _Open] = {}
         self._spacing: dict[str, tuple[float, float]] = {}  # group -> (last draw s, mean spacing s)
@@ -168,21 +136,7 @@ class ChallengePool:
         """Keep a request its user allowed to be reused (``group``: the group that served it)."""
         if not isinstance(request, GenerateRequest) or not isinstance(group, str):
             raise VerifyError("add_consented takes a GenerateRequest and a group name")
-        if sum(len(m.content) for m in request.messages) + len(request.prompt or "") > MAX_PROMPT_CHARS - 4096:
-            raise VerifyError("a consented request too close to the size limit to be perturbed")
-        params = Params(request.max_tokens, request.temperature, request.top_p, request.stop, request.seed,
-                        request.model, request.stream)
-        if request.prompt is not None:
-            if not request.prompt.strip():
-                raise VerifyError("a consented raw prompt is empty")
-            fmt, question = unwrap_raw(request.prompt)
-            sample = _Sample(len(self._samples), None, (question,), fmt, params, group)
-        else:
-            turns = tuple(m.content for m in request.messages if m.role == "user")
-            if not turns or not all(t.strip() for t in turns):
-                raise VerifyError("a consented chat needs non-empty user messages")
-            system = request.messages[0].content if request.messages[0].role == "system" else None
-            sample = _Sample(len(self._samples), system, turns, "", params, group)
+        sample = sample_of(request, len(self._samples), group)
         key = (request.prompt is None, request.session or request.request_id)  # one per conversation
         old = self._samples.get(key)
         if old is None:
@@ -193,7 +147,7 @@ class ChallengePool:
             sample.number, sample.used_by, sample.sent = old.number, old.used_by, old.sent
         self._samples[key] = sample
 
-    def _pick(self, rng: random.Random, chat: bool, group: str) -> _Sample | None:
+    def _pick(self, rng: random.Random, chat: bool, group: str) -> Sample | None:
         keys = self._keys[chat]
         for _ in range(TRIES if keys else 0):
             sample = self._samples[keys[rng.randrange(len(keys))]]
@@ -235,46 +189,39 @@ class ChallengePool:
         self._numbers += 1
         return self._numbers
 
-    def _raw(self, rng: random.Random, sample: _Sample | None, group: str) -> Challenge:
+    def _raw(self, rng: random.Random, sample: Sample | None, group: str) -> Challenge:
         kind = self.profile.raw
         if sample is not None:
-            for _ in range(TRIES):
-                prompt = _shift(rng, RAW_FORMATS, sample.fmt).replace("{q}", sample.turns[0])
-                if _digest(prompt) not in sample.sent and prompt != sample.fmt.replace("{q}", sample.turns[0]):
-                    return self._send_raw(rng, prompt, sample.params, group, sample)
+            prompt = reword_raw(rng, sample)
+            if prompt is not None:
+                return self._send_raw(rng, prompt, sample.params, group, sample)
             sample.used_by.add(group)  # no new surface form left for it
         fmt, topic, body = given_words(rng, kind.sample_words(rng), RAW_FORMATS)
         question = compose(rng, topic, body)
         return self._send_raw(rng, fmt.replace("{q}", question), kind.sample(rng), group, None)
 
     def _send_raw(self, rng: random.Random, prompt: str, params: Params, group: str,
-                  sample: _Sample | None) -> Challenge:
+                  sample: Sample | None) -> Challenge:
         if sample is not None:
             sample.used_by.add(group)
-            sample.sent.add(_digest(prompt))
+            sample.sent.add(digest(prompt))
         session = hex_id(rng) if rng.random() < self.profile.raw.session_share else ""
         request = GenerateRequest(hex_id(rng), prompt=prompt, session=session, logprobs=True, **vars(params))
         return Challenge(request, params.temperature == 0.0, "fresh" if sample is None else "consented", group,
                          self._number(), 1, True, -1 if sample is None else sample.number)
 
-    def _new_conversation(self, rng: random.Random, sample: _Sample | None, now: float | None,
+    def _new_conversation(self, rng: random.Random, sample: Sample | None, now: float | None,
                           group: str) -> Challenge:
         profile, kind = self.profile, self.profile.chat
         turns = int(weighted(rng, profile.conversation_turns()))
         topic = weighted(rng, ((t, t.weight) for t in TOPICS))
         opening = None
         if sample is not None:
-            lead, rest = split_lead_in(sample.turns[0])
-            for _ in range(TRIES):
-                system = system_prompt(rng) if rng.random() < profile.system_share else None
-                first = " ".join(p for p in (_shift(rng, LEAD_INS, lead), rest) if p)
-                if first != sample.turns[0] and _digest(first) not in sample.sent:
-                    opening, params, script = (system, first), sample.params, list(sample.turns[1:turns])
-                    sample.used_by.add(group)
-                    sample.sent.add(_digest(first))
-                    break
-            else:
-                sample.used_by.add(group)
+            opening = reword_opening(rng, sample, profile.system_share)
+            sample.used_by.add(group)  # reworded, or no new surface form left for it
+            if opening is not None:
+                params, script = sample.params, list(sample.turns[1:turns])
+                sample.sent.add(digest(opening[1]))
         if opening is None:
             lead, topic, body = given_words(rng, kind.sample_words(rng), LEAD_INS)
             system = system_prompt(rng) if rng.random() < profile.system_share else None
@@ -336,78 +283,3 @@ class ChallengePool:
             if last is not None and now - last > self.stale_s:
                 log.debug("challenge conversation %d dropped after %.0f s", number, now - last)
                 del self._open[number]
-
-
-@dataclass(frozen=True)
-class ChallengeSchedule:
-    """When challenges go out: each epoch's count (an input; validators raise it for nodes of
-    low reputation) at times spread like user arrivals, a Poisson process with the traffic's
-    rate conditioned on the count, so never at fixed offsets."""
-
-    epoch_s: float = 60.0
-    rates: tuple[float, ...] = ()  # relative user arrival rate in equal bins of period_s; () = flat
-    period_s: float = 86400.0  # s, the cycle of ``rates`` (a day)
-    floor: float = 0.05  # no bin's rate below this share of the mean: quiet hours get fewer, not none
-
-    def __post_init__(self) -> None:
-        if not (0 < self.epoch_s < math.inf and 0 < self.period_s < math.inf):
-            raise VerifyError(f"epoch_s and period_s must be > 0, not {self.epoch_s!r}, {self.period_s!r}")
-        if not all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 0 for r in self.rates):
-            raise VerifyError("rates must be finite and >= 0")
-        if self.rates and not sum(self.rates) > 0:
-            raise VerifyError("rates must not all be zero")
-
-    @classmethod
-    def from_arrivals(cls, arrivals: list[float], *, epoch_s: float = 60.0, period_s: float = 86400.0,
-                      bins: int = 24) -> ChallengeSchedule:
-        """A schedule following the rate of observed user arrival times (s)."""
-        if bins < 1 or not arrivals or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in arrivals):
-            raise VerifyError("from_arrivals needs finite arrival times and bins >= 1")
-        counts = [0] * bins
-        for t in arrivals:
-            counts[min(int((t % period_s) / period_s * bins), bins - 1)] += 1
-        return cls(epoch_s, tuple(float(c) for c in counts), period_s)
-
-    def _rate(self, t: float) -> float:
-        mean = sum(self.rates) / len(self.rates)
-        return max(self.rates[min(int((t % self.period_s) / self.period_s * len(self.rates)), len(self.rates) - 1)],
-                   self.floor * mean)
-
-    def send_times(self, epoch: int, count: int, rng: random.Random) -> tuple[float, ...]:
-        """``count`` sorted send times (s) in ``[epoch * epoch_s, (epoch + 1) * epoch_s)``."""
-        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(count, int) and 0 <= count <= 100_000):
-            raise VerifyError(f"need an epoch >= 0 and a count in 0..100000, not {epoch!r}, {count!r}")
-        if not isinstance(rng, random.Random):
-            raise VerifyError("send_times() needs a random.Random")
-        start, end = epoch * self.epoch_s, (epoch + 1) * self.epoch_s
-        cuts = [start]
-        if self.rates:
-            step = self.period_s / len(self.rates)
-            cuts += [k * step for k in range(math.floor(start / step) + 1, math.ceil(end / step))]
-        cuts.append(end)
-        segments = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
-        weights = [(b - a) * (self._rate(a) if self.rates else 1.0) for a, b in segments]
-        times = []
-        for a, b in rng.choices(segments, weights, k=count):
-            times.append(min(a + rng.random() * (b - a), math.nextafter(end, start)))
-        return tuple(sorted(times))
-
-    def plan(self, counts: list[int], rng: random.Random, *, first_epoch: int = 0) -> list[float]:
-        """Send times for consecutive epochs, ``counts[i]`` in epoch ``first_epoch + i``."""
-        return [t for i, count in enumerate(counts) for t in self.send_times(first_epoch + i, count, rng)]
-
-
-def sample_for_verification(request: GenerateRequest, result: GenerateResult, consent: bool, rate: float,
-                            rng: random.Random) -> bool:
-    """Whether the client forwards this real answer to the validators (True at ``rate``, only
-    where its user consents). The client decides after the answer arrived, so the worker
-    cannot serve sampled requests differently; a forwarded request may later be reused,
-    perturbed, as a challenge (:meth:`ChallengePool.add_consented`)."""
-    if not isinstance(request, GenerateRequest) or not isinstance(result, GenerateResult):
-        raise VerifyError("sample_for_verification takes a GenerateRequest and its GenerateResult")
-    if result.request_id != request.request_id:
-        raise VerifyError(f"result {result.request_id!r} answers another request than {request.request_id!r}")
-    if not (isinstance(rate, (int, float)) and 0.0 <= rate <= 1.0) or not isinstance(rng, random.Random):
-        raise VerifyError(f"rate must be in [0, 1] and rng a random.Random, not {rate!r}")
-    draw = rng.random()  # drawn either way: consent does not change the stream of decisions
-    return bool(consent) and draw < rate

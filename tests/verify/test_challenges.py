@@ -16,9 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from permamesh.verify.challenges import Challenge, ChallengePool, ChallengeSchedule, sample_for_verification
+from permamesh.verify.challenges import Challenge, ChallengePool
+from permamesh.verify.consented import sample_for_verification
 from permamesh.verify.errors import VerifyError
-from permamesh.verify.traffic import TrafficProfile, simulated_answer, split_lead_in, unwrap_raw, user_requests
+from permamesh.verify.profile import TrafficProfile
+from permamesh.verify.schedule import ChallengeSchedule
+from permamesh.verify.textgen import simulated_answer, split_lead_in, unwrap_raw
+from permamesh.verify.traffic import user_requests
 from permamesh.wire import ChatMessage, GenerateRequest, GenerateResult
 
 USERS = 2000  # requests of the traffic the worker serves (and as many challenges)

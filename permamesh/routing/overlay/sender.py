@@ -182,17 +182,22 @@ class OverlayClient:
     def generate(self, prompt: str | None = None, *, messages: Sequence[dict] = (), max_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
                  logprobs: bool = False, session: str = "", entry: str | None = None) -> GenerateResult:
-        worker = self._entry(entry)
         req = GenerateRequest(os.urandom(16).hex(), prompt=prompt,
                               messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages),
                               max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              stop=tuple(stop), logprobs=True, session=session)  # always: see below
+                              stop=tuple(stop), logprobs=True, session=session)  # always: see submit()
+        result = self.submit(req, entry)
+        # the caller gets the log-probs only if it asked for them
+        return result if logprobs else dataclasses.replace(result, logprobs=())
+
+    def submit(self, req: GenerateRequest, entry: str | None = None) -> GenerateResult:
+        """Send a ready request (validators send their challenges this way) and return the
+        entry worker's answer as it came. Every overlay request should ask for log-probs, so
+        the committee's challenges, which need them, look like any other request."""
+        worker = self._entry(entry)
         self.settle_paths()
         try:
-            result = _Request(self, worker, req, session).run()
-            # every overlay request asks for log-probs, so the committee's challenges (which
-            # need them) look like any other request; the caller gets them only if it asked
-            return result if logprobs or not isinstance(result, GenerateResult) else dataclasses.replace(result, logprobs=())
+            return _Request(self, worker, req, req.session).run()
         finally:
             if self.preparer is not None:
                 self.preparer.refill()
