@@ -62,6 +62,7 @@ class VerifyBench:
     quick: bool = False
     data_dir: Path | None = None
     follow_excluded: bool = False  # keep challenging excluded cheaters (to plot how they fare later)
+    honest_only: bool = False  # no cheaters: a long soak for the false-exclusion count
 
 
 def quick_bench(seed: int = 0, data_dir: Path | None = None) -> VerifyBench:
@@ -91,7 +92,7 @@ def run(bench: VerifyBench, say: Callable[[str], None] = print,
     config = rep.ReputationConfig()
     nodes = {f"honest-{kind}-{i}": zoo.honest(kind, f"honest-{kind}-{i}")
              for kind in HONEST_KINDS for i in range(bench.honest_nodes)}
-    nodes.update({f"{kind}-{i}": zoo.cheater(kind, i) for kind in CHEATERS
+    nodes.update({f"{kind}-{i}": zoo.cheater(kind, i) for kind in (() if bench.honest_only else CHEATERS)
                   for i in range(bench.cheater_copies if kind in FULL_TIME else bench.chance_copies)})
     states = {name: rep.NodeReputation.initial(config) for name in nodes}
     history: dict[str, list[dict]] = {name: [] for name in nodes}
@@ -116,6 +117,7 @@ def run(bench: VerifyBench, say: Callable[[str], None] = print,
                                               "z": credit.typicality_z, "credit": credit.credit})
             states[name] = state = rep.update(state, epoch_credit(credits), config)
             history[name].append({"epoch": epoch, "challenges": len(credits), "credit_ppm": epoch_credit(credits),
+                                  "credits_ppm": [c.ppm for c in credits],
                                   "reputation_ppm": state.reputation_ppm, "trusted": rep.is_trusted(state, config),
                                   "worst": min(credits, key=lambda c: c.credit).reason if credits else ""})
         out = sum(not rep.is_trusted(states[n], config) for n in nodes if not n.startswith("honest-"))
@@ -146,6 +148,39 @@ def _report(bench, ref, verifier, config, calibration, history, nodes, epochs_do
     return report
 
 
+def from_good_standing(p_cheat: float, detect: float, config: rep.ReputationConfig, epochs: int = 10,
+                       runs: int = 20_000, seed: int = 0) -> dict:
+    """A part-time cheater that turns to cheating after long good standing (R = 1, a clean
+    window): each of its challenges (``challenges_per_epoch``, rising as R falls) is cheated
+    with probability ``p_cheat`` and a cheated one fails with probability ``detect``; an epoch
+    with a failure has credit 0, else 1. Monte Carlo over the fixed-point rule: the share
+    excluded within ``epochs`` and the mean epochs to exclusion of those."""
+    rng = random.Random(seed)
+    start = rep.NodeReputation.initial(config)
+    for _ in range(3 * config.window):
+        start = rep.update(start, rep.PPM, config)
+    hits = []
+    for _ in range(runs):
+        state = start
+        for epoch in range(1, epochs + 1):
+            k = rep.challenges_per_epoch(state, config)
+            caught = any(rng.random() < p_cheat and rng.random() < detect for _ in range(k))
+            state = rep.update(state, 0 if caught else rep.PPM, config)
+            if not rep.is_trusted(state, config):
+                hits.append(epoch)
+                break
+    return {"p_cheat": p_cheat, "detect": detect, "runs": runs, "within": epochs,
+            "share_excluded": len(hits) / runs, "mean_epochs": statistics.fmean(hits) if hits else None}
+
+
+def _detection(history: dict[str, list[dict]], kind: str = "layers-skipped") -> float:
+    """Share of a full-time cheater's answers that failed (credit < 0.4): how often one cheated
+    answer of that kind is caught."""
+    credits = [c for name, rows in history.items() if name.startswith(kind) for r in rows
+               for c in r.get("credits_ppm", ())]
+    return sum(c < 400_000 for c in credits) / len(credits) if credits else 1.0
+
+
 def _calibration(samples: dict[str, list[dict]]) -> dict:
     out = {}
     for kind, rows in samples.items():
@@ -169,21 +204,28 @@ def _summary(report: dict, nodes: dict, bench: VerifyBench) -> dict:
         if not name.startswith("honest-"):
             per_kind.setdefault(name.rsplit("-", 1)[0], []).append(_excluded_at(history[name]))
     honest = [name for name in nodes if name.startswith("honest-")]
-    fulltime = [e for kind in FULL_TIME for e in per_kind[kind]]
     never = bench.epochs + 1  # a node never excluded counts as "more than the run"
     minutes = report["scoring_s"] / 60.0
-    return {
+    honest_part = {
         "verifications_per_minute": round(report["scored"] / minutes, 1) if minutes > 0 else None,
+        "false_exclusions": sum(_excluded_at(history[name]) is not None for name in honest),
+        "honest_node_epochs": len(honest) * bench.epochs,
+        "honest_min_credit": min(min(r["credit_ppm"] for r in history[name]) for name in honest) / 1e6,
+        "model": report["model"],
+    }
+    if bench.honest_only:
+        return honest_part
+    fulltime = [e for kind in FULL_TIME for e in per_kind[kind]]
+    return {**honest_part,
         "epochs_to_exclude": {kind: values for kind, values in per_kind.items()},
         "max_epochs_to_exclude_fulltime": max(never if e is None else e for e in fulltime),
         "epochs_to_exclude_parttime20": max(never if e is None else e for e in per_kind["part-time-20"]),
         "parttime20_excluded_within_10": sum(e is not None and e <= 10 for e in per_kind["part-time-20"]),
         "parttime20_nodes": len(per_kind["part-time-20"]),
         "epochs_to_exclude_dodger": max(never if e is None else e for e in per_kind["dodger"]),
-        "false_exclusions": sum(_excluded_at(history[name]) is not None for name in honest),
-        "honest_node_epochs": len(honest) * bench.epochs,
-        "honest_min_credit": min(min(r["credit_ppm"] for r in history[name]) for name in honest) / 1e6,
-        "model": report["model"],
+        "parttime20_from_good_standing": from_good_standing(0.2, _detection(history),
+                                                            rep.ReputationConfig(**report["reputation_config"]),
+                                                            runs=2_000 if bench.quick else 20_000, seed=bench.seed),
     }
 
 
@@ -193,25 +235,26 @@ def plot_verify(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 6))
+    fig, ax = plt.subplots(figsize=(12, 6))
     floor = report["reputation_config"]["floor_ppm"] / 1e6
+    start = report["reputation_config"]["initial_ppm"] / 1e6
     for name, rows in sorted(report["nodes"].items()):
         honest = name.startswith("honest-")
-        if honest and not name.endswith("-0"):
-            continue  # one line per honest kind keeps the plot readable
-        ax.plot([r["epoch"] for r in rows], [r["reputation_ppm"] / 1e6 for r in rows], marker="" if honest else ".",
-                linewidth=2.5 if honest else 1.2, label=name)
+        if (honest or "part-time" in name or "dodger" in name) and not name.endswith("-0"):
+            continue  # one line per kind keeps the plot readable (the JSON has every node)
+        ax.plot([0] + [r["epoch"] for r in rows], [start] + [r["reputation_ppm"] / 1e6 for r in rows],
+                marker="" if honest else "o", linewidth=2.5 if honest else 1.2, label=name.removesuffix("-0"))
     ax.axhline(floor, color="red", linestyle="--", label=f"trust floor {floor:g}")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch (a cheater's line ends when it is excluded)")
     ax.set_ylabel("reputation R(T)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.02)
     s = report["summary"]
-    ax.set_title(f"verification bench ({report['model']}, {'quick' if report['quick'] else 'full'}): full-time "
-                 f"cheaters out by epoch {s['max_epochs_to_exclude_fulltime']}, 20% part-time by "
-                 f"{s['epochs_to_exclude_parttime20']}, {s['false_exclusions']} false exclusions in "
-                 f"{s['honest_node_epochs']} honest node-epochs; {s['verifications_per_minute']} verifications/min",
-                 fontsize=9)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    caught = (f"full-time cheaters out by epoch {s['max_epochs_to_exclude_fulltime']}, 20% part-time by "
+              f"{s['epochs_to_exclude_parttime20']},\n" if "max_epochs_to_exclude_fulltime" in s else "honest only: ")
+    ax.set_title(f"verification bench, {report['model']} ({'quick' if report['quick'] else 'full'}): {caught}"
+                 f"{s['false_exclusions']} false exclusions in {s['honest_node_epochs']} honest node-epochs, "
+                 f"{s['verifications_per_minute']} verifications/min", fontsize=10)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -226,6 +269,8 @@ def add_verify_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="honest nodes per kind (same weights, bf16-rounded weights; default: 4; 10 with --quick)")
     parser.add_argument("--answer-cap", type=int, default=None, help="tokens per answer at most (default: 32; 16 quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of challenges and cheaters (default: 0)")
+    parser.add_argument("--honest-only", action="store_true",
+                        help="no cheaters: only honest nodes, for a long false-exclusion soak")
     parser.add_argument("--follow-excluded", action="store_true",
                         help="keep challenging cheaters after their exclusion (their later reputation is plotted)")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON report here")
@@ -235,7 +280,8 @@ def add_verify_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
     bench = quick_bench(args.seed, data_dir) if args.quick else VerifyBench(seed=args.seed, data_dir=data_dir)
     changes = {k: v for k, v in (("model", args.model), ("epochs", args.epochs), ("honest_nodes", args.honest_nodes),
-                                 ("answer_cap", args.answer_cap), ("follow_excluded", args.follow_excluded or None))
+                                 ("answer_cap", args.answer_cap), ("follow_excluded", args.follow_excluded or None),
+                                 ("honest_only", args.honest_only or None))
                if v is not None}
     bench = dataclasses.replace(bench, **changes)
     if bench.epochs < 1 or bench.honest_nodes < 1 or bench.answer_cap < 1:

@@ -29,3 +29,12 @@ def test_the_cli_writes_json(tmp_path):
     assert main(["bench", "verify", "--quick", "--epochs", "2", "--honest-nodes", "1", "--data-dir", str(tmp_path),
                  "--json", str(out)]) == 0
     assert json.loads(out.read_text())["summary"]["honest_node_epochs"] == 4
+
+
+def test_an_honest_only_soak_has_no_cheaters_and_counts_node_epochs(tmp_path):
+    bench = dataclasses.replace(verify.quick_bench(seed=2, data_dir=tmp_path), epochs=2, honest_nodes=2,
+                                honest_only=True)
+    report = verify.run(bench, say=lambda _: None)
+    assert all(name.startswith("honest-") for name in report["nodes"])
+    assert report["summary"]["honest_node_epochs"] == 8 and report["summary"]["false_exclusions"] == 0
+    verify.plot_verify(report, tmp_path / "soak.png")
