@@ -1,0 +1,196 @@
+"""The ledger's rules: what each transaction may do to the state, checked before it writes.
+
+Rows (namespace -> key -> canonical msgpack value), all in one :class:`Store`:
+
+| ns | key | value |
+|---|---|---|
+| ``nonce`` | sender key | last accepted nonce |
+| ``partner`` | partner key | tier, admitted epoch, vouchers |
+| ``cand`` | candidate key | sorted voucher keys (until admitted) |
+| ``node`` | node key | partner, kex key, role, endpoint, profile, registered epoch |
+| ``rep`` | node key | :class:`NodeReputation` fields |
+| ``report`` | epoch + member key | that member's scores for the epoch |
+| ``account`` | account key | balance, earned, spent, earned this epoch |
+| ``job`` | user key + job id | (empty: the job was paid) |
+| ``payout`` | epoch + node key | served units, reputation, payout |
+| ``epoch`` | epoch | what closing it did |
+
+Every ``apply_*`` checks everything first and writes only when the tx is valid, so a rejected
+tx never changes state; a tx that was well formed, correctly signed and carried the right
+nonce consumes its nonce even when a rule rejects it (so it cannot be replayed later, when
+the rule might pass). Tiers: 3 seed partner, 2 may vouch, 1 trial, admitted at N vouches.
+
+Who calls it: :class:`permamesh.committee.app.LedgerApp` (CheckTx with ``dry_run``,
+FinalizeBlock for real); :mod:`permamesh.committee.epochs` closes epochs over the same rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import msgpack
+
+from permamesh.committee import txs
+from permamesh.committee.errors import TxError
+from permamesh.committee.genesis import Genesis
+from permamesh.committee.store import Store
+from permamesh.verify.reputation import NodeReputation
+
+log = logging.getLogger(__name__)
+
+NONCE, PARTNER, CAND, NODE, REP = b"nonce", b"partner", b"cand", b"node", b"rep"
+REPORT, ACCOUNT, JOB, PAYOUT, EPOCH, META = (b"report", b"account", b"job", b"payout",
+                                             b"epoch", b"meta")
+TIER_TRIAL, TIER_VOUCH, TIER_SEED = 1, 2, 3
+
+
+def pack(value: object) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(raw: bytes | None) -> object:
+    return None if raw is None else msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+def epoch_key(epoch: int, key: bytes = b"") -> bytes:
+    return epoch.to_bytes(8, "big") + key
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one successful tx did (becomes an ABCI event)."""
+
+    kind: str
+    attributes: tuple[tuple[str, str], ...]
+
+
+class Ledger:
+    """The rules over one store. A dry run reads only committed rows (CheckTx)."""
+
+    def __init__(self, store: Store, genesis: Genesis) -> None:
+        self.store, self.genesis, self.rules = store, genesis, genesis.rules
+        self.members = frozenset(genesis.members)
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def read(self, ns: bytes, key: bytes, committed: bool = False) -> object:
+        return unpack(self.store.committed(ns, key) if committed else self.store.get(ns, key))
+
+    def write(self, ns: bytes, key: bytes, value: object) -> None:
+        self.store.put(ns, key, pack(value))
+
+    def epoch_of(self, height: int) -> int:
+        return max(0, height - 1) // self.rules.blocks_per_epoch
+
+    def account(self, key: bytes, committed: bool = False) -> dict:
+        return self.read(ACCOUNT, key, committed) or {
+            "balance": 0, "earned": 0, "spent": 0, "epoch_earned": 0}
+
+    def credit_limit(self, account: dict) -> int:
+        return self.rules.base_allowance + account["earned"] * self.rules.earned_limit_ppm // 10**6
+
+    def tier(self, key: bytes, committed: bool = False) -> int:
+        if key in self.genesis.seed_partners:
+            return TIER_SEED
+        row = self.read(PARTNER, key, committed)
+        return 0 if row is None else row["tier"]
+
+    # ------------------------------------------------------------------------- entry point
+
+    def check_nonce(self, sender: bytes, nonce: int, expected: int | None = None) -> None:
+        if expected is None:
+            expected = (self.read(NONCE, sender) or 0) + 1
+        if nonce != expected:
+            raise TxError(txs.BAD_NONCE, f"nonce {nonce}, expected {expected} (replayed or out of order)")
+
+    def apply(self, tx: object, sender: bytes, height: int, *, dry_run: bool = False) -> Applied:
+        """Check ``tx`` against the rules and, unless ``dry_run``, write its effects.
+
+        The nonce must already have been checked by the caller. Raises :class:`TxError`.
+        """
+        handler = {txs.RegisterNode: self._register, txs.Vouch: self._vouch,
+                   txs.ScoreReport: self._report, txs.JobReceipt: self._receipt}[type(tx)]
+        effects, applied = handler(tx, sender, self.epoch_of(height), dry_run)
+        if not dry_run:
+            for ns, key, value in effects:
+                if value is None:
+                    self.store.delete(ns, key)
+                else:
+                    self.write(ns, key, value)
+        return applied
+
+    def consume_nonce(self, sender: bytes, nonce: int) -> None:
+        self.write(NONCE, sender, nonce)
+
+    # ------------------------------------------------------------------------------ rules
+
+    def _register(self, tx: txs.RegisterNode, sender: bytes, epoch: int, committed: bool):
+        if self.tier(sender, committed) < TIER_TRIAL:
+            raise TxError(txs.UNAUTHORIZED, "only an admitted partner may register nodes")
+        old = self.read(NODE, tx.node_key, committed)
+        if old is not None and bytes(old["partner"]) != sender:
+            raise TxError(txs.UNAUTHORIZED, "that node is registered by another partner")
+        if tx.role == "validator" and tx.node_key not in self.members:
+            raise TxError(txs.UNAUTHORIZED, "validator nodes must be committee members (genesis)")
+        row = {"partner": sender, "kex": tx.kex_key, "role": tx.role, "endpoint": tx.endpoint,
+               "profile": dataclasses.asdict(tx.profile) | {"models": list(tx.profile.models)},
+               "registered": epoch if old is None else old["registered"]}
+        effects = [(NODE, tx.node_key, row)]
+        if old is None:
+            rep = NodeReputation.initial(self.genesis.reputation).to_fields()
+            effects.append((REP, tx.node_key, rep))
+        return effects, Applied("register_node", (("node", tx.node_key.hex()), ("role", tx.role)))
+
+    def _vouch(self, tx: txs.Vouch, sender: bytes, epoch: int, committed: bool):
+        if self.tier(sender, committed) < TIER_VOUCH:
+            raise TxError(txs.UNAUTHORIZED, "only tier 2+ partners may vouch")
+        if tx.subject == sender:
+            raise TxError(txs.INVALID, "a partner cannot vouch for itself")
+        if self.tier(tx.subject, committed) >= TIER_TRIAL:
+            raise TxError(txs.DUPLICATE, "that partner is already admitted")
+        vouchers = [bytes(v) for v in self.read(CAND, tx.subject, committed) or []]
+        if sender in vouchers:
+            raise TxError(txs.DUPLICATE, "this partner already vouched for that candidate")
+        vouchers = sorted(vouchers + [sender])
+        if len(vouchers) < self.rules.vouches_required:
+            return [(CAND, tx.subject, vouchers)], Applied(
+                "vouch", (("subject", tx.subject.hex()), ("vouches", str(len(vouchers)))))
+        admitted = {"tier": TIER_TRIAL, "admitted": epoch, "vouchers": vouchers}
+        return [(CAND, tx.subject, None), (PARTNER, tx.subject, admitted)], Applied(
+            "admit_partner", (("partner", tx.subject.hex()), ("epoch", str(epoch))))
+
+    def _report(self, tx: txs.ScoreReport, sender: bytes, epoch: int, committed: bool):
+        if sender not in self.members:
+            raise TxError(txs.UNAUTHORIZED, "only committee members may report scores")
+        if not epoch - self.rules.max_report_lag <= tx.epoch <= epoch:
+            raise TxError(txs.STALE, f"epoch {tx.epoch} is not open for reports (now {epoch})")
+        key = epoch_key(tx.epoch, sender)
+        if self.read(REPORT, key, committed) is not None:
+            raise TxError(txs.DUPLICATE, "this member already reported for that epoch")
+        for score in tx.scores:
+            if self.read(NODE, score.node_key, committed) is None:
+                raise TxError(txs.UNKNOWN, f"node {score.node_key.hex()[:16]} is not registered")
+        scores = sorted([s.node_key, s.credit_ppm, s.challenges] for s in tx.scores)
+        return [(REPORT, key, scores)], Applied(
+            "score_report", (("epoch", str(tx.epoch)), ("scores", str(len(scores)))))
+
+    def _receipt(self, tx: txs.JobReceipt, sender: bytes, epoch: int, committed: bool):
+        if self.read(NODE, tx.worker, committed) is None:
+            raise TxError(txs.UNKNOWN, "the serving worker is not registered")
+        if tx.worker == sender:
+            raise TxError(txs.INVALID, "a node cannot pay itself")
+        job = sender + tx.job_id
+        if self.read(JOB, job, committed) is not None:
+            raise TxError(txs.DUPLICATE, "that job was already paid")
+        user, worker = self.account(sender, committed), self.account(tx.worker, committed)
+        if user["balance"] - tx.units < -self.credit_limit(user):
+            raise TxError(txs.NO_CREDIT, f"out of credit: balance {user['balance']}, limit "
+                          f"{self.credit_limit(user)}, job needs {tx.units}")
+        user = user | {"balance": user["balance"] - tx.units, "spent": user["spent"] + tx.units}
+        worker = worker | {"balance": worker["balance"] + tx.units,
+                           "earned": worker["earned"] + tx.units,
+                           "epoch_earned": worker["epoch_earned"] + tx.units}
+        return [(JOB, job, b""), (ACCOUNT, sender, user), (ACCOUNT, tx.worker, worker)], Applied(
+            "job_receipt", (("worker", tx.worker.hex()), ("units", str(tx.units))))
