@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.permamesh-setup
 
-.PHONY: setup demo test test-slow test-all clean
+.PHONY: setup demo test test-slow test-all clean proto
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test-slow: setup
 
 test-all: setup
 	$(PY) -m pytest -q
+
+# Regenerate the checked-in ABCI protobuf bindings (needs the dev extra: grpcio-tools).
+proto: setup
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. permamesh/committee/abci/abci.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

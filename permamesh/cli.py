@@ -21,11 +21,12 @@ roles and commands:
   worker     partner: serve a model on this machine (GPU if present, else CPU)
   submit     researcher: send a prompt to a running mesh, print the streamed answer
   status     anyone: show the workers of a running local mesh and their load
+  validator  committee member: keep the BFT ledger (embedded devnet, or ABCI for CometBFT)
   demo       anyone new: start an embedded mesh on loopback, ask it questions, stop it
   bench      benchmark harness: routing, overlay, verification; JSON + PNG reports
 
 data directory (keys, model cache, local registry): --data-dir, else $PERMAMESH_HOME,
-else ~/.local/share/permamesh. Relays, validators and the gateway arrive with their issues.
+else ~/.local/share/permamesh. The gateway arrives with its issue.
 """
 
 
@@ -88,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     from permamesh.routing.overlay.relayproc import add_relay_arguments
 
     add_relay_arguments(rl)
+
+    va = sub.add_parser("validator", help="run a committee validator (committee role)",
+                        description="Keep the committee's ledger: registrations, reputation, credit, payouts. "
+                                    "--engine devnet runs the embedded BFT devnet (a local stand-in for CometBFT); "
+                                    "--engine cometbft serves the ABCI socket a CometBFT v0.38 node drives.")
+    _common(va)
+    from permamesh.committee.validator import add_validator_arguments
+
+    add_validator_arguments(va)
 
     st = sub.add_parser("status", help="show the workers of the local mesh", description="Ask each worker for its status.")
     _common(st)
@@ -157,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             from permamesh.routing.overlay.relayproc import run_relay_from_args
 
             return run_relay_from_args(args)
+        if args.command == "validator":
+            from permamesh.committee.validator import run_validator_from_args
+
+            return run_validator_from_args(args, data_dir)
         if args.command == "submit":
             return _submit(args, data_dir)
         if args.command == "status":

@@ -14,18 +14,15 @@ validators here.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import os
-import selectors
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from permamesh.errors import PermameshError
+from permamesh.procs import Child, spawn, stop_all, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -54,32 +51,11 @@ def relay_placement(i: int) -> tuple[str, str, str]:
     return f"isp-{i % 8}", f"grid-{i % 4}", f"loc-{i}"
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM us when the parent process dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-@dataclasses.dataclass
-class _Child:
-    name: str
-    proc: subprocess.Popen
-    log_path: Path
-    endpoint: str | None = None
-    node_id: str | None = None
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
 class EmbeddedMesh:
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
-        self.children: list[_Child] = []  # workers
-        self.relay_children: list[_Child] = []
+        self.children: list[Child] = []  # workers
+        self.relay_children: list[Child] = []
         self.log_dir = Path(config.data_dir) / "run" / "logs"
 
     @property
@@ -117,67 +93,25 @@ class EmbeddedMesh:
                "--isp", isp, "--grid", grid, "--location", location, *cfg.relay_args]
         self.relay_children.append(self._popen(f"relay-{i}", cmd))
 
-    def _popen(self, name: str, cmd: list[str]) -> _Child:
-        log_path = self.log_dir / f"{name}.log"
-        with open(log_path, "wb") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
-        return _Child(name, proc, log_path)
+    def _popen(self, name: str, cmd: list[str]) -> Child:
+        return spawn(name, cmd, self.log_dir)
 
     def _wait_ready(self, deadline: float) -> None:
-        everyone = self.children + self.relay_children
-        with selectors.DefaultSelector() as sel:
-            for child in everyone:
-                sel.register(child.proc.stdout, selectors.EVENT_READ, child)
-            waiting = len(everyone)
-            while waiting:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise MeshError(f"workers or relays not ready after {self.config.start_timeout_s:g} s; logs in {self.log_dir}")
-                for key, _ in sel.select(min(remaining, 1.0)):
-                    child = key.data
-                    line = child.proc.stdout.readline().decode(errors="replace").split()
-                    if len(line) == 3 and line[0] == "READY":
-                        child.endpoint, child.node_id = line[1], line[2]
-                        sel.unregister(child.proc.stdout)
-                        waiting -= 1
-                    elif not line:
-                        raise MeshError(f"{child.name} exited before it was ready:\n{self.log_tail(child)}")
-                for child in everyone:
-                    if child.endpoint is None and child.proc.poll() is not None:
-                        raise MeshError(f"{child.name} exited with code {child.proc.returncode}:\n{self.log_tail(child)}")
+        wait_ready(self.children + self.relay_children, max(0.0, deadline - time.monotonic()), MeshError)
 
-    def log_tail(self, child: _Child, lines: int = 20) -> str:
-        try:
-            return "\n".join(child.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+    def log_tail(self, child: Child, lines: int = 20) -> str:
+        return child.log_tail(lines)
 
     def kill(self, index: int) -> None:
         """SIGKILL one worker (failure drills and tests)."""
-        self.children[index].proc.kill()
-        self.children[index].proc.wait()
+        self.children[index].kill()
 
     def kill_relay(self, index: int) -> None:
         """SIGKILL one relay (delivery drills and the overlay benchmark)."""
-        self.relay_children[index].proc.kill()
-        self.relay_children[index].proc.wait()
+        self.relay_children[index].kill()
 
     def stop(self, grace_s: float = 15.0) -> None:
-        everyone = self.children + self.relay_children
-        for child in everyone:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for child in everyone:
-            try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %g s; killing it", child.name, grace_s)
-                child.proc.kill()
-                child.proc.wait()
-            if child.proc.stdout:
-                child.proc.stdout.close()
+        stop_all(self.children + self.relay_children, grace_s)
         self.children.clear()
         self.relay_children.clear()
 

@@ -1,0 +1,1 @@
+"""The embedded devnet engine: Tendermint consensus among local validator processes."""

@@ -1,0 +1,141 @@
+"""The ``permamesh validator`` process: one committee member's ledger, under either engine.
+
+- ``--engine cometbft --abci tcp://127.0.0.1:26658 --home DIR``: serve the ledger
+  application on the ABCI socket; a CometBFT v0.38 node (``proxy_app`` pointing there) drives
+  it. Configuration in ``docs/committee.md``.
+- ``--engine devnet --home DIR``: one validator of the embedded devnet (``DIR/node.json``,
+  written by :class:`~permamesh.committee.devnet.cluster.Devnet`); prints
+  ``READY <endpoint> <node_id>`` once it serves.
+- ``--devnet N --home DIR``: start a whole devnet of N validator processes, print their
+  endpoints, run until Ctrl-C.
+- ``--query PATH --endpoint EP``: ask a running devnet (``/status``, ``/trusted``, ...).
+
+Who calls it: :mod:`permamesh.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from permamesh.committee.errors import CommitteeError
+
+log = logging.getLogger(__name__)
+
+
+def add_validator_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="devnet", choices=["devnet", "cometbft"],
+                   help="devnet: the embedded BFT engine (local stand-in); cometbft: serve ABCI "
+                        "for a CometBFT v0.38 node (default: devnet)")
+    p.add_argument("--home", type=Path, default=None,
+                   help="validator state: keys, ledger and block store (default: DATA_DIR/validator, "
+                        "or DATA_DIR/devnet with --devnet)")
+    p.add_argument("--abci", default="tcp://127.0.0.1:26658",
+                   help="cometbft engine: ABCI address, tcp://HOST:PORT or unix:///PATH "
+                        "(default: tcp://127.0.0.1:26658)")
+    p.add_argument("--devnet", type=int, default=0, metavar="N",
+                   help="start a devnet of N validator processes under --home and wait for Ctrl-C")
+    p.add_argument("--query", default=None, metavar="PATH",
+                   help="query a running devnet (/status, /registry, /trusted, /reputation, "
+                        "/balances, /payouts, /partners, /epochs) and print the JSON")
+    p.add_argument("--data", default="", help="query data (a hex key for /node, /account, /nonce)")
+    p.add_argument("--endpoint", action="append", default=None,
+                   help="devnet validator endpoint for --query (repeatable; default: from --home)")
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+
+
+def run_validator_from_args(args: argparse.Namespace, data_dir: Path) -> int:
+    if args.query:
+        return _query(args, data_dir)
+    if args.devnet:
+        return _devnet(args, data_dir)
+    home = (args.home or data_dir / "validator").expanduser()
+    if args.engine == "cometbft":
+        return _cometbft(args.abci, home)
+    return _devnet_node(home)
+
+
+def _cometbft(address: str, home: Path) -> int:
+    from permamesh.committee.abci.server import ABCIServerThread
+    from permamesh.committee.app import LedgerApp
+
+    app = LedgerApp(home / "ledger.sqlite")
+    try:
+        with ABCIServerThread(app, address) as server:
+            print(f"READY {server.bound_address} ledger", flush=True)
+            log.info("ledger at height %d serving ABCI on %s", app.store.height, server.bound_address)
+            _wait_for_signal()
+    finally:
+        app.close()
+    return 0
+
+
+def _devnet_node(home: Path) -> int:
+    from permamesh.committee.abci.client import LocalClient
+    from permamesh.committee.app import LedgerApp
+    from permamesh.committee.devnet.blocks import BlockStore
+    from permamesh.committee.devnet.chain import Chain, DevnetGenesis
+    from permamesh.committee.devnet.node import DevnetNode, NodeOptions
+    from permamesh.identity import NodeIdentity
+    from permamesh.transport import serve_until_signalled
+
+    try:
+        config = json.loads((home / "node.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CommitteeError(f"cannot read {home / 'node.json'} (create a devnet with "
+                             f"--devnet N): {exc}") from None
+    ident = NodeIdentity.load_or_create(home / "keys", "validator")
+    genesis = DevnetGenesis.load(Path(config["genesis"]))
+    app = LedgerApp(home / "ledger.sqlite")
+    store = BlockStore(home / "blocks.sqlite")
+    chain = Chain(LocalClient(app), store, genesis, ident.public.sign_key)
+    options = NodeOptions(port=config["port"], byzantine=config.get("byzantine", ""),
+                          peers=tuple((bytes.fromhex(k), ep) for k, ep in config["peers"]))
+    try:
+        serve_until_signalled(DevnetNode(chain, ident, options), ident.node_id,
+                              lambda endpoint: None, lambda: None)
+    finally:
+        store.close()
+        app.close()
+    return 0
+
+
+def _devnet(args: argparse.Namespace, data_dir: Path) -> int:
+    from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
+
+    home = (args.home or data_dir / "devnet").expanduser()
+    with Devnet(DevnetConfig(home, args.devnet)) as devnet:
+        for i, endpoint in enumerate(devnet.endpoints):
+            print(f"validator {i}: {endpoint}  (home {devnet.vdir(i)})")
+        print("devnet running; Ctrl-C stops it", flush=True)
+        _wait_for_signal()
+    return 0
+
+
+def _query(args: argparse.Namespace, data_dir: Path) -> int:
+    from permamesh.committee.client import CommitteeClient
+
+    endpoints = args.endpoint
+    if not endpoints:
+        home = (args.home or data_dir / "devnet").expanduser()
+        endpoints = []
+        for node_json in sorted(home.glob("v*/node.json")):
+            endpoints.append(f"tcp://127.0.0.1:{json.loads(node_json.read_text())['port']}")
+        if not endpoints:
+            raise CommitteeError(f"no devnet under {home}; pass --endpoint")
+    with CommitteeClient(endpoints, timeout_s=5.0) as client:
+        data = bytes.fromhex(args.data) if args.data else b""
+        json.dump(client.query(args.query, data), sys.stdout, indent=1)
+        print()
+    return 0
