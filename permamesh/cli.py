@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "every answer is scored against the reference model and reputation updated.")
     _common(v)
     add_verify_bench_arguments(v)
+    from permamesh.bench.committee import add_committee_bench_arguments
+
+    cm = bsub.add_parser("committee", help="the committee: ledger tx/s, devnet commit latency, agreement, kill drill",
+                         description="The ledger app's tx/s through FinalizeBlock + Commit; a devnet of validator "
+                                     "processes: commit latency, burst throughput, a SIGKILL drill, app-hash agreement.")
+    _common(cm)
+    add_committee_bench_arguments(cm)
     return parser
 
 
@@ -195,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, data_dir: Path) -> int:
+    if args.bench == "committee":
+        from permamesh.bench.committee import run_from_args as run_committee
+
+        return run_committee(args)
     if args.bench == "verify":
         from permamesh.bench.verify import run_from_args as run_verify
 

@@ -21,8 +21,10 @@ Nothing here reads the clock, iterates an unordered container, or uses floats in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pathlib
+from collections import OrderedDict
 
 from permamesh.committee import epochs, queries, txs
 from permamesh.committee.abci import abci_pb2 as pb
@@ -35,6 +37,7 @@ from permamesh.committee.store import Store
 log = logging.getLogger(__name__)
 
 APP_VERSION = 1
+PARSE_CACHE = 200_000  # parsed txs remembered (a few hundred bytes each)
 
 
 class LedgerApp(Application):
@@ -46,6 +49,7 @@ class LedgerApp(Application):
         self.ledger: Ledger | None = None if raw is None else Ledger(
             self.store, Genesis.from_json(unpack(raw)))
         self._pending_nonce: dict[bytes, int] = {}  # mempool view: sender -> last nonce let in
+        self._parsed: OrderedDict[bytes, tuple | TxError] = OrderedDict()
         self._finalized = False  # a block is finalized and not yet committed
         self.counts = {"check_ok": 0, "check_rejected": 0, "tx_ok": 0, "tx_failed": 0}
 
@@ -75,6 +79,24 @@ class LedgerApp(Application):
 
     # ----------------------------------------------------------------------------- mempool
 
+    def _parse(self, raw: bytes):
+        """:func:`txs.parse_tx`, remembered by tx hash: its outcome is a pure function of the
+        bytes and the chain id, so CheckTx, RECHECK, ProcessProposal and FinalizeBlock check a
+        tx's signature once per process, not four times."""
+        key = hashlib.sha256(raw).digest()
+        hit = self._parsed.get(key)
+        if hit is None:
+            try:
+                hit = txs.parse_tx(raw, self.chain_id)
+            except TxError as exc:
+                hit = exc
+            self._parsed[key] = hit
+            if len(self._parsed) > PARSE_CACHE:
+                self._parsed.popitem(last=False)
+        if isinstance(hit, TxError):
+            raise hit
+        return hit
+
     def _ledger(self) -> Ledger:
         if self.ledger is None:
             raise CommitteeError("InitChain has not been called")
@@ -83,7 +105,7 @@ class LedgerApp(Application):
     def check_tx(self, req: pb.RequestCheckTx) -> pb.ResponseCheckTx:
         ledger = self._ledger()
         try:
-            tx, sender = txs.parse_tx(req.tx, ledger.genesis.chain_id)
+            tx, sender = self._parse(req.tx)
             committed = unpack(self.store.committed(b"nonce", sender)) or 0
             expected = max(committed, self._pending_nonce.get(sender, 0)) + 1
             ledger.check_nonce(sender, tx.nonce, expected)
@@ -103,7 +125,7 @@ class LedgerApp(Application):
             if size + len(raw) > req.max_tx_bytes > 0:
                 break
             try:
-                txs.parse_tx(raw, self.chain_id)
+                self._parse(raw)
             except TxError:
                 continue
             chosen.append(raw)
@@ -113,7 +135,7 @@ class LedgerApp(Application):
     def process_proposal(self, req: pb.RequestProcessProposal) -> pb.ResponseProcessProposal:
         for raw in req.txs:
             try:
-                txs.parse_tx(raw, self.chain_id)
+                self._parse(raw)
             except TxError as exc:
                 log.warning("rejecting proposal at height %d: %s", req.height, exc.reason)
                 return pb.ResponseProcessProposal(status=pb.ResponseProcessProposal.REJECT)
@@ -140,7 +162,7 @@ class LedgerApp(Application):
 
     def _deliver(self, ledger: Ledger, raw: bytes, height: int) -> pb.ExecTxResult:
         try:
-            tx, sender = txs.parse_tx(raw, ledger.genesis.chain_id)
+            tx, sender = self._parse(raw)
             ledger.check_nonce(sender, tx.nonce)
         except TxError as exc:
             self.counts["tx_failed"] += 1

@@ -97,6 +97,36 @@ class CommitteeClient:
         ack = self._call(lambda ref: m.SubmitTx(tx, wait_commit, ref), m.TxAck, timeout_s)
         return TxOutcome(ack.code, ack.log, ack.height, ack.committed)
 
+    def submit_many(self, raw_txs: list[bytes], timeout_s: float = 60.0) -> list[TxOutcome]:
+        """Pipeline ``raw_txs`` to one validator (no failover) and wait for every commit.
+
+        Outcomes come back in the order of ``raw_txs``; one still missing at the deadline is
+        reported with code -1."""
+        import time
+
+        endpoint = self.endpoints[self._first]
+        sock = self._sock(endpoint)
+        refs = {}
+        for tx in raw_txs:
+            ref = next(self._refs)
+            refs[ref] = len(refs)
+            sock.send(encode(m.SubmitTx(tx, True, ref), self._ident))
+        out: list[TxOutcome | None] = [None] * len(raw_txs)
+        deadline, missing = time.monotonic() + timeout_s, len(raw_txs)
+        while missing and (left := deadline - time.monotonic()) > 0:
+            frame = sock.recv(left)
+            if frame is None:
+                break
+            try:
+                ack = decode(frame, m.TxAck).msg
+            except WireError:
+                continue
+            index = refs.get(ack.ref)
+            if index is not None and out[index] is None:
+                out[index] = TxOutcome(ack.code, ack.log, ack.height, ack.committed)
+                missing -= 1
+        return [o or TxOutcome(-1, "no answer before the deadline", 0, False) for o in out]
+
     def query_raw(self, path: str, data: bytes = b"") -> tuple[int, str, bytes, int]:
         a = self._call(lambda ref: m.QueryMsg(path, data, ref), m.QueryAnswer)
         return a.code, a.log, a.value, a.height

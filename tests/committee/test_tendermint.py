@@ -386,13 +386,18 @@ def test_an_invalid_proposal_costs_a_round_and_is_never_decided():
 
 
 def test_a_value_locked_in_one_round_is_decided_in_the_next():
-    # Round 0 of height 1: everybody sees B's polka and precommits it, but precommits are lost.
+    # Height 1, round 0: X misses the proposal (prevotes, then precommits nil), the other three
+    # see B's polka and lock on it, but the proposer's precommit is lost: no decision, and
+    # round 1's proposer must re-propose B with pol_round 0 instead of building a new block.
+    v = ValidatorSet.equal(k.public_bytes for k in KEYS[:4])
+    proposer0, proposer1, x = v.proposer(1, 0), v.proposer(1, 1), v.proposer(1, 2)
     seen: list[Proposal] = []
 
     def link(now, src, dst, m):
         if isinstance(m, Proposal) and m.height == 1:
             seen.append(m)
-        return not (isinstance(m, Vote) and m.kind == PRECOMMIT and (m.height, m.round) == (1, 0))
+            return not (m.round == 0 and net.nodes[dst].public_key == x)
+        return not (isinstance(m, Vote) and (m.kind, m.height, m.round, m.validator) == (PRECOMMIT, 1, 0, proposer0))
 
     net = Network(4, seed=6, link=link, timeouts=TimeoutConfig(resend_s=10.0))
     net.start()
@@ -401,8 +406,8 @@ def test_a_value_locked_in_one_round_is_decided_in_the_next():
     d = net.nodes[0].decisions[1]
     round0 = next(p for p in seen if p.round == 0)
     assert (d.round, d.block) == (1, round0.block)
-    assert any(p.round == 1 and p.pol_round == 0 and p.block == round0.block for p in seen)
-    assert net.node_of(net.validators.proposer(1, 1)).proposed == 1  # re-proposed, not built anew
+    assert any(p.round == 1 and p.pol_round == 0 and p.proposer == proposer1 for p in seen)
+    assert b"by=%d " % net.node_of(proposer0).index in d.block
 
 
 def test_the_same_seed_gives_the_same_run():

@@ -71,6 +71,7 @@ class DevnetNode:
         self._router: RouterServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sync_asked = 0.0
+        self._gossip: list[bytes] = []  # txs admitted from clients, not yet sent to peers
         self.misbehaviour = 0
 
     # ------------------------------------------------------------------------ lifecycle
@@ -233,13 +234,21 @@ class DevnetNode:
         if resp is not None and resp.code:
             return self._reply(peer, m.TxAck(msg.ref, resp.code, resp.log, 0, False))
         if resp is not None:
-            gossip = encode(m.TxsMsg((msg.tx,)), self.ident)
-            for dealer in self._dealers.values():
-                self._send(dealer, gossip)
+            if not self._gossip:
+                self._loop.call_soon(self._flush_gossip)
+            self._gossip.append(msg.tx)
         if msg.wait_commit:
             self._waiters.setdefault(key, []).append((peer, msg.ref))
         else:
             self._reply(peer, m.TxAck(msg.ref, 0, "", 0, False))
+
+    def _flush_gossip(self) -> None:
+        """Send the txs admitted since the last flush to every peer in one frame."""
+        batch, self._gossip = self._gossip, []
+        for start in range(0, len(batch), 1000):
+            frame = encode(m.TxsMsg(tuple(batch[start:start + 1000])), self.ident)
+            for dealer in self._dealers.values():
+                self._send(dealer, frame)
 
     # ------------------------------------------------------------------------ catch-up
 

@@ -218,6 +218,7 @@ class Tendermint:
             p = sign_proposal(self.chain_id, self._signer, self.height, r, block, self.valid_round)
             self._store(self._round(r), p)
             self._actions.append(Broadcast(p))
+            self._relay_pol(p)
         else:
             self._schedule("propose", r)
 
@@ -228,9 +229,11 @@ class Tendermint:
             rs = self._rounds.get(r)
             if rs is None or self.me is None:
                 continue
-            own: list[Message] = [p for p in rs.proposals.values() if p.proposer == self.me]
-            own += [v for v in (rs.prevotes.get(self.me), rs.precommits.get(self.me)) if v]
-            self._actions.extend(Broadcast(m) for m in own)
+            for p in [p for p in rs.proposals.values() if p.proposer == self.me]:
+                self._actions.append(Broadcast(p))
+                self._relay_pol(p)
+            own = [v for v in (rs.prevotes.get(self.me), rs.precommits.get(self.me)) if v]
+            self._actions.extend(Broadcast(v) for v in own)
         if self._peer_lagging and self._last_commit is not None:
             proposal, commit = self._last_commit
             self._actions.append(Broadcast(proposal))
@@ -238,6 +241,14 @@ class Tendermint:
         self._peer_lagging = False
         self._resend_seq += 1
         self._schedule("resend", self._resend_seq)
+
+    def _relay(self, votes: tuple[Vote, ...]) -> None:
+        self._actions.extend(Broadcast(v) for v in votes if v.validator != self.me)
+
+    def _relay_pol(self, p: Proposal) -> None:
+        """Send the proof of lock a re-proposal cites: peers may never have seen it."""
+        if p.pol_round >= 0:
+            self._relay(self._round(p.pol_round).prevotes.votes_for(p.block_hash))
 
     # ------------------------------------------------------------------------ upon-rules
 
@@ -300,6 +311,10 @@ class Tendermint:
             self._schedule("prevote", self.round)
             return True
         polka = rs.prevotes.quorum_hash()
+        if polka and not rs.polka_relayed and self._voting():
+            rs.polka_relayed = True  # so every correct node sees it while still in this round
+            self._relay(rs.prevotes.votes_for(polka))
+            return True
         if step >= Step.PREVOTE and not rs.polka_seen and polka:
             locked = rs.proposal_for(polka)
             if locked is not None and self._is_valid(locked):

@@ -1,0 +1,282 @@
+"""``permamesh bench committee``: how fast the ledger applies transactions and the devnet commits.
+
+- **app**: the ledger application alone, on SQLite on disk, driven through its ABCI methods:
+  blocks of ``block_txs`` signed job receipts (distinct users, one worker) through
+  ``FinalizeBlock`` + ``Commit``; ``tx_per_s`` is txs over that time (signature checks
+  included). ``check_tx_per_s`` is ``CheckTx`` alone on the same kind of txs.
+- **devnet**: ``validators`` real validator processes on loopback. Commit latency: txs sent
+  one at a time, each timed from ``SubmitTx`` to the ack sent once its block is committed.
+  Burst: ``burst_txs`` pipelined to one validator, timed to the last commit.
+- **kill drill**: one validator SIGKILLed; blocks and txs while it is down; its restart and
+  the time to catch up to the height the others had when it came back.
+- **agreement**: every validator's app hash at every height; ``app_hash_agree`` is true when
+  all validators that hold a height hold the same hash for it.
+
+``--json PATH`` writes a ``summary`` with ``commit_latency_p50_s``, ``tx_per_s`` and
+``app_hash_agree`` (targets: p50 <= 1 s, >= 1,000 tx/s); ``--quick`` finishes in under a minute.
+
+Who calls it: :mod:`permamesh.cli` and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from permamesh.bench.stats import percentile, write_report
+from permamesh.committee import txs
+from permamesh.committee.abci import abci_pb2 as pb
+from permamesh.committee.app import LedgerApp
+from permamesh.committee.client import CommitteeClient
+from permamesh.committee.devnet.cluster import CHAIN_ID, Devnet, DevnetConfig
+from permamesh.committee.genesis import Genesis
+from permamesh.identity import NodeIdentity
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"commit_latency_p50_s": 1.0, "tx_per_s": 1000}
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitteeBench:
+    validators: int = 4
+    app_blocks: int = 10  # blocks the app applies in the app measurement
+    block_txs: int = 1000  # txs per block there
+    latency_txs: int = 100  # txs sent one at a time to the devnet
+    burst_txs: int = 2000  # txs pipelined to the devnet
+    kill_drill: bool = True
+    home: Path | None = None  # devnet and app state (default: a temporary directory)
+
+
+def quick_bench() -> CommitteeBench:
+    return CommitteeBench(app_blocks=3, latency_txs=30, burst_txs=400)
+
+
+class _Signer:
+    def __init__(self, ident: NodeIdentity | None = None) -> None:
+        self.ident, self.nonce = ident or NodeIdentity.generate(), 0
+
+    def sign(self, make, **fields) -> bytes:
+        self.nonce += 1
+        return txs.sign_tx(make(chain_id=CHAIN_ID, nonce=self.nonce, **fields), self.ident)
+
+
+def _register(partner: _Signer, node: NodeIdentity) -> bytes:
+    return partner.sign(txs.RegisterNode, node_key=node.public.sign_key, kex_key=node.public.kex_key,
+                        role="worker", endpoint="tcp://127.0.0.1:1",
+                        profile=txs.NodeProfile(0, 0, "grid-0", "isp-0", 64500))
+
+
+def _receipts(users: list[_Signer], worker: bytes, rounds: int, tag: str) -> list[list[bytes]]:
+    return [[u.sign(txs.JobReceipt, worker=worker, units=1, job_id=f"{tag}-{r}-{i}".encode())
+             for i, u in enumerate(users)] for r in range(rounds)]
+
+
+def measure_app(bench: CommitteeBench, home: Path, say) -> dict:
+    members = [NodeIdentity.generate() for _ in range(bench.validators)]
+    partner = _Signer()
+    genesis = Genesis(CHAIN_ID, tuple(sorted(m.public.sign_key for m in members)),
+                      (partner.ident.public.sign_key,))
+    app = LedgerApp(home / "app-bench.sqlite")
+    try:
+        app.init_chain(pb.RequestInitChain(chain_id=CHAIN_ID, app_state_bytes=genesis.to_json()))
+        worker = NodeIdentity.generate()
+
+        def block(raw: list[bytes]) -> float:
+            t0 = time.perf_counter()
+            resp = app.finalize_block(pb.RequestFinalizeBlock(txs=raw, height=app.store.height + 1))
+            app.commit(pb.RequestCommit())
+            elapsed = time.perf_counter() - t0
+            failed = sum(1 for r in resp.tx_results if r.code)
+            if failed:
+                raise RuntimeError(f"{failed} bench txs failed: {resp.tx_results[0].log}")
+            return elapsed
+
+        block([_register(partner, worker)])
+        users = [_Signer() for _ in range(bench.block_txs)]
+        say(f"app: signing {bench.app_blocks} x {bench.block_txs} job receipts")
+        blocks = _receipts(users, worker.public.sign_key, bench.app_blocks + 1, "app")
+        times = [block(raw) for raw in blocks[:-1]]  # no tx seen before: every signature checked
+        t0 = time.perf_counter()
+        for raw in blocks[-1]:
+            if app.check_tx(pb.RequestCheckTx(tx=raw)).code:
+                raise RuntimeError("a bench tx failed CheckTx")
+        check_s = time.perf_counter() - t0
+    finally:
+        app.close()
+    total = bench.app_blocks * bench.block_txs
+    result = {"txs": total, "seconds": sum(times), "tx_per_s": total / sum(times),
+              "block_s": times, "check_tx_per_s": bench.block_txs / check_s}
+    say(f"app: {result['tx_per_s']:.0f} tx/s applied (FinalizeBlock + Commit), "
+        f"CheckTx {result['check_tx_per_s']:.0f} tx/s")
+    return result
+
+
+def _heights(client: CommitteeClient, endpoints: list[str]) -> list[int]:
+    return [(s.height if (s := client.status_of(e, timeout_s=2.0)) else -1) for e in endpoints]
+
+
+def _wait(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def agreement(client: CommitteeClient, endpoints: list[str]) -> dict:
+    maps = []
+    for endpoint in endpoints:
+        status = client.status_of(endpoint, 1, 1_000_000)
+        heights, hashes = list(status.heights), list(status.app_hashes)
+        while status.heights and len(status.heights) == 1000:  # pages of 1,000 heights
+            status = client.status_of(endpoint, heights[-1] + 1, heights[-1] + 1000)
+            heights += status.heights
+            hashes += status.app_hashes
+        maps.append(dict(zip(heights, hashes)))
+    top = max(max(m, default=0) for m in maps)
+    disagree = [h for h in range(1, top + 1) if len({m[h] for m in maps if h in m}) > 1]
+    return {"heights": top, "disagreements": disagree[:20], "agree": not disagree,
+            "heights_held": [len(m) for m in maps]}
+
+
+def measure_devnet(bench: CommitteeBench, home: Path, say) -> dict:
+    with Devnet(DevnetConfig(home / "devnet", bench.validators)) as net:
+        client = CommitteeClient(net.endpoints, timeout_s=10.0)
+        try:
+            partner, worker = _Signer(net.partner), NodeIdentity.generate()
+            if not client.submit(_register(partner, worker)).ok:
+                raise RuntimeError("could not register the bench worker")
+            users = [_Signer() for _ in range(bench.latency_txs)]
+            latencies = []
+            for raw in _receipts(users, worker.public.sign_key, 1, "lat")[0]:
+                t0 = time.perf_counter()
+                outcome = client.submit(raw)
+                latencies.append(time.perf_counter() - t0)
+                if not outcome.ok:
+                    raise RuntimeError(f"latency tx failed: {outcome.log}")
+            say(f"devnet: commit latency p50 {percentile(latencies, 50):.3f} s, "
+                f"p99 {percentile(latencies, 99):.3f} s")
+            burst_users = [_Signer() for _ in range(max(1, bench.burst_txs // 10))]
+            burst = [tx for rnd in _receipts(burst_users, worker.public.sign_key, 10, "burst")
+                     for tx in rnd][: bench.burst_txs]
+            t0 = time.perf_counter()
+            outcomes = client.submit_many(burst, timeout_s=120.0)
+            burst_s = time.perf_counter() - t0
+            burst_ok = sum(o.ok for o in outcomes)
+            say(f"devnet: burst of {len(burst)} txs committed in {burst_s:.2f} s "
+                f"({burst_ok / burst_s:.0f} tx/s, {burst_ok} ok)")
+            drill = _kill_drill(net, client, partner, say) if bench.kill_drill else None
+            agree = agreement(client, net.endpoints)
+        finally:
+            client.close()
+    return {"latency_s": latencies, "commit_latency_p50_s": percentile(latencies, 50),
+            "commit_latency_p99_s": percentile(latencies, 99), "burst_txs": len(burst),
+            "burst_ok": burst_ok, "burst_s": burst_s, "devnet_tx_per_s": burst_ok / burst_s,
+            "kill_drill": drill, "agreement": agree}
+
+
+def _kill_drill(net: Devnet, client: CommitteeClient, partner: _Signer, say) -> dict:
+    victim = len(net.endpoints) - 1
+    others = [e for i, e in enumerate(net.endpoints) if i != victim]
+    net.kill(victim)
+    start = max(_heights(client, others))
+    t0 = time.perf_counter()
+    ok = sum(client.submit(partner.sign(txs.Vouch, subject=NodeIdentity.generate().public.sign_key)).ok
+             for _ in range(10))
+    _wait(lambda: max(_heights(client, others)) >= start + 20, 30.0)
+    down_s = time.perf_counter() - t0
+    committed = max(_heights(client, others)) - start
+    net.restart(victim)
+    target = max(_heights(client, others))
+    t1 = time.perf_counter()
+    caught = _wait(lambda: _heights(client, [net.endpoints[victim]])[0] >= target, 60.0)
+    catch_up_s = time.perf_counter() - t1
+    say(f"kill drill: {committed} blocks and {ok}/10 txs committed in {down_s:.1f} s with validator "
+        f"{victim} down; after restart it caught up {target} heights in {catch_up_s:.2f} s")
+    return {"victim": victim, "blocks_while_down": committed, "txs_while_down_ok": ok,
+            "down_s": down_s, "caught_up": caught, "catch_up_s": catch_up_s, "catch_up_to": target}
+
+
+def run(bench: CommitteeBench, say=print) -> dict:
+    with tempfile.TemporaryDirectory(prefix="permamesh-committee-") as tmp:
+        home = Path(bench.home or tmp)
+        home.mkdir(parents=True, exist_ok=True)
+        app = measure_app(bench, home, say)
+        devnet = measure_devnet(bench, home, say)
+    drill = devnet["kill_drill"]
+    summary = {
+        "commit_latency_p50_s": devnet["commit_latency_p50_s"],
+        "commit_latency_p99_s": devnet["commit_latency_p99_s"],
+        "tx_per_s": app["tx_per_s"], "check_tx_per_s": app["check_tx_per_s"],
+        "devnet_tx_per_s": devnet["devnet_tx_per_s"],
+        "app_hash_agree": devnet["agreement"]["agree"], "heights_checked": devnet["agreement"]["heights"],
+        "validators": bench.validators,
+        "kill_drill_blocks_while_down": None if drill is None else drill["blocks_while_down"],
+        "kill_drill_catch_up_s": None if drill is None else drill["catch_up_s"],
+        "targets": TARGETS,
+    }
+    summary["targets_met"] = (summary["commit_latency_p50_s"] <= TARGETS["commit_latency_p50_s"]
+                              and summary["tx_per_s"] >= TARGETS["tx_per_s"] and summary["app_hash_agree"])
+    return {"summary": summary, "app": app, "devnet": devnet, "bench": dataclasses.asdict(bench) | {
+        "home": str(bench.home) if bench.home else None},
+        "machine": {"python": platform.python_version(), "cpus": _cpus()}}
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def plot_committee(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    lat = sorted(report["devnet"]["latency_s"])
+    a.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))])
+    a.axvline(TARGETS["commit_latency_p50_s"], color="grey", linestyle="--", label="p50 target")
+    a.set(xlabel="submit -> committed (s)", ylabel="share of txs", title="devnet commit latency")
+    a.legend()
+    per_block = [report["bench"]["block_txs"] / s for s in report["app"]["block_s"]]
+    b.bar(range(1, len(per_block) + 1), per_block)
+    b.axhline(TARGETS["tx_per_s"], color="grey", linestyle="--", label="target")
+    b.set(xlabel="block", ylabel="tx/s", title="ledger app: FinalizeBlock + Commit")
+    b.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_committee_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer txs and blocks (under a minute)")
+    parser.add_argument("--validators", type=int, default=4, help="devnet validators (count, default: 4)")
+    parser.add_argument("--no-kill-drill", action="store_true", help="skip the SIGKILL drill")
+    parser.add_argument("--json", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    bench = quick_bench() if args.quick else CommitteeBench()
+    if args.validators < 1:
+        raise SystemExit("permamesh bench committee: --validators must be >= 1")
+    bench = dataclasses.replace(bench, validators=args.validators, kill_drill=not args.no_kill_drill
+                                and args.validators >= 4)
+    report = run(bench)
+    write_report(report, args.json, args.plot, plot_committee)
+    s = report["summary"]
+    print(f"commit latency p50 {s['commit_latency_p50_s']:.3f} s, app {s['tx_per_s']:.0f} tx/s, "
+          f"devnet {s['devnet_tx_per_s']:.0f} tx/s, app hashes agree: {s['app_hash_agree']}")
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
