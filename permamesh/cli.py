@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0, help="weight seed for tiny-random (default: 0)")
     w.add_argument("--claim", default=None, help="announce this model name whatever is served: lets any local model "
                    "pose as another, for verification drills (the committee's challenges must catch it)")
+    w.add_argument("--committee", action="append", default=None, metavar="ENDPOINT",
+                   help="a committee validator (repeatable): routing in the group then reads each member's reputation "
+                        "from the committee's ledger; unregistered or excluded members get no forwarded traffic")
     w.add_argument("--group", default=None, help="worker group to route within (default: the model name; '' = serve alone)")
     w.add_argument("--policy", default="permamesh", choices=POLICY_NAMES, help="routing policy inside the group (default: permamesh)")
     w.add_argument("--block-size", type=int, default=16, help="tokens per block of the prefix cache and routing tree (count, default: 16)")
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_worker(WorkerOptions(data_dir, args.name, args.model, args.model_path, args.device,
                                             args.host, args.port, args.max_queue, args.seed, args.threads,
                                             args.group, args.policy, args.block_size, args.prefix_cache_mb,
-                                            args.measure_sync, args.max_active, args.claim))
+                                            args.measure_sync, args.max_active, args.claim,
+                                            tuple(args.committee or ())))
         if args.command == "relay":
             from permamesh.routing.overlay.relayproc import run_relay_from_args
 

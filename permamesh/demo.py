@@ -4,7 +4,9 @@ Starts an :class:`~permamesh.mesh.EmbeddedMesh` (16 relays and two workers by de
 on CPU) and sends every prompt through the anonymous overlay (S-IDA cloves over onion paths,
 answers back over reply blocks): a few one by one (the first shows its paths), one after
 killing relays the client still trusts (a drill: it resends over fresh paths), then a
-concurrent burst; prints latency figures and each worker's status, and stops every process,
+concurrent burst; then the committee (a 4-validator devnet whose reputations the workers'
+routing reads) runs one verification epoch and a validator kill drill
+(:mod:`permamesh.demo_committee`); prints latency figures and each worker's status, and stops every process,
 also on Ctrl-C. ``--serve`` keeps the mesh up afterwards so ``permamesh submit`` can talk to it.
 """
 
@@ -21,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
+from permamesh import demo_committee
 from permamesh.client import Client
 from permamesh.localmesh import discover, process_alive
 from permamesh.mesh import EmbeddedMesh, MeshConfig
@@ -66,11 +69,16 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         say("preparing the model (the first run converts the GGUF, ~20 s; later runs reuse the cache)...")
         models.resolve(opts.model, opts.model_path, opts.data_dir)
         say(f"model ready in {time.monotonic() - started:.1f} s")
+    devnet, committee = demo_committee.start_committee(opts.data_dir, say)
     mesh = EmbeddedMesh(MeshConfig(opts.data_dir, opts.workers, opts.model, opts.model_path, opts.device,
-                                   relays=opts.relays))
+                                   relays=opts.relays,
+                                   worker_args=tuple(a for e in devnet.endpoints for a in ("--committee", e))))
     started = time.monotonic()
-    say("starting relays and workers...")
     try:
+        demo_committee.register_workers(devnet, committee, opts.data_dir,
+                                        [f"mesh-worker-{i}" for i in range(opts.workers)],
+                                        Path(opts.model_path).stem if opts.model_path else opts.model, say)
+        say("starting relays and workers...")
         endpoints = mesh.start()
         say(f"{len(mesh.relay_children)} relays and {len(endpoints)} workers ready in {time.monotonic() - started:.1f} s")
         relays, workers = discover_relays(opts.data_dir), discover(opts.data_dir)
@@ -85,6 +93,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
                 _ask(client, prompt, opts.max_tokens, say, names if i == 0 else None)
             _drill(mesh, client, opts.max_tokens, say)
         _burst(relays, workers, opts.max_tokens, say)
+        _committee(opts, devnet, committee, relays, workers, say)
         with Client(endpoints) as direct:
             say("\n== worker status ==")
             for st in direct.status():
@@ -99,8 +108,22 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         say("\ninterrupted; stopping the mesh")
     finally:
         mesh.stop()
-        say("mesh stopped; no worker or relay process left running")
+        committee.close()
+        devnet.stop()
+        say("mesh stopped; no worker, relay or validator process left running")
     return 0
+
+
+def _committee(opts: DemoOptions, devnet, committee, relays, workers, say) -> None:
+    from permamesh.verify.challenges import ChallengePool
+    from permamesh.verify.profile import TrafficProfile
+    from permamesh.verify.traffic import user_requests
+
+    reference = models.load(opts.model, opts.model_path, opts.data_dir, "cpu")
+    pool = ChallengePool(TrafficProfile.observe(r for _, r in user_requests(300, 3, 1.0)))
+    with OverlayClient(relays, workers, OverlayConfig()) as client:
+        demo_committee.verification_epoch(committee, devnet, client, reference, pool, reference.name, say)
+    demo_committee.validator_drill(devnet, committee, say)
 
 
 def _ask(client: OverlayClient, prompt: str, max_tokens: int, say, names: dict | None) -> None:

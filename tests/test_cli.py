@@ -76,20 +76,25 @@ def test_demo_runs_the_embedded_mesh_and_leaves_nothing_behind(home):
     assert out.stdout.count("ttft") == 4 and "end-to-end latency" in out.stdout  # 3 prompts and the drill
     assert out.stdout.count("cloves sent") == 4 and "path 1: you ->" in out.stdout
     assert "drill: 3 relays killed" in out.stdout and "not delivered" not in out.stdout
+    # the committee: reports from all 4 members aggregated, reputation raised, drill survived
+    assert "committee: 4 validators" in out.stdout and "registered 2 workers" in out.stdout
+    assert "4 reports, 2 workers scored" in out.stdout
+    assert out.stdout.count("reputation 0.5 -> 0.80") == 2  # honest credit 1.0; the liar ignored
+    assert "agree on the app hash at height" in out.stdout and out.stdout.rstrip().count(": True") >= 1
     assert "mesh stopped" in out.stdout
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
 
 
 def _serving_demo():
-    """Start `permamesh demo --serve` and return it with its processes (16 relays, 2 workers; the
-    drill killed 3 relays), once up."""
+    """Start `permamesh demo --serve` and return it with its processes (16 relays, 2 workers,
+    4 validators; the drill killed 3 relays), once up."""
     proc = subprocess.Popen([*CMD, "demo", "--model", "tiny-random", "--max-tokens", "4", "--serve"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
         if "mesh is up" in line:
             break
     workers = psutil.Process(proc.pid).children(recursive=True)
-    assert len(workers) == 15
+    assert len(workers) == 19
     return proc, workers
 
 

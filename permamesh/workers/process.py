@@ -49,6 +49,7 @@ class WorkerOptions:
     measure_sync: bool = False  # count full-tree broadcast bytes too (benchmarks)
     max_active: int = 4  # requests decoding at once, steps interleaved (1 = one at a time)
     claim: str | None = None  # announce this model name instead (verification drills: an impostor)
+    committee: tuple[str, ...] = ()  # committee validator endpoints: routing reads reputation there
 
 
 def group_salt(data_dir: Path, group: str) -> bytes:
@@ -100,8 +101,16 @@ def run_worker(opts: WorkerOptions) -> int:
             return [Peer(r.node_id, r.endpoint, bytes.fromhex(r.sign_key))
                     for r in discover(opts.data_dir) if r.group == group_name and r.model == loaded.name]
 
+        reputation = lambda worker: 1.0  # noqa: E731 - no committee: every member counts as trusted
+        if opts.committee:
+            from permamesh.committee.trust import TrustView
+
+            trust = TrustView(list(opts.committee)).start()
+            reputation = trust.reputation
+            log.info("routing reads reputation from the committee at %s", ", ".join(opts.committee))
         server.group = GroupLink(server, GroupConfig(group_name, salt, opts.block_size, opts.policy,
-                                                                 measure_full_tree=opts.measure_sync), peers)
+                                                                 measure_full_tree=opts.measure_sync), peers,
+                                 reputation)
 
     serve_until_signalled(
         server, identity.node_id,

@@ -299,6 +299,25 @@ def test_resend_repeats_own_messages_of_the_current_round():
     assert h.tm.on_timeout(Timeout("resend", 1, 0)) == []  # an old link of the chain
 
 
+def test_a_failing_round_relays_its_polka_so_every_correct_node_learns_the_valid_value():
+    h = Harness()
+    h.tm.start_height(1)
+    h.feed(proposal(1, 0, B), *votes(PREVOTE, 1, 0, HB, P0, P1))  # ME locks on B
+    actions = h.feed(*votes(PRECOMMIT, 1, 0, b"", P0, P1))  # ... but the round fails
+    assert ("precommit", 0, 0.1) in timeouts(actions)
+    relayed = sent(actions)
+    assert relayed[0] == proposal(1, 0, B)
+    assert sorted(v.validator for v in relayed[1:]) == sorted(k.public_bytes for k in (P0, P1))
+    # A node that already precommitted nil learns B as its valid value from such a relay.
+    other = Harness()
+    other.tm.start_height(1)
+    other.tm.on_timeout(Timeout("propose", 1, 0))
+    other.feed(*votes(PREVOTE, 1, 0, HB, P0, P1))
+    assert own_votes(other.tm.on_timeout(Timeout("prevote", 1, 0)), PRECOMMIT) == [b""]
+    other.feed(*relayed, *votes(PREVOTE, 1, 0, HB, P2))
+    assert (other.tm.valid_value, other.tm.valid_round, other.tm.locked_round) == (B, 0, -1)
+
+
 def test_equivocation_seen_by_the_engine_is_reported():
     h = Harness()
     h.tm.start_height(1)
@@ -339,6 +358,16 @@ def test_a_crashed_validator_does_not_stop_the_others():
         if net.validators.proposer(h, 0) == crashed_key:
             assert d.round >= 1  # its rounds time out
         assert crashed_key not in {v.validator for v in d.commit}
+
+
+def test_power_not_head_count_decides_who_can_halt_the_chain():
+    light = Network(4, seed=9, powers=(3, 1, 1, 1), crashed=(3,))  # 5 of 6 alive: quorum is 5
+    light.start()
+    assert light.run_to_height(10, max_time=60)
+    assert_agreement(light, 10)
+    heavy = Network(4, seed=9, powers=(3, 1, 1, 1), crashed=(0,))  # 3 of 6 alive
+    heavy.start()
+    assert not heavy.run(lambda: any(n.decisions for n in heavy.nodes), max_time=20)
 
 
 @pytest.mark.parametrize("byzantine", [0, 1, 2, 3])

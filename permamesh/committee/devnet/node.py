@@ -54,6 +54,7 @@ class NodeOptions:
     peers: tuple[tuple[bytes, str], ...] = ()  # (validator key, endpoint) of the others
     timeouts: TimeoutConfig = TimeoutConfig()
     timeout_commit_s: float = 0.05  # pause after a commit before the next height starts
+    empty_interval_s: float = 0.25  # the pause when the mempool is empty (a tx cuts it short)
     byzantine: str = ""  # "" or "equivocate"
 
 
@@ -71,6 +72,7 @@ class DevnetNode:
         self._router: RouterServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sync_asked = 0.0
+        self._start_timer: asyncio.TimerHandle | None = None  # the pause before the next height
         self._gossip: list[bytes] = []  # txs admitted from clients, not yet sent to peers
         self.misbehaviour = 0
 
@@ -144,11 +146,20 @@ class DevnetNode:
         if d.height != self.chain.height + 1:
             return
         self._apply(d.height, d.block, d.round, d.commit)
-        self._loop.call_later(self.options.timeout_commit_s, self._next_height, d.height + 1)
+        pause = self.options.timeout_commit_s if self.mempool else self.options.empty_interval_s
+        self._start_timer = self._loop.call_later(pause, self._next_height, d.height + 1)
 
     def _next_height(self, height: int) -> None:
+        self._start_timer = None
         if self.chain.height + 1 == height and self.tm.height < height:
             self._run(self.tm.start_height(height))
+
+    def _hurry(self) -> None:
+        """A tx arrived while we wait out an empty pause: start the next height now."""
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+            self._loop.call_soon(self._next_height, self.chain.height + 1)
+            self._start_timer = None
 
     def _apply(self, height: int, raw: bytes, round_: int, commit: tuple[Vote, ...]) -> None:
         block = self.chain.apply(height, raw, round_, commit)
@@ -220,6 +231,7 @@ class DevnetNode:
         resp = self.chain.client.check_tx(pb.RequestCheckTx(tx=tx, type=pb.NEW))
         if resp.code == 0:
             self.mempool[key] = tx
+            self._hurry()
         return resp
 
     def _submit(self, peer: bytes, msg: m.SubmitTx) -> None:

@@ -45,7 +45,6 @@ class RoundState:
         self.prevote_timeout_set = False  # rule "2f+1 prevotes any" fired
         self.precommit_timeout_set = False  # rule "2f+1 precommits any" fired
         self.polka_seen = False  # rule "proposal and 2f+1 prevotes for it" fired
-        self.polka_relayed = False  # the 2f+1 prevotes for a block were re-broadcast
 
     @property
     def proposal(self) -> Proposal | None:

@@ -17,10 +17,17 @@ at debug level. Messages of the next height and of rounds ahead are buffered wit
 (see :mod:`permamesh.committee.devnet.rounds`); older heights are ignored. The action
 types live in :mod:`permamesh.committee.devnet.actions` and are re-exported here.
 
-Two additions to the paper's algorithm make it live when messages are *lost* (the paper
-assumes eventual delivery): every ``resend_s`` the engine re-broadcasts its own messages of
-its current round, and after it has heard from a validator still at the previous height it
-re-broadcasts that height's deciding proposal and commit, so the laggard can decide too.
+The paper assumes gossip: every message a correct process receives eventually reaches all
+correct processes. The engine provides the part of that its liveness needs, with bounded
+traffic: (1) when a round is failing (2/3+ precommits, no decision) and it saw 2/3+
+prevotes for a block in it, it relays that proposal and those prevotes, so an equivocator
+cannot show a polka to one correct node only (the others, still in the round, update their
+valid value); nothing is relayed on the normal path; (2) a re-proposal
+(pol_round >= 0) goes out with the prevotes of its proof of lock; (3) every ``resend_s`` it
+re-broadcasts its own messages of the previous and current round, so a lost message cannot
+stall a round; (4) after hearing from a validator still at the previous height it sends,
+at the next resend, that height's deciding proposal and commit, so the laggard decides too.
+Laggards further behind catch up through the node's block sync (``verify_commit``).
 """
 
 from __future__ import annotations
@@ -311,10 +318,6 @@ class Tendermint:
             self._schedule("prevote", self.round)
             return True
         polka = rs.prevotes.quorum_hash()
-        if polka and not rs.polka_relayed and self._voting():
-            rs.polka_relayed = True  # so every correct node sees it while still in this round
-            self._relay(rs.prevotes.votes_for(polka))
-            return True
         if step >= Step.PREVOTE and not rs.polka_seen and polka:
             locked = rs.proposal_for(polka)
             if locked is not None and self._is_valid(locked):
@@ -331,5 +334,9 @@ class Tendermint:
         if not rs.precommit_timeout_set and rs.precommits.has_quorum_any():
             rs.precommit_timeout_set = True
             self._schedule("precommit", self.round)
+            if polka and self._voting():  # the round is failing: make sure all saw its polka
+                shown = rs.proposal_for(polka)
+                self._actions.extend(Broadcast(m) for m in (shown,) if m is not None and m.proposer != self.me)
+                self._relay(rs.prevotes.votes_for(polka))
             return True
         return False

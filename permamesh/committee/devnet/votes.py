@@ -29,17 +29,18 @@ import hashlib
 import logging
 from collections.abc import Sequence
 
-from permamesh.identity import PUBLIC_KEY_BYTES, NodeIdentity, SigningKey, verify_signature
 from permamesh.committee.devnet.validators import MAX_POWER, MAX_VALIDATORS, Validator, ValidatorSet, is_key
+from permamesh.identity import PUBLIC_KEY_BYTES, NodeIdentity, SigningKey, verify_signature
 from permamesh.wire.codec import MAX_FRAME_BYTES, WireError, struct
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "PREVOTE", "PRECOMMIT", "AddResult", "Evidence", "Proposal", "Validator", "ValidatorSet",
-    "Vote", "VoteSet", "block_hash_of", "public_key_of", "sign_proposal", "sign_vote",
-    "verify_commit", "verify_evidence", "verify_proposal", "verify_vote", "MAX_POWER",
-    "MAX_VALIDATORS",
+    "HASH_BYTES", "MAX_BLOCK_BYTES", "MAX_CHAIN_ID", "MAX_HASHES_PER_VALIDATOR", "MAX_HEIGHT",
+    "MAX_POWER", "MAX_ROUND", "MAX_VALIDATORS", "PRECOMMIT", "PREVOTE", "VOTE_KINDS",
+    "AddResult", "Evidence", "Proposal", "Signer", "Validator", "ValidatorSet", "Vote", "VoteSet",
+    "block_hash_of", "proposal_sign_bytes", "public_key_of", "sign_proposal", "sign_vote",
+    "verify_commit", "verify_evidence", "verify_proposal", "verify_vote", "vote_sign_bytes",
 ]  # fmt: skip
 
 PREVOTE = "prevote"

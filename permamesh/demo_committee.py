@@ -1,0 +1,129 @@
+"""The committee's part of ``permamesh demo``: a 4-validator devnet the mesh's routing reads.
+
+- :func:`start_committee`: the embedded devnet (4 validator processes, Tendermint over zmq);
+  its seed partner admits itself nothing: it registers the demo's workers (signed claims:
+  location, grid, ISP, hardware, models), so routing, which reads reputations from the
+  committee (workers run with ``--committee``), trusts them at R(0).
+- :func:`verification_epoch`: every member's duty once: challenges through the overlay
+  (they look like user traffic), answers scored against the reference model, signed reports
+  (member 3 lies, to show the median ignores it), the epoch closed by the ledger, the
+  reputations and the trusted list read back with committee queries.
+- :func:`validator_drill`: SIGKILL one validator; the others keep committing; it restarts
+  and catches up from its block store and its peers.
+
+Who calls it: :mod:`permamesh.demo`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from permamesh.committee import txs
+from permamesh.committee.client import CommitteeClient
+from permamesh.committee.devnet.cluster import CHAIN_ID, Devnet, DevnetConfig
+from permamesh.committee.duties import DutyConfig, Member, score_workers
+from permamesh.committee.genesis import LedgerRules
+from permamesh.committee.trust import node_id_of
+from permamesh.identity import NodeIdentity
+from permamesh.mesh import relay_placement
+
+log = logging.getLogger(__name__)
+
+BLOCKS_PER_EPOCH = 20  # a demo epoch is about 5 s of blocks (4 a second when idle)
+
+
+def start_committee(data_dir: Path, say) -> tuple[Devnet, CommitteeClient]:
+    started = time.monotonic()
+    devnet = Devnet(DevnetConfig(Path(data_dir) / "devnet",
+                                 rules=LedgerRules(blocks_per_epoch=BLOCKS_PER_EPOCH)))
+    devnet.start()
+    client = CommitteeClient(devnet.endpoints, timeout_s=10.0)
+    height = client.status().height
+    say(f"committee: {len(devnet.endpoints)} validators (embedded devnet, Tendermint over zmq) at height "
+        f"{height}, ready in {time.monotonic() - started:.1f} s")
+    return devnet, client
+
+
+def register_workers(devnet: Devnet, client: CommitteeClient, data_dir: Path, names: list[str],
+                     model: str, say) -> None:
+    """Register the workers (keys made now, used by the worker processes) as the seed partner."""
+    partner = devnet.partner
+    nonce = client.next_nonce(partner.public.sign_key)
+    for i, name in enumerate(names):
+        ident = NodeIdentity.load_or_create(Path(data_dir) / "keys", name)
+        isp, grid, _ = relay_placement(i + 3)
+        profile = txs.NodeProfile(lat_e6=(45 + 3 * i) * 10**6, lon_e6=(5 + 7 * i) * 10**6, grid=grid,
+                                  isp=isp, asn=64500 + i, silicon_year=2013 + i, cpu_mhz=2400,
+                                  idle_w=12, loaded_w=40, ram_mb=16384, software="permamesh-0.1",
+                                  models=(model,))
+        tx = txs.RegisterNode(chain_id=CHAIN_ID, nonce=nonce + i, node_key=ident.public.sign_key,
+                              kex_key=ident.public.kex_key, role="worker", endpoint="", profile=profile)
+        outcome = client.submit(txs.sign_tx(tx, partner))
+        if not outcome.ok:
+            raise RuntimeError(f"registering {name} failed: {outcome.log}")
+    say(f"committee: registered {len(names)} workers (signed profiles) at height {outcome.height}")
+
+
+def _reputations(client: CommitteeClient) -> dict[str, dict]:
+    return {node_id_of(row["node"]): row for row in client.query("/registry")}
+
+
+def verification_epoch(client: CommitteeClient, devnet: Devnet, overlay, reference, pool,
+                       model: str, say) -> None:
+    from permamesh.verify.verifier import Verifier
+
+    say("\n== the committee: one verification epoch ==")
+    before = _reputations(client)
+    started = time.monotonic()
+    scores = score_workers(client, Verifier(reference), pool,
+                           lambda req, node_id: overlay.submit(req, entry=node_id), DutyConfig(), model)
+    say(f"  {scores.challenges} challenges sent through the overlay and scored against the reference "
+        f"in {time.monotonic() - started:.1f} s (epoch {scores.epoch})")
+    members = [Member(devnet.identity(i), CHAIN_ID, lie=(i == 3)) for i in range(len(devnet.endpoints))]
+    for member in members:
+        member.report(client, scores)
+    say(f"  {len(members)} signed score reports submitted (member 3 lies: reports 1 - credit)")
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline and not any(
+            e["epoch"] == scores.epoch for e in client.query("/epochs")):
+        time.sleep(0.2)
+    record = next((e for e in client.query("/epochs") if e["epoch"] == scores.epoch), None)
+    if record is None:
+        say("  the epoch did not close within 60 s")
+        return
+    say(f"  epoch {scores.epoch} closed by the ledger: {record['reports']} reports, {record['scored']} workers "
+        "scored (lower median of the members' reports)")
+    for node_id, row in sorted(_reputations(client).items()):
+        credit = scores.credits.get(bytes.fromhex(row["node"]))
+        old = before.get(node_id, {}).get("reputation_ppm")
+        say(f"  worker {node_id[:8]}: credit {credit / 1e6 if credit is not None else '-'}, reputation "
+            f"{old / 1e6 if old else '-'} -> {row['reputation_ppm'] / 1e6:.2f}"
+            f"{' EXCLUDED' if row['excluded'] else ''}  ({row['profile']['grid']}, {row['profile']['isp']})")
+    trusted = client.query("/trusted")
+    say(f"  trusted list (what routing reads, every 2 s, in each worker): {len(trusted)} nodes")
+
+
+def validator_drill(devnet: Devnet, client: CommitteeClient, say) -> None:
+    say("\n== drill: one validator killed (SIGKILL) ==")
+    victim = len(devnet.endpoints) - 1
+    others = [e for i, e in enumerate(devnet.endpoints) if i != victim]
+    devnet.kill(victim)
+    start = client.status_of(others[0]).height
+    partner = devnet.partner
+    tx = txs.Vouch(chain_id=CHAIN_ID, nonce=client.next_nonce(partner.public.sign_key),
+                   subject=NodeIdentity.generate().public.sign_key)
+    outcome = client.submit(txs.sign_tx(tx, partner))
+    time.sleep(1.0)  # let the three survivors show progress (a demo pause, not synchronization)
+    now = client.status_of(others[0]).height
+    say(f"  3 of 4 validators committed {now - start} blocks in 1 s; a tx committed at height "
+        f"{outcome.height} (code {outcome.code})")
+    devnet.restart(victim)
+    t0, target = time.monotonic(), client.status_of(others[0]).height
+    while time.monotonic() - t0 < 30 and (s := client.status_of(devnet.endpoints[victim])) and s.height < target:
+        time.sleep(0.05)
+    heights = [client.status_of(e).height for e in devnet.endpoints]
+    hashes = {client.status_of(e, min(heights), min(heights)).app_hashes for e in devnet.endpoints}
+    say(f"  restarted: caught up to height {target} in {time.monotonic() - t0:.2f} s; all 4 validators "
+        f"agree on the app hash at height {min(heights)}: {len(hashes) == 1}")
