@@ -127,3 +127,65 @@ def test_equivocating_validator_changes_nothing_for_honest_ones(devnet):
     top = min(height_of(client, e) for e in honest)
     assert_agree(client, honest, top)
     assert any(client.status_of(e).misbehaviour > 0 for e in honest)
+
+
+def test_garbage_and_forged_consensus_messages_change_nothing(devnet):
+    """Mallory (not a validator) sends junk frames, votes signed by herself, and a vote from a
+    real validator's key that she tampered with; the validators keep committing and agree."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from permamesh.committee.devnet import messages as m
+    from permamesh.committee.devnet.votes import sign_vote
+    from permamesh.transport import DealerClient
+    from permamesh.wire.codec import encode
+
+    net, client = devnet
+    mallory = NodeIdentity.generate()
+    target = net.endpoints[0]
+    before = height_of(client, target)
+    with DealerClient(target) as sock:
+        vote = sign_vote(CHAIN_ID, mallory, "precommit", before + 1, 0, b"\x07" * 32)
+        sock.send(encode(m.VoteMsg(vote), mallory))  # a non-validator's frame
+        real = sign_vote(CHAIN_ID, net.identity(1), "precommit", before + 1, 0, b"\x07" * 32)
+        import dataclasses
+
+        forged = dataclasses.replace(real, block_hash=b"\x08" * 32)  # signature no longer matches
+        sock.send(encode(m.VoteMsg(forged), net.identity(1)))
+        sock.send(encode(m.BlocksReply((m.CommittedBlock(before + 1, b"\x93\x01", 0, (real,)),)),
+                         net.identity(1)))  # a "block" with a one-vote commit
+        sock.send_parts([b"a", b"b", b"c"])
+
+        @settings(max_examples=60, deadline=None)
+        @given(st.binary(max_size=300))
+        def junk(data):
+            sock.send(data)
+
+        junk()
+    wait_for(lambda: height_of(client, target) >= before + 5, what="progress after the junk")
+    top = min(height_of(client, e) for e in net.endpoints)
+    assert_agree(client, net.endpoints, top)
+    log_text = net.children[0].log_path.read_text()
+    assert "Traceback" not in log_text and "error handling" not in log_text  # rejected, not crashed
+
+
+def test_block_decoder_fuzz():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from permamesh.committee.devnet.blocks import Block
+    from permamesh.committee.errors import ProtocolError
+
+    good = Block(3, b"p" * 32, b"a" * 32, b"k" * 32, 123, (b"tx1", b"tx2")).encode()
+    assert Block.decode(good).txs == (b"tx1", b"tx2")
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=200), st.integers(0, 10_000))
+    def fuzz(data, flip):
+        for raw in (data, good[: flip % len(good)], bytes(b ^ (i == flip % len(good)) for i, b in enumerate(good))):
+            try:
+                Block.decode(raw)
+            except ProtocolError:
+                pass
+
+    fuzz()

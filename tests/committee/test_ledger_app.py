@@ -202,3 +202,17 @@ def test_fuzz_check_tx_never_crashes_or_writes(data, flips):
     assert block(app, [data]) != [txs.OK]
     assert app.store.lanes().tolist() == lanes  # rows unchanged (the height is not a row)
     app.close()
+
+
+def test_trial_partner_may_vouch_after_its_trial(world):
+    c, app = world
+    partner = admit(c, app)
+    block(app, [node_tx(partner, Party())])
+    newcomer = Party()
+    assert block(app, [partner.sign(txs.Vouch, subject=newcomer.key)]) == [txs.UNAUTHORIZED]
+    admitted = query(app, "/partners")["partners"][partner.key.hex()]["admitted"]
+    while not any(e["epoch"] >= admitted + c.genesis.rules.trial_epochs for e in query(app, "/epochs")):
+        block(app, [])
+    assert query(app, "/partners")["partners"][partner.key.hex()]["tier"] == 2
+    assert any(partner.key.hex() in e["promoted"] for e in query(app, "/epochs"))
+    assert block(app, [partner.sign(txs.Vouch, subject=newcomer.key)]) == [txs.OK]
