@@ -122,7 +122,9 @@ def _committee(opts: DemoOptions, devnet, committee, relays, workers, say) -> No
     reference = models.load(opts.model, opts.model_path, opts.data_dir, "cpu")
     pool = ChallengePool(TrafficProfile.observe(r for _, r in user_requests(300, 3, 1.0)))
     with OverlayClient(relays, workers, OverlayConfig()) as client:
+        demo_committee.credit_round(committee, client, opts.data_dir, opts.max_tokens, say)
         demo_committee.verification_epoch(committee, devnet, client, reference, pool, reference.name, say)
+    demo_committee.payouts(committee, say)
     demo_committee.validator_drill(devnet, committee, say)
 
 

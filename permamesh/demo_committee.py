@@ -1,13 +1,15 @@
 """The committee's part of ``permamesh demo``: a 4-validator devnet the mesh's routing reads.
 
 - :func:`start_committee`: the embedded devnet (4 validator processes, Tendermint over zmq);
-  its seed partner admits itself nothing: it registers the demo's workers (signed claims:
+  its seed partner registers the demo's workers (signed claims:
   location, grid, ISP, hardware, models), so routing, which reads reputations from the
   committee (workers run with ``--committee``), trusts them at R(0).
 - :func:`verification_epoch`: every member's duty once: challenges through the overlay
   (they look like user traffic), answers scored against the reference model, signed reports
   (member 3 lies, to show the median ignores it), the epoch closed by the ledger, the
   reputations and the trusted list read back with committee queries.
+- :func:`credit_round`: a job admitted by credit (the scheduler's admission reads `/account`),
+  paid by a signed receipt; a job bigger than the credit left refused with the reason.
 - :func:`validator_drill`: SIGKILL one validator; the others keep committing; it restarts
   and catches up from its block store and its peers.
 
@@ -127,3 +129,33 @@ def validator_drill(devnet: Devnet, client: CommitteeClient, say) -> None:
     hashes = {client.status_of(e, min(heights), min(heights)).app_hashes for e in devnet.endpoints}
     say(f"  restarted: caught up to height {target} in {time.monotonic() - t0:.2f} s; all 4 validators "
         f"agree on the app hash at height {min(heights)}: {len(hashes) == 1}")
+
+
+def credit_round(client: CommitteeClient, overlay, data_dir: Path, max_tokens: int, say) -> None:
+    """A researcher's job admitted by credit, paid by a signed receipt; an oversized one refused."""
+    from permamesh.scheduler.admission import Admission, OutOfCredit, prompt_bound
+
+    say("\n== credit: admission, a receipt, a refusal ==")
+    user = NodeIdentity.load_or_create(Path(data_dir) / "keys", "demo-user")
+    admission = Admission(client.query, CHAIN_ID)
+    prompt = "Why do community networks last?"
+    admitted = admission.admit(user.public.sign_key, prompt_bound(prompt), max_tokens)
+    result = overlay.generate(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
+    keys = {node_id_of(row["node"]): bytes.fromhex(row["node"]) for row in client.query("/registry")}
+    units = min(admitted.cost, result.prompt_tokens + result.completion_tokens)
+    outcome = client.submit(admission.receipt(user, keys[result.worker_id], units))
+    account = admission.account(user.public.sign_key)
+    say(f"  admitted (up to {admitted.cost} units, {admitted.available} available); answered by "
+        f"{result.worker_id[:8]}; receipt for {units} units committed at height {outcome.height} "
+        f"(code {outcome.code}); balance now {account['balance']}, available {account['available']}")
+    try:
+        admission.admit(user.public.sign_key, 0, account["available"] + 1)
+    except OutOfCredit as exc:
+        say(f"  a job bigger than the credit left is refused before it runs: {exc}")
+
+
+def payouts(client: CommitteeClient, say) -> None:
+    rows = client.query("/payouts")
+    for row in rows[-4:]:
+        say(f"  payout epoch {row['epoch']} to {node_id_of(row['node'])[:8]}: {row['payout']} "
+            f"(why: {row['why']})")

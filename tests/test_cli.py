@@ -79,6 +79,8 @@ def test_demo_runs_the_embedded_mesh_and_leaves_nothing_behind(home):
     # the committee: reports from all 4 members aggregated, reputation raised, drill survived
     assert "committee: 4 validators" in out.stdout and "registered 2 workers" in out.stdout
     assert "4 reports, 2 workers scored" in out.stdout
+    assert "(code 0); balance now -" in out.stdout  # a job paid by its receipt
+    assert "refused before it runs: out of credit" in out.stdout
     assert out.stdout.count("reputation 0.5 -> 0.80") == 2  # honest credit 1.0; the liar ignored
     assert "agree on the app hash at height" in out.stdout and out.stdout.rstrip().count(": True") >= 1
     assert "mesh stopped" in out.stdout
