@@ -21,6 +21,7 @@ roles and commands:
   worker     partner: serve a model on this machine (GPU if present, else CPU)
   submit     researcher: send a prompt to a running mesh, print the streamed answer
   status     anyone: show the workers of a running local mesh and their load
+  payouts    partner: each partner's monthly payment with its why, from the committee's registry
   validator  committee member: keep the BFT ledger (embedded devnet, or ABCI for CometBFT)
   demo       anyone new: start an embedded mesh on loopback, ask it questions, stop it
   bench      benchmark harness: routing, overlay, verification; JSON + PNG reports
@@ -102,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_validator_arguments(va)
 
+    py = sub.add_parser("payouts", help="each partner's monthly payment with its why (partner role)",
+                        description="Read the committee's registry and print every partner's monthly payment under the "
+                                    "permacomputer rules (docs/placement.md), with the reason for every figure.")
+    _common(py)
+    py.add_argument("--endpoint", action="append", default=None, help="committee validator endpoint (repeatable; "
+                    "default: the devnet under DATA_DIR/devnet)")
+    py.add_argument("--weights", type=Path, default=None, help="a weights TOML file (default: the shipped weights.toml)")
+    py.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     st = sub.add_parser("status", help="show the workers of the local mesh", description="Ask each worker for its status.")
     _common(st)
     st.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address (repeatable; default: the local registry)")
@@ -182,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             from permamesh.committee.validator import run_validator_from_args
 
             return run_validator_from_args(args, data_dir)
+        if args.command == "payouts":
+            return _payouts(args, data_dir)
         if args.command == "submit":
             return _submit(args, data_dir)
         if args.command == "status":
@@ -232,6 +244,19 @@ def _bench(args: argparse.Namespace, data_dir: Path) -> int:
     routing.write_outputs(report, args.json, args.plot)
     if args.json:
         print(f"wrote {args.json}")
+    return 0
+
+
+def _payouts(args: argparse.Namespace, data_dir: Path) -> int:
+    from permamesh.committee.client import CommitteeClient
+    from permamesh.committee.devnet.cluster import devnet_endpoints
+    from permamesh.scheduler.payouts import format_payments, payments_json, registry_payments
+    from permamesh.scheduler.weights import load_weights
+
+    endpoints = args.endpoint or devnet_endpoints(data_dir / "devnet")
+    with CommitteeClient(endpoints, timeout_s=5.0) as client:
+        payments = registry_payments(client.query, load_weights(args.weights))
+    print(payments_json(payments) if args.json else format_payments(payments))
     return 0
 
 

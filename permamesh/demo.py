@@ -25,6 +25,7 @@ from typing import TextIO
 
 from permamesh import demo_committee
 from permamesh.client import Client
+from permamesh.committee.trust import fetch_snapshot, scored_relays
 from permamesh.localmesh import discover, process_alive
 from permamesh.mesh import EmbeddedMesh, MeshConfig
 from permamesh.routing.overlay.directory import discover_relays
@@ -75,13 +76,17 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
                                    worker_args=tuple(a for e in devnet.endpoints for a in ("--committee", e))))
     started = time.monotonic()
     try:
-        demo_committee.register_workers(devnet, committee, opts.data_dir,
-                                        [f"mesh-worker-{i}" for i in range(opts.workers)],
-                                        Path(opts.model_path).stem if opts.model_path else opts.model, say)
+        demo_committee.register_nodes(devnet, committee, opts.data_dir,
+                                      [f"mesh-worker-{i}" for i in range(opts.workers)],
+                                      [f"mesh-relay-{i}" for i in range(opts.relays)],
+                                      Path(opts.model_path).stem if opts.model_path else opts.model, say)
         say("starting relays and workers...")
         endpoints = mesh.start()
         say(f"{len(mesh.relay_children)} relays and {len(endpoints)} workers ready in {time.monotonic() - started:.1f} s")
-        relays, workers = discover_relays(opts.data_dir), discover(opts.data_dir)
+        relays = scored_relays(discover_relays(opts.data_dir), fetch_snapshot(committee))
+        workers = discover(opts.data_dir)
+        say(f"overlay paths read relay reputations from the committee: {len(relays)} relays at "
+            f"{min(r.reputation for r in relays):.2f}..{max(r.reputation for r in relays):.2f} (floor 0.3)")
         names = {r.node_id: f"{r.node_id[:6]}({r.isp})" for r in relays}
         config = OverlayConfig()
         say(f"\nevery prompt below travels as S-IDA cloves: split into {config.max_cloves}, any {config.k} rebuild; "

@@ -48,24 +48,29 @@ def start_committee(data_dir: Path, say) -> tuple[Devnet, CommitteeClient]:
     return devnet, client
 
 
-def register_workers(devnet: Devnet, client: CommitteeClient, data_dir: Path, names: list[str],
-                     model: str, say) -> None:
-    """Register the workers (keys made now, used by the worker processes) as the seed partner."""
+def register_nodes(devnet: Devnet, client: CommitteeClient, data_dir: Path, workers: list[str],
+                   relays: list[str], model: str, say) -> None:
+    """Register the workers and relays (keys made now, used by their processes) as the seed
+    partner: signed profiles, pipelined to the committee."""
     partner = devnet.partner
     nonce = client.next_nonce(partner.public.sign_key)
-    for i, name in enumerate(names):
+    raw = []
+    for i, (name, role) in enumerate([(w, "worker") for w in workers] + [(r, "relay") for r in relays]):
         ident = NodeIdentity.load_or_create(Path(data_dir) / "keys", name)
-        isp, grid, _ = relay_placement(i + 3)
-        profile = txs.NodeProfile(lat_e6=(45 + 3 * i) * 10**6, lon_e6=(5 + 7 * i) * 10**6, grid=grid,
-                                  isp=isp, asn=64500 + i, silicon_year=2013 + i, cpu_mhz=2400,
-                                  idle_w=12, loaded_w=40, ram_mb=16384, software="permamesh-0.1",
-                                  models=(model,))
-        tx = txs.RegisterNode(chain_id=CHAIN_ID, nonce=nonce + i, node_key=ident.public.sign_key,
-                              kex_key=ident.public.kex_key, role="worker", endpoint="", profile=profile)
-        outcome = client.submit(txs.sign_tx(tx, partner))
-        if not outcome.ok:
-            raise RuntimeError(f"registering {name} failed: {outcome.log}")
-    say(f"committee: registered {len(names)} workers (signed profiles) at height {outcome.height}")
+        isp, grid, _ = relay_placement(i - len(workers) if role == "relay" else i + 3)
+        profile = txs.NodeProfile(lat_e6=(40 + (3 * i) % 20) * 10**6, lon_e6=(-10 + (7 * i) % 40) * 10**6,
+                                  grid=grid, isp=isp, asn=64500 + i, silicon_year=2012 + i % 8,
+                                  cpu_mhz=2400, idle_w=12, loaded_w=40, ram_mb=16384,
+                                  software="permamesh-0.1", models=(model,) if role == "worker" else ())
+        raw.append(txs.sign_tx(txs.RegisterNode(
+            chain_id=CHAIN_ID, nonce=nonce + i, node_key=ident.public.sign_key,
+            kex_key=ident.public.kex_key, role=role, endpoint="", profile=profile), partner))
+    outcomes = client.submit_many(raw, timeout_s=60.0)
+    failed = [o.log for o in outcomes if not o.ok]
+    if failed:
+        raise RuntimeError(f"registering nodes failed: {failed[0]}")
+    say(f"committee: registered {len(workers)} workers and {len(relays)} relays (signed profiles) by "
+        f"height {max(o.height for o in outcomes)}")
 
 
 def _reputations(client: CommitteeClient) -> dict[str, dict]:
@@ -155,7 +160,19 @@ def credit_round(client: CommitteeClient, overlay, data_dir: Path, max_tokens: i
 
 
 def payouts(client: CommitteeClient, say) -> None:
+    """Service payouts from the ledger, then the scheduler's monthly partner payment, computed
+    from the committee's registry (``permamesh payouts`` prints it in full)."""
+    from permamesh.scheduler.payouts import registry_payments
+    from permamesh.scheduler.weights import load_weights
+
     rows = client.query("/payouts")
     for row in rows[-4:]:
-        say(f"  payout epoch {row['epoch']} to {node_id_of(row['node'])[:8]}: {row['payout']} "
+        say(f"  service payout, epoch {row['epoch']}, to {node_id_of(row['node'])[:8]}: {row['payout']} "
             f"(why: {row['why']})")
+    for partner, pay in registry_payments(client.query, load_weights()).items():
+        paid = sum(1 for n in pay.nodes if n.paid)
+        say(f"  the scheduler, from the committee's registry: partner {partner[:8]} is paid "
+            f"{pay.total / 100:,.2f} a month for {paid} of {len(pay.nodes)} nodes")
+        for reason in pay.why[:6]:
+            say(f"    why: {reason}")
+        say("    (permamesh payouts prints every figure and node)")

@@ -77,7 +77,8 @@ def test_demo_runs_the_embedded_mesh_and_leaves_nothing_behind(home):
     assert out.stdout.count("cloves sent") == 4 and "path 1: you ->" in out.stdout
     assert "drill: 3 relays killed" in out.stdout and "not delivered" not in out.stdout
     # the committee: reports from all 4 members aggregated, reputation raised, drill survived
-    assert "committee: 4 validators" in out.stdout and "registered 2 workers" in out.stdout
+    assert "committee: 4 validators" in out.stdout and "registered 2 workers and 16 relays" in out.stdout
+    assert "16 relays at 0.50..0.50 (floor 0.3)" in out.stdout
     assert "4 reports, 2 workers scored" in out.stdout
     assert "(code 0); balance now -" in out.stdout  # a job paid by its receipt
     assert "refused before it runs: out of credit" in out.stdout

@@ -9,7 +9,9 @@ committee, unregistered workers get no traffic). Until the first snapshot arrive
 reads ``unknown`` too, and a failed refresh keeps the previous snapshot (logged).
 
 Who calls it: the worker process (``--committee``) hands :meth:`reputation` to its
-:class:`~permamesh.workers.group.GroupLink`; the demo and tests read :meth:`snapshot`.
+:class:`~permamesh.workers.group.GroupLink`; the demo gives the overlay client
+:func:`scored_relays` (relay records carrying the committee's reputations, so path selection's
+floor reads the ledger too); tests read :meth:`snapshot`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ def fetch_snapshot(client: CommitteeClient) -> TrustSnapshot:
         roles[node] = row["role"]
         reps[node] = 0.0 if row["excluded"] else row["reputation_ppm"] / 1_000_000
     return TrustSnapshot(status["height"], reps, roles)
+
+
+def scored_relays(relays: list, snapshot: TrustSnapshot, unknown: float = 0.0) -> list:
+    """Relay registry records with the committee's reputation instead of the local one, so
+    the overlay's path selection applies its floor to what the committee measured."""
+    import dataclasses
+
+    return [dataclasses.replace(r, reputation=snapshot.reputation.get(r.node_id, unknown))
+            for r in relays]
 
 
 class TrustView:

@@ -126,14 +126,9 @@ def _devnet(args: argparse.Namespace, data_dir: Path) -> int:
 def _query(args: argparse.Namespace, data_dir: Path) -> int:
     from permamesh.committee.client import CommitteeClient
 
-    endpoints = args.endpoint
-    if not endpoints:
-        home = (args.home or data_dir / "devnet").expanduser()
-        endpoints = []
-        for node_json in sorted(home.glob("v*/node.json")):
-            endpoints.append(f"tcp://127.0.0.1:{json.loads(node_json.read_text())['port']}")
-        if not endpoints:
-            raise CommitteeError(f"no devnet under {home}; pass --endpoint")
+    from permamesh.committee.devnet.cluster import devnet_endpoints
+
+    endpoints = args.endpoint or devnet_endpoints((args.home or data_dir / "devnet").expanduser())
     with CommitteeClient(endpoints, timeout_s=5.0) as client:
         data = bytes.fromhex(args.data) if args.data else b""
         json.dump(client.query(args.query, data), sys.stdout, indent=1)

@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 CHAIN_ID = "permamesh-devnet"
 
 
+def devnet_endpoints(home: Path) -> list[str]:
+    """The validator endpoints of the devnet under ``home`` (from each ``v*/node.json``)."""
+    endpoints = [f"tcp://127.0.0.1:{json.loads(p.read_text())['port']}"
+                 for p in sorted(Path(home).glob("v*/node.json"))]
+    if not endpoints:
+        raise CommitteeError(f"no devnet under {home} (start one with `permamesh validator "
+                             "--devnet 4`, or pass --endpoint)")
+    return endpoints
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

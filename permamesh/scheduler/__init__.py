@@ -1,0 +1,28 @@
+"""The scheduler: the permacomputer rules as pure functions over plain data.
+
+It reads the committee's node registry, scores every node by the permacomputer formula,
+decides who is paid and how much, and checks claimed locations against physics. The rules are
+stated in ``docs/placement.md``; the weights live in ``weights.toml``. Modules:
+
+- :mod:`~permamesh.scheduler.profile`: :class:`~permamesh.scheduler.profile.NodeProfile`
+  (one node as the scheduler sees it, from a ``/registry`` row), great-circle distance, the
+  "same location" rule and its grouping, the coarse continent table (pure).
+- :mod:`~permamesh.scheduler.weights`: :class:`~permamesh.scheduler.weights.Weights` and
+  ``load_weights`` (the packaged ``weights.toml`` or an override; no clock: the current year
+  is a setting).
+- :mod:`~permamesh.scheduler.scoring`: ``node_score`` with a ``why`` of every term; ``explain``
+  (pure, deterministic: peers in node-id order).
+- :mod:`~permamesh.scheduler.payments`: ``monthly_payments``: at most two paid nodes per
+  location, the compensation formula and its modifiers, in whole cents with a reason for every
+  figure (pure).
+- :mod:`~permamesh.scheduler.physics`: ``check_location`` (no answer faster than light in
+  fibre) and ``triangulate`` (pure).
+- :mod:`~permamesh.scheduler.admission`: admission of jobs by the user's credit on the
+  committee's ledger (the one module here that talks to the committee, through a query
+  callable).
+- :mod:`~permamesh.scheduler.errors`: :class:`~permamesh.scheduler.errors.SchedulerError`.
+
+Still to come: replica placement across failure domains (grid, ISP, software version),
+chaos drills. Who calls it: the committee's payout step, the demo, reports, tests. Nothing
+here but admission opens a socket, and none of it reads the clock.
+"""
