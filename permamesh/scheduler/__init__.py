@@ -20,9 +20,11 @@ stated in ``docs/placement.md``; the weights live in ``weights.toml``. Modules:
 - :mod:`~permamesh.scheduler.admission`: admission of jobs by the user's credit on the
   committee's ledger (the one module here that talks to the committee, through a query
   callable).
+- :mod:`~permamesh.scheduler.payouts`: ``permamesh payouts``: ``registry_payments`` (the
+  committee's ``/registry`` through a query callable -> ``monthly_payments``) and its text/JSON.
 - :mod:`~permamesh.scheduler.errors`: :class:`~permamesh.scheduler.errors.SchedulerError`.
 
 Still to come: replica placement across failure domains (grid, ISP, software version),
-chaos drills. Who calls it: the committee's payout step, the demo, reports, tests. Nothing
-here but admission opens a socket, and none of it reads the clock.
+chaos drills. Who calls it: ``permamesh payouts``, the demo, tests. Nothing here but admission and
+payouts (through the query callable they are given) reaches the committee, and none of it reads the clock.
 """
