@@ -106,6 +106,17 @@ class EmbeddedMesh:
         """SIGKILL one worker (failure drills and tests)."""
         self.children[index].kill()
 
+    def restart(self, index: int, timeout_s: float = 120.0) -> str:
+        """Start worker ``index`` again (same name, keys and options) after a kill; returns
+        its new endpoint once it is ready."""
+        old = self.children[index]
+        if old.alive():
+            raise MeshError(f"{old.name} is still running")
+        child = spawn(old.name, list(old.cmd), self.log_dir)
+        self.children[index] = child
+        wait_ready([child], timeout_s, MeshError)
+        return child.endpoint
+
     def kill_relay(self, index: int) -> None:
         """SIGKILL one relay (delivery drills and the overlay benchmark)."""
         self.relay_children[index].kill()

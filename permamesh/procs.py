@@ -46,6 +46,7 @@ class Child:
     log_path: Path
     endpoint: str | None = None
     node_id: str | None = None
+    cmd: tuple[str, ...] = ()  # what started it (restart runs it again)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -70,7 +71,7 @@ def spawn(name: str, cmd: list[str], log_dir: Path) -> Child:
     with open(log_path, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent)
-    return Child(name, proc, log_path)
+    return Child(name, proc, log_path, cmd=tuple(cmd))
 
 
 def wait_ready(children: list[Child], timeout_s: float, error: type[Exception] = ProcessError) -> None:
