@@ -21,6 +21,7 @@ roles and commands:
   worker     partner: serve a model on this machine (GPU if present, else CPU)
   submit     researcher: send a prompt to a running mesh, print the streamed answer
   status     anyone: show the workers of a running local mesh and their load
+  chaos      operator: drill failure domains on the embedded mesh and a simulated one; JSON + PNG
   payouts    partner: each partner's monthly payment with its why, from the committee's registry
   validator  committee member: keep the BFT ledger (embedded devnet, or ABCI for CometBFT)
   demo       anyone new: start an embedded mesh on loopback, ask it questions, stop it
@@ -112,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     py.add_argument("--weights", type=Path, default=None, help="a weights TOML file (default: the shipped weights.toml)")
     py.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    ch = sub.add_parser("chaos", help="failure drills: embedded mesh and a simulated mesh (operator role)",
+                        description="Drill the seed's failure modes (power by grid, ISP, hardware, partition, DDoS, "
+                                    "software bug by version) against real worker processes and a simulated mesh of "
+                                    "thousands of nodes; report capacity lost, jobs lost, recovery time, win conditions.")
+    _common(ch)
+    from permamesh.bench.chaos import add_chaos_arguments
+
+    add_chaos_arguments(ch)
+
     st = sub.add_parser("status", help="show the workers of the local mesh", description="Ask each worker for its status.")
     _common(st)
     st.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address (repeatable; default: the local registry)")
@@ -192,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             from permamesh.committee.validator import run_validator_from_args
 
             return run_validator_from_args(args, data_dir)
+        if args.command == "chaos":
+            from permamesh.bench.chaos import run_from_args as run_chaos
+
+            return run_chaos(args, data_dir)
         if args.command == "payouts":
             return _payouts(args, data_dir)
         if args.command == "submit":

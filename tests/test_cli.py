@@ -23,7 +23,8 @@ def run(*args, timeout=120, **kw):
 
 def test_help_lists_the_roles():
     out = run("--help").stdout
-    for role in ("worker", "submit", "status", "demo", "partner", "researcher"):
+    for role in ("worker", "submit", "status", "demo", "partner", "researcher", "validator", "payouts",
+                 "chaos", "committee member"):
         assert role in out
 
 
@@ -31,6 +32,9 @@ def test_help_lists_the_roles():
     ("worker", ["count", "(default: 0)", "TCP port"]),
     ("submit", ["count", "seconds", "nats"]),
     ("demo", ["count"]),
+    ("validator", ["tcp://127.0.0.1:26658", "cometbft", "devnet"]),
+    ("chaos", ["count", "seconds"]),
+    ("payouts", ["weights"]),
 ])
 def test_each_role_documents_its_options_with_units(role, units):
     out = run(role, "--help").stdout
