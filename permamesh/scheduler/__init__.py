@@ -17,6 +17,12 @@ stated in ``docs/placement.md``; the weights live in ``weights.toml``. Modules:
   figure (pure).
 - :mod:`~permamesh.scheduler.physics`: ``check_location`` (no answer faster than light in
   fibre) and ``triangulate`` (pure).
+- :mod:`~permamesh.scheduler.domains`: failure-domain kinds and shares; fast location grouping
+  and vectorised node scores for large meshes (pure).
+- :mod:`~permamesh.scheduler.placement`: ``place`` (replicas over failure domains under a
+  per-domain cap), ``replace_failed`` (stable re-placement), ``place_many`` (Ray tasks).
+- :mod:`~permamesh.scheduler.chaossim`: a synthetic mesh of thousands of nodes and the seed's
+  failure modes against a placement; win conditions (pure).
 - :mod:`~permamesh.scheduler.admission`: admission of jobs by the user's credit on the
   committee's ledger (the one module here that talks to the committee, through a query
   callable).
@@ -24,7 +30,6 @@ stated in ``docs/placement.md``; the weights live in ``weights.toml``. Modules:
   committee's ``/registry`` through a query callable -> ``monthly_payments``) and its text/JSON.
 - :mod:`~permamesh.scheduler.errors`: :class:`~permamesh.scheduler.errors.SchedulerError`.
 
-Still to come: replica placement across failure domains (grid, ISP, software version),
-chaos drills. Who calls it: ``permamesh payouts``, the demo, tests. Nothing here but admission and
+The embedded chaos drills (real processes) are :mod:`permamesh.bench.chaos`. Who calls it: ``permamesh payouts``, the demo, tests. Nothing here but admission and
 payouts (through the query callable they are given) reaches the committee, and none of it reads the clock.
 """

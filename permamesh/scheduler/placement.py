@@ -244,19 +244,26 @@ def replace_failed(previous: Placement, nodes: Sequence[NodeProfile], failed: se
     return place(survivors, demands, previous=previous, **kwargs)
 
 
+RAY_MIN_PROBLEMS = 16  # fewer placements than this run in-process unless use_ray=True
+
+
 def place_many(problems: Sequence[tuple[Sequence[NodeProfile], Sequence[Demand]]],
                ray_address: str | None = None, use_ray: bool | None = None,
                **kwargs) -> list[Placement]:
     """:func:`place` for each (nodes, demands), in order; ``kwargs`` go to every call.
 
-    As Ray tasks when Ray is importable and ``use_ray`` is not False (``ray.init(address=...)``
-    when ``ray_address`` is given, else a local 2-CPU Ray without dashboard); sequentially
-    otherwise. ``use_ray=True`` without Ray is a :class:`SchedulerError`.
+    As Ray tasks when ``use_ray`` is True, or when it is None and either ``ray_address`` is
+    given or there are at least :data:`RAY_MIN_PROBLEMS` problems (Ray's start-up, ~5 s here,
+    is not worth it for a few): ``ray.init(address=...)`` for a partner's cluster, else a local
+    2-CPU Ray without dashboard. Sequentially otherwise. ``use_ray=True`` without Ray is a
+    :class:`SchedulerError`.
     """
     ray = None
+    if use_ray is None:
+        use_ray = None if (ray_address or len(problems) >= RAY_MIN_PROBLEMS) else False
     if use_ray is not False:
         try:
-            import ray  # noqa: F811  (optional; the lead may add it)
+            import ray  # noqa: F811  (a dependency; imported only when used)
         except ImportError:
             if use_ray:
                 raise SchedulerError("use_ray=True but Ray is not installed "

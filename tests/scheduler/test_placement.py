@@ -180,8 +180,9 @@ def test_place_many_sequentially_equals_place():
     problems = [(spread(9), [Demand("m", 3)]), (synthetic_mesh(120, 2), [Demand("qwen2.5-7b", 6)])]
     assert place_many(problems, use_ray=False, weights=W) == [place(n, d, weights=W)
                                                              for n, d in problems]
+    # few problems: in-process by default, whether or not Ray is installed
+    assert place_many(problems[:1], weights=W) == [place(*problems[0], weights=W)]
     if importlib.util.find_spec("ray") is None:
-        assert place_many(problems[:1], weights=W) == [place(*problems[0], weights=W)]
         with pytest.raises(SchedulerError, match="Ray is not installed"):
             place_many(problems, use_ray=True)
 
@@ -220,3 +221,12 @@ def test_mesh_scores_equal_node_score():
     assert fast.keys() == slow.keys()
     for node_id, scored in slow.items():
         assert fast[node_id] == pytest.approx(scored.value, rel=1e-9, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_place_many_on_a_local_ray_equals_sequential():
+    """Ray's local cluster (ray.init(), ~5-10 s to start here): same placements as in-process."""
+    pytest.importorskip("ray")
+    meshes = [synthetic_mesh(120, seed=s) for s in range(3)]
+    problems = [(m, [Demand("mistral-7b", 6), Demand("qwen2.5-7b", 3)]) for m in meshes]
+    assert place_many(problems, use_ray=True) == place_many(problems, use_ray=False)
