@@ -21,6 +21,8 @@ roles and commands:
   worker     partner: serve a model on this machine (GPU if present, else CPU)
   submit     researcher: send a prompt to a running mesh, print the streamed answer
   status     anyone: show the workers of a running local mesh and their load
+  image add  researcher: build or import an OCI image (DATA_DIR/images)
+  run        researcher: run a container job on the worker holding its layers (runc / bubblewrap)
   chaos      operator: drill failure domains on the embedded mesh and a simulated one; JSON + PNG
   payouts    partner: each partner's monthly payment with its why, from the committee's registry
   validator  committee member: keep the BFT ledger (embedded devnet, or ABCI for CometBFT)
@@ -122,6 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_chaos_arguments(ch)
 
+    from permamesh.containers.commands import add_image_arguments, add_run_arguments
+
+    im = sub.add_parser("image", help="container images in the data directory (researcher role)",
+                        description="Manage OCI images in DATA_DIR/images.")
+    isub = im.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    ia = isub.add_parser("add", help="build an image from a directory, or import an OCI layout or tar",
+                         description="Build a deterministic image from a directory (plus --layer DIRs), or import an "
+                                     "OCI image layout directory or tar; every blob is verified against its digest.")
+    _common(ia)
+    add_image_arguments(ia)
+    rn = sub.add_parser("run", help="run a container job on the local container workers (researcher role)",
+                        description="Route the job to the container worker holding the most of the image's layers "
+                                    "(traded against load and missing bytes), fetch what is missing from a peer or "
+                                    "the image, run it isolated (runc, bubblewrap as fallback).")
+    _common(rn)
+    add_run_arguments(rn)
+
     st = sub.add_parser("status", help="show the workers of the local mesh", description="Ask each worker for its status.")
     _common(st)
     st.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address (repeatable; default: the local registry)")
@@ -171,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "every answer is scored against the reference model and reputation updated.")
     _common(v)
     add_verify_bench_arguments(v)
+    from permamesh.bench.containers import add_containers_bench_arguments
+
+    cb = bsub.add_parser("containers", help="containers: cold vs warm start, warm-worker pick rate",
+                         description="Cold (layers fetched and unpacked) vs warm (rootfs cached) container starts, "
+                                     "and how often routing by layers picks a worker that already holds the image.")
+    _common(cb)
+    add_containers_bench_arguments(cb)
     from permamesh.bench.committee import add_committee_bench_arguments
 
     cm = bsub.add_parser("committee", help="the committee: ledger tx/s, devnet commit latency, agreement, kill drill",
@@ -202,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
             from permamesh.committee.validator import run_validator_from_args
 
             return run_validator_from_args(args, data_dir)
+        if args.command == "image":
+            from permamesh.containers.commands import image_add
+
+            return image_add(args, data_dir)
+        if args.command == "run":
+            from permamesh.containers.commands import run_job
+
+            return run_job(args, data_dir)
         if args.command == "chaos":
             from permamesh.bench.chaos import run_from_args as run_chaos
 
@@ -232,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, data_dir: Path) -> int:
+    if args.bench == "containers":
+        from permamesh.bench.containers import run_from_args as run_containers
+
+        return run_containers(args)
     if args.bench == "committee":
         from permamesh.bench.committee import run_from_args as run_committee
 

@@ -1,0 +1,137 @@
+"""Container workers on one machine, and the router that sends each job to one of them.
+
+- :class:`ContainerWorker`: one worker's container side: its :class:`LayerStore` (byte budget,
+  LRU), its :class:`RootfsCache` and the runner. For a job it fetches each missing layer from a
+  peer that holds it (found through the router's tree; the copy is verified against the digest
+  as it is written, so a peer cannot hand over a wrong layer), else from the job's source,
+  prepares the rootfs (cached by chain id) and runs the command isolated.
+- :class:`ContainerMesh`: N workers under one directory plus a :class:`LayerRouter`, rebuilt
+  from the stores on disk at start, updated after every job (eviction included).
+
+Peers here are the other workers of this machine, read through their stores; between
+machines the same digest-addressed fetch would go over the mesh's transport (not built yet).
+
+Who calls it: ``permamesh run``, ``permamesh bench containers`` and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from permamesh.containers.errors import ContainerError
+from permamesh.containers.images import Image, LayoutBlobs
+from permamesh.containers.limits import Limits
+from permamesh.containers.placement import Candidate, Choice, LayerRouter
+from permamesh.containers.rootfs import RootfsCache
+from permamesh.containers.runner import RunResult, run
+from permamesh.containers.store import LayerStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    worker: str
+    choice: Choice
+    result: RunResult
+    from_peers: int  # layers fetched from other workers
+    from_source: int  # layers fetched from the job's source
+    warm: bool  # the rootfs was already prepared
+    prepare_s: float  # fetching and unpacking
+    total_s: float
+
+
+class ContainerWorker:
+    def __init__(self, name: str, root: Path, budget_bytes: int) -> None:
+        self.name = name
+        self.store = LayerStore(Path(root) / "layers", budget_bytes)
+        self.rootfs = RootfsCache(Path(root) / "rootfs", self.store)
+
+    def held_prefix(self, image: Image) -> int:
+        held = self.store.holdings()
+        count = 0
+        for desc in image.layers:
+            if desc.digest not in held:
+                break
+            count += 1
+        return count
+
+    def fetch(self, image: Image, peers: Sequence[ContainerWorker], source: LayoutBlobs | None) -> tuple[int, int]:
+        """Bring every layer of ``image`` into the store: from peers first, then the source."""
+        from_peers = from_source = 0
+        for desc in image.layers:
+            if self.store.has(desc.digest):
+                continue
+            peer = next((p for p in peers if p is not self and p.store.has(desc.digest)), None)
+            if peer is not None:
+                try:
+                    with peer.store.pin([desc.digest]), peer.store.open(desc.digest) as stream:
+                        self.store.put(desc.digest, stream, desc.size)  # verified while written
+                    from_peers += 1
+                    continue
+                except ContainerError as exc:
+                    log.warning("layer %s from %s refused (%s); trying the source", desc.digest, peer.name, exc)
+            if source is None:
+                raise ContainerError(f"layer {desc.digest} is on no peer and the job gave no source")
+            with source.open(desc, "layer") as stream:
+                self.store.put(desc.digest, stream, desc.size)
+            from_source += 1
+        return from_peers, from_source
+
+    def run_job(self, image: Image, argv: Sequence[str], peers: Sequence[ContainerWorker],
+                source: LayoutBlobs | None, limits: Limits, runtime: str = "auto") -> tuple:
+        t0 = time.perf_counter()
+        warm = self.rootfs.path_for(image).is_dir()
+        from_peers = from_source = 0
+        with self.store.pin([d.digest for d in image.layers]):
+            if not warm:
+                from_peers, from_source = self.fetch(image, peers, source)
+            rootfs = self.rootfs.prepare(image)
+        prepare_s = time.perf_counter() - t0
+        result = run(rootfs, list(argv) or list(image.cmd), image.env, image.workdir or "/", limits, runtime)
+        return result, from_peers, from_source, warm, prepare_s, time.perf_counter() - t0
+
+
+class ContainerMesh:
+    """``workers`` container workers under ``root`` (state persists across runs)."""
+
+    def __init__(self, root: Path, workers: int = 3, budget_bytes: int = 512 * 2**20, job_s: float = 1.0) -> None:
+        if workers < 1:
+            raise ContainerError("a container mesh needs at least one worker")
+        self.root = Path(root)
+        self.workers = [ContainerWorker(f"cw-{i}", self.root / f"cw-{i}", budget_bytes) for i in range(workers)]
+        self.router = LayerRouter(job_s)
+        self._images: dict[str, Image] = {}
+        self._clock = 0.0
+
+    def _sync(self, image: Image) -> None:
+        """Tell the tree what each worker holds of ``image`` now (after fetches or evictions)."""
+        self._images[image.manifest_digest] = image
+        for img in self._images.values():
+            for w in self.workers:
+                held = w.held_prefix(img)
+                self.router.forget(w.name, img, held)
+                self._clock += 1.0
+                self.router.holds(w.name, img, held, self._clock)
+
+    def choose(self, image: Image, busy: dict[str, int] | None = None) -> Choice:
+        self._sync(image)
+        busy = busy or {}
+        return self.router.choose(image, [Candidate(w.name, busy.get(w.name, 0)) for w in self.workers])
+
+    def run(self, image: Image, argv: Sequence[str] = (), source: LayoutBlobs | None = None,
+            limits: Limits = Limits(), runtime: str = "auto", worker: str | None = None) -> JobOutcome:
+        """Route (or use ``worker``), fetch, prepare and run one job."""
+        choice = self.choose(image)
+        if worker is not None:
+            choice = Choice(worker, 0, 0, 0.0, f"{worker} chosen by the caller")
+        target = next((w for w in self.workers if w.name == choice.worker), None)
+        if target is None:
+            raise ContainerError(f"no container worker named {choice.worker!r}")
+        result, peers, src, warm, prep, total = target.run_job(image, argv, self.workers, source, limits, runtime)
+        self._sync(image)
+        return JobOutcome(target.name, choice, result, peers, src, warm, prep, total)
