@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from permamesh.scheduler.errors import SchedulerError
-from permamesh.scheduler.profile import (EARTH_RADIUS_KM, NodeProfile, continent, distance_km,
+from permamesh.scheduler.profile import (EARTH_RADIUS_KM, DisjointSets, NodeProfile, continent, distance_km,
                                          location_key)
 from permamesh.scheduler.scoring import node_score
 from permamesh.scheduler.weights import Weights
@@ -112,23 +112,11 @@ def fast_locations(nodes: Iterable[NodeProfile], km: float = 0.5) -> dict[str, s
     are joined directly.
     """
     ordered = sorted(nodes, key=lambda n: n.node_id)
-    parent = list(range(len(ordered)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def join(i: int, j: int) -> None:
-        ri, rj = root(i), root(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-
+    sets = DisjointSets(len(ordered))
     keys = [location_key(n) for n in ordered]
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
-        join(first.setdefault(key, i), i)
+        sets.join(first.setdefault(key, i), i)
     if km > 0:
         side = km * 1.01
         cells: dict[tuple[int, int, int], list[int]] = defaultdict(list)
@@ -140,11 +128,8 @@ def fast_locations(nodes: Iterable[NodeProfile], km: float = 0.5) -> dict[str, s
             for i in members:
                 for j in near:
                     if j > i and distance_km(ordered[i], ordered[j]) < km:
-                        join(i, j)
-    names: dict[int, str] = {}
-    for i, key in enumerate(keys):
-        names[root(i)] = min(names.get(root(i), key), key)
-    return {node.node_id: names[root(i)] for i, node in enumerate(ordered)}
+                        sets.join(i, j)
+    return sets.names(ordered)
 
 
 def _codes(values: list[str]) -> np.ndarray:

@@ -108,25 +108,40 @@ def group_locations(nodes: Iterable[NodeProfile],
     does not depend on the order of ``nodes``. O(n^2) distance checks.
     """
     ordered = sorted(nodes, key=lambda n: n.node_id)
-    parent = list(range(len(ordered)))
+    sets = DisjointSets(len(ordered))
+    for i, a in enumerate(ordered):
+        for j in range(i + 1, len(ordered)):
+            if same_location(a, ordered[j], km):
+                sets.join(i, j)
+    return sets.names(ordered)
 
-    def root(i: int) -> int:
+
+class DisjointSets:
+    """Union-find over node indexes; a set is named by the smallest location key in it.
+    Used by :func:`group_locations` and :func:`permamesh.scheduler.domains.fast_locations`."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def root(self, i: int) -> int:
+        parent = self.parent
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
-    for i, a in enumerate(ordered):
-        for j in range(i + 1, len(ordered)):
-            if same_location(a, ordered[j], km):
-                ri, rj = root(i), root(j)
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
-    names: dict[int, str] = {}
-    for i, node in enumerate(ordered):
-        key = location_key(node)
-        names[root(i)] = min(names.get(root(i), key), key)
-    return {node.node_id: names[root(i)] for i, node in enumerate(ordered)}
+    def join(self, i: int, j: int) -> None:
+        ri, rj = self.root(i), self.root(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+    def names(self, ordered: list[NodeProfile]) -> dict[str, str]:
+        """node_id -> the smallest :func:`location_key` of its set."""
+        names: dict[int, str] = {}
+        for i, node in enumerate(ordered):
+            key, r = location_key(node), self.root(i)
+            names[r] = min(names.get(r, key), key)
+        return {node.node_id: names[self.root(i)] for i, node in enumerate(ordered)}
 
 
 # (name, lat_min, lat_max, lon_min, lon_max); first match wins, so order matters.

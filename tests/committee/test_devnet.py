@@ -7,6 +7,7 @@ validator changes nothing for the honest ones; forged and replayed txs never cha
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -55,16 +56,24 @@ class Signer:
         return txs.sign_tx(make(chain_id=CHAIN_ID, nonce=self.nonce, **fields), self.ident)
 
 
-@pytest.fixture
-def devnet(tmp_path, request):
-    byzantine = getattr(request, "param", ())
-    net = Devnet(DevnetConfig(tmp_path / "devnet", rules=LedgerRules(vouches_required=1),
-                              byzantine=byzantine))
+@contextlib.contextmanager
+def running_devnet(home, rules: LedgerRules, byzantine: tuple[int, ...] = ()):
+    """A started 4-validator devnet and a client of it; both stopped on the way out."""
+    net = Devnet(DevnetConfig(home, rules=rules, byzantine=byzantine))
     net.start()
     client = CommitteeClient(net.endpoints, timeout_s=5.0)
-    yield net, client
-    client.close()
-    net.stop()
+    try:
+        yield net, client
+    finally:
+        client.close()
+        net.stop()
+
+
+@pytest.fixture
+def devnet(tmp_path, request):
+    with running_devnet(tmp_path / "devnet", LedgerRules(vouches_required=1),
+                        getattr(request, "param", ())) as running:
+        yield running
 
 
 def height_of(client, endpoint) -> int:

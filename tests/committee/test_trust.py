@@ -7,25 +7,20 @@ from __future__ import annotations
 import pytest
 
 from permamesh.committee import txs
-from permamesh.committee.client import CommitteeClient
-from permamesh.committee.devnet.cluster import CHAIN_ID, Devnet, DevnetConfig
+from permamesh.committee.devnet.cluster import CHAIN_ID
 from permamesh.committee.duties import EpochScores, Member
 from permamesh.committee.genesis import LedgerRules
 from permamesh.committee.trust import TrustView
 from permamesh.identity import NodeIdentity
 from permamesh.routing.policy import MemberState, PermameshPolicy, RouteQuery
 
-from .test_devnet import Signer, wait_for
+from .test_devnet import Signer, running_devnet, wait_for
 
 
 @pytest.fixture
 def devnet(tmp_path):
-    net = Devnet(DevnetConfig(tmp_path / "devnet", rules=LedgerRules(blocks_per_epoch=10)))
-    net.start()
-    client = CommitteeClient(net.endpoints, timeout_s=5.0)
-    yield net, client
-    client.close()
-    net.stop()
+    with running_devnet(tmp_path / "devnet", LedgerRules(blocks_per_epoch=10)) as running:
+        yield running
 
 
 def test_reports_reach_routing_through_committee_queries(devnet):

@@ -7,23 +7,18 @@ from __future__ import annotations
 import pytest
 
 from permamesh.committee import txs
-from permamesh.committee.client import CommitteeClient
-from permamesh.committee.devnet.cluster import CHAIN_ID, Devnet, DevnetConfig
+from permamesh.committee.devnet.cluster import CHAIN_ID
 from permamesh.committee.genesis import LedgerRules
 from permamesh.identity import NodeIdentity
 from permamesh.scheduler.admission import Admission, OutOfCredit, job_cost
 from permamesh.scheduler.errors import SchedulerError
-from tests.committee.test_devnet import Signer
+from tests.committee.test_devnet import Signer, running_devnet
 
 
 @pytest.fixture
 def committee(tmp_path):
-    net = Devnet(DevnetConfig(tmp_path / "devnet", rules=LedgerRules(base_allowance=100)))
-    net.start()
-    client = CommitteeClient(net.endpoints, timeout_s=5.0)
-    yield net, client
-    client.close()
-    net.stop()
+    with running_devnet(tmp_path / "devnet", LedgerRules(base_allowance=100)) as running:
+        yield running
 
 
 def test_admission_by_credit_end_to_end(committee):
