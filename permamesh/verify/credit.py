@@ -4,7 +4,8 @@ The checks, each a number in [0, 1] (``docs/verification.md`` gives the calibrat
 
 - **structure**: the answer is internally consistent: one reported log-prob per token, no
   more tokens than asked, ``length`` only at ``max_tokens``, ``stop`` only where the model
-  would stop (greedy: ending is the reference's argmax; sampled: ending has probability at
+  would stop (greedy: ending is the reference's argmax, or within ``end_tie_nats`` of it, since
+  a bf16 worker can see a near-tie the other way; sampled: ending has probability at
   least ``min_end_prob``) or a stop string was hit. A violation (e.g. a truncated answer) is
   credit 0: honest workers never produce one.
 - **agreement**: the worker's reported log-probs against the reference's, per token, mean
@@ -50,10 +51,11 @@ class CreditConfig:
     z_good: float = -4.0  # typicality z fully credited (honest answers sit near 0)
     z_zero: float = -8.0  # z worth 0
     min_end_prob: float = 1e-4  # a sampled answer that claims "stop" needs at least this p(end)
+    end_tie_nats: float = 0.1  # greedy: an ending this close to the argmax is a near-tie, not truncation
 
     def __post_init__(self) -> None:
         if not (0 <= self.agree_tol < self.agree_zero and 0 <= self.greedy_zero < self.greedy_good <= 1
-                and self.z_zero < self.z_good and 0 < self.min_end_prob < 1):
+                and self.z_zero < self.z_good and 0 < self.min_end_prob < 1 and self.end_tie_nats >= 0):
             raise VerifyError(f"credit config out of range: {self}")
 
 
@@ -112,7 +114,7 @@ def answer_credit(evidence: TokenEvidence, reported_logprobs: Sequence[float], *
     if finish_reason == "length" and n != max_tokens:
         problems.append(f"'length' after {n} of {max_tokens} tokens (truncated)")
     elif finish_reason == "stop" and not stop_hit:
-        if greedy and not evidence.end_is_greedy:
+        if greedy and not evidence.end_is_greedy and evidence.end_gap > config.end_tie_nats:
             problems.append("'stop' where the reference model would go on (truncated)")
         if not greedy and evidence.end_logprob < math.log(config.min_end_prob):
             problems.append(f"'stop' where ending has p = {math.exp(evidence.end_logprob):.1e} (truncated)")

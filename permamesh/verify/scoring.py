@@ -46,6 +46,7 @@ class TokenEvidence:
     end_is_greedy: bool  # ending is the reference's greedy choice after the answer
     temperature: float
     top_p: float
+    end_gap: float = math.inf  # nats from the reference's best next token down to its best ending
 
     @property
     def tokens(self) -> int:
@@ -110,6 +111,7 @@ def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], 
         end_is_greedy=int(last.argmax()) in eos_ids,
         temperature=float(temperature),
         top_p=float(top_p),
+        end_gap=max(0.0, float(last.max() - last[eos].max())),
     )
     log.debug("scored %d answer tokens after %d prompt tokens", n, len(prompt))
     return evidence

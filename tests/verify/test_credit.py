@@ -3,6 +3,8 @@ combine, then bad numbers from a peer."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -63,6 +65,15 @@ def test_structure_catches_truncation(finish, n_max, end_greedy, stop_hit, ok):
     c = answer_credit(evidence(end_is_greedy=end_greedy), [-0.1, -0.2, -0.3], finish_reason=finish, max_tokens=n_max,
                       stop_hit=stop_hit)
     assert (c.structure == 1.0) is ok and (c.credit == 0.0) is (not ok)
+
+
+@pytest.mark.parametrize("gap, ok", [(0.02, True), (0.09, True), (0.5, False), (6.0, False)])
+def test_a_greedy_stop_at_a_near_tie_is_not_truncation(gap, ok):
+    """A bf16 worker may rank the ending first where the fp32 reference ranks it a hair lower
+    (seen in the honest soak); a real truncation leaves the ending far below the argmax."""
+    ev = dataclasses.replace(evidence(end_is_greedy=False), end_gap=gap)
+    c = answer_credit(ev, [-0.1, -0.2, -0.3], finish_reason="stop", max_tokens=8, stop_hit=False)
+    assert (c.structure == 1.0) is ok and ("truncated" in c.reason) is (not ok)
 
 
 def test_a_sampled_stop_needs_a_plausible_end():
