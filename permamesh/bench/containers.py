@@ -96,7 +96,7 @@ def routing(bench: ContainerBench, tmp: Path, say) -> dict:
         images.append(image)
     _, blobs = load_layout(layout, "img0")
     budget = int(2.2 * (bench.image_mb + 2) * 2**20)  # about two images per worker
-    mesh = ContainerMesh(tmp / "rt-mesh", workers=bench.workers, budget_bytes=budget, job_s=1.0)
+    mesh = ContainerMesh(tmp / "rt-mesh", workers=bench.workers, budget_bytes=budget, job_s=1.0, serve=True)
     rng = random.Random(bench.seed)
     weights = [1 / (k + 1) for k in range(bench.images)]
     busy_until = {w.name: 0.0 for w in mesh.workers}
@@ -115,6 +115,7 @@ def routing(bench: ContainerBench, tmp: Path, say) -> dict:
             now += bench.gap_s
     finally:
         blobs.close()
+        mesh.close()
     eligible = [r for r in rows if r["warm_available"]]
     rate = sum(r["picked_warm"] for r in eligible) / max(1, len(eligible))
     random_rate = statistics.fmean(len(r["warm_available"]) / bench.workers for r in eligible) if eligible else 0.0

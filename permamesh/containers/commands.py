@@ -92,9 +92,9 @@ def run_job(args: argparse.Namespace, data_dir: Path) -> int:
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     image, blobs = load_layout(data_dir / "images", args.image)
     try:
-        mesh = ContainerMesh(data_dir / "containers", args.workers)
-        out = mesh.run(image, command, blobs, Limits(timeout_s=args.timeout, memory_mb=args.memory_mb),
-                       args.runtime)
+        with ContainerMesh(data_dir / "containers", args.workers, serve=True) as mesh:
+            out = mesh.run(image, command, blobs, Limits(timeout_s=args.timeout, memory_mb=args.memory_mb),
+                           args.runtime)
     finally:
         blobs.close()
     sys.stdout.buffer.write(out.result.stdout)

@@ -8,8 +8,9 @@
 - :class:`ContainerMesh`: N workers under one directory plus a :class:`LayerRouter`, rebuilt
   from the stores on disk at start, updated after every job (eviction included).
 
-Peers here are the other workers of this machine, read through their stores; between
-machines the same digest-addressed fetch would go over the mesh's transport (not built yet).
+A worker that serves (``ContainerMesh(serve=True)``, what the CLI and the benchmark use)
+answers layer requests on a zmq socket (:mod:`permamesh.containers.transfer`), and its peers
+fetch from it over the network; the router's tree says which peer holds which layers.
 
 Who calls it: ``permamesh run``, ``permamesh bench containers`` and tests.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 from permamesh.containers.errors import ContainerError
 from permamesh.containers.images import Image, LayoutBlobs
 from permamesh.containers.limits import Limits
-from permamesh.containers.placement import Candidate, Choice, LayerRouter
+from permamesh.containers.placement import Candidate, Choice, LayerRouter, layer_chain
 from permamesh.containers.rootfs import RootfsCache
 from permamesh.containers.runner import RunResult, run
 from permamesh.containers.store import LayerStore
@@ -50,6 +51,20 @@ class ContainerWorker:
         self.name = name
         self.store = LayerStore(Path(root) / "layers", budget_bytes)
         self.rootfs = RootfsCache(Path(root) / "rootfs", self.store)
+        self.endpoint: str | None = None  # where its LayerServer answers, when serving
+        self._server = None
+
+    def serve(self) -> str:
+        from permamesh.containers.transfer import LayerServer, LayerServerThread
+
+        self._server = LayerServerThread(LayerServer(self.store), name=f"layers-{self.name}")
+        self.endpoint = self._server.start()
+        return self.endpoint
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server, self.endpoint = None, None
 
     def held_prefix(self, image: Image) -> int:
         held = self.store.holdings()
@@ -60,21 +75,35 @@ class ContainerWorker:
             count += 1
         return count
 
-    def fetch(self, image: Image, peers: Sequence[ContainerWorker], source: LayoutBlobs | None) -> tuple[int, int]:
-        """Bring every layer of ``image`` into the store: from peers first, then the source."""
+    def fetch(self, image: Image, peers: Sequence[ContainerWorker], source: LayoutBlobs | None,
+              holders: dict[str, int] | None = None) -> tuple[int, int]:
+        """Bring every layer of ``image`` into the store: from peers first, then the source.
+
+        ``holders`` (worker -> leading layers held, from the router's tree) says who to ask;
+        without it, peers' stores are asked directly (one machine)."""
+        from permamesh.containers.transfer import fetch_layer
+
         from_peers = from_source = 0
-        for desc in image.layers:
+        for index, desc in enumerate(image.layers):
             if self.store.has(desc.digest):
                 continue
-            peer = next((p for p in peers if p is not self and p.store.has(desc.digest)), None)
-            if peer is not None:
+            candidates = [p for p in peers if p is not self and (
+                holders.get(p.name, 0) > index if holders is not None else p.store.has(desc.digest))]
+            fetched = False
+            for peer in candidates:
                 try:
-                    with peer.store.pin([desc.digest]), peer.store.open(desc.digest) as stream:
-                        self.store.put(desc.digest, stream, desc.size)  # verified while written
-                    from_peers += 1
-                    continue
+                    if peer.endpoint is not None:
+                        fetch_layer(peer.endpoint, desc.digest, desc.size, self.store)  # verified
+                    else:
+                        with peer.store.pin([desc.digest]), peer.store.open(desc.digest) as stream:
+                            self.store.put(desc.digest, stream, desc.size)  # verified while written
+                    fetched = True
+                    break
                 except ContainerError as exc:
-                    log.warning("layer %s from %s refused (%s); trying the source", desc.digest, peer.name, exc)
+                    log.warning("layer %s from %s refused (%s); trying elsewhere", desc.digest, peer.name, exc)
+            if fetched:
+                from_peers += 1
+                continue
             if source is None:
                 raise ContainerError(f"layer {desc.digest} is on no peer and the job gave no source")
             with source.open(desc, "layer") as stream:
@@ -83,13 +112,14 @@ class ContainerWorker:
         return from_peers, from_source
 
     def run_job(self, image: Image, argv: Sequence[str], peers: Sequence[ContainerWorker],
-                source: LayoutBlobs | None, limits: Limits, runtime: str = "auto") -> tuple:
+                source: LayoutBlobs | None, limits: Limits, runtime: str = "auto",
+                holders: dict[str, int] | None = None) -> tuple:
         t0 = time.perf_counter()
         warm = self.rootfs.path_for(image).is_dir()
         from_peers = from_source = 0
         with self.store.pin([d.digest for d in image.layers]):
             if not warm:
-                from_peers, from_source = self.fetch(image, peers, source)
+                from_peers, from_source = self.fetch(image, peers, source, holders)
             rootfs = self.rootfs.prepare(image)
         prepare_s = time.perf_counter() - t0
         result = run(rootfs, list(argv) or list(image.cmd), image.env, image.workdir or "/", limits, runtime)
@@ -99,11 +129,19 @@ class ContainerWorker:
 class ContainerMesh:
     """``workers`` container workers under ``root`` (state persists across runs)."""
 
-    def __init__(self, root: Path, workers: int = 3, budget_bytes: int = 512 * 2**20, job_s: float = 1.0) -> None:
+    def __init__(self, root: Path, workers: int = 3, budget_bytes: int = 512 * 2**20, job_s: float = 1.0,
+                 serve: bool = False) -> None:
         if workers < 1:
             raise ContainerError("a container mesh needs at least one worker")
         self.root = Path(root)
         self.workers = [ContainerWorker(f"cw-{i}", self.root / f"cw-{i}", budget_bytes) for i in range(workers)]
+        if serve:  # each worker answers layer requests on loopback; peers fetch over zmq
+            try:
+                for w in self.workers:
+                    w.serve()
+            except BaseException:
+                self.close()
+                raise
         self.router = LayerRouter(job_s)
         self._images: dict[str, Image] = {}
         self._clock = 0.0
@@ -132,6 +170,18 @@ class ContainerMesh:
         target = next((w for w in self.workers if w.name == choice.worker), None)
         if target is None:
             raise ContainerError(f"no container worker named {choice.worker!r}")
-        result, peers, src, warm, prep, total = target.run_job(image, argv, self.workers, source, limits, runtime)
+        holders = self.router.tree.match(layer_chain(image))  # who holds which leading layers
+        result, peers, src, warm, prep, total = target.run_job(image, argv, self.workers, source, limits, runtime,
+                                                               holders)
         self._sync(image)
         return JobOutcome(target.name, choice, result, peers, src, warm, prep, total)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+
+    def __enter__(self) -> ContainerMesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,137 @@
+"""Layers between workers over the network: a blob server, and a fetch that trusts no peer.
+
+A container worker serves the blobs of its :class:`LayerStore` on a ROUTER socket
+(:class:`LayerServer`): ``LayerRequest(digest, offset, length)`` is answered by
+``LayerData(digest, offset, data, total)`` (at most 1 MiB a chunk) or an ``error``. Frames
+are signed wire frames (``docs/wire.md``).
+
+:func:`fetch_layer` pulls a blob chunk by chunk from one peer and streams it into the local
+store, whose ``put`` verifies sha256 and size as it writes: a peer that sends other bytes,
+too many or too few, or stops answering, leaves nothing stored and raises
+:class:`ContainerError`, so the caller can try another peer or the job's source.
+
+Who calls it: :class:`~permamesh.containers.host.ContainerWorker` (fetching from peers the
+router's tree names), ``ContainerWorker.serve`` (serving), tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from permamesh.containers.errors import ContainerError
+from permamesh.containers.images import check_digest
+from permamesh.containers.store import LayerStore
+from permamesh.identity import NodeIdentity
+from permamesh.transport import DealerClient, RouterServer, ServingThread
+from permamesh.wire.codec import Message, WireError, decode, encode, message
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes per LayerData
+
+
+@message("containers.layer_request", max_bytes=1024)
+class LayerRequest(Message):
+    digest: str
+    offset: int
+    length: int
+
+
+@message("containers.layer_data", max_bytes=CHUNK + 4096)
+class LayerData(Message):
+    digest: str
+    offset: int
+    data: bytes
+    total: int  # the blob's size
+    error: str = ""
+
+
+class LayerServer:
+    """Serves ``store``'s blobs; ``async serve(stop, on_ready)`` like the other servers."""
+
+    def __init__(self, store: LayerStore, identity: NodeIdentity | None = None, host: str = "127.0.0.1") -> None:
+        self.store, self.identity, self.host = store, identity or NodeIdentity.generate(), host
+        self.endpoint: str | None = None
+        self.served = self.refused = 0
+
+    def answer(self, frame: bytes) -> LayerData:
+        try:
+            req = decode(frame, LayerRequest).msg
+            check_digest(req.digest, "request")
+        except (WireError, ContainerError) as exc:
+            self.refused += 1
+            return LayerData("", 0, b"", 0, f"bad request: {exc}")
+        if not self.store.has(req.digest):
+            return LayerData(req.digest, req.offset, b"", 0, "not held")
+        total = self.store.size_of(req.digest)
+        if req.offset < 0 or req.length < 1 or req.offset > total:
+            return LayerData(req.digest, req.offset, b"", total, "offset or length out of range")
+        with self.store.pin([req.digest]), self.store.open(req.digest) as blob:
+            blob.seek(req.offset)
+            data = blob.read(min(req.length, CHUNK))
+        self.served += 1
+        return LayerData(req.digest, req.offset, data, total)
+
+    async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
+        router = RouterServer(self.host, 0)
+        self.endpoint = router.endpoint
+
+        async def loop() -> None:
+            while True:
+                peer, frame = await router.recv()
+                if frame is not None:
+                    await router.send(peer, encode(self.answer(frame), self.identity))
+
+        task = asyncio.create_task(loop())
+        try:
+            if on_ready is not None:
+                on_ready(self.endpoint)
+            await stop.wait()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            router.close()
+
+
+class LayerServerThread(ServingThread):
+    error = ContainerError
+    what = "layer server"
+
+
+class _PeerStream:
+    """A file-like reader pulling a blob from a peer chunk by chunk (for ``LayerStore.put``)."""
+
+    def __init__(self, sock: DealerClient, identity: NodeIdentity, digest: str, size: int, timeout_s: float) -> None:
+        self.sock, self.identity, self.digest, self.size, self.timeout_s = sock, identity, digest, size, timeout_s
+        self.offset = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self.offset >= self.size:
+            return b""
+        want = CHUNK if n is None or n < 0 else min(n, CHUNK)
+        self.sock.send(encode(LayerRequest(self.digest, self.offset, want), self.identity))
+        frame = self.sock.recv(self.timeout_s)
+        if frame is None:
+            raise ContainerError(f"peer {self.sock.endpoint} did not answer for {self.digest} within {self.timeout_s:g} s")
+        try:
+            reply = decode(frame, LayerData).msg
+        except WireError as exc:
+            raise ContainerError(f"peer {self.sock.endpoint} sent a bad frame: {exc}") from None
+        if reply.error:
+            raise ContainerError(f"peer {self.sock.endpoint}: {reply.error}")
+        if reply.digest != self.digest or reply.offset != self.offset or reply.total != self.size:
+            raise ContainerError(f"peer {self.sock.endpoint} answered for another blob, offset or size")
+        if not reply.data:
+            raise ContainerError(f"peer {self.sock.endpoint} sent an empty chunk before the end")
+        self.offset += len(reply.data)
+        return reply.data
+
+
+def fetch_layer(endpoint: str, digest: str, size: int, store: LayerStore, timeout_s: float = 10.0) -> None:
+    """Fetch blob ``digest`` of ``size`` bytes from the peer at ``endpoint`` into ``store``
+    (verified as written); :class:`ContainerError` if anything is wrong."""
+    check_digest(digest, "fetch")
+    with DealerClient(endpoint) as sock:
+        store.put(digest, _PeerStream(sock, NodeIdentity.generate(), digest, size, timeout_s), size)
