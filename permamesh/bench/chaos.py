@@ -40,6 +40,7 @@ import threading
 import time
 from pathlib import Path
 
+from permamesh.bench.plot import pyplot, save
 from permamesh.scheduler.placement import Demand, PlacementConfig, place
 from permamesh.scheduler.profile import NodeProfile
 
@@ -225,10 +226,7 @@ def run(drill: ChaosDrill, say=print) -> dict:
 
 
 def plot_chaos(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = report["scenarios"]
     labels = [f"{r['kind']}\n{r['domain'][:10]}" for r in rows]
@@ -242,10 +240,7 @@ def plot_chaos(report: dict, path: Path) -> None:
     b.set(ylabel="recovery (s)")
     b.legend()
     plt.setp(b.get_xticklabels(), fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def add_chaos_arguments(p: argparse.ArgumentParser) -> None:

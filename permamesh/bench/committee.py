@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from permamesh.bench.plot import pyplot, save
 from permamesh.bench.stats import percentile, write_report
 from permamesh.committee import txs
 from permamesh.committee.abci import abci_pb2 as pb
@@ -236,10 +237,7 @@ def _cpus() -> int:
 
 
 def plot_committee(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     lat = sorted(report["devnet"]["latency_s"])
@@ -252,10 +250,7 @@ def plot_committee(report: dict, path: Path) -> None:
     b.axhline(TARGETS["tx_per_s"], color="grey", linestyle="--", label="target")
     b.set(xlabel="block", ylabel="tx/s", title="ledger app: FinalizeBlock + Commit")
     b.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def add_committee_bench_arguments(parser: argparse.ArgumentParser) -> None:

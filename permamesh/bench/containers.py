@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from permamesh.bench.plot import pyplot, save
 from permamesh.containers.host import ContainerMesh
 from permamesh.containers.images import build_image, load_layout
 
@@ -140,10 +141,7 @@ def run(bench: ContainerBench, say=print) -> dict:
 
 
 def plot_containers(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     cw = report["cold_warm"]
@@ -154,10 +152,7 @@ def plot_containers(report: dict, path: Path) -> None:
     b.axhline(TARGETS["warm_pick_rate"], color="grey", linestyle="--", label="target")
     b.set(ylabel="warm worker picked", title="routing by layers held", ylim=(0, 1.05))
     b.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def add_containers_bench_arguments(p: argparse.ArgumentParser) -> None:

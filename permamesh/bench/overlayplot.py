@@ -12,13 +12,11 @@ from pathlib import Path
 
 from permamesh.bench.overlay import TARGETS
 from permamesh.bench.overlaysim import scheme_name
+from permamesh.bench.plot import pyplot, save
 
 
 def plot_overlay(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     _delivery(axes[0][0], report)
@@ -34,10 +32,7 @@ def plot_overlay(report: dict, path: Path) -> None:
         f"{s['delivery_rate_at_10pct']:.4f} at 10% dead relays ({s['delivery_source']}); "
         f"4 KB prep+rebuild {s['prep_rebuild_ms_4kb']:.3f} ms (zfec); overhead p50 "
         + (f"{overhead:.1f} ms" if overhead is not None else "n/a"), fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _delivery(ax, report: dict) -> None:

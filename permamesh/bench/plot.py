@@ -5,11 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_routing(report: dict, path: Path) -> None:
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (imported only when a plot is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> None:
+    """Lay out, write ``fig`` as a PNG at ``path`` (parents created) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_routing(report: dict, path: Path) -> None:
+    plt = pyplot()
 
     policies = list(report["policies"])
     stats = report["policies"]
@@ -32,7 +49,4 @@ def plot_routing(report: dict, path: Path) -> None:
     fig.suptitle(f"routing, {report['mode']} mode, {report['requests']} requests on {report['workers']} workers "
                  f"({report['trace']}): TTFT {s['ttft_mean_ratio_vs_round_robin']:.2f}x round-robin, "
                  f"p99 e2e {s['p99_e2e_ratio_vs_least_loaded']:.2f}x least-loaded")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

@@ -44,6 +44,7 @@ from permamesh.verify.profile import TrafficProfile
 from permamesh.verify.traffic import user_requests
 from permamesh.verify.verifier import Verifier, epoch_credit
 from permamesh.workers import models
+from permamesh.bench.plot import pyplot, save
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +231,7 @@ def _summary(report: dict, nodes: dict, bench: VerifyBench) -> dict:
 
 
 def plot_verify(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(12, 6))
     floor = report["reputation_config"]["floor_ppm"] / 1e6
@@ -255,10 +253,7 @@ def plot_verify(report: dict, path: Path) -> None:
                  f"{s['false_exclusions']} false exclusions in {s['honest_node_epochs']} honest node-epochs, "
                  f"{s['verifications_per_minute']} verifications/min", fontsize=10)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def add_verify_bench_arguments(parser: argparse.ArgumentParser) -> None:
