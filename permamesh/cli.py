@@ -6,8 +6,6 @@ Logging handlers are set up here and only here (entry point); modules only log.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +21,8 @@ roles and commands:
   status     anyone: show the workers of a running local mesh and their load
   image add  researcher: build or import an OCI image (DATA_DIR/images)
   run        researcher: run a container job on the worker holding its layers (runc / bubblewrap)
+  gateway    researcher: the OpenAI-compatible HTTP API (/v1), dashboard and metrics in front of the mesh
+  health     operator: the free health checks of every local node (uptime, latency, resources, alerts)
   chaos      operator: drill failure domains on the embedded mesh and a simulated one; JSON + PNG
   payouts    partner: each partner's monthly payment with its why, from the committee's registry
   validator  committee member: keep the BFT ledger (embedded devnet, or ABCI for CometBFT)
@@ -30,7 +30,7 @@ roles and commands:
   bench      benchmark harness: routing, overlay, verification; JSON + PNG reports
 
 data directory (keys, model cache, local registry): --data-dir, else $PERMAMESH_HOME,
-else ~/.local/share/permamesh. The gateway arrives with its issue.
+else ~/.local/share/permamesh. Every process serves Prometheus metrics (DATA_DIR/run/metrics).
 """
 
 
@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--block-size", type=int, default=16, help="tokens per block of the prefix cache and routing tree (count, default: 16)")
     w.add_argument("--prefix-cache-mb", type=int, default=1024, help="prefix KV cache budget (MiB, default: 1024; 0 = off)")
     w.add_argument("--measure-sync", action="store_true", help="also count the bytes a full-tree broadcast would send (benchmarks; costs CPU)")
+    w.add_argument("--metrics-port", type=int, default=0, help="Prometheus text metrics at http://HOST:PORT/metrics "
+                   "(0 = any free port, recorded in DATA_DIR/run/metrics; -1 = none; default: 0)")
+    w.add_argument("--containers", action="store_true", help="also run container jobs (runc, else bubblewrap): a layer "
+                   "server on a second port, jobs routed among container workers by the layers they hold")
+    w.add_argument("--layer-budget-mb", type=int, default=2048, help="with --containers: layer store budget, LRU beyond it (MiB, default: 2048)")
+    w.add_argument("--container-jobs", type=int, default=2, help="with --containers: containers running at once (count, default: 2)")
+    w.add_argument("--container-uid", type=int, default=0, help="with --containers: user id jobs run as inside their "
+                   "container, e.g. 65534 = nobody (default: 0, root of the container's own namespaces)")
 
     s = sub.add_parser("submit", help="send a prompt to a running mesh (researcher role)", description="Send one job and stream the answer to stdout.")
     _common(s)
@@ -106,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_validator_arguments(va)
 
+    gw = sub.add_parser("gateway", help="OpenAI-compatible HTTP API, dashboard, metrics (researcher role)",
+                        description="Serve /v1/models, /v1/chat/completions and /v1/completions (streamed by "
+                                    "server-sent events or not) in front of the mesh, entering it through the "
+                                    "anonymous overlay; /dashboard shows the mesh; /metrics is Prometheus text. "
+                                    "Requests need an API key (--new-key NAME makes one); with --committee each "
+                                    "key's jobs are admitted and paid by its credit on the ledger.")
+    _common(gw)
+    from permamesh.gateway.process import add_gateway_arguments
+
+    add_gateway_arguments(gw)
+    he = sub.add_parser("health", help="health checks of every local node (operator role)",
+                        description="Scrape every process registered in DATA_DIR/run/metrics: connectivity and "
+                                    "latency, uptime, memory and CPU, container failures, anomaly alerts.")
+    _common(he)
+    he.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                    help="check again every SECONDS until Ctrl-C (default: 0 = once)")
+    he.add_argument("--json", action="store_true", help="print the result as JSON")
     py = sub.add_parser("payouts", help="each partner's monthly payment with its why (partner role)",
                         description="Read the committee's registry and print every partner's monthly payment under the "
                                     "permacomputer rules (docs/placement.md), with the reason for every figure.")
@@ -151,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="worker processes (count, default: 2)")
     d.add_argument("--max-tokens", type=int, default=48, help="new tokens per answer at most (count, default: 48)")
     d.add_argument("--serve", action="store_true", help="keep the mesh running after the demo until Ctrl-C")
+    d.add_argument("--gateway-port", type=int, default=8000, help="port of the demo's OpenAI-compatible gateway and "
+                   "dashboard (default: 8000; any free port if it is taken; 0 = any)")
     d.add_argument("--relays", type=int, default=16, help="relay processes; prompts go through the overlay, which needs at least 12 (count, default: 16)")
     b = sub.add_parser("bench", help="benchmarks that write JSON (and PNG) reports", description="Run a benchmark; figures are ratios against baselines measured in the same run.")
     bsub = b.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
@@ -219,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                                             args.host, args.port, args.max_queue, args.seed, args.threads,
                                             args.group, args.policy, args.block_size, args.prefix_cache_mb,
                                             args.measure_sync, args.max_active, args.claim,
-                                            tuple(args.committee or ())))
+                                            tuple(args.committee or ()), args.containers,
+                                            args.layer_budget_mb, args.container_jobs, args.container_uid,
+                                            None if args.metrics_port < 0 else args.metrics_port))
         if args.command == "relay":
             from permamesh.routing.overlay.relayproc import run_relay_from_args
 
@@ -242,8 +271,18 @@ def main(argv: list[str] | None = None) -> int:
             return run_chaos(args, data_dir)
         if args.command == "payouts":
             return _payouts(args, data_dir)
+        if args.command == "gateway":
+            from permamesh.gateway.process import run_gateway_from_args
+
+            return run_gateway_from_args(args, data_dir)
+        if args.command == "health":
+            from permamesh.health import run_health
+
+            return run_health(args.watch, args.json, data_dir)
         if args.command == "submit":
-            return _submit(args, data_dir)
+            from permamesh.submit import run_submit
+
+            return run_submit(args, data_dir)
         if args.command == "status":
             return _status(args, data_dir)
         if args.command == "bench":
@@ -256,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.relays < 12:
                 raise SystemExit("permamesh demo: --relays must be at least 12 (4 disjoint paths of 3 relays)")
             return run_demo(DemoOptions(data_dir, args.workers, args.model, args.model_path, args.device, args.max_tokens,
-                                        args.serve, args.relays))
+                                        args.serve, args.relays, args.gateway_port))
     except PermameshError as exc:
         print(f"permamesh {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -309,56 +348,6 @@ def _payouts(args: argparse.Namespace, data_dir: Path) -> int:
     with CommitteeClient(endpoints, timeout_s=5.0) as client:
         payments = registry_payments(client.query, load_weights(args.weights))
     print(payments_json(payments) if args.json else format_payments(payments))
-    return 0
-
-
-def _submit(args: argparse.Namespace, data_dir: Path) -> int:
-    from permamesh.client import Client
-
-    messages = [] if args.raw else ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                  stop=tuple(args.stop or ()), logprobs=args.logprobs)
-    if not args.direct and not args.worker:
-        overlay = _submit_overlay(args, data_dir, messages, params)
-        if overlay is not None:
-            return overlay
-    with Client(args.worker, data_dir=data_dir, timeout_s=args.timeout) as client:
-        if args.json:
-            result = client.generate(args.prompt if args.raw else None, messages=messages, **params)
-            print(json.dumps(result.to_fields(), indent=2))
-            return 0
-        result = client.generate(args.prompt if args.raw else None, messages=messages,
-                                 on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()), **params)
-        print()
-        if args.logprobs:
-            print("logprobs:", " ".join(f"{lp:.3f}" for lp in result.logprobs))
-        print(f"[worker {result.worker_id}] {result.completion_tokens} tokens, ttft {result.ttft_s * 1000:.0f} ms, "
-              f"total {result.total_s:.2f} s, queued {result.queue_wait_s:.2f} s", file=sys.stderr)
-    return 0
-
-
-def _submit_overlay(args: argparse.Namespace, data_dir: Path, messages: list, params: dict) -> int | None:
-    """Send through the overlay; None when the registry has too few relays for it."""
-    from permamesh.localmesh import discover
-    from permamesh.routing.overlay.directory import discover_relays
-    from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
-
-    relays, workers, config = discover_relays(data_dir), discover(data_dir), OverlayConfig()
-    if len(relays) < config.n * config.hops:
-        print(f"only {len(relays)} relays registered (the overlay needs {config.n * config.hops}); sending directly",
-              file=sys.stderr)
-        return None
-    with OverlayClient(relays, workers, dataclasses.replace(config, answer_timeout_s=args.timeout)) as client:
-        result = client.generate(args.prompt if args.raw else None, messages=messages, **params)
-        d = client.last
-    if args.json:
-        print(json.dumps(result.to_fields(), indent=2))
-        return 0
-    print(result.text)
-    if args.logprobs:
-        print("logprobs:", " ".join(f"{lp:.3f}" for lp in result.logprobs))
-    print(f"[worker {result.worker_id}] via the overlay: {d.cloves_sent} cloves, {d.paths_failed} paths failed, "
-          f"end-to-end {d.elapsed_s:.2f} s (worker {result.total_s:.2f} s)", file=sys.stderr)
     return 0
 
 

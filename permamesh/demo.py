@@ -4,9 +4,11 @@ Starts an :class:`~permamesh.mesh.EmbeddedMesh` (16 relays and two workers by de
 on CPU) and sends every prompt through the anonymous overlay (S-IDA cloves over onion paths,
 answers back over reply blocks): a few one by one (the first shows its paths), one after
 killing relays the client still trusts (a drill: it resends over fresh paths), then a
-concurrent burst; then the committee (a 4-validator devnet whose reputations the workers'
+concurrent burst; then container jobs through the overlay when a runtime is installed
+(:mod:`permamesh.demo_containers`: cold, then warm on the worker holding the layers); then the committee (a 4-validator devnet whose reputations the workers'
 routing reads) runs one verification epoch and a validator kill drill
-(:mod:`permamesh.demo_committee`); prints latency figures and each worker's status, and stops every process,
+(:mod:`permamesh.demo_committee`); then the OpenAI-compatible gateway with the dashboard (:mod:`permamesh.demo_gateway`), asked plainly and
+streamed; prints latency figures and each worker's status, and stops every process,
 also on Ctrl-C. ``--serve`` keeps the mesh up afterwards so ``permamesh submit`` can talk to it.
 """
 
@@ -23,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
-from permamesh import demo_committee
+from permamesh import demo_committee, demo_containers, demo_gateway
 from permamesh.client import Client
 from permamesh.committee.trust import fetch_snapshot, scored_relays
 from permamesh.localmesh import discover, process_alive
@@ -58,6 +60,7 @@ class DemoOptions:
     max_tokens: int = 48  # per answer
     serve: bool = False  # keep running until Ctrl-C
     relays: int = 16  # relay processes; the overlay needs at least n * hops (12) of them
+    gateway_port: int = 8000  # the OpenAI-compatible gateway (any free port if taken; 0 = any)
 
 
 def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
@@ -71,10 +74,13 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         models.resolve(opts.model, opts.model_path, opts.data_dir)
         say(f"model ready in {time.monotonic() - started:.1f} s")
     devnet, committee = demo_committee.start_committee(opts.data_dir, say)
+    no_containers = demo_containers.available()
+    worker_args = tuple(a for e in devnet.endpoints for a in ("--committee", e))
     mesh = EmbeddedMesh(MeshConfig(opts.data_dir, opts.workers, opts.model, opts.model_path, opts.device,
                                    relays=opts.relays,
-                                   worker_args=tuple(a for e in devnet.endpoints for a in ("--committee", e))))
+                                   worker_args=worker_args + (() if no_containers else ("--containers",))))
     started = time.monotonic()
+    gateway = None
     try:
         demo_committee.register_nodes(devnet, committee, opts.data_dir,
                                       [f"mesh-worker-{i}" for i in range(opts.workers)],
@@ -98,7 +104,14 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
                 _ask(client, prompt, opts.max_tokens, say, names if i == 0 else None)
             _drill(mesh, client, opts.max_tokens, say)
         _burst(relays, workers, opts.max_tokens, say)
+        live = [r for r in relays if r.pid == 0 or process_alive(r.pid)]
+        if no_containers:
+            say(f"\n(no container jobs: {no_containers})")
+        else:
+            demo_containers.container_jobs(opts.data_dir, live, workers, say)
         _committee(opts, devnet, committee, relays, workers, say)
+        gateway, url, key = demo_gateway.start_gateway(opts.data_dir, tuple(devnet.endpoints), opts.gateway_port, say)
+        demo_gateway.gateway_round(url, key, workers[0].model, opts.max_tokens, say)
         with Client(endpoints) as direct:
             say("\n== worker status ==")
             for st in direct.status():
@@ -107,11 +120,14 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
                     f"group {st.group or '-'} ({st.members} peers, forwarded {st.forwarded}), "
                     f"prefix cache {st.cached_tokens_total}/{st.prompt_tokens_total} prompt tokens")
         if opts.serve:
-            say("\nmesh is up. In another shell: permamesh submit --prompt 'Hello'   (Ctrl-C here to stop)")
+            say(f"\nmesh is up. In another shell: permamesh submit --prompt 'Hello', or any OpenAI client at "
+                f"{url}/v1; the dashboard is {url}/dashboard   (Ctrl-C here to stop)")
             threading.Event().wait()
     except KeyboardInterrupt:
         say("\ninterrupted; stopping the mesh")
     finally:
+        if gateway is not None:
+            gateway.stop()
         mesh.stop()
         committee.close()
         devnet.stop()

@@ -32,6 +32,7 @@ class WorkerRecord:
     model: str
     pid: int
     group: str = ""  # the worker group it routes within ("" = none)
+    layers: str = ""  # its layer server when it runs containers ("" = it runs none)
 
 
 def _dir(data_dir: Path) -> Path:

@@ -12,6 +12,8 @@ import sys
 import psutil
 import pytest
 
+from permamesh import demo_containers
+
 from permamesh.localmesh import discover
 
 CMD = [sys.executable, "-m", "permamesh"]
@@ -75,7 +77,7 @@ def test_bad_model_name_is_a_clear_error(home):
 
 
 def test_demo_runs_the_embedded_mesh_and_leaves_nothing_behind(home):
-    out = run("demo", "--model", "tiny-random", "--max-tokens", "6", timeout=300)
+    out = run("demo", "--model", "tiny-random", "--max-tokens", "6", "--gateway-port", "0", timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("ttft") == 4 and "end-to-end latency" in out.stdout  # 3 prompts and the drill
     assert out.stdout.count("cloves sent") == 4 and "path 1: you ->" in out.stdout
@@ -88,21 +90,55 @@ def test_demo_runs_the_embedded_mesh_and_leaves_nothing_behind(home):
     assert "refused before it runs: out of credit" in out.stdout
     assert out.stdout.count("reputation 0.5 -> 0.80") == 2  # honest credit 1.0; the liar ignored
     assert "agree on the app hash at height" in out.stdout and out.stdout.rstrip().count(": True") >= 1
+    if demo_containers.available() == "":  # a busybox job through the overlay: cold, then warm elsewhere
+        assert out.stdout.count("hello from a container on permamesh: uid 0, args: run-") == 2
+        assert "cold start" in out.stdout and "warm start" in out.stdout and "holds 2 of 2 layers" in out.stdout
+    assert "POST /v1/chat/completions" in out.stdout and "streamed (server-sent events)" in out.stdout
+    assert "the same answer" in out.stdout  # greedy: the stream joins back to the plain answer
     assert "mesh stopped" in out.stdout
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
 
 
-def _serving_demo():
+def _serving_demo(lines: list | None = None):
     """Start `permamesh demo --serve` and return it with its processes (16 relays, 2 workers,
-    4 validators; the drill killed 3 relays), once up."""
-    proc = subprocess.Popen([*CMD, "demo", "--model", "tiny-random", "--max-tokens", "4", "--serve"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    4 validators; the drill killed 3 relays), once up; ``lines`` gets what it printed."""
+    proc = subprocess.Popen([*CMD, "demo", "--model", "tiny-random", "--max-tokens", "4", "--serve",
+                             "--gateway-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
+        if lines is not None:
+            lines.append(line)
         if "mesh is up" in line:
             break
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert len(workers) == 19
     return proc, workers
+
+
+def test_the_openai_client_talks_to_the_demos_gateway(home):
+    """The issue's test: openai.OpenAI(base_url=...) against `make demo`'s gateway, plain and
+    streamed, answered by the demo's workers through the overlay."""
+    import re
+
+    import openai
+
+    lines: list[str] = []
+    proc, _ = _serving_demo(lines)
+    try:
+        text = "".join(lines)
+        url = re.search(r'OpenAI\(base_url="([^"]+)", api_key="([^"]+)"\)', text)
+        assert url, text[-2000:]
+        with openai.OpenAI(base_url=url.group(1), api_key=url.group(2), max_retries=0, timeout=120) as client:
+            chat = [{"role": "user", "content": "Name a colour."}]
+            plain = client.chat.completions.create(model="tiny-random", messages=chat, max_tokens=4, temperature=0)
+            stream = client.chat.completions.create(model="tiny-random", messages=chat, max_tokens=4, temperature=0,
+                                                    stream=True)
+            streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert plain.choices[0].message.content and streamed == plain.choices[0].message.content
+        assert plain.usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        proc.stdout.close()
 
 
 def test_ctrl_c_stops_the_demo_and_all_its_workers(home):

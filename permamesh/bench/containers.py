@@ -28,7 +28,8 @@ from pathlib import Path
 
 from permamesh.bench.plot import pyplot, save
 from permamesh.containers.host import ContainerMesh
-from permamesh.containers.images import build_image, load_layout
+from permamesh.containers.build import build_image
+from permamesh.containers.images import load_layout
 
 TARGETS = {"warm_speedup": 5.0, "warm_pick_rate": 0.9}
 BUSYBOX = Path("/bin/busybox")

@@ -46,6 +46,10 @@ def add_validator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="", help="query data (a hex key for /node, /account, /nonce)")
     p.add_argument("--endpoint", action="append", default=None,
                    help="devnet validator endpoint for --query (repeatable; default: from --home)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus text metrics at http://127.0.0.1:PORT/metrics: height, mempool, "
+                        "verification scores (0 = any free port, recorded in DATA_DIR/run/metrics; -1 = none; "
+                        "default: 0)")
 
 
 def _wait_for_signal() -> None:
@@ -61,27 +65,44 @@ def run_validator_from_args(args: argparse.Namespace, data_dir: Path) -> int:
     if args.devnet:
         return _devnet(args, data_dir)
     home = (args.home or data_dir / "validator").expanduser()
+    metrics = (data_dir, args.metrics_port) if args.metrics_port >= 0 else None
     if args.engine == "cometbft":
-        return _cometbft(args.abci, home)
-    return _devnet_node(home)
+        return _cometbft(args.abci, home, metrics)
+    return _devnet_node(home, metrics)
 
 
-def _cometbft(address: str, home: Path) -> int:
+def _exporter(metrics, node_id: str, read):
+    """Serve ``read()``'s figures plus the process's own (None when metrics are off)."""
+    if metrics is None:
+        return None
+    from permamesh.metrics import Exporter, Gauges, new_registry
+
+    registry = new_registry()
+    Gauges(read, registry)
+    return Exporter(registry, metrics[0], node_id, "validator", port=metrics[1])
+
+
+def _cometbft(address: str, home: Path, metrics=None) -> int:
     from permamesh.committee.abci.server import ABCIServerThread
     from permamesh.committee.app import LedgerApp
+    from permamesh.metrics import Figure
 
     app = LedgerApp(home / "ledger.sqlite")
+    exporter = _exporter(metrics, f"ledger-{home.name}",
+                         lambda: [Figure("permamesh_chain_height", "Last committed height", app.store.height)])
     try:
         with ABCIServerThread(app, address) as server:
             print(f"READY {server.bound_address} ledger", flush=True)
             log.info("ledger at height %d serving ABCI on %s", app.store.height, server.bound_address)
             _wait_for_signal()
     finally:
+        if exporter is not None:
+            exporter.close()
         app.close()
     return 0
 
 
-def _devnet_node(home: Path) -> int:
+def _devnet_node(home: Path, metrics=None) -> int:
     from permamesh.committee.abci.client import LocalClient
     from permamesh.committee.app import LedgerApp
     from permamesh.committee.devnet.blocks import BlockStore
@@ -102,10 +123,26 @@ def _devnet_node(home: Path) -> int:
     chain = Chain(LocalClient(app), store, genesis, ident.public.sign_key)
     options = NodeOptions(port=config["port"], byzantine=config.get("byzantine", ""),
                           peers=tuple((bytes.fromhex(k), ep) for k, ep in config["peers"]))
+    from permamesh.committee.client import CommitteeClient
+    from permamesh.committee.telemetry import validator_figures
+
+    clients = {}
+
+    def read():  # scrape thread: ask this validator over its own socket
+        client = clients.get("self")
+        if client is None:
+            client = clients["self"] = CommitteeClient([f"tcp://127.0.0.1:{options.port}"], timeout_s=2.0)
+        return validator_figures(client)
+
+    exporter = _exporter(metrics, ident.node_id, read)
     try:
         serve_until_signalled(DevnetNode(chain, ident, options), ident.node_id,
                               lambda endpoint: None, lambda: None)
     finally:
+        if exporter is not None:
+            exporter.close()
+        for client in clients.values():
+            client.close()
         store.close()
         app.close()
     return 0

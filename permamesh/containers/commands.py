@@ -4,9 +4,13 @@ local container workers.
 - ``image add PATH``: a plain directory becomes a one-layer image (``--layer DIR`` adds more
   layers on top); an OCI image layout directory or a tar of one is imported, every blob
   verified. Images live in one OCI layout, ``DATA_DIR/images``, by name.
-- ``run IMAGE -- CMD...``: the job goes to the local container worker the layer router picks
-  (``DATA_DIR/containers``; the workers' layer stores and rootfs caches persist between runs),
-  runs isolated, and its stdout and stderr come back; the exit code is the container's.
+- ``run IMAGE -- CMD...``: through the anonymous overlay to the mesh's container workers
+  (``permamesh worker --containers``), whose router picks the one holding most layers; the
+  image's layers are seeded from this machine for the job. Without container workers in the
+  registry (or with ``--via local``), the job goes to local container workers inside this
+  command (``DATA_DIR/containers``; their stores and rootfs caches persist between runs).
+  Either way it runs isolated and its stdout and stderr come back; the exit code is the
+  container's.
 
 Who calls it: :mod:`permamesh.cli`.
 """
@@ -14,6 +18,7 @@ Who calls it: :mod:`permamesh.cli`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -21,7 +26,8 @@ import sys
 from pathlib import Path
 
 from permamesh.containers.errors import ContainerError
-from permamesh.containers.images import REF_NAME, build_image, load_archive, load_layout
+from permamesh.containers.build import build_image
+from permamesh.containers.images import REF_NAME, load_archive, load_layout
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=3, help="local container workers to route among (count, default: 3)")
     p.add_argument("--timeout", type=float, default=30.0, help="wall-clock limit of the job (seconds, default: 30)")
     p.add_argument("--memory-mb", type=int, default=256, help="memory limit where the host enforces it (MiB, default: 256)")
-    p.add_argument("--runtime", default="auto", choices=["auto", "runc", "bwrap"], help="container runtime (default: auto)")
+    p.add_argument("--runtime", default="auto", choices=["auto", "runc", "bwrap"], help="container runtime of local workers (default: auto)")
+    p.add_argument("--via", default="auto", choices=["auto", "overlay", "local"],
+                   help="overlay: through the anonymous overlay to the mesh's container workers (`permamesh worker "
+                        "--containers`); local: container workers inside this command; auto: overlay when the "
+                        "registry has container workers and enough relays (default: auto)")
 
 
 def _import_layout(src: Path, dest: Path, name: str | None) -> str:
@@ -85,26 +95,69 @@ def image_add(args: argparse.Namespace, data_dir: Path) -> int:
     return 0
 
 
+def _overlay_client(data_dir: Path, via: str, timeout_s: float):
+    """An OverlayClient over the registry, or None when ``via`` allows local workers instead."""
+    from permamesh.containers.jobs import container_entries
+    from permamesh.localmesh import discover
+    from permamesh.routing.overlay.directory import discover_relays
+    from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+
+    if via == "local":
+        return None
+    relays, workers, config = discover_relays(data_dir), discover(data_dir), OverlayConfig()
+    why = ("no container workers registered" if not container_entries(workers) else
+           f"only {len(relays)} relays registered (the overlay needs {config.n * config.hops})"
+           if len(relays) < config.n * config.hops else "")
+    if why:
+        if via == "overlay":
+            raise ContainerError(f"cannot go through the overlay: {why}")
+        log.info("%s: running on local container workers", why)
+        return None
+    return OverlayClient(relays, workers, dataclasses.replace(config, answer_timeout_s=timeout_s + 180.0))
+
+
+def _run_over_overlay(client, args: argparse.Namespace, image, blobs, command: list[str]) -> int:
+    from permamesh.containers.jobs import ImageSeed, run_over_overlay, run_request
+
+    with client, ImageSeed(blobs, image) as seed:
+        req = run_request(blobs, image, command, [seed.endpoint], args.timeout, args.memory_mb)
+        r = run_over_overlay(client, req)
+        d = client.last
+    head = (f"[{r.worker_id}] via the overlay ({d.cloves_sent} cloves, {d.paths_failed} paths failed, "
+            f"{d.elapsed_s:.2f} s): {r.why}")
+    return _report(r, head, r.warm, r.from_peers, r.from_source, r.prepare_s, r.total_s)
+
+
+def _report(r, head: str, warm: bool, from_peers: int, from_source: int, prepare_s: float, total_s: float) -> int:
+    """The job's output on stdout and stderr, then what happened; the container's exit code."""
+    sys.stdout.buffer.write(r.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(r.stderr)
+    print(f"{head}; {'warm' if warm else 'cold'} start (layers: {from_peers} from peers, {from_source} from the "
+          f"source), prepare {prepare_s:.3f} s, total {total_s:.3f} s, {r.runtime}, exit {r.exit_code}"
+          f"{', TIMED OUT' if r.timed_out else ''}{', output truncated' if r.truncated else ''}", file=sys.stderr)
+    for note in r.notes:
+        print(f"  note: {note}", file=sys.stderr)
+    return r.exit_code
+
+
 def run_job(args: argparse.Namespace, data_dir: Path) -> int:
     from permamesh.containers.host import ContainerMesh
     from permamesh.containers.limits import Limits
 
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     image, blobs = load_layout(data_dir / "images", args.image)
+    client = _overlay_client(data_dir, args.via, args.timeout)
+    if client is not None:
+        try:
+            return _run_over_overlay(client, args, image, blobs, command)
+        finally:
+            blobs.close()
     try:
         with ContainerMesh(data_dir / "containers", args.workers, serve=True) as mesh:
             out = mesh.run(image, command, blobs, Limits(timeout_s=args.timeout, memory_mb=args.memory_mb),
                            args.runtime)
     finally:
         blobs.close()
-    sys.stdout.buffer.write(out.result.stdout)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(out.result.stderr)
-    r = out.result
-    print(f"[{out.worker}] {out.choice.why}; {'warm' if out.warm else 'cold'} start (layers: {out.from_peers} "
-          f"from peers, {out.from_source} from the source), prepare {out.prepare_s:.3f} s, total "
-          f"{out.total_s:.3f} s, {r.runtime}, exit {r.exit_code}{', TIMED OUT' if r.timed_out else ''}"
-          f"{', output truncated' if r.truncated else ''}", file=sys.stderr)
-    for note in r.notes:
-        print(f"  note: {note}", file=sys.stderr)
-    return r.exit_code
+    return _report(out.result, f"[{out.worker}] {out.choice.why}", out.warm, out.from_peers, out.from_source,
+                   out.prepare_s, out.total_s)

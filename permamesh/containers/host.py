@@ -46,11 +46,36 @@ class JobOutcome:
     total_s: float
 
 
+@dataclass(frozen=True)
+class RemotePeer:
+    """A container worker known only by the endpoint of its layer server."""
+
+    name: str
+    endpoint: str
+    store: None = None
+
+
+Source = LayoutBlobs | Sequence[str] | None  # an image layout here, or layer servers elsewhere
+
+
+def _fetch_from_any(endpoints: Sequence[str], digest: str, size: int, store: LayerStore) -> None:
+    from permamesh.containers.transfer import fetch_layer
+
+    errors = []
+    for endpoint in endpoints:
+        try:
+            fetch_layer(endpoint, digest, size, store)  # verified as written
+            return
+        except ContainerError as exc:
+            errors.append(f"{endpoint}: {exc}")
+    raise ContainerError(f"layer {digest} could not be fetched from the job's sources ({'; '.join(errors)})")
+
+
 class ContainerWorker:
-    def __init__(self, name: str, root: Path, budget_bytes: int) -> None:
+    def __init__(self, name: str, root: Path, budget_bytes: int, max_rootfs: int = 16) -> None:
         self.name = name
         self.store = LayerStore(Path(root) / "layers", budget_bytes)
-        self.rootfs = RootfsCache(Path(root) / "rootfs", self.store)
+        self.rootfs = RootfsCache(Path(root) / "rootfs", self.store, max_rootfs)
         self.endpoint: str | None = None  # where its LayerServer answers, when serving
         self._server = None
 
@@ -75,12 +100,13 @@ class ContainerWorker:
             count += 1
         return count
 
-    def fetch(self, image: Image, peers: Sequence[ContainerWorker], source: LayoutBlobs | None,
+    def fetch(self, image: Image, peers: Sequence[ContainerWorker | RemotePeer], source: Source,
               holders: dict[str, int] | None = None) -> tuple[int, int]:
         """Bring every layer of ``image`` into the store: from peers first, then the source.
 
         ``holders`` (worker -> leading layers held, from the router's tree) says who to ask;
-        without it, peers' stores are asked directly (one machine)."""
+        without it, peers' stores are asked directly (one machine). ``source`` is the job's
+        image layout, or layer-server endpoints (a job that came over the network)."""
         from permamesh.containers.transfer import fetch_layer
 
         from_peers = from_source = 0
@@ -104,25 +130,29 @@ class ContainerWorker:
             if fetched:
                 from_peers += 1
                 continue
-            if source is None:
+            if not source:
                 raise ContainerError(f"layer {desc.digest} is on no peer and the job gave no source")
-            with source.open(desc, "layer") as stream:
-                self.store.put(desc.digest, stream, desc.size)
+            if isinstance(source, LayoutBlobs):
+                with source.open(desc, "layer") as stream:
+                    self.store.put(desc.digest, stream, desc.size)
+            else:
+                _fetch_from_any(source, desc.digest, desc.size, self.store)
             from_source += 1
         return from_peers, from_source
 
     def run_job(self, image: Image, argv: Sequence[str], peers: Sequence[ContainerWorker],
-                source: LayoutBlobs | None, limits: Limits, runtime: str = "auto",
+                source: Source, limits: Limits, runtime: str = "auto",
                 holders: dict[str, int] | None = None) -> tuple:
         t0 = time.perf_counter()
         warm = self.rootfs.path_for(image).is_dir()
         from_peers = from_source = 0
-        with self.store.pin([d.digest for d in image.layers]):
-            if not warm:
-                from_peers, from_source = self.fetch(image, peers, source, holders)
-            rootfs = self.rootfs.prepare(image)
-        prepare_s = time.perf_counter() - t0
-        result = run(rootfs, list(argv) or list(image.cmd), image.env, image.workdir or "/", limits, runtime)
+        with self.rootfs.hold(image):
+            with self.store.pin([d.digest for d in image.layers]):
+                if not warm:
+                    from_peers, from_source = self.fetch(image, peers, source, holders)
+                rootfs = self.rootfs.prepare(image)
+            prepare_s = time.perf_counter() - t0
+            result = run(rootfs, list(argv) or list(image.cmd), image.env, image.workdir or "/", limits, runtime)
         return result, from_peers, from_source, warm, prepare_s, time.perf_counter() - t0
 
 

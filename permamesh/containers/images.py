@@ -4,8 +4,9 @@ The worker process calls :func:`load_layout` or :func:`load_archive` on an image
 and gets an :class:`Image` plus a :class:`LayoutBlobs`, whose :meth:`LayoutBlobs.open` streams
 a blob and refuses it at the end unless its sha256 and size match the descriptor. The
 :class:`~permamesh.containers.store.LayerStore` takes those streams; the
-:class:`~permamesh.containers.rootfs.RootfsCache` unpacks them. Tests and the CLI call
-:func:`build_image` to make deterministic images from directories.
+:class:`~permamesh.containers.rootfs.RootfsCache` unpacks them. :func:`parse_image` checks
+the manifest and config a peer sends with a container job. Building images from directories
+is :mod:`permamesh.containers.build`.
 
 Everything read here is untrusted: JSON is checked field by field (types, sizes, digest form
 ``sha256:<64 hex>``) and any failure is a :class:`ContainerError` that says why.
@@ -13,7 +14,6 @@ Everything read here is untrusted: JSON is checked field by field (types, sizes,
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -183,6 +183,14 @@ class LayoutBlobs:
             stream.read()  # reach EOF so the digest is checked even for an empty blob
         return data
 
+    def read_digest(self, digest: str, what: str = "blob") -> bytes:
+        """A small blob (a manifest, a config) known only by its digest, verified."""
+        check_digest(digest, what)
+        data = _read_small(self.root / "blobs" / "sha256" / digest[7:], f"{what} {digest}")
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise ContainerError(f"{what} {digest} does not match its digest; refusing it")
+        return data
+
     def close(self) -> None:
         if self.owned:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -229,18 +237,33 @@ def load_layout(path: str | Path, ref: str | None = None) -> tuple[Image, Layout
 
 
 def _load_image(blobs: LayoutBlobs, mdesc: Descriptor, name: str) -> Image:
-    manifest = _parse_json(blobs.read(mdesc, "manifest"), "manifest")
+    manifest = blobs.read(mdesc, "manifest")
+    cdesc = _manifest_config(_parse_json(manifest, "manifest"))
+    return parse_image(manifest, blobs.read(cdesc, "config"), name)
+
+
+def _manifest_config(manifest: Any) -> Descriptor:
     if _field(manifest, "schemaVersion", int, "manifest") != 2:
         raise ContainerError("manifest: schemaVersion is not 2")
     if _field(manifest, "mediaType", str, "manifest", required=False) not in (None, MANIFEST):
         raise ContainerError("manifest: wrong mediaType")
-    cdesc = parse_descriptor(manifest.get("config"), "manifest config", frozenset({CONFIG}))
+    return parse_descriptor(manifest.get("config"), "manifest config", frozenset({CONFIG}))
+
+
+def parse_image(manifest_bytes: bytes, config_bytes: bytes, name: str = "") -> Image:
+    """An :class:`Image` from its manifest and config blobs as sent by a peer (a container job
+    over the overlay): the manifest digest is computed here, the config must match the
+    manifest's descriptor (sha256 and size), and every field is checked."""
+    manifest = _parse_json(manifest_bytes, "manifest")
+    cdesc = _manifest_config(manifest)
+    if len(config_bytes) != cdesc.size or "sha256:" + hashlib.sha256(config_bytes).hexdigest() != cdesc.digest:
+        raise ContainerError(f"config does not match its descriptor {cdesc.digest}; refusing it")
     raw_layers = _field(manifest, "layers", list, "manifest")
     if len(raw_layers) > MAX_LAYERS:
         raise ContainerError(f"manifest: more than {MAX_LAYERS} layers")
     layers = tuple(parse_descriptor(d, f"manifest layers[{i}]", LAYER_TYPES)
                    for i, d in enumerate(raw_layers))
-    config = _parse_json(blobs.read(cdesc, "config"), "config")
+    config = _parse_json(config_bytes, "config")
     rootfs = _field(config, "rootfs", dict, "config")
     if _field(rootfs, "type", str, "config rootfs") != "layers":
         raise ContainerError("config rootfs: type is not 'layers'")
@@ -254,7 +277,8 @@ def _load_image(blobs: LayoutBlobs, mdesc: Descriptor, name: str) -> Image:
     if any("=" not in e for e in env):
         raise ContainerError("config Env: every entry must be KEY=value")
     workdir = _field(run, "WorkingDir", str, "config", required=False) or "/"
-    return Image(name, mdesc.digest, cdesc.digest, layers, diff_ids, cmd, env, workdir)
+    digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+    return Image(name or digest[:19], digest, cdesc.digest, layers, diff_ids, cmd, env, workdir)
 
 
 def load_archive(path: str | Path, ref: str | None = None, dest: str | Path | None = None,
@@ -303,73 +327,3 @@ def _extract_layout(archive: Path, root: Path, max_bytes: int) -> None:
                     raise ContainerError(f"{label} is not a file or directory; refusing the archive")
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise ContainerError(f"archive {archive.name} cannot be extracted ({exc})") from None
-
-
-def _layer_tar(src: Path, out: BinaryIO) -> None:
-    """A deterministic tar of ``src``: sorted entries, mtime 0, owner 0:0, modes kept."""
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for dirpath, dirnames, filenames in os.walk(src):
-            dirnames.sort()
-            for name in sorted(dirnames + filenames):
-                full = Path(dirpath) / name
-                info = tar.gettarinfo(str(full), arcname=full.relative_to(src).as_posix())
-                if not (info.isdir() or info.isreg() or info.issym()):
-                    continue
-                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                info.mode &= 0o7777
-                if info.isreg():
-                    with open(full, "rb") as f:
-                        tar.addfile(info, f)
-                else:
-                    tar.addfile(info)
-
-
-def _write_blob(layout: Path, data: bytes) -> str:
-    digest = hashlib.sha256(data).hexdigest()
-    (layout / "blobs" / "sha256" / digest).write_bytes(data)
-    return "sha256:" + digest
-
-
-def _dump(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def build_image(src_dir: str | Path | None, out_layout_dir: str | Path, name: str, cmd: Sequence[str],
-                env: Sequence[str] = (), workdir: str = "/", *,
-                layers: Sequence[str | Path] | None = None, compress: bool = True) -> Image:
-    """Build an image (one layer from ``src_dir``, or one per directory in ``layers``) into a layout.
-
-    The layout's index.json keeps other refs and replaces an existing entry named ``name``.
-    """
-    out = Path(out_layout_dir)
-    (out / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-    sources = [Path(p) for p in (layers if layers is not None else [src_dir])]
-    descs: list[Descriptor] = []
-    diff_ids: list[str] = []
-    for src in sources:
-        with tempfile.TemporaryFile() as raw:
-            _layer_tar(src, raw)
-            raw.seek(0)
-            tar_bytes = raw.read()
-        diff_ids.append("sha256:" + hashlib.sha256(tar_bytes).hexdigest())
-        blob = gzip.compress(tar_bytes, mtime=0) if compress else tar_bytes
-        descs.append(Descriptor(LAYER_GZIP if compress else LAYER_TAR, _write_blob(out, blob), len(blob)))
-    config = _dump({"architecture": "amd64", "os": "linux",
-                    "config": {"Cmd": list(cmd), "Env": list(env), "WorkingDir": workdir},
-                    "rootfs": {"type": "layers", "diff_ids": diff_ids}})
-    cdesc = Descriptor(CONFIG, _write_blob(out, config), len(config))
-    manifest = _dump({"schemaVersion": 2, "mediaType": MANIFEST, "config": cdesc.to_json(),
-                      "layers": [d.to_json() for d in descs]})
-    mdesc = Descriptor(MANIFEST, _write_blob(out, manifest), len(manifest))
-    entries = []
-    if (out / "index.json").exists():
-        old = _parse_json(_read_small(out / "index.json", "index.json"), "index.json")
-        kept = old.get("manifests", []) if isinstance(old, dict) else []
-        entries = [e for e in kept
-                   if isinstance(e, dict) and (e.get("annotations") or {}).get(REF_NAME) != name]
-    entries.append({**mdesc.to_json(), "annotations": {REF_NAME: name}})
-    (out / "index.json").write_bytes(_dump({"schemaVersion": 2, "manifests": entries}))
-    (out / "oci-layout").write_bytes(_dump({"imageLayoutVersion": "1.0.0"}))
-    log.info("built image %s (%d layers) manifest %s", name, len(descs), mdesc.digest)
-    return Image(name, mdesc.digest, cdesc.digest, tuple(descs), tuple(diff_ids),
-                 tuple(cmd), tuple(env), workdir)

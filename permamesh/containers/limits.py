@@ -45,12 +45,16 @@ class Limits:
     network: bool = False  # False: a fresh network namespace with only loopback
     writable_tmp_mb: int = 16  # size of the /tmp tmpfs, the only writable place
     nofile: int = 256  # RLIMIT_NOFILE, soft = hard
+    uid: int = 0  # the job's user inside the container (65534 = nobody); 0 = root of its own namespaces
+    gid: int = 0
 
     def __post_init__(self) -> None:
         if self.memory_mb < 4 or self.pids < 1 or self.cpus <= 0 or self.nofile < 16:
             raise ValueError(f"limits too small to run anything: {self}")
         if self.timeout_s <= 0 or self.max_output_bytes < 0 or self.writable_tmp_mb < 1:
             raise ValueError(f"bad limits: {self}")
+        if not (0 <= self.uid < 2**31 and 0 <= self.gid < 2**31):
+            raise ValueError(f"uid and gid must be in 0..2**31-1: {self}")
 
 
 CgroupLayout = Literal["v2", "v1", "hybrid", "none"]

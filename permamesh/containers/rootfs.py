@@ -4,7 +4,8 @@ The worker's container runner calls :meth:`RootfsCache.prepare` with an
 :class:`~permamesh.containers.images.Image` (and the :class:`LayoutBlobs` it came with, for
 layers the :class:`~permamesh.containers.store.LayerStore` does not hold yet) and gets
 ``root/<hex of the top chain id>/rootfs``. A second prepare of an image with the same layers
-returns the same directory at once.
+returns the same directory at once. At most ``max_rootfs`` directories are kept: after each
+new one, the least recently prepared that no job holds (:meth:`RootfsCache.hold`) is deleted.
 
 Layers are untrusted. Each is unpacked in order into a temporary directory next to the cache,
 its uncompressed bytes checked against the config's diff_id, whiteouts (``.wh.<name>``) and
@@ -29,6 +30,9 @@ import tarfile
 import tempfile
 import threading
 import zlib
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -64,11 +68,44 @@ class _HashingReader:
 
 
 class RootfsCache:
-    def __init__(self, root: str | Path, store: LayerStore) -> None:
-        self.root, self.store = Path(root), store
+    def __init__(self, root: str | Path, store: LayerStore, max_rootfs: int = 16) -> None:
+        if max_rootfs < 1:
+            raise ContainerError("a rootfs cache keeps at least one rootfs")
+        self.root, self.store, self.max_rootfs = Path(root), store, max_rootfs
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._held: Counter[str] = Counter()  # chain-id directories a running job uses
         self._prepared = self._hits = self._layers = self._skipped = self._whiteouts = 0
+        self.evicted = 0
+
+    @contextmanager
+    def hold(self, image: Image) -> Iterator[None]:
+        """Keep ``image``'s rootfs from eviction while a job runs in it."""
+        name = self.path_for(image).parent.name
+        with self._lock:
+            self._held[name] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[name] -= 1
+                if self._held[name] <= 0:
+                    del self._held[name]
+
+    def _evict(self) -> None:
+        """Delete the least recently prepared rootfs directories beyond ``max_rootfs`` (lock held)."""
+        dirs = sorted((d.stat().st_mtime_ns, d.name, d) for d in self.root.iterdir()
+                      if d.is_dir() and not d.name.startswith("."))
+        excess = len(dirs) - self.max_rootfs
+        for _, name, path in dirs:
+            if excess <= 0:
+                break
+            if self._held.get(name):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            self.evicted += 1
+            excess -= 1
+            log.info("evicted rootfs %s", name)
 
     def stats(self) -> RootfsStats:
         return RootfsStats(self._prepared, self._hits, self._layers, self._skipped, self._whiteouts)
@@ -83,6 +120,7 @@ class RootfsCache:
         with self._lock:
             if target.is_dir():
                 self._hits += 1
+                os.utime(target.parent)  # recently used: evicted last
                 return target
             digests = [d.digest for d in image.layers]
             with self.store.pin(digests):
@@ -96,7 +134,12 @@ class RootfsCache:
                 try:
                     self._build(image, work / "rootfs")
                     for point in MOUNT_POINTS:  # the runtimes mount over these, never create them
-                        (work / "rootfs" / point).mkdir(mode=0o755, exist_ok=True)
+                        path = work / "rootfs" / point
+                        if path.is_symlink() or (path.exists() and not path.is_dir()):
+                            path.unlink()  # a layer's link here could point the mount (or chmod) outside
+                        path.mkdir(mode=0o755, exist_ok=True)
+                    # runc gives a tmpfs the mode of its mount point: /tmp must let any uid write
+                    os.chmod(work / "rootfs" / "tmp", 0o1777)
                     try:
                         os.rename(work, target.parent)
                     except OSError:
@@ -106,6 +149,13 @@ class RootfsCache:
                     shutil.rmtree(work, ignore_errors=True)
             self._prepared += 1
             log.info("prepared rootfs of %s at %s", image.name, target)
+            self._held[target.parent.name] += 1  # the new one is never the one evicted
+            try:
+                self._evict()
+            finally:
+                self._held[target.parent.name] -= 1
+                if self._held[target.parent.name] <= 0:
+                    del self._held[target.parent.name]
             return target
 
     def _build(self, image: Image, rootfs: Path) -> None:

@@ -185,7 +185,7 @@ def oci_config(rootfs: Path, argv: Sequence[str], env: Sequence[str], workdir: s
     return {
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": False, "user": {"uid": 0, "gid": 0}, "args": list(argv),
+            "terminal": False, "user": {"uid": limits.uid, "gid": limits.gid}, "args": list(argv),
             "env": list(env), "cwd": workdir, "capabilities": caps, "noNewPrivileges": True,
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": limits.nofile, "soft": limits.nofile},
                         {"type": "RLIMIT_CORE", "hard": 0, "soft": 0}],
@@ -252,6 +252,7 @@ def _run_bwrap(bwrap: str, rootfs: Path, argv, env, workdir, limits: Limits) -> 
             "--unshare-all", *(["--share-net"] if limits.network else []),
             "--hostname", "permamesh", "--die-with-parent", "--new-session",
             "--cap-drop", "ALL", *[a for c in CAPS for a in ("--cap-add", c)],
+            "--uid", str(limits.uid), "--gid", str(limits.gid),
             "--chdir", workdir, "--clearenv"]
     for item in env:
         key, _, value = item.partition("=")

@@ -2,8 +2,10 @@
 
 A container worker serves the blobs of its :class:`LayerStore` on a ROUTER socket
 (:class:`LayerServer`): ``LayerRequest(digest, offset, length)`` is answered by
-``LayerData(digest, offset, data, total)`` (at most 1 MiB a chunk) or an ``error``. Frames
-are signed wire frames (``docs/wire.md``).
+``LayerData(digest, offset, data, total)`` (at most 1 MiB a chunk) or an ``error``, and
+``HoldingsRequest(digests)`` (an image's layer chain) by ``HoldingsReply``: how many leading
+layers it holds and how many container jobs it has (the load the router trades against).
+Frames are signed wire frames (``docs/wire.md``).
 
 :func:`fetch_layer` pulls a blob chunk by chunk from one peer and streams it into the local
 store, whose ``put`` verifies sha256 and size as it writes: a peer that sends other bytes,
@@ -48,17 +50,40 @@ class LayerData(Message):
     error: str = ""
 
 
-class LayerServer:
-    """Serves ``store``'s blobs; ``async serve(stop, on_ready)`` like the other servers."""
+MAX_CHAIN = 256
 
-    def __init__(self, store: LayerStore, identity: NodeIdentity | None = None, host: str = "127.0.0.1") -> None:
-        self.store, self.identity, self.host = store, identity or NodeIdentity.generate(), host
+
+@message("containers.holdings?", max_bytes=MAX_CHAIN * 80 + 256)
+class HoldingsRequest(Message):
+    digests: tuple[str, ...]  # an image's layers, bottom first
+
+    def __post_init__(self) -> None:
+        if len(self.digests) > MAX_CHAIN:
+            raise WireError(f"at most {MAX_CHAIN} digests")
+
+
+@message("containers.holdings")
+class HoldingsReply(Message):
+    held: int  # leading digests of the request held
+    jobs: int  # container jobs running or queued there
+    error: str = ""
+
+
+class LayerServer:
+    """Serves ``store``'s blobs; ``async serve(stop, on_ready)`` like the other servers.
+    ``jobs`` (optional) says how many container jobs the worker has, for holdings replies."""
+
+    def __init__(self, store: LayerStore, identity: NodeIdentity | None = None, host: str = "127.0.0.1",
+                 jobs: Callable[[], int] = lambda: 0) -> None:
+        self.store, self.identity, self.host, self.jobs = store, identity or NodeIdentity.generate(), host, jobs
         self.endpoint: str | None = None
         self.served = self.refused = 0
 
-    def answer(self, frame: bytes) -> LayerData:
+    def answer(self, frame: bytes) -> LayerData | HoldingsReply:
         try:
-            req = decode(frame, LayerRequest).msg
+            req = decode(frame, (LayerRequest, HoldingsRequest)).msg
+            if isinstance(req, HoldingsRequest):
+                return self._holdings(req)
             check_digest(req.digest, "request")
         except (WireError, ContainerError) as exc:
             self.refused += 1
@@ -73,6 +98,15 @@ class LayerServer:
             data = blob.read(min(req.length, CHUNK))
         self.served += 1
         return LayerData(req.digest, req.offset, data, total)
+
+    def _holdings(self, req: HoldingsRequest) -> HoldingsReply:
+        held = self.store.holdings()
+        count = 0
+        for digest in req.digests:
+            if digest not in held:
+                break
+            count += 1
+        return HoldingsReply(count, self.jobs())
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
         router = RouterServer(self.host, 0)
@@ -135,3 +169,21 @@ def fetch_layer(endpoint: str, digest: str, size: int, store: LayerStore, timeou
     check_digest(digest, "fetch")
     with DealerClient(endpoint) as sock:
         store.put(digest, _PeerStream(sock, NodeIdentity.generate(), digest, size, timeout_s), size)
+
+
+def ask_holdings(endpoint: str, digests: list[str], timeout_s: float = 1.0) -> HoldingsReply | None:
+    """What the layer server at ``endpoint`` holds of ``digests`` (and its job count), or
+    None when it does not answer in time or answers junk."""
+    with DealerClient(endpoint) as sock:
+        sock.send(encode(HoldingsRequest(tuple(digests)), NodeIdentity.generate()))
+        frame = sock.recv(timeout_s)
+    if frame is None:
+        return None
+    try:
+        reply = decode(frame, (HoldingsReply, LayerData)).msg
+    except WireError as exc:
+        log.info("bad holdings reply from %s: %s", endpoint, exc)
+        return None
+    if not isinstance(reply, HoldingsReply) or reply.error or not 0 <= reply.held <= len(digests) or reply.jobs < 0:
+        return None
+    return reply

@@ -7,8 +7,8 @@ block (so the client learns within one round trip which paths work), unless an a
 goes over the same path within ``ack_delay_s``: an answer proves the path as well as an ack
 does, and a short job then costs one reply cell per path instead of two (delayed acks, as in
 TCP). When k valid cloves
-rebuild the request (a signed :class:`GenerateRequest` frame from the client's session key), the
-job runs like any other (routed inside the worker group, or here), under a local peer id that
+rebuild the request (a signed :class:`GenerateRequest` or container :class:`RunRequest` frame
+from the client's session key), the job runs like any other (routed inside the worker group, or here), under a local peer id that
 collects its final message instead of sending it on a socket. The final message, signed by
 this worker, is split into ``answer_cloves`` cloves (any ``k`` rebuild, the request's own k) and each kept answer
 block carries one; blocks that arrive later (the client resending over fresh paths) get the
@@ -32,6 +32,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from permamesh.containers.messages import RunRequest, RunResult
 from permamesh.routing.overlay.envelope import ANSWERED, HELD, STARTED, Ack, Envelope, decode_envelope, encode_ack, encode_answer_item
 from permamesh.routing.overlay.errors import OverlayError
 from permamesh.routing.overlay.messages import RelayCell
@@ -146,7 +147,9 @@ class Inbox:
             log.info("a rebuilt overlay message is not a valid frame: %s", exc)
             return None
         req = received.msg
-        if not isinstance(req, GenerateRequest):
+        if isinstance(req, GenerateRequest):
+            req = dataclasses.replace(req, stream=False)
+        elif not isinstance(req, RunRequest):
             self.counts["bad_request"] += 1
             log.info("a rebuilt overlay message is a %s, not a request", req.TAG)
             return None
@@ -157,14 +160,14 @@ class Inbox:
         peer = SINK_PREFIX + mid
         self.server.add_sink(peer, lambda msg: self._on_answer(mid, peer, msg))
         self.counts["requests"] += 1
-        reply = self.server.dispatch(peer, dataclasses.replace(req, stream=False))
+        reply = self.server.dispatch(peer, req)
         if reply is not None:
             self._on_answer(mid, peer, reply)
         return job
 
     # ------------------------------------------------------------------ answers out
     def _on_answer(self, mid: bytes, peer: bytes, msg: Message) -> None:
-        if not isinstance(msg, (GenerateResult, ErrorReply)):
+        if not isinstance(msg, (GenerateResult, RunResult, ErrorReply)):
             return  # Accepted, Progress: the client learns progress from acks
         self.server.remove_sink(peer)
         job = self.jobs.get(mid)

@@ -50,6 +50,11 @@ class WorkerOptions:
     max_active: int = 4  # requests decoding at once, steps interleaved (1 = one at a time)
     claim: str | None = None  # announce this model name instead (verification drills: an impostor)
     committee: tuple[str, ...] = ()  # committee validator endpoints: routing reads reputation there
+    containers: bool = False  # also run container jobs (a layer server, routing by layers)
+    layer_budget_mb: int = 2048
+    container_jobs: int = 2  # containers running at once
+    container_uid: int = 0
+    metrics_port: int | None = 0  # Prometheus /metrics on this port (0 = any free); None = no metrics
 
 
 def group_salt(data_dir: Path, group: str) -> bytes:
@@ -112,9 +117,46 @@ def run_worker(opts: WorkerOptions) -> int:
                                                                  measure_full_tree=opts.measure_sync), peers,
                                  reputation)
 
+    layers = ""
+    if opts.containers:
+        layers = _start_containers(server, opts)
+    exporter = None
+    if opts.metrics_port is not None:
+        from permamesh.metrics import Exporter
+        from permamesh.workers.telemetry import WorkerTelemetry
+
+        server.telemetry = WorkerTelemetry(server)
+        exporter = Exporter(server.telemetry.registry, opts.data_dir, identity.node_id, "worker", opts.host,
+                            opts.metrics_port)
+    try:
+        _serve(server, identity, opts, loaded.name, group_name, layers)
+    finally:
+        if exporter is not None:
+            exporter.close()
+    return 0
+
+
+def _serve(server: WorkerServer, identity: NodeIdentity, opts: WorkerOptions, model: str, group_name: str,
+           layers: str) -> None:
     serve_until_signalled(
         server, identity.node_id,
         lambda endpoint: register(opts.data_dir, WorkerRecord(identity.node_id, endpoint, identity.public.sign_key.hex(),
-                                                              loaded.name, os.getpid(), group_name)),
+                                                              model, os.getpid(), group_name, layers)),
         lambda: unregister(opts.data_dir, identity.node_id))
-    return 0
+
+
+def _start_containers(server: WorkerServer, opts: WorkerOptions) -> str:
+    """Give ``server`` a container service (its state under DATA_DIR/containers/<node id>);
+    returns the layer server's endpoint for the registry record."""
+    from permamesh.containers.service import ContainerPeer, ContainerService, ServiceConfig
+
+    def peers() -> list[ContainerPeer]:
+        return [ContainerPeer(r.node_id, r.endpoint, r.layers, bytes.fromhex(r.sign_key))
+                for r in discover(opts.data_dir) if r.layers]
+
+    config = ServiceConfig(opts.data_dir / "containers" / server.worker_id, opts.layer_budget_mb,
+                           opts.container_jobs, uid=opts.container_uid)
+    server.containers = ContainerService(server, config, peers)
+    endpoint = server.containers.start()
+    log.info("running container jobs; layer server on %s", endpoint)
+    return endpoint

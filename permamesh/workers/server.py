@@ -9,6 +9,10 @@ Threads and ownership:
 - the engine thread (:class:`~permamesh.workers.executor.Executor`) owns the model and hands
   replies back to the loop with ``call_soon_threadsafe``.
 
+Container jobs: a :class:`RunRequest` (or a :class:`ForwardedRun` from another worker's router)
+goes to the :class:`~permamesh.containers.service.ContainerService` when the worker runs
+containers (``--containers``); otherwise it is refused ``bad_request``.
+
 Overlay traffic: a :class:`CloveDrop` from a proxy goes to the :class:`~permamesh.workers.inbox.Inbox`
 (when the worker has one), which rebuilds requests from cloves and runs them under local
 peer ids (:meth:`WorkerServer.add_sink`): their messages go to the inbox, not to a socket.
@@ -31,6 +35,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from permamesh.containers.messages import ForwardedRun, RunRequest
 from permamesh.identity import NodeIdentity
 from permamesh.routing.overlay.messages import CloveDrop
 from permamesh.transport import RouterServer, ServingThread
@@ -74,6 +79,8 @@ class WorkerServer:
         self.executor = Executor(engine, self.worker_id, config.max_active)
         self.group: GroupLink | None = None  # set by the worker process when it joins a group
         self.inbox: Inbox | None = None  # set when the worker takes requests from the overlay
+        self.containers = None  # a ContainerService when the worker runs containers
+        self.telemetry = None  # a WorkerTelemetry when the process exports metrics
         self._sinks: dict[bytes, Callable[[Message], None]] = {}  # local peers (overlay jobs)
         self._rejected = 0
         self._started = time.monotonic()
@@ -109,6 +116,8 @@ class WorkerServer:
                 await self.group.close()
             if self.inbox is not None:
                 self.inbox.close()
+            if self.containers is not None:
+                self.containers.close()
             for job in await asyncio.to_thread(self.executor.stop):  # answer everything still queued
                 self.send(job.peer, ErrorReply(job.request.request_id, "shutting_down", "worker is stopping; resubmit"))
             await self._outbox.join()
@@ -145,8 +154,13 @@ class WorkerServer:
         msg = received.msg
         if isinstance(msg, StatusRequest):
             return self.status(msg.request_id)
-        if isinstance(msg, GenerateRequest):
+        if isinstance(msg, (GenerateRequest, RunRequest)):
             return self.dispatch(peer, msg)
+        if isinstance(msg, ForwardedRun):
+            if self.containers is None or self._stopping:
+                return ErrorReply(msg.request.request_id, "shutting_down" if self._stopping else "bad_request",
+                                  "this worker runs no containers" if not self._stopping else "worker is stopping")
+            return self.containers.on_forwarded(peer, msg)
         if isinstance(msg, CloveDrop):
             if self.inbox is None:
                 return ErrorReply("", "bad_request", "this worker takes no overlay traffic")
@@ -158,8 +172,15 @@ class WorkerServer:
             return self.group.on_peer_message(peer, received)
         return ErrorReply(getattr(msg, "request_id", ""), "bad_request", f"a worker does not take {msg.TAG!r}")
 
-    def dispatch(self, peer: bytes, req: GenerateRequest) -> Message | None:
-        """A job for ``peer``: route it inside the group, or run it here."""
+    def dispatch(self, peer: bytes, req: GenerateRequest | RunRequest) -> Message | None:
+        """A job for ``peer``: route it inside the group (a container job: among container
+        workers), or run it here."""
+        if isinstance(req, RunRequest):
+            if self._stopping:
+                return ErrorReply(req.request_id, "shutting_down", "worker is stopping; resubmit")
+            if self.containers is None:
+                return ErrorReply(req.request_id, "bad_request", "this worker runs no containers")
+            return self.containers.dispatch(peer, req)
         if self.group is not None and not self._stopping:
             return self.group.route(peer, req)
         return self.accept(peer, req)
@@ -216,6 +237,8 @@ class WorkerServer:
         """Event-loop side of a finished job: count tokens, publish cache changes to the group."""
         self._prompt_tokens += done.prompt_tokens
         self._cached_tokens += getattr(done, "cached_tokens", 0)
+        if self.telemetry is not None:
+            self.telemetry.observe_generate(done.total_s, done.ttft_s)
         cache = getattr(self.engine, "prefix_cache", None)
         if cache is not None:
             inserted, evicted = cache.drain_events()

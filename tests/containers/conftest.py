@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 BUSYBOX = Path("/bin/busybox")
-APPLETS = ("sh", "echo", "cat", "ls", "sleep", "wget", "touch", "ip", "head", "tr", "true")
+APPLETS = ("sh", "echo", "cat", "ls", "sleep", "wget", "touch", "ip", "head", "tr", "true", "id")
 
 
 def installed_runtimes() -> list[str]:
@@ -35,11 +35,13 @@ def busybox_rootfs(tmp_path_factory) -> Path:
     if not BUSYBOX.exists():
         pytest.skip(f"{BUSYBOX} missing (apt-get install -y busybox-static)")
     root = tmp_path_factory.mktemp("busybox-rootfs")
+    root.chmod(0o755)  # mktemp makes it 0700: an unprivileged job could not even reach /bin
     (root / "bin").mkdir()
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
     for applet in APPLETS:
         (root / "bin" / applet).symlink_to("busybox")
     for mount_point in ("proc", "dev", "tmp", "etc"):
         (root / mount_point).mkdir()
+    (root / "tmp").chmod(0o1777)  # as RootfsCache makes it: runc's tmpfs takes this mode
     (root / "etc" / "hostname").write_text("permamesh\n")
     return root

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from permamesh.containers.errors import ContainerError
+from permamesh.containers.build import build_image
 from permamesh.containers.images import (
     LAYER_GZIP,
     Image,
-    build_image,
     chain_ids,
     load_archive,
     load_layout,

@@ -11,7 +11,8 @@ import pytest
 
 from permamesh.containers.errors import ContainerError
 from permamesh.containers.host import ContainerMesh
-from permamesh.containers.images import build_image, load_layout
+from permamesh.containers.build import build_image
+from permamesh.containers.images import load_layout
 from permamesh.containers.limits import Limits
 
 from .conftest import APPLETS, BUSYBOX

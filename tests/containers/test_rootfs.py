@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from permamesh.containers.errors import ContainerError
-from permamesh.containers.images import CONFIG, LAYER_TAR, MANIFEST, build_image, load_layout
+from permamesh.containers.build import build_image
+from permamesh.containers.images import CONFIG, LAYER_TAR, MANIFEST, load_layout
 from permamesh.containers.rootfs import RootfsCache
 from permamesh.containers.store import LayerStore
 
@@ -142,3 +143,39 @@ def test_missing_layers_without_blobs_are_refused(tmp_path, cache):
     image = build_image(tmp_path / "src", tmp_path / "layout", "m", ["/f"])
     with pytest.raises(ContainerError, match="neither in the store"):
         cache.prepare(image)
+
+
+def test_old_rootfs_dirs_are_evicted_but_never_one_in_use(tmp_path):
+    cache = RootfsCache(tmp_path / "rootfs", LayerStore(tmp_path / "store", 1 << 24), max_rootfs=2)
+    images = []
+    for i in range(4):
+        write(tmp_path / f"src{i}" / "f", str(i))
+        images.append(build_image(tmp_path / f"src{i}", tmp_path / "layout", f"i{i}", ["/f"]))
+    _, blobs = load_layout(tmp_path / "layout", "i0")
+    with cache.hold(images[0]):
+        for image in images[:3]:
+            cache.prepare(image, blobs)
+        # three prepared, two kept: the oldest one not held (i1) went, the held i0 stayed
+        assert cache.path_for(images[0]).is_dir() and not cache.path_for(images[1]).exists()
+        assert cache.path_for(images[2]).is_dir() and cache.evicted == 1
+    cache.prepare(images[0])  # a hit makes i0 the most recently used
+    cache.prepare(images[3], blobs)
+    assert not cache.path_for(images[2]).exists()
+    assert cache.path_for(images[0]).is_dir() and cache.path_for(images[3]).is_dir()
+    assert len([p for p in cache.root.iterdir()]) == 2 and cache.evicted == 2
+
+
+def test_a_layer_cannot_make_a_mount_point_a_link_out(tmp_path, cache):
+    """/tmp as an absolute symlink would point the chmod and the runtime's mount at the host."""
+    outside = tmp_path / "host-dir"
+    outside.mkdir(mode=0o700)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tmp").symlink_to(outside)
+    (src / "proc").write_text("not a directory")
+    image = build_image(src, tmp_path / "layout", "links", ["/bin/sh"])
+    _, blobs = load_layout(tmp_path / "layout")
+    root = cache.prepare(image, blobs)
+    assert (root / "tmp").is_dir() and not (root / "tmp").is_symlink()
+    assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777 and (root / "proc").is_dir()
+    assert outside.stat().st_mode & 0o777 == 0o700  # the host directory was not touched

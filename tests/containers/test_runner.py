@@ -146,3 +146,14 @@ def test_a_missing_executable_is_the_jobs_failure(busybox_rootfs, runtime):
 def test_missing_rootfs_is_refused(tmp_path):
     with pytest.raises(RunError, match="not a directory"):
         run(tmp_path / "nope", ["echo"])
+
+
+def test_a_job_can_run_as_an_unprivileged_user(busybox_rootfs, runtime):
+    nobody = Limits(timeout_s=10.0, uid=65534, gid=65534)
+    result = run(busybox_rootfs, ["sh", "-c", "id -u; id -g; touch /tmp/mine && echo wrote"], limits=nobody,
+                 runtime=runtime)
+    assert (result.exit_code, result.stdout) == (0, b"65534\n65534\nwrote\n"), result.stderr
+    root = run(busybox_rootfs, ["id", "-u"], limits=Limits(timeout_s=10.0), runtime=runtime)
+    assert root.stdout == b"0\n"
+    with pytest.raises(ValueError, match="uid and gid"):
+        Limits(uid=-1)

@@ -55,6 +55,7 @@ class DevnetConfig:
     rules: LedgerRules = LedgerRules()
     byzantine: tuple[int, ...] = ()  # indices of validators that equivocate
     start_timeout_s: float = 60.0
+    data_dir: Path | None = None  # where validators record their metrics endpoints (default: home's parent)
 
 
 class Devnet:
@@ -113,8 +114,9 @@ class Devnet:
         return self.endpoints
 
     def _spawn(self, i: int) -> None:
+        data_dir = self.config.data_dir or self.home.parent
         cmd = [sys.executable, "-m", "permamesh", "validator", "--engine", "devnet",
-               "--home", str(self.vdir(i))]
+               "--home", str(self.vdir(i)), "--data-dir", str(data_dir)]
         self.children[i] = spawn(f"validator-{i}", cmd, self.home / "logs")
 
     def kill(self, i: int) -> None:

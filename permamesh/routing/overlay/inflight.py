@@ -28,7 +28,7 @@ from permamesh.routing.overlay.prepared import PathKit, prepare_kit
 from permamesh.routing.overlay.reply import ReplyKeys, open_reply
 from permamesh.routing.overlay.sida import Rebuilder, split
 from permamesh.transport import poll_readable
-from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, WireError, decode, encode
+from permamesh.wire import ErrorReply, GenerateResult, Message, WireError, decode, encode
 
 if TYPE_CHECKING:
     from permamesh.routing.overlay.sender import OverlayClient
@@ -64,8 +64,9 @@ class Delivery:
 class InFlight:
     """The state of one request on the client (see the module docstring for the rules)."""
 
-    def __init__(self, client: OverlayClient, worker: WorkerRecord, req: GenerateRequest, session: str) -> None:
-        self.c, self.worker, self.req, self.session = client, worker, req, session
+    def __init__(self, client: OverlayClient, worker: WorkerRecord, req: Message, session: str,
+                 results: tuple[type[Message], ...] = (GenerateResult, ErrorReply)) -> None:
+        self.c, self.worker, self.req, self.session, self.results = client, worker, req, session, results
         self.mid = os.urandom(16)
         cfg = client.config
         self.cloves = split(encode(req, client.session), n=cfg.max_cloves, k=cfg.k, message_id=self.mid)
@@ -76,7 +77,7 @@ class InFlight:
         self.started = False
         self.first_answer_at: float | None = None
 
-    def run(self) -> GenerateResult:
+    def run(self) -> Message:
         cfg, t0 = self.c.config, time.monotonic()
         paths = self.c.path_set(self.session)
         keys = [tuple(r.node_id_bytes for r in relays) for relays in paths]
@@ -163,7 +164,7 @@ class InFlight:
                 raise OverlayError("the answer was lost on the way back and no fresh path is left")
 
     # ------------------------------------------------------------------ receiving
-    def _on_frame(self, frame: bytes) -> GenerateResult | ErrorReply | None:
+    def _on_frame(self, frame: bytes) -> Message | None:
         try:
             msg = decode(frame).msg
         except WireError as exc:
@@ -200,6 +201,6 @@ class InFlight:
             raise OverlayError(f"the rebuilt answer is not a valid frame: {exc}") from exc
         if received.sender != bytes.fromhex(self.worker.sign_key):
             raise OverlayError("the answer is not signed by the entry worker")
-        if not isinstance(received.msg, (GenerateResult, ErrorReply)):
+        if not isinstance(received.msg, self.results):
             raise OverlayError(f"the answer is a {received.msg.TAG}, not a result")
         return received.msg

@@ -54,6 +54,7 @@ class RelayOptions:
     epoch_s: float = DEFAULT_EPOCH_S  # seconds per replay-guard epoch (clients must agree)
     fail_after: int = 0  # drills: drop everything after this many cells (0 = never)
     directory_refresh_s: float = 10.0  # seconds between re-reads of the local registries (misses re-read sooner)
+    metrics_port: int | None = 0  # Prometheus /metrics on this port (0 = any free); None = no metrics
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -62,6 +63,8 @@ class RelayOptions:
             raise OverlayError("relay --isp, --grid and --location must be non-empty")
         if not (math.isfinite(self.bandwidth) and self.bandwidth > 0):
             raise OverlayError(f"relay bandwidth must be finite and > 0, got {self.bandwidth}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise OverlayError(f"relay metrics port {self.metrics_port} is not in 0..65535 (or -1 for none)")
         if not (self.directory_refresh_s >= 0):
             raise OverlayError("directory refresh period must be >= 0")
 
@@ -79,14 +82,39 @@ def run_relay(opts: RelayOptions) -> int:
     workers = CachedLookup(lambda: worker_endpoints(data_dir), opts.directory_refresh_s)
     server = RelayServer(identity, config, relays, workers)
     public = identity.public
+    exporter = None
+    if opts.metrics_port is not None:
+        from permamesh.metrics import Exporter, Gauges, new_registry
 
-    serve_until_signalled(
-        server, identity.node_id,
-        lambda endpoint: register_relay(data_dir, RelayRecord(
-            identity.node_id, endpoint, public.sign_key.hex(), public.kex_key.hex(), opts.isp,
-            opts.grid, opts.location, bandwidth=opts.bandwidth, pid=os.getpid())),
-        lambda: unregister_relay(data_dir, identity.node_id))
+        registry = new_registry()
+        Gauges(lambda: relay_figures(server), registry)
+        exporter = Exporter(registry, data_dir, identity.node_id, "relay", opts.host, opts.metrics_port)
+    try:
+        serve_until_signalled(
+            server, identity.node_id,
+            lambda endpoint: register_relay(data_dir, RelayRecord(
+                identity.node_id, endpoint, public.sign_key.hex(), public.kex_key.hex(), opts.isp,
+                opts.grid, opts.location, bandwidth=opts.bandwidth, pid=os.getpid())),
+            lambda: unregister_relay(data_dir, identity.node_id))
+    finally:
+        if exporter is not None:
+            exporter.close()
     return 0
+
+
+def relay_figures(server: RelayServer) -> list:
+    """The relay's counters as metrics (read at scrape time)."""
+    from permamesh.metrics import Figure
+
+    st = server.stats()
+    out = [Figure("permamesh_relay_cells_total", "Cells by what happened to them", value, "counter", {"event": event})
+           for event, value in (("in", st.cells_in), ("forwarded", st.forwarded), ("exited", st.exited),
+                                ("delivered", st.delivered), ("rate_limited", st.rate_limited),
+                                ("bad_frame", st.bad_frames))]
+    out += [Figure("permamesh_relay_dropped_total", "Cells dropped, by reason (cloves lost here)", n, "counter",
+                   {"reason": reason}) for reason, n in sorted(st.dropped_by_reason.items())]
+    out.append(Figure("permamesh_relay_attached_clients", "Clients attached for deliveries", st.attached))
+    return out
 
 
 def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +136,8 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rate", type=float, default=1000.0, dest="rate_per_s", metavar="PER_S", help="frames per second each upstream connection may send on average (default: 1000)")
     add("--burst", type=int, default=2000, help="frames an upstream connection may send at once; more are dropped (count, default: 2000)")
     add("--epoch-s", type=float, default=DEFAULT_EPOCH_S, metavar="SECONDS", help=f"seconds per replay-guard epoch; clients must use the same (default: {DEFAULT_EPOCH_S:g})")
+    add("--metrics-port", type=int, default=0, help="Prometheus text metrics at http://HOST:PORT/metrics (0 = any "
+        "free port, recorded in DATA_DIR/run/metrics; -1 = none; default: 0)")
     add("--fail-after", type=int, default=0, metavar="CELLS", help="failure drills: silently drop every cell after this many (count, default: 0 = never)")
 
 
@@ -116,5 +146,5 @@ def run_relay_from_args(args: argparse.Namespace) -> int:
     data_dir = getattr(args, "data_dir", None) or default_data_dir()
     opts = RelayOptions(Path(data_dir).expanduser(), args.name, args.host, args.port, args.isp, args.grid,
                         args.location, args.bandwidth, args.rate_per_s, args.burst, args.epoch_s,
-                        args.fail_after)
+                        args.fail_after, metrics_port=None if args.metrics_port < 0 else args.metrics_port)
     return run_relay(opts)

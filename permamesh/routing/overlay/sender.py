@@ -56,7 +56,7 @@ from permamesh.routing.overlay.prepared import KitPreparer
 from permamesh.routing.overlay.relay import DEFAULT_EPOCH_S, current_epoch
 from permamesh.routing.overlay.sessions import SessionPaths
 from permamesh.transport import DealerClient
-from permamesh.wire import ChatMessage, GenerateRequest, GenerateResult, WireError, decode, encode
+from permamesh.wire import ChatMessage, ErrorReply, GenerateRequest, GenerateResult, Message, WireError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,17 @@ class OverlayClient:
         # the caller gets the log-probs only if it asked for them
         return result if logprobs else dataclasses.replace(result, logprobs=())
 
-    def submit(self, req: GenerateRequest, entry: str | None = None) -> GenerateResult:
+    def submit(self, req: Message, entry: str | None = None,
+               results: tuple[type[Message], ...] = (GenerateResult, ErrorReply)) -> Message:
         """Send a ready request (validators send their challenges this way) and return the
-        entry worker's answer as it came. Every overlay request should ask for log-probs, so
-        the committee's challenges, which need them, look like any other request."""
+        entry worker's answer as it came: one of ``results`` (a container job's
+        :class:`~permamesh.containers.messages.RunRequest` expects its ``RunResult``). Every
+        generation request should ask for log-probs, so the committee's challenges, which need
+        them, look like any other request."""
         worker = self._entry(entry)
         self.settle_paths()
         try:
-            return InFlight(self, worker, req, req.session).run()
+            return InFlight(self, worker, req, getattr(req, "session", ""), results).run()
         finally:
             if self.preparer is not None:
                 self.preparer.refill()

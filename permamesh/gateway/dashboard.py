@@ -1,0 +1,159 @@
+"""What the dashboard shows, as one JSON snapshot (``GET /api/mesh``).
+
+:meth:`MeshView.snapshot` joins what this machine knows with what the committee knows:
+
+- **nodes**: the committee's registry (signed profiles: location, ISP, grid, role, the
+  verification reputation, excluded or not) joined with the local registries (workers with
+  their model and container side, relays, processes with metrics endpoints) and the health
+  monitor's last verdict; a node known only locally is listed without a map position;
+- **reputation over epochs**: each node's reputation at every closed epoch (the ledger's
+  per-epoch payout rows carry it);
+- **replication across failure domains**: for each model, its replicas' shares per grid, ISP,
+  location, software version and continent (the scheduler's ``domain_shares``, with the most
+  any one domain holds); for each image layer held by container workers, its holders;
+- **payouts**: each partner's monthly payment with every "why" (the scheduler's
+  ``registry_payments``, from the committee's registry).
+
+Without a committee there are no positions, reputations or payouts; the page says so.
+
+Who calls it: the gateway's ``/api/mesh`` handler (from a worker thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from fractions import Fraction
+from pathlib import Path
+
+from permamesh.localmesh import discover
+from permamesh.metrics import discover_metrics
+
+log = logging.getLogger(__name__)
+
+PPM = 1_000_000
+KINDS = ("grid", "isp", "location", "software", "continent")
+
+
+def _cents(value) -> float:
+    return float(Fraction(value)) / 100
+
+
+class MeshView:
+    def __init__(self, data_dir: Path, committee=None, health=None) -> None:
+        """``committee``: a CommitteeClient or None; ``health``: () -> the monitor's last result."""
+        self.data_dir, self.committee, self.health = Path(data_dir), committee, health
+
+    def snapshot(self) -> dict:
+        from permamesh.committee.trust import node_id_of
+        from permamesh.routing.overlay.directory import discover_relays
+
+        workers, relays = discover(self.data_dir), discover_relays(self.data_dir)
+        metrics = discover_metrics(self.data_dir)
+        registry, payouts_rows, why = [], [], ""
+        if self.committee is None:
+            why = "no committee configured (start the gateway with --committee)"
+        else:
+            try:
+                registry = self.committee.query("/registry")
+                payouts_rows = self.committee.query("/payouts")
+            except Exception as exc:  # noqa: BLE001 - the page still shows the local nodes
+                why = f"the committee did not answer: {exc}"
+        health = {}
+        if self.health is not None:
+            health = {n["node"]: n for n in self.health().get("nodes", [])}
+        nodes: dict[str, dict] = {}
+        for row in registry:
+            p = row.get("profile") or {}
+            nid = node_id_of(row["node"])
+            rep = row.get("reputation_ppm")
+            nodes[nid] = {"id": nid, "role": row.get("role", "?"), "lat": p.get("lat_e6", 0) / 1e6,
+                          "lon": p.get("lon_e6", 0) / 1e6, "isp": p.get("isp", ""), "grid": p.get("grid", ""),
+                          "partner": row.get("partner", "")[:16], "reputation": None if rep is None else rep / PPM,
+                          "excluded": bool(row.get("excluded")), "models": list(p.get("models", [])),
+                          "registered": True, "local": False}
+        for w in workers:
+            node = nodes.setdefault(w.node_id, {"id": w.node_id, "role": "worker", "registered": False})
+            node.update(local=True, model=w.model, endpoint=w.endpoint, containers=bool(w.layers))
+        for r in relays:
+            node = nodes.setdefault(r.node_id, {"id": r.node_id, "role": "relay", "registered": False,
+                                                "isp": r.isp, "grid": r.grid})
+            node.update(local=True, endpoint=r.endpoint, location=r.location)
+        for m in metrics:
+            node = nodes.setdefault(m.node_id, {"id": m.node_id, "role": m.role, "registered": False})
+            node.update(local=True, metrics=m.url)
+        for nid, node in nodes.items():
+            h = health.get(nid)
+            node["health"] = h["status"] if h else ("unknown" if node.get("local") else "remote")
+            node["alerts"] = h.get("alerts", []) if h else []
+        counts: dict[str, int] = defaultdict(int)
+        for node in nodes.values():
+            counts[node["role"]] += 1
+        return {"generated_at": time.time(), "committee": why or "ok", "nodes": sorted(nodes.values(),
+                                                                                     key=lambda n: (n["role"], n["id"])),
+                "counts": dict(sorted(counts.items())), "reputation_history": self._history(payouts_rows),
+                "replication": {"models": self._models(registry), "layers": self._layers(workers)},
+                "payouts": self._payouts(registry)}
+
+    @staticmethod
+    def _history(rows: list) -> dict[str, list]:
+        from permamesh.committee.trust import node_id_of
+
+        out: dict[str, list] = defaultdict(list)
+        for row in sorted(rows, key=lambda r: (r["epoch"], r["node"])):
+            out[node_id_of(row["node"])].append([row["epoch"], row.get("reputation_ppm", 0) / PPM])
+        return dict(sorted(out.items()))
+
+    @staticmethod
+    def _models(registry: list) -> list[dict]:
+        from permamesh.committee.trust import node_id_of
+        from permamesh.scheduler.domains import domain_shares
+        from permamesh.scheduler.profile import from_registry, group_locations
+
+        try:
+            profiles = from_registry([r for r in registry if r.get("role") == "worker"])
+        except Exception as exc:  # noqa: BLE001 - a malformed row must not blank the page
+            log.warning("registry rows unusable for replication: %s", exc)
+            return []
+        locations = group_locations(profiles)
+        by_model: dict[str, list[str]] = defaultdict(list)
+        for p in profiles:
+            for model in p.models:
+                by_model[model].append(p.node_id)
+        out = []
+        for model, ids in sorted(by_model.items()):
+            shares = {kind: domain_shares(ids, profiles, kind, locations) for kind in KINDS}
+            out.append({"model": model, "replicas": len(ids), "holders": sorted(node_id_of(i) for i in ids),
+                        "shares": shares, "max_share": max(max(s.values()) for s in shares.values())})
+        return out
+
+    def _layers(self, workers) -> list[dict]:
+        """Each layer digest held by this machine's container workers, and who holds it."""
+        holders: dict[str, list[str]] = defaultdict(list)
+        for w in workers:
+            if not w.layers:
+                continue
+            root = self.data_dir / "containers" / w.node_id / "layers" / "blobs" / "sha256"
+            for blob in sorted(root.iterdir()) if root.is_dir() else []:
+                holders["sha256:" + blob.name].append(w.node_id)
+        return [{"digest": d, "holders": sorted(h), "replicas": len(h)} for d, h in sorted(holders.items())]
+
+    def _payouts(self, registry: list) -> list[dict]:
+        if not registry:
+            return []
+        from permamesh.committee.trust import node_id_of
+        from permamesh.scheduler.payments import monthly_payments
+        from permamesh.scheduler.profile import from_registry
+        from permamesh.scheduler.weights import load_weights
+
+        try:
+            payments = monthly_payments(from_registry(registry), load_weights())
+        except Exception as exc:  # noqa: BLE001
+            log.warning("payouts not computed: %s", exc)
+            return []
+        return [{"partner": partner[:16], "total": _cents(pay.total), "why": list(pay.why),
+                 "paid_nodes": sum(1 for n in pay.nodes if n.paid),
+                 "nodes": [{"node": node_id_of(n.node_id), "location": n.location, "amount": _cents(n.amount),
+                            "paid": n.paid, "why": list(n.why)} for n in pay.nodes]}
+                for partner, pay in sorted(payments.items())]

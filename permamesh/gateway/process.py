@@ -1,0 +1,74 @@
+"""``permamesh gateway``: the OpenAI-compatible gateway process.
+
+Builds the backend (overlay by default, ``--direct`` for streamed tokens straight from
+workers), the key ring, the credit (``--committee ENDPOINT``: admission and receipts on the
+ledger), the dashboard's view and the health monitor, then serves until SIGINT or SIGTERM,
+printing ``READY <url> gateway`` once it listens and recording its metrics endpoint
+(``<url>/metrics``) in ``DATA_DIR/run/metrics``.
+
+Who calls it: :mod:`permamesh.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from permamesh.gateway.accounts import Credit, KeyRing
+from permamesh.gateway.backend import MeshBackend
+from permamesh.gateway.server import Gateway, GatewayConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port, 0 = any free port (default: 8000)")
+    p.add_argument("--direct", action="store_true", help="send jobs straight to workers (tokens stream as they are "
+                   "made; not anonymous) instead of through the overlay")
+    p.add_argument("--committee", action="append", default=None, metavar="ENDPOINT",
+                   help="committee validator (repeatable): each API key's jobs are admitted by its credit on the "
+                        "ledger and paid to the worker by a signed receipt")
+    p.add_argument("--chain-id", default="permamesh-devnet", help="the committee's chain id (default: permamesh-devnet)")
+    p.add_argument("--new-key", metavar="NAME", default=None, help="make an API key for NAME, print it once, and exit")
+    p.add_argument("--open", action="store_true", help="accept requests without a valid key (all as 'anonymous'); "
+                   "for a gateway on a private machine")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a job may take in the mesh (default: 300)")
+
+
+def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct: bool = False,
+                  committee: tuple[str, ...] = (), chain_id: str = "permamesh-devnet", open_access: bool = False,
+                  timeout_s: float = 300.0) -> Gateway:
+    from permamesh.gateway.dashboard import MeshView
+    from permamesh.health import HealthMonitor
+
+    client = None
+    if committee:
+        from permamesh.committee.client import CommitteeClient
+        from permamesh.gateway.accounts import SharedCommittee
+
+        client = SharedCommittee(CommitteeClient(list(committee), timeout_s=10.0))
+    monitor = HealthMonitor(data_dir)
+    view = MeshView(data_dir, client, monitor.check)
+    return Gateway(GatewayConfig(data_dir, host, port), MeshBackend(data_dir, "direct" if direct else "overlay",
+                                                                     timeout_s),
+                   KeyRing(data_dir, open_access), Credit(client, chain_id), view.snapshot, monitor.check)
+
+
+def run_gateway_from_args(args: argparse.Namespace, data_dir: Path) -> int:
+    from permamesh.metrics import MetricsRecord, register_metrics, unregister_metrics
+    from permamesh.transport import serve_until_signalled
+
+    if args.new_key:
+        print(KeyRing(data_dir).new_key(args.new_key))
+        return 0
+    gateway = build_gateway(data_dir, args.host, args.port, args.direct, tuple(args.committee or ()), args.chain_id,
+                            args.open, args.timeout)
+    node_id = f"gateway-{args.port or os.getpid()}"
+    serve_until_signalled(gateway, node_id,
+                          lambda url: register_metrics(data_dir, MetricsRecord(node_id, "gateway", url + "/metrics",
+                                                                               os.getpid())),
+                          lambda: unregister_metrics(data_dir, node_id))
+    return 0

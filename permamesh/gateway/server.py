@@ -1,0 +1,243 @@
+"""``permamesh gateway``: the OpenAI-compatible HTTP API in front of the mesh, plus the
+dashboard, health checks and metrics. Built on aiohttp (docs/dependencies.md says why).
+
+Routes:
+
+- ``GET /v1/models``; ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed by
+  server-sent events (``"stream": true``) or not, with usage counts; errors in the OpenAI
+  shape ``{"error": {"message", "type", "param", "code"}}`` and the matching HTTP status;
+- ``GET /dashboard`` (the page) and ``GET /api/mesh`` (what it shows, as JSON);
+- ``GET /api/health`` (the health checks of every node) and ``GET /healthz`` (the gateway's own);
+- ``GET /metrics``: Prometheus text (requests by route and status, latency, tokens, refusals).
+
+Every job enters the mesh through :class:`~permamesh.gateway.backend.MeshBackend` from a
+thread pool, so the event loop only parses, checks and writes. Each request is authorized
+by its API key (:class:`~permamesh.gateway.accounts.KeyRing`) and admitted and paid by that
+key's committee credit (:class:`~permamesh.gateway.accounts.Credit`).
+
+Who calls it: :mod:`permamesh.gateway.process` (the process) and tests (:class:`GatewayThread`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import Counter, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from permamesh.gateway import openai_api as oa
+from permamesh.gateway.accounts import Credit, KeyRing
+from permamesh.gateway.backend import MeshBackend
+from permamesh.gateway.errors import ApiError, GatewayError
+from permamesh.metrics import histogram, new_registry
+from permamesh.transport import ServingThread
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+STATIC = Path(__file__).with_name("static")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port
+    threads: int = 16  # jobs in flight at once (each waits on the mesh in a thread)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, backend: MeshBackend, keys: KeyRing, credit: Credit,
+                 mesh_view: Callable[[], dict] | None = None, health: Callable[[], dict] | None = None) -> None:
+        self.config, self.backend, self.keys, self.credit = config, backend, keys, credit
+        self.mesh_view, self.health = mesh_view, health
+        self.endpoint: str | None = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(config.threads, thread_name_prefix="gateway")
+        self.registry = new_registry()
+        self.requests = Counter("permamesh_gateway_requests", "HTTP requests by route and status", ("route", "status"),
+                                registry=self.registry)
+        self.tokens = Counter("permamesh_gateway_tokens", "Tokens of answered jobs", ("kind",), registry=self.registry)
+        self.latency = histogram(self.registry, "permamesh_gateway_request_latency_seconds",
+                                 "Seconds from a request's arrival to its last byte", ("route",))
+        self.app = self._app()
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        app.add_routes([
+            web.get("/v1/models", self.models),
+            web.post("/v1/chat/completions", self.chat),
+            web.post("/v1/completions", self.completions),
+            web.get("/metrics", self.metrics),
+            web.get("/healthz", self.healthz),
+            web.get("/api/mesh", self.api_mesh),
+            web.get("/api/health", self.api_health),
+            web.get("/dashboard", self.dashboard),
+            web.get("/", self.root),
+        ])
+        return app
+
+    # ------------------------------------------------------------------ plumbing
+    @web.middleware
+    async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        started, route = time.monotonic(), request.path if request.path.startswith(("/v1/", "/api/")) else "other"
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = web.json_response(exc.body(), status=exc.status)
+        except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself: the same shape
+            if exc.status < 400:
+                raise
+            response = web.json_response(ApiError(exc.status, exc.reason).body(), status=exc.status)
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500, the gateway keeps serving
+            log.exception("request %s %s failed", request.method, request.path)
+            response = web.json_response(ApiError(500, f"internal error: {type(exc).__name__}").body(), status=500)
+        self.requests.labels(route, str(response.status)).inc()
+        self.latency.labels(route).observe(time.monotonic() - started)
+        return response
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def _body(self, request: web.Request):
+        try:
+            return json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes") from None
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+
+    # ------------------------------------------------------------------ the OpenAI API
+    async def models(self, request: web.Request) -> web.Response:
+        self.keys.authorize(request.headers.get("Authorization"))
+        names = await self._run(self.backend.models)
+        return web.json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "permamesh"} for name in names]})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, oa.parse_chat, "chatcmpl", oa.chat_response, self._chat_chunks)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, oa.parse_completion, "cmpl", oa.completion_response,
+                                    self._completion_chunks)
+
+    async def _generate(self, request: web.Request, parse, prefix: str, shape, chunks) -> web.StreamResponse:
+        caller = self.keys.authorize(request.headers.get("Authorization"))
+        parsed = parse(await self._body(request))
+        fields = parsed.fields
+        text = fields.get("prompt") or "".join(m.content for m in fields.get("messages", ()))
+        reserved = await self._run(self.credit.admit, caller, text, fields["max_tokens"])
+        rid, created = oa.new_id(prefix), int(time.time())
+        if not parsed.stream:
+            result = await self._run(self.backend.generate, parsed.model, fields)
+            await self._finish(caller, reserved, result)
+            return web.json_response(shape(result, parsed.model, rid, created))
+        return await self._stream(request, caller, reserved, parsed, rid, created, chunks)
+
+    async def _finish(self, caller, reserved: int, result) -> None:
+        self.tokens.labels("prompt").inc(result.prompt_tokens)
+        self.tokens.labels("completion").inc(result.completion_tokens)
+        try:
+            await self._run(self.credit.settle, caller, reserved, result.worker_id, result.prompt_tokens,
+                            result.completion_tokens)
+        except Exception:  # noqa: BLE001 - the answer is the caller's either way; the receipt is logged
+            log.exception("settling a job of %s failed", caller.name)
+
+    async def _stream(self, request, caller, reserved, parsed, rid, created, chunks) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        texts: asyncio.Queue = asyncio.Queue()
+        job = loop.run_in_executor(self.pool, self.backend.generate, parsed.model, parsed.fields,
+                                   lambda t: loop.call_soon_threadsafe(texts.put_nowait, t))
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(texts.put_nowait, None))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+
+        async def send(obj) -> None:
+            await response.write(f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode())
+
+        first, last = chunks(rid, created, parsed.model)
+        if first is not None:
+            await send(first)
+        while (text := await texts.get()) is not None:
+            for piece in oa.pieces(text):
+                await send(last(piece, None, None))
+        try:
+            result = job.result()
+        except ApiError as exc:  # after the headers: the error goes in the stream, as OpenAI does
+            await send(exc.body())
+        else:
+            await self._finish(caller, reserved, result)
+            await send(last("", result.finish_reason, None))
+            if parsed.include_usage:
+                await send(last("", None, oa.usage(result)))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    def _chat_chunks(rid, created, model):
+        def chunk(text, finish, use):
+            return oa.chat_chunk(rid, created, model, {"content": text} if text else {}, finish, use)
+
+        return oa.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}), chunk
+
+    @staticmethod
+    def _completion_chunks(rid, created, model):
+        return None, lambda text, finish, use: oa.completion_chunk(rid, created, model, text, finish, use)
+
+    # ------------------------------------------------------------------ the rest
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await self._run(generate_latest, self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        models = await self._run(self.backend.models)
+        return web.json_response({"status": "ok" if models else "no_workers", "models": models})
+
+    async def api_mesh(self, request: web.Request) -> web.Response:
+        view = await self._run(self.mesh_view) if self.mesh_view else {}
+        return web.json_response({**view, "usage": self.credit.usage()})
+
+    async def api_health(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._run(self.health) if self.health else {"nodes": []})
+
+    async def dashboard(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "dashboard.html")
+
+    async def root(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/dashboard")
+
+    # ------------------------------------------------------------------ serving
+    async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise GatewayError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
+        port = runner.addresses[0][1]
+        self.endpoint = f"http://{self.config.host}:{port}"
+        log.info("gateway on %s (OpenAI API at %s/v1, dashboard at %s/dashboard)", self.endpoint, self.endpoint,
+                 self.endpoint)
+        try:
+            if on_ready is not None:
+                on_ready(self.endpoint)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.backend.close()
+            self.credit.close()  # the committee client (the dashboard's view shares it)
+
+
+class GatewayThread(ServingThread):
+    error, what = GatewayError, "gateway"

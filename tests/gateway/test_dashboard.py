@@ -1,0 +1,115 @@
+"""The dashboard rendered by a real browser: Debian's Chromium, headless, loads the gateway's
+/dashboard, runs its script against /api/mesh and the test reads the rendered DOM (node count,
+roles, reputations, payouts, reputation over epochs) and the screenshot (the map's dots are
+drawn in the role colours). Skips when Chromium is not installed (apt-get install chromium)."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+WORKER_RGB = (0x1F, 0x77, 0xB4)
+RELAY_RGB = (0x2C, 0xA0, 0x2C)
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+
+
+class Dom(html.parser.HTMLParser):
+    """The rendered page's elements with their attributes and text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[dict] = []
+        self.elements: list[dict] = []
+
+    def handle_starttag(self, tag, attrs):
+        el = {"tag": tag, "attrs": dict(attrs), "text": ""}
+        self.elements.append(el)
+        if tag not in ("br", "img", "input", "meta", "link", "circle", "line", "rect", "polyline"):
+            self.stack.append(el)
+
+    def handle_endtag(self, tag):
+        while self.stack:
+            if self.stack.pop()["tag"] == tag:
+                break
+
+    def handle_data(self, data):
+        for el in self.stack:
+            el["text"] += data
+
+    def find(self, tag=None, cls=None, **attrs):
+        return [e for e in self.elements if (tag is None or e["tag"] == tag)
+                and (cls is None or cls in e["attrs"].get("class", "").split())
+                and all(e["attrs"].get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+    def by_id(self, ident):
+        return next(e for e in self.elements if e["attrs"].get("id") == ident)
+
+
+def chromium(tmp_path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args], capture_output=True,
+                          timeout=120)
+
+
+def get(url):
+    return json.loads(urllib.request.urlopen(url, timeout=60).read())
+
+
+def test_the_dashboard_shows_the_mesh(stack, tmp_path):
+    # a job paid to a worker, then one closed epoch: the worker has a reputation point to plot
+    import openai
+
+    with openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.key, max_retries=0) as client:
+        client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    deadline = time.monotonic() + 90
+    while not stack.committee.query("/payouts") and time.monotonic() < deadline:
+        stack.committee.query("/status")  # each query is a round trip to the ledger; epochs close by height
+    mesh = get(stack.url + "/api/mesh")
+    assert mesh["counts"] == {"relay": 12, "validator": 1, "worker": 2} and mesh["committee"] == "ok"
+    assert mesh["reputation_history"], "an epoch closed with a paid worker"
+
+    out = chromium(tmp_path, "--virtual-time-budget=20000", "--dump-dom", stack.url + "/dashboard")
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    dom = Dom()
+    dom.feed(out.stdout.decode())
+    assert dom.find("body")[0]["attrs"].get("data-rendered") == "1", "the page's script rendered /api/mesh"
+    assert dom.by_id("node-count")["text"] == str(len(mesh["nodes"])) == "15"
+    assert {e["attrs"]["data-role"]: e["text"] for e in dom.find("span", "count")} == \
+        {"relay": "12", "validator": "1", "worker": "2"}
+    rows = dom.find("tr", "node-row")
+    assert len(rows) == 15 and len(dom.find("circle", "node")) == 14  # registered nodes have positions
+    registered = [n for n in mesh["nodes"] if n["registered"]]
+    shown = {r["attrs"]["data-node"]: r["text"] for r in rows}
+    for node in registered:
+        assert f"{node['reputation']:.2f}" in shown[node["id"]]
+    assert all(("up" in shown[n["id"]] or "degraded" in shown[n["id"]]) for n in mesh["nodes"] if n["role"] == "worker")
+    history = dom.find("tr", None)
+    assert any(e["attrs"].get("data-node") in mesh["reputation_history"] for e in history)
+    partners = dom.find("div", "partner")
+    assert len(partners) == len(mesh["payouts"]) >= 1
+    for p, want in zip(partners, mesh["payouts"]):
+        assert f"{want['total']:.2f}" in p["text"] and want["why"][0] in p["text"]
+    assert "alice" in dom.by_id("usage")["text"]
+
+    png = tmp_path / "dashboard.png"
+    shot = chromium(tmp_path, "--virtual-time-budget=20000", "--window-size=1280,1600", f"--screenshot={png}",
+                    stack.url + "/dashboard")
+    assert shot.returncode == 0 and png.stat().st_size > 10_000
+    import matplotlib.image
+
+    pixels = (matplotlib.image.imread(png)[..., :3] * 255).round().astype(int)
+    assert pixels.shape[:2] == (1600, 1280)
+
+    def count(rgb):
+        return int(((abs(pixels - rgb)).sum(axis=2) <= 6).sum())
+
+    assert count(WORKER_RGB) > 50 and count(RELAY_RGB) > 200  # the map's dots (and legend) are drawn
