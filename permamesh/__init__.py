@@ -8,8 +8,12 @@ Map of the package (see docs/architecture.md for the request path):
 - packages: :mod:`~permamesh.workers` (models, engine, worker process),
   :mod:`~permamesh.routing` (hash-radix tree, policies, delta sync, and the anonymous
   overlay in :mod:`~permamesh.routing.overlay`: S-IDA cloves, onion cells, relays, paths),
-  ``verify``, ``committee``, ``scheduler`` (later issues).
-- entry points: :mod:`~permamesh.client` (researchers, direct),
+  :mod:`~permamesh.verify`, :mod:`~permamesh.committee`, :mod:`~permamesh.scheduler`,
+  :mod:`~permamesh.containers`; :mod:`~permamesh.metrics` and :mod:`~permamesh.health`
+  (Prometheus metrics of every process, the free health checks).
+- entry points: :mod:`~permamesh.client` and :mod:`~permamesh.aclient` (researchers: sync and
+  async, direct or anonymous, generation and container jobs), :mod:`~permamesh.gateway`
+  (the OpenAI-compatible HTTP API, dashboard),
   :class:`~permamesh.routing.overlay.sender.OverlayClient` (researchers, anonymous), :mod:`~permamesh.mesh` and
   :mod:`~permamesh.demo` (embedded mesh), :mod:`~permamesh.cli` (the command).
 """
@@ -22,6 +26,10 @@ def __getattr__(name: str):
         from permamesh.client import Client
 
         return Client
+    if name == "AsyncClient":
+        from permamesh.aclient import AsyncClient
+
+        return AsyncClient
     if name == "OverlayClient":
         from permamesh.routing.overlay.sender import OverlayClient
 

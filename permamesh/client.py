@@ -1,9 +1,16 @@
-"""The researcher's Python client: submit generation jobs to a mesh and read the answers.
+"""The researcher's Python client: generation and container jobs on a mesh, sync (this module)
+and async (:class:`permamesh.aclient.AsyncClient`).
 
 >>> from permamesh import Client
 >>> with Client() as client:                      # workers found in the local registry
 ...     result = client.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
 ...     print(result.text)
+...     job = client.run("bb", ["/bin/echo", "hello"])   # an image from `permamesh image add`
+...     print(job.exit_code, job.stdout)
+
+``Client(anonymous=True)`` sends every job through the anonymous overlay (S-IDA cloves over
+onion paths, as ``permamesh submit`` does): the answer then arrives whole, so ``on_text``
+sees it once. Otherwise jobs go straight to a worker and answers stream.
 
 :meth:`Client.generate` blocks and returns a :class:`GenerateResult`; pass ``on_text`` to
 see the answer as it streams. :meth:`Client.events` yields every message of one job
@@ -63,14 +70,18 @@ class ClientError(PermameshError):
 
 class Client:
     def __init__(self, endpoints: Sequence[str] | None = None, *, data_dir: Path | str | None = None,
-                 timeout_s: float = 30.0, accept_timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 30.0, accept_timeout_s: float = 10.0, anonymous: bool = False) -> None:
         """``endpoints``: worker addresses (tcp://host:port); default: the local registry.
         ``timeout_s``: seconds of silence (no token, result or keep-alive) after which an
         accepted job counts as lost.
-        ``accept_timeout_s``: seconds a worker has to accept a job before we try another."""
+        ``accept_timeout_s``: seconds a worker has to accept a job before we try another.
+        ``anonymous``: send jobs through the overlay (relays from the local registry)."""
         self._pins: dict[str, bytes] = {}
+        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
+        self.anonymous = anonymous
+        self._overlay = None
         if endpoints is None:
-            records: list[WorkerRecord] = discover(Path(data_dir) if data_dir else default_data_dir())
+            records: list[WorkerRecord] = discover(self.data_dir)
             endpoints = [r.endpoint for r in records]
             self._pins = {r.endpoint: bytes.fromhex(r.sign_key) for r in records}
         if not endpoints:
@@ -87,6 +98,8 @@ class Client:
                  on_text: Callable[[str], None] | None = None, **params) -> GenerateResult:
         """Run one job to completion. ``params``: max_tokens, temperature, top_p, seed, stop,
         logprobs, model (see :class:`GenerateRequest`)."""
+        if self.anonymous:
+            return self._generate_anonymously(prompt, messages, on_text, params)
         for msg in self.events(prompt, messages=messages, stream=on_text is not None, **params):
             if isinstance(msg, TokenChunk) and on_text is not None and msg.text:
                 on_text(msg.text)
@@ -140,10 +153,73 @@ class Client:
                 replies.append(msg)
         return replies
 
+    def run(self, image: str, argv: Sequence[str] = (), *, timeout_s: float = 30.0, memory_mb: int = 256,
+            cpus: float = 1.0):
+        """Run a container job: ``image`` by name from ``DATA_DIR/images`` (``permamesh image
+        add``), ``argv`` (default: the image's command). Returns its
+        :class:`~permamesh.containers.messages.RunResult` (exit code, stdout, stderr, timed
+        out or not); :class:`ClientError` when it could not run. The image's layers are
+        seeded from this machine while the job runs; workers already holding them don't ask."""
+        from permamesh.containers.errors import ContainerError
+        from permamesh.containers.images import load_layout
+        from permamesh.containers.jobs import ImageSeed, container_entries, run_over_overlay, run_request
+
+        try:
+            img, blobs = load_layout(self.data_dir / "images", image)
+        except ContainerError as exc:
+            raise ClientError("bad_image", str(exc)) from None
+        try:
+            with ImageSeed(blobs, img) as seed:
+                req = run_request(blobs, img, argv, [seed.endpoint], timeout_s, memory_mb, cpus)
+                if self.anonymous:
+                    return run_over_overlay(self._overlay_client(timeout_s + 180.0), req)
+                entries = container_entries(discover(self.data_dir))
+                if not entries:
+                    raise ClientError("no_workers", "no worker runs containers (start `permamesh worker --containers`)")
+                entry = entries[next(self._next) % len(entries)]
+                self._pins.setdefault(entry.endpoint, bytes.fromhex(entry.sign_key))
+                self._socket(entry.endpoint).send(encode(req, self.identity))
+                first = self._next_message(entry.endpoint, req.request_id, self.accept_timeout_s, "no_answer")
+                if not isinstance(first, Accepted):
+                    raise ClientError("protocol", f"expected accepted, got {first.TAG}")
+                return self._next_message(entry.endpoint, req.request_id, timeout_s + 180.0, "lost")
+        except ContainerError as exc:
+            raise ClientError("run_failed", str(exc)) from None
+        finally:
+            blobs.close()
+
+    def _overlay_client(self, timeout_s: float):
+        if self._overlay is None:
+            from permamesh.routing.overlay.directory import discover_relays
+            from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+
+            relays, config = discover_relays(self.data_dir), OverlayConfig(answer_timeout_s=max(timeout_s, 300.0))
+            if len(relays) < config.n * config.hops:
+                raise ClientError("no_relays", f"the overlay needs {config.n * config.hops} relays; "
+                                               f"{len(relays)} are registered")
+            self._overlay = OverlayClient(relays, discover(self.data_dir), config)
+        return self._overlay
+
+    def _generate_anonymously(self, prompt, messages, on_text, params) -> GenerateResult:
+        from permamesh.routing.overlay.errors import OverlayError
+
+        chat = [m if isinstance(m, Mapping) else {"role": m.role, "content": m.content} for m in messages]
+        params = {k: v for k, v in params.items() if k != "model"}
+        try:
+            result = self._overlay_client(self.timeout_s).generate(prompt, messages=chat, **params)
+        except OverlayError as exc:
+            raise ClientError("not_delivered", str(exc)) from None
+        if on_text is not None and result.text:
+            on_text(result.text)
+        return result
+
     def close(self) -> None:
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
+        if self._overlay is not None:
+            self._overlay.close()
+            self._overlay = None
 
     def __enter__(self) -> Client:
         return self

@@ -127,7 +127,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         say("\ninterrupted; stopping the mesh")
     finally:
         if gateway is not None:
-            gateway.stop()
+            demo_gateway.stop_gateway(gateway, opts.data_dir)
         mesh.stop()
         committee.close()
         devnet.stop()

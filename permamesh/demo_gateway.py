@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from permamesh.gateway.accounts import KeyRing
 from permamesh.gateway.errors import GatewayError
 from permamesh.gateway.process import build_gateway
 from permamesh.gateway.server import GatewayThread
+from permamesh.metrics import MetricsRecord, register_metrics, unregister_metrics
+
+GATEWAY_ID = "demo-gateway"
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +40,16 @@ def start_gateway(data_dir: Path, committee: tuple[str, ...], port: int, say) ->
             log.info("gateway on port %d: %s; trying any free port", attempt, exc)
     else:  # pragma: no cover - port 0 always binds on loopback
         raise GatewayError("the gateway could not listen")
+    register_metrics(data_dir, MetricsRecord(GATEWAY_ID, "gateway", url + "/metrics", os.getpid()))
     say(f"\n== the OpenAI-compatible gateway: {url}/v1 (dashboard {url}/dashboard, metrics {url}/metrics) ==")
     say(f"  api key: {key}   (made for this demo; `permamesh gateway --new-key NAME` makes more)")
     say(f'  from openai import OpenAI; client = OpenAI(base_url="{url}/v1", api_key="{key}")')
     return thread, url, key
+
+
+def stop_gateway(thread: GatewayThread, data_dir: Path) -> None:
+    unregister_metrics(data_dir, GATEWAY_ID)
+    thread.stop()
 
 
 def _post(url: str, key: str, body: dict):

@@ -9,7 +9,8 @@ the seed's list:
 - **resource use**: resident memory and CPU share since the last check
   (``process_resident_memory_bytes``, ``process_cpu_seconds_total``);
 - **container health** (container workers): jobs that could not run since the last check;
-- **anomaly alerts**: down; a scrape latency over ``latency_factor`` x the node's own median
+- **anomaly alerts**: down (the endpoint does not answer, or a node checked before is no
+  longer registered: its process exited); a scrape latency over ``latency_factor`` x the node's own median
   of the last checks (after ``min_history`` of them); memory over ``memory_limit_mb``; CPU
   over ``cpu_limit``; cloves lost since the last check; verification excluding a node.
 
@@ -67,12 +68,19 @@ class HealthMonitor:
         self.data_dir, self.config = Path(data_dir), config
         self._latency: dict[str, deque] = defaultdict(lambda: deque(maxlen=config.history))
         self._last: dict[str, tuple[float, dict]] = {}  # node -> (when, families) of its last scrape
+        self._seen: dict[str, str] = {}  # node -> role, of every node ever checked
         self._lock = threading.Lock()
 
     def check(self) -> dict:
         records = discover_metrics(self.data_dir)
         with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(records)))) as pool:
             nodes = list(pool.map(self._check_one, records))
+        present = {r.node_id for r in records}
+        with self._lock:
+            gone = sorted((n, role) for n, role in self._seen.items() if n not in present)
+            self._seen.update({r.node_id: r.role for r in records})
+        nodes += [{"node": n, "role": role, "url": "", "status": "down",
+                   "alerts": ["down: no longer registered (its process exited)"]} for n, role in gone]
         return {"checked_at": time.time(), "nodes": nodes,
                 "alerts": sum(len(n["alerts"]) for n in nodes), "down": sum(n["status"] == "down" for n in nodes)}
 

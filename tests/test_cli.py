@@ -14,6 +14,8 @@ import pytest
 
 from permamesh import demo_containers
 
+from . import browser
+
 from permamesh.localmesh import discover
 
 CMD = [sys.executable, "-m", "permamesh"]
@@ -114,15 +116,17 @@ def _serving_demo(lines: list | None = None):
     return proc, workers
 
 
-def test_the_openai_client_talks_to_the_demos_gateway(home):
-    """The issue's test: openai.OpenAI(base_url=...) against `make demo`'s gateway, plain and
-    streamed, answered by the demo's workers through the overlay."""
+def test_the_openai_client_talks_to_the_demos_gateway(home, tmp_path):
+    """The issue's tests: openai.OpenAI(base_url=...) against `make demo`'s gateway, plain and
+    streamed, answered by the demo's workers through the overlay; and the demo's dashboard in
+    headless Chromium showing its nodes, the reputations its verification epoch raised, and
+    the partner's payout."""
     import re
 
     import openai
 
     lines: list[str] = []
-    proc, _ = _serving_demo(lines)
+    proc, workers = _serving_demo(lines)
     try:
         text = "".join(lines)
         url = re.search(r'OpenAI\(base_url="([^"]+)", api_key="([^"]+)"\)', text)
@@ -135,16 +139,17 @@ def test_the_openai_client_talks_to_the_demos_gateway(home):
             streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert plain.choices[0].message.content and streamed == plain.choices[0].message.content
         assert plain.usage.completion_tokens >= 1
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
-        proc.stdout.close()
-
-
-def test_ctrl_c_stops_the_demo_and_all_its_workers(home):
-    proc, workers = _serving_demo()
-    try:
-        proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the demo
+        if browser.CHROMIUM:
+            base = url.group(1).removesuffix("/v1")
+            dom = browser.render(tmp_path, base + "/dashboard")
+            # 2 workers + 16 relays registered, 4 validators and the gateway seen locally
+            assert dom.by_id("node-count")["text"] == "23"
+            assert {e["attrs"]["data-role"]: e["text"] for e in dom.find("span", "count")} == \
+                {"gateway": "1", "relay": "16", "validator": "4", "worker": "2"}
+            rows = [r["text"] for r in dom.find("tr", "node-row") if r["attrs"]["data-role"] == "worker"]
+            assert len(rows) == 2 and all("0.80" in w and "up" in w for w in rows)  # the epoch's result
+            assert re.search(r"a month for \d+ of 18 nodes", dom.by_id("payouts")["text"])
+        proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the demo: it stops everything
         rest = proc.stdout.read()
         assert proc.wait(60) == 0
     finally:
@@ -158,13 +163,28 @@ def test_ctrl_c_stops_the_demo_and_all_its_workers(home):
     assert discover(home) == []
 
 
-def test_workers_die_with_a_killed_demo(home):
-    """kill -9 of the parent: the kernel's parent-death signal stops the workers."""
-    proc, workers = _serving_demo()
+PARENT = """
+import sys, threading
+from pathlib import Path
+from permamesh.mesh import EmbeddedMesh, MeshConfig
+EmbeddedMesh(MeshConfig(Path(sys.argv[1]), workers=1, model="tiny-random", device="cpu", relays=2)).start()
+print("up", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_workers_die_with_a_killed_parent(home):
+    """kill -9 of the parent (the demo, or any owner of an embedded mesh): the kernel's
+    parent-death signal stops its worker and relay processes."""
+    proc = subprocess.Popen([sys.executable, "-c", PARENT, str(home)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     try:
+        assert proc.stdout.readline().strip() == "up"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) == 3
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
         proc.stdout.close()
-    _, alive = psutil.wait_procs(workers, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive

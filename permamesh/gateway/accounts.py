@@ -141,6 +141,7 @@ class Credit:
         """Units reserved for the job (0 without a committee); 429 when credit is short."""
         if self._admission is None:
             return 0
+        from permamesh.errors import PermameshError
         from permamesh.scheduler.admission import OutOfCredit, prompt_bound
 
         try:
@@ -149,6 +150,9 @@ class Credit:
             with self._lock:
                 self._usage[caller.name]["refused"] += 1
             raise ApiError(429, f"key '{caller.name}': {exc}", code="insufficient_quota") from None
+        except PermameshError as exc:  # the committee did not answer: no job runs unpaid
+            raise ApiError(503, f"the committee could not check the credit of key '{caller.name}': {exc}",
+                           code="committee_unavailable") from None
 
     def settle(self, caller: Caller, reserved: int, worker_id: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Count the job; with a committee, pay the worker with a signed receipt (blocking)."""

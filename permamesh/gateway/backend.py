@@ -50,6 +50,10 @@ class MeshBackend:
     def models(self) -> list[str]:
         return sorted({w.model for w in discover(self.data_dir)})
 
+    def check_model(self, model: str) -> None:
+        """ApiError 404 unless some registered worker serves ``model``."""
+        self._entries(model)
+
     def _entries(self, model: str) -> list:
         workers = [w for w in discover(self.data_dir) if w.model == model]
         if not workers:

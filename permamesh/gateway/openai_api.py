@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from permamesh.gateway.errors import ApiError
-from permamesh.wire import ChatMessage, GenerateResult
+from permamesh.wire import ChatMessage, GenerateRequest, GenerateResult, WireError
 from permamesh.wire.messages import MAX_NEW_TOKENS, MAX_STOP_STRINGS, ROLES
 
 DEFAULT_MAX_TOKENS = 128
@@ -127,7 +127,7 @@ def parse_chat(body: Any) -> Parsed:
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
         messages.append(ChatMessage(role, content))
-    return Parsed(model, {**fields, "messages": tuple(messages)}, stream, usage)
+    return _checked(Parsed(model, {**fields, "messages": tuple(messages)}, stream, usage))
 
 
 def parse_completion(body: Any) -> Parsed:
@@ -137,7 +137,16 @@ def parse_completion(body: Any) -> Parsed:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
-    return Parsed(model, {**fields, "prompt": prompt}, stream, usage)
+    return _checked(Parsed(model, {**fields, "prompt": prompt}, stream, usage))
+
+
+def _checked(parsed: Parsed) -> Parsed:
+    """The job's own limits (prompt size and the like) as a 400, before it goes anywhere."""
+    try:
+        GenerateRequest("check", model=parsed.model, **parsed.fields)
+    except WireError as exc:
+        raise ApiError(400, str(exc)) from None
+    return parsed
 
 
 def new_id(prefix: str) -> str:

@@ -133,6 +133,7 @@ class Gateway:
         parsed = parse(await self._body(request))
         fields = parsed.fields
         text = fields.get("prompt") or "".join(m.content for m in fields.get("messages", ()))
+        await self._run(self.backend.check_model, parsed.model)  # a 404 before any stream starts
         reserved = await self._run(self.credit.admit, caller, text, fields["max_tokens"])
         rid, created = oa.new_id(prefix), int(time.time())
         if not parsed.stream:

@@ -5,63 +5,19 @@ drawn in the role colours). Skips when Chromium is not installed (apt-get instal
 
 from __future__ import annotations
 
-import html.parser
 import json
-import shutil
-import subprocess
 import time
 import urllib.request
 
 import pytest
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
-WORKER_RGB = (0x1F, 0x77, 0xB4)
-RELAY_RGB = (0x2C, 0xA0, 0x2C)
-
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
-
-
-class Dom(html.parser.HTMLParser):
-    """The rendered page's elements with their attributes and text."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[dict] = []
-        self.elements: list[dict] = []
-
-    def handle_starttag(self, tag, attrs):
-        el = {"tag": tag, "attrs": dict(attrs), "text": ""}
-        self.elements.append(el)
-        if tag not in ("br", "img", "input", "meta", "link", "circle", "line", "rect", "polyline"):
-            self.stack.append(el)
-
-    def handle_endtag(self, tag):
-        while self.stack:
-            if self.stack.pop()["tag"] == tag:
-                break
-
-    def handle_data(self, data):
-        for el in self.stack:
-            el["text"] += data
-
-    def find(self, tag=None, cls=None, **attrs):
-        return [e for e in self.elements if (tag is None or e["tag"] == tag)
-                and (cls is None or cls in e["attrs"].get("class", "").split())
-                and all(e["attrs"].get(k.replace("_", "-")) == v for k, v in attrs.items())]
-
-    def by_id(self, ident):
-        return next(e for e in self.elements if e["attrs"].get("id") == ident)
-
-
-def chromium(tmp_path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args], capture_output=True,
-                          timeout=120)
-
+from ..browser import CHROMIUM, RELAY_RGB, WORKER_RGB, chromium, colour_pixels, render
 
 def get(url):
     return json.loads(urllib.request.urlopen(url, timeout=60).read())
+
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
 
 
 def test_the_dashboard_shows_the_mesh(stack, tmp_path):
@@ -77,11 +33,7 @@ def test_the_dashboard_shows_the_mesh(stack, tmp_path):
     assert mesh["counts"] == {"relay": 12, "validator": 1, "worker": 2} and mesh["committee"] == "ok"
     assert mesh["reputation_history"], "an epoch closed with a paid worker"
 
-    out = chromium(tmp_path, "--virtual-time-budget=20000", "--dump-dom", stack.url + "/dashboard")
-    assert out.returncode == 0, out.stderr.decode()[-2000:]
-    dom = Dom()
-    dom.feed(out.stdout.decode())
-    assert dom.find("body")[0]["attrs"].get("data-rendered") == "1", "the page's script rendered /api/mesh"
+    dom = render(tmp_path, stack.url + "/dashboard")
     assert dom.by_id("node-count")["text"] == str(len(mesh["nodes"])) == "15"
     assert {e["attrs"]["data-role"]: e["text"] for e in dom.find("span", "count")} == \
         {"relay": "12", "validator": "1", "worker": "2"}
@@ -104,12 +56,5 @@ def test_the_dashboard_shows_the_mesh(stack, tmp_path):
     shot = chromium(tmp_path, "--virtual-time-budget=20000", "--window-size=1280,1600", f"--screenshot={png}",
                     stack.url + "/dashboard")
     assert shot.returncode == 0 and png.stat().st_size > 10_000
-    import matplotlib.image
-
-    pixels = (matplotlib.image.imread(png)[..., :3] * 255).round().astype(int)
-    assert pixels.shape[:2] == (1600, 1280)
-
-    def count(rgb):
-        return int(((abs(pixels - rgb)).sum(axis=2) <= 6).sum())
-
+    count = colour_pixels(png, (1600, 1280))
     assert count(WORKER_RGB) > 50 and count(RELAY_RGB) > 200  # the map's dots (and legend) are drawn
