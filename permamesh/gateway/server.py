@@ -164,22 +164,28 @@ class Gateway:
             await response.write(f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode())
 
         first, last = chunks(rid, created, parsed.model)
-        if first is not None:
-            await send(first)
-        while (text := await texts.get()) is not None:
-            for piece in oa.pieces(text):
-                await send(last(piece, None, None))
         try:
-            result = job.result()
-        except ApiError as exc:  # after the headers: the error goes in the stream, as OpenAI does
-            await send(exc.body())
-        else:
-            await self._finish(caller, reserved, result)
-            await send(last("", result.finish_reason, None))
-            if parsed.include_usage:
-                await send(last("", None, oa.usage(result)))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            if first is not None:
+                await send(first)
+            while (text := await texts.get()) is not None:
+                for piece in oa.pieces(text):
+                    await send(last(piece, None, None))
+            try:
+                result = job.result()
+            except ApiError as exc:  # after the headers: the error goes in the stream, as OpenAI does
+                await send(exc.body())
+            except Exception as exc:  # noqa: BLE001
+                log.exception("a streamed job failed")
+                await send(ApiError(500, f"internal error: {type(exc).__name__}").body())
+            else:
+                await self._finish(caller, reserved, result)
+                await send(last("", result.finish_reason, None))
+                if parsed.include_usage:
+                    await send(last("", None, oa.usage(result)))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:  # the client went away; the job ends in its thread, unanswered
+            log.info("client of %s disconnected mid-stream", rid)
         return response
 
     @staticmethod
