@@ -27,7 +27,7 @@ roles and commands:
   payouts    partner: each partner's monthly payment with its why, from the committee's registry
   validator  committee member: keep the BFT ledger (embedded devnet, or ABCI for CometBFT)
   demo       anyone new: start an embedded mesh on loopback, ask it questions, stop it
-  bench      benchmark harness: routing, overlay, verification; JSON + PNG reports
+  bench      benchmark harness: routing, overlay, verification, committee, containers, gateway; JSON + PNG
 
 data directory (keys, model cache, local registry): --data-dir, else $PERMAMESH_HOME,
 else ~/.local/share/permamesh. Every process serves Prometheus metrics (DATA_DIR/run/metrics).
@@ -217,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "every answer is scored against the reference model and reputation updated.")
     _common(v)
     add_verify_bench_arguments(v)
+    from permamesh.bench.gateway import add_gateway_bench_arguments
+
+    gb = bsub.add_parser("gateway", help="the gateway: latency and throughput against the overlay itself",
+                         description="The same chat job through the OpenAI-compatible gateway (plain and streamed) "
+                                     "and through an OverlayClient directly, one at a time and concurrently.")
+    _common(gb)
+    add_gateway_bench_arguments(gb)
     from permamesh.bench.containers import add_containers_bench_arguments
 
     cb = bsub.add_parser("containers", help="containers: cold vs warm start, warm-worker pick rate",
@@ -305,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, data_dir: Path) -> int:
+    if args.bench == "gateway":
+        from permamesh.bench.gateway import run_from_args as run_gateway
+
+        return run_gateway(args)
     if args.bench == "containers":
         from permamesh.bench.containers import run_from_args as run_containers
 

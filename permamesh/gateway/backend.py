@@ -34,6 +34,7 @@ from permamesh.wire import GenerateRequest, GenerateResult, TokenChunk
 log = logging.getLogger(__name__)
 
 REFRESH_S = 30.0  # a pooled overlay client older than this is rebuilt from the registry
+REGISTRY_S = 1.0  # the worker registry is re-read at most this often
 
 
 class MeshBackend:
@@ -45,17 +46,26 @@ class MeshBackend:
         self._lock = threading.Lock()
         self._idle: list[tuple[float, object]] = []  # (built at, OverlayClient)
         self._closed = False
+        self._registry: tuple[float, list] | None = None  # (read at, workers)
 
     # ------------------------------------------------------------------ what is served
     def models(self) -> list[str]:
-        return sorted({w.model for w in discover(self.data_dir)})
+        return sorted({w.model for w in self._workers()})
 
     def check_model(self, model: str) -> None:
         """ApiError 404 unless some registered worker serves ``model``."""
         self._entries(model)
 
+    def _workers(self) -> list:
+        """The registry's workers, read at most once per ``REGISTRY_S`` (every job asks)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._registry is None or now - self._registry[0] > REGISTRY_S:
+                self._registry = (now, discover(self.data_dir))
+            return self._registry[1]
+
     def _entries(self, model: str) -> list:
-        workers = [w for w in discover(self.data_dir) if w.model == model]
+        workers = [w for w in self._workers() if w.model == model]
         if not workers:
             served = ", ".join(self.models()) or "none"
             raise ApiError(404, f"the model '{model}' is not served by this mesh (served: {served})",

@@ -133,21 +133,30 @@ class Gateway:
         parsed = parse(await self._body(request))
         fields = parsed.fields
         text = fields.get("prompt") or "".join(m.content for m in fields.get("messages", ()))
-        await self._run(self.backend.check_model, parsed.model)  # a 404 before any stream starts
-        reserved = await self._run(self.credit.admit, caller, text, fields["max_tokens"])
         rid, created = oa.new_id(prefix), int(time.time())
-        if not parsed.stream:
-            result = await self._run(self.backend.generate, parsed.model, fields)
-            await self._finish(caller, reserved, result)
+        if not parsed.stream:  # one thread hop for the whole job: check, admit, run, pay
+            result = await self._run(self._whole_job, caller, parsed.model, text, fields)
             return web.json_response(shape(result, parsed.model, rid, created))
+        reserved = await self._run(self._admit, caller, parsed.model, text, fields["max_tokens"])
         return await self._stream(request, caller, reserved, parsed, rid, created, chunks)
 
-    async def _finish(self, caller, reserved: int, result) -> None:
+    def _admit(self, caller, model: str, text: str, max_tokens: int) -> int:
+        """404 unless the model is served, then the key's credit check (a pool thread)."""
+        self.backend.check_model(model)
+        return self.credit.admit(caller, text, max_tokens)
+
+    def _whole_job(self, caller, model: str, text: str, fields: dict):
+        reserved = self._admit(caller, model, text, fields["max_tokens"])
+        result = self.backend.generate(model, fields)
+        self._settle(caller, reserved, result)
+        return result
+
+    def _settle(self, caller, reserved: int, result) -> None:
+        """Count the tokens and pay the worker (a pool thread)."""
         self.tokens.labels("prompt").inc(result.prompt_tokens)
         self.tokens.labels("completion").inc(result.completion_tokens)
         try:
-            await self._run(self.credit.settle, caller, reserved, result.worker_id, result.prompt_tokens,
-                            result.completion_tokens)
+            self.credit.settle(caller, reserved, result.worker_id, result.prompt_tokens, result.completion_tokens)
         except Exception:  # noqa: BLE001 - the answer is the caller's either way; the receipt is logged
             log.exception("settling a job of %s failed", caller.name)
 
@@ -178,7 +187,7 @@ class Gateway:
                 log.exception("a streamed job failed")
                 await send(ApiError(500, f"internal error: {type(exc).__name__}").body())
             else:
-                await self._finish(caller, reserved, result)
+                await self._run(self._settle, caller, reserved, result)
                 await send(last("", result.finish_reason, None))
                 if parsed.include_usage:
                     await send(last("", None, oa.usage(result)))
