@@ -28,7 +28,7 @@ def run(*args, timeout=120, **kw):
 def test_help_lists_the_roles():
     out = run("--help").stdout
     for role in ("worker", "submit", "status", "demo", "partner", "researcher", "validator", "payouts",
-                 "chaos", "committee member"):
+                 "chaos", "committee member", "gateway", "health", "operator"):
         assert role in out
 
 
@@ -39,6 +39,9 @@ def test_help_lists_the_roles():
     ("validator", ["tcp://127.0.0.1:26658", "cometbft", "devnet"]),
     ("chaos", ["count", "seconds"]),
     ("payouts", ["weights"]),
+    ("gateway", ["seconds", "--new-key", "--committee", "HTTP port"]),
+    ("health", ["SECONDS", "--json"]),
+    ("worker", ["--containers", "MiB", "--metrics-port"]),
 ])
 def test_each_role_documents_its_options_with_units(role, units):
     out = run(role, "--help").stdout
@@ -188,3 +191,30 @@ def test_workers_die_with_a_killed_parent(home):
         proc.stdout.close()
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive
+
+
+def test_the_gateway_process_serves_keys_metrics_and_stops_on_sigterm(home):
+    import json
+    import urllib.request
+
+    key = run("gateway", "--new-key", "bob").stdout.strip()
+    assert key.startswith("pm-") and key not in (home / "gateway" / "keys.json").read_text()  # only its digest
+    proc = subprocess.Popen([*CMD, "gateway", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready[0] == "READY" and ready[1].startswith("http://127.0.0.1:")
+        url = ready[1]
+        assert json.loads(urllib.request.urlopen(url + "/healthz", timeout=30).read())["status"] == "no_workers"
+        models = urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert json.loads(urllib.request.urlopen(models, timeout=30).read()) == {"object": "list", "data": []}
+        assert "process_cpu_seconds_total" in urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+        assert [p.name for p in (home / "run" / "metrics").iterdir()] == [f"gateway-{proc.pid}.json"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert not list((home / "run" / "metrics").iterdir())
