@@ -81,27 +81,24 @@ def test_bad_model_name_is_a_clear_error(home):
     assert out.returncode == 2 and "unknown model 'gpt-17'" in out.stderr
 
 
-def test_demo_runs_the_embedded_mesh_and_leaves_nothing_behind(home):
-    out = run("demo", "--model", "tiny-random", "--max-tokens", "6", "--gateway-port", "0", timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.count("ttft") == 4 and "end-to-end latency" in out.stdout  # 3 prompts and the drill
-    assert out.stdout.count("cloves sent") == 4 and "path 1: you ->" in out.stdout
-    assert "drill: 3 relays killed" in out.stdout and "not delivered" not in out.stdout
+def check_demo_output(stdout: str) -> None:
+    """What `permamesh demo` must have printed (its whole run, up to "mesh is up")."""
+    assert stdout.count("ttft") == 4 and "end-to-end latency" in stdout  # 3 prompts and the drill
+    assert stdout.count("cloves sent") == 4 and "path 1: you ->" in stdout
+    assert "drill: 3 relays killed" in stdout and "not delivered" not in stdout
     # the committee: reports from all 4 members aggregated, reputation raised, drill survived
-    assert "committee: 4 validators" in out.stdout and "registered 2 workers and 16 relays" in out.stdout
-    assert "16 relays at 0.50..0.50 (floor 0.3)" in out.stdout
-    assert "4 reports, 2 workers scored" in out.stdout
-    assert "(code 0); balance now -" in out.stdout  # a job paid by its receipt
-    assert "refused before it runs: out of credit" in out.stdout
-    assert out.stdout.count("reputation 0.5 -> 0.80") == 2  # honest credit 1.0; the liar ignored
-    assert "agree on the app hash at height" in out.stdout and out.stdout.rstrip().count(": True") >= 1
+    assert "committee: 4 validators" in stdout and "registered 2 workers and 16 relays" in stdout
+    assert "16 relays at 0.50..0.50 (floor 0.3)" in stdout
+    assert "4 reports, 2 workers scored" in stdout
+    assert "(code 0); balance now -" in stdout  # a job paid by its receipt
+    assert "refused before it runs: out of credit" in stdout
+    assert stdout.count("reputation 0.5 -> 0.80") == 2  # honest credit 1.0; the liar ignored
+    assert "agree on the app hash at height" in stdout and stdout.rstrip().count(": True") >= 1
     if demo_containers.available() == "":  # a busybox job through the overlay: cold, then warm elsewhere
-        assert out.stdout.count("hello from a container on permamesh: uid 0, args: run-") == 2
-        assert "cold start" in out.stdout and "warm start" in out.stdout and "holds 2 of 2 layers" in out.stdout
-    assert "POST /v1/chat/completions" in out.stdout and "streamed (server-sent events)" in out.stdout
-    assert "the same answer" in out.stdout  # greedy: the stream joins back to the plain answer
-    assert "mesh stopped" in out.stdout
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
+        assert stdout.count("hello from a container on permamesh: uid 0, args: run-") == 2
+        assert "cold start" in stdout and "warm start" in stdout and "holds 2 of 2 layers" in stdout
+    assert "POST /v1/chat/completions" in stdout and "streamed (server-sent events)" in stdout
+    assert "the same answer" in stdout  # greedy: the stream joins back to the plain answer
 
 
 def _serving_demo(lines: list | None = None):
@@ -119,11 +116,12 @@ def _serving_demo(lines: list | None = None):
     return proc, workers
 
 
-def test_the_openai_client_talks_to_the_demos_gateway(home, tmp_path):
-    """The issue's tests: openai.OpenAI(base_url=...) against `make demo`'s gateway, plain and
-    streamed, answered by the demo's workers through the overlay; and the demo's dashboard in
-    headless Chromium showing its nodes, the reputations its verification epoch raised, and
-    the partner's payout."""
+def test_the_demo_runs_then_serves_the_openai_client_and_the_dashboard(home, tmp_path):
+    """`permamesh demo --serve` end to end: everything the demo prints (overlay, drill, committee,
+    containers, gateway); then openai.OpenAI(base_url=...) against its gateway, plain and
+    streamed, answered by the demo's workers through the overlay; its dashboard in headless
+    Chromium showing its nodes, the reputations its verification epoch raised and the
+    partner's payout; then Ctrl-C stops every process it started."""
     import re
 
     import openai
@@ -132,6 +130,7 @@ def test_the_openai_client_talks_to_the_demos_gateway(home, tmp_path):
     proc, workers = _serving_demo(lines)
     try:
         text = "".join(lines)
+        check_demo_output(text)
         url = re.search(r'OpenAI\(base_url="([^"]+)", api_key="([^"]+)"\)', text)
         assert url, text[-2000:]
         with openai.OpenAI(base_url=url.group(1), api_key=url.group(2), max_retries=0, timeout=120) as client:
@@ -164,6 +163,7 @@ def test_the_openai_client_talks_to_the_demos_gateway(home, tmp_path):
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
     assert discover(home) == []
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
 
 
 PARENT = """
