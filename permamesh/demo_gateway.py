@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import urllib.request
 from pathlib import Path
 
 from permamesh.gateway.accounts import KeyRing
 from permamesh.gateway.errors import GatewayError
+from permamesh.gateway.openai_api import post_chat
 from permamesh.gateway.process import build_gateway
 from permamesh.gateway.server import GatewayThread
 from permamesh.metrics import MetricsRecord, register_metrics, unregister_metrics
@@ -52,15 +52,9 @@ def stop_gateway(thread: GatewayThread, data_dir: Path) -> None:
     thread.stop()
 
 
-def _post(url: str, key: str, body: dict):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    return urllib.request.urlopen(request, timeout=180)
-
-
 def gateway_round(url: str, key: str, model: str, max_tokens: int, say) -> None:
     messages = [{"role": "user", "content": "What makes a network resilient?"}]
-    with _post(url + "/v1/chat/completions", key, {"model": model, "messages": messages,
+    with post_chat(url, key, {"model": model, "messages": messages,
                                                    "max_tokens": max_tokens, "temperature": 0}) as r:
         answer = json.loads(r.read())
     u = answer["usage"]
@@ -69,7 +63,7 @@ def gateway_round(url: str, key: str, model: str, max_tokens: int, say) -> None:
     say(f"  [{answer['system_fingerprint']}] finish {answer['choices'][0]['finish_reason']}, usage {u['prompt_tokens']} "
         f"prompt + {u['completion_tokens']} completion tokens, paid from key 'demo''s committee credit")
     deltas = []
-    with _post(url + "/v1/chat/completions", key, {"model": model, "messages": messages, "max_tokens": max_tokens,
+    with post_chat(url, key, {"model": model, "messages": messages, "max_tokens": max_tokens,
                                                    "temperature": 0, "stream": True}) as r:
         for line in r:
             if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":

@@ -31,12 +31,12 @@ import random
 import statistics
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from permamesh.bench.plot import pyplot, save
+from permamesh.gateway.openai_api import post_chat
 
 TARGETS = {"gateway_overhead_ms": 25.0, "concurrent_throughput_ratio": 0.8}
 PROMPT = [{"role": "user", "content": "Say something about resilient networks."}]
@@ -52,15 +52,9 @@ class GatewayBench:
     seed: int = 0
 
 
-def _post(url: str, key: str, body: dict):
-    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    return urllib.request.urlopen(request, timeout=300)
-
-
 def _gateway(url: str, key: str, bench: GatewayBench) -> float:
     t0 = time.perf_counter()
-    with _post(url, key, {"model": "tiny-random", "messages": PROMPT, "max_tokens": bench.max_tokens,
+    with post_chat(url, key, {"model": "tiny-random", "messages": PROMPT, "max_tokens": bench.max_tokens,
                           "temperature": 0}) as r:
         json.loads(r.read())
     return time.perf_counter() - t0
@@ -68,7 +62,7 @@ def _gateway(url: str, key: str, bench: GatewayBench) -> float:
 
 def _stream(url: str, key: str, bench: GatewayBench) -> tuple[float, float]:
     t0, first = time.perf_counter(), None
-    with _post(url, key, {"model": "tiny-random", "messages": PROMPT, "max_tokens": bench.max_tokens,
+    with post_chat(url, key, {"model": "tiny-random", "messages": PROMPT, "max_tokens": bench.max_tokens,
                           "temperature": 0, "stream": True}) as r:
         for line in r:
             if first is None and line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:

@@ -166,12 +166,17 @@ class ContainerService:
         await self._run_here(peer, req, image, choice.why if target is None else
                              f"{choice.worker} did not take it; ran at the entry worker", holders, peers)
 
-    def _choose(self, image: Image, peers: list[ContainerPeer]) -> tuple[Choice, dict[str, int]]:
-        """Ask every peer what it holds (concurrently), fill a tree, pick (worker thread)."""
+    def _ask(self, image: Image, endpoints: list[str]) -> list:
+        """Each layer server's holdings of ``image`` (None for a silent or lying one), asked
+        concurrently (worker thread)."""
         digests = [d.digest for d in image.layers]
         timeout = self.config.holdings_timeout_s
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(peers)))) as ask:
-            replies = list(ask.map(lambda p: ask_holdings(p.layers, digests, timeout), peers))
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(endpoints)))) as ask:
+            return list(ask.map(lambda e: ask_holdings(e, digests, timeout), endpoints))
+
+    def _choose(self, image: Image, peers: list[ContainerPeer]) -> tuple[Choice, dict[str, int]]:
+        """Ask every peer what it holds, fill a tree, pick (worker thread)."""
+        replies = self._ask(image, [p.layers for p in peers])
         router = LayerRouter(self.config.job_s)
         candidates = [Candidate(self.name, self.jobs)]
         holders = {}
@@ -243,12 +248,8 @@ class ContainerService:
         limits = Limits(memory_mb=req.memory_mb, cpus=req.cpus, timeout_s=req.timeout_s,
                         max_output_bytes=MAX_OUTPUT_BYTES, uid=self.config.uid, gid=self.config.uid)
         if holders is None:  # a forwarded job: ask the peers now who holds what
-            digests = [d.digest for d in image.layers]
-            holders = {}
-            for p in remote:
-                reply = ask_holdings(p.endpoint, digests, self.config.holdings_timeout_s)
-                if reply is not None:
-                    holders[p.name] = reply.held
+            replies = self._ask(image, [p.endpoint for p in remote])
+            holders = {p.name: r.held for p, r in zip(remote, replies) if r is not None}
         try:
             result, from_peers, from_source, warm, prepare_s, total_s = self.worker.run_job(
                 image, req.argv, remote, req.sources, limits, self.config.runtime, holders)

@@ -53,8 +53,23 @@ class KeyRing:
         self.path = self.data_dir / "gateway" / "keys.json"
         self._identities: dict[str, NodeIdentity] = {}
         self._lock = threading.Lock()
+        self._cache: tuple[tuple[int, int], dict[str, str]] | None = None  # ((mtime_ns, size), keys)
 
     def _load(self) -> dict[str, str]:
+        """The keys file, re-read only when it changed (every request authorizes)."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_mtime_ns, st.st_size)
+        cache = self._cache
+        if cache is not None and cache[0] == stamp:
+            return cache[1]
+        keys = self._read()
+        self._cache = (stamp, keys)
+        return keys
+
+    def _read(self) -> dict[str, str]:
         try:
             keys = json.loads(self.path.read_text())
         except FileNotFoundError:

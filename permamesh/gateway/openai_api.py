@@ -1,6 +1,6 @@
 """The OpenAI HTTP API's shapes: request bodies in, completions, chunks and errors out.
 
-Pure: no sockets. :func:`parse_chat` and :func:`parse_completion` check a request body field
+Pure (but for :func:`post_chat`, the client side used by the demo and the benchmark): :func:`parse_chat` and :func:`parse_completion` check a request body field
 by field (the types, ranges and names the OpenAI API documents) and return the
 :class:`GenerateRequest` fields, or raise :class:`ApiError` naming the bad parameter; the
 ``*_response`` and ``*_chunk`` functions shape a :class:`GenerateResult` the way OpenAI
@@ -199,3 +199,15 @@ _PIECE = re.compile(r"\s*\S+\s*|\s+")
 def pieces(text: str) -> list[str]:
     """``text`` in word-sized deltas that join back to it exactly (answers that came whole)."""
     return _PIECE.findall(text)
+
+
+def post_chat(base_url: str, key: str, body: dict, timeout_s: float = 300.0):
+    """``POST {base_url}/v1/chat/completions`` as an OpenAI client sends it; the open response
+    (the demo and the benchmark read it plainly or as server-sent events)."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(base_url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Authorization": f"Bearer {key}",
+                                                             "Content-Type": "application/json"})
+    return urllib.request.urlopen(request, timeout=timeout_s)
