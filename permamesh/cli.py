@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from permamesh.errors import PermameshError
-from permamesh.localmesh import default_data_dir
+from permamesh.directory.workers import default_data_dir
 from permamesh.routing.policy import POLICY_NAMES
 
 ROLES = """\
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run an overlay relay: peel one onion layer per cell and pass it on; the last relay "
                                     "of a path hands its clove to the entry worker. Relays never see prompts or answers.")
     _common(rl)
-    from permamesh.routing.overlay.relayproc import add_relay_arguments
+    from permamesh.overlay.relayproc import add_relay_arguments
 
     add_relay_arguments(rl)
 
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                                             args.layer_budget_mb, args.container_jobs, args.container_uid,
                                             None if args.metrics_port < 0 else args.metrics_port))
         if args.command == "relay":
-            from permamesh.routing.overlay.relayproc import run_relay_from_args
+            from permamesh.overlay.relayproc import run_relay_from_args
 
             return run_relay_from_args(args)
         if args.command == "validator":
@@ -283,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_gateway_from_args(args, data_dir)
         if args.command == "health":
-            from permamesh.health import run_health
+            from permamesh.ops.health import run_health
 
             return run_health(args.watch, args.json, data_dir)
         if args.command == "submit":
-            from permamesh.submit import run_submit
+            from permamesh.client.submit import run_submit
 
             return run_submit(args, data_dir)
         if args.command == "status":
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args, data_dir)
         if args.command == "demo":
-            from permamesh.demo import DemoOptions, run_demo
+            from permamesh.demo.run import DemoOptions, run_demo
 
             if args.workers < 1:
                 raise SystemExit("permamesh demo: --workers must be at least 1")
@@ -363,7 +363,7 @@ def _payouts(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def _status(args: argparse.Namespace, data_dir: Path) -> int:
-    from permamesh.client import Client
+    from permamesh.client.blocking import Client
 
     with Client(args.worker, data_dir=data_dir, accept_timeout_s=5.0) as client:
         replies = client.status()

@@ -39,7 +39,7 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def model_cache_dir():
     """Where converted real models are cached across tests (and across runs)."""
-    from permamesh.localmesh import default_data_dir
+    from permamesh.directory.workers import default_data_dir
 
     return default_data_dir()
 

@@ -12,11 +12,11 @@ import sys
 import psutil
 import pytest
 
-from permamesh import demo_containers
+from permamesh.demo import containers as demo_containers
 
 from . import browser
 
-from permamesh.localmesh import discover
+from permamesh.directory.workers import discover
 
 CMD = [sys.executable, "-m", "permamesh"]
 
@@ -169,7 +169,7 @@ def test_the_demo_runs_then_serves_the_openai_client_and_the_dashboard(home, tmp
 PARENT = """
 import sys, threading
 from pathlib import Path
-from permamesh.mesh import EmbeddedMesh, MeshConfig
+from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
 EmbeddedMesh(MeshConfig(Path(sys.argv[1]), workers=1, model="tiny-random", device="cpu", relays=2)).start()
 print("up", flush=True)
 threading.Event().wait()

@@ -8,12 +8,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from permamesh.client import Client
-from permamesh.mesh import EmbeddedMesh, MeshConfig
+from permamesh.client.blocking import Client
+from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
 
 
 def test_killing_a_worker_mid_load_loses_no_job(home, caplog):
-    caplog.set_level("WARNING", logger="permamesh.client")
+    caplog.set_level("WARNING", logger="permamesh.client.blocking")
     mesh = EmbeddedMesh(MeshConfig(home, workers=3, model="tiny-random", device="cpu", threads_per_worker=1,
                                    worker_args=("--group", "drill")))
     with mesh:

@@ -42,7 +42,7 @@ Per request the adversary (one colluding group suffices):
 
 Relay selection is uniform here (equal weights); permamesh paths are drawn one after
 another, each uniform over the choices the rules leave it, by rejection (as
-``PathSelector`` in :mod:`permamesh.routing.overlay.paths` does). Nodes are spread over
+``PathSelector`` in :mod:`permamesh.overlay.paths` does). Nodes are spread over
 ``isps`` ISPs with Zipf(1) sizes.
 """
 

@@ -106,7 +106,7 @@ class _Load:
         self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(loops)]
 
     def _loop(self, i: int) -> None:
-        from permamesh.client import Client
+        from permamesh.client.blocking import Client
 
         order = self.endpoints[i % len(self.endpoints):] + self.endpoints[:i % len(self.endpoints)]
         with Client(order, timeout_s=2.0, accept_timeout_s=1.0) as client:
@@ -188,7 +188,7 @@ def _drill(mesh, kind, domain, action, victims, drill: ChaosDrill, say) -> dict:
 
 
 def run(drill: ChaosDrill, say=print) -> dict:
-    from permamesh.mesh import EmbeddedMesh, MeshConfig
+    from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
     from permamesh.scheduler.chaossim import run_chaos_sim
 
     say(f"chaos: {drill.workers} {drill.model} workers on loopback")

@@ -2,10 +2,10 @@
 
 :func:`measure_codecs` times, per codec and message size, with ``time.perf_counter``:
 
-- ``prep_ms``: :func:`~permamesh.routing.overlay.sida.split` (key, encryption, erasure code,
-  Shamir, fingerprints) plus :func:`~permamesh.routing.overlay.clove.encode_clove` of all n;
-- ``rebuild_ms``: :func:`~permamesh.routing.overlay.clove.decode_clove` plus
-  :meth:`~permamesh.routing.overlay.sida.Rebuilder.add` of the last k cloves, i.e. the first
+- ``prep_ms``: :func:`~permamesh.overlay.sida.split` (key, encryption, erasure code,
+  Shamir, fingerprints) plus :func:`~permamesh.overlay.clove.encode_clove` of all n;
+- ``rebuild_ms``: :func:`~permamesh.overlay.clove.decode_clove` plus
+  :meth:`~permamesh.overlay.sida.Rebuilder.add` of the last k cloves, i.e. the first
   n-k are lost, so the codec must really decode from parity (the worst case);
 
 and, for the codec alone, ``encode_ms`` and ``decode_ms`` (from the last k shares) of a
@@ -25,9 +25,9 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from permamesh.routing.overlay.clove import decode_clove, encode_clove
-from permamesh.routing.overlay.erasure import CODECS, get_codec
-from permamesh.routing.overlay.sida import Rebuilder, split
+from permamesh.overlay.clove import decode_clove, encode_clove
+from permamesh.overlay.erasure import CODECS, get_codec
+from permamesh.overlay.sida import Rebuilder, split
 
 logger = logging.getLogger(__name__)
 

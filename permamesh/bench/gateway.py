@@ -4,7 +4,7 @@ One embedded mesh (``workers`` tiny-random worker processes, ``relays`` relay pr
 a gateway on a thread. The same chat job (greedy, ``max_tokens`` tokens) is sent ``requests``
 times, one at a time, three ways, interleaved so that load drifts hit all three alike:
 
-- **overlay**: :class:`~permamesh.routing.overlay.sender.OverlayClient` directly (the baseline:
+- **overlay**: :class:`~permamesh.overlay.sender.OverlayClient` directly (the baseline:
   what an anonymous client pays anyway);
 - **gateway**: ``POST /v1/chat/completions`` over HTTP (the gateway sends it through the
   overlay), plain;
@@ -78,10 +78,10 @@ def run(bench: GatewayBench) -> dict:
     from permamesh.gateway.accounts import KeyRing
     from permamesh.gateway.process import build_gateway
     from permamesh.gateway.server import GatewayThread
-    from permamesh.localmesh import discover
-    from permamesh.mesh import EmbeddedMesh, MeshConfig
-    from permamesh.routing.overlay.directory import discover_relays
-    from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+    from permamesh.directory.workers import discover
+    from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
+    from permamesh.directory.relays import discover_relays
+    from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
     rng = random.Random(bench.seed)
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
@@ -124,7 +124,7 @@ def run(bench: GatewayBench) -> dict:
 
 
 def _concurrent(url, key, bench: GatewayBench, relays, workers, config, rng) -> dict:
-    from permamesh.routing.overlay.sender import OverlayClient
+    from permamesh.overlay.sender import OverlayClient
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(bench.concurrency) as pool:

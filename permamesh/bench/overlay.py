@@ -38,7 +38,7 @@ from pathlib import Path
 
 from permamesh.bench.anonsim import simulate_anonymity
 from permamesh.bench.codecs import measure_codecs
-from permamesh.bench.overlaysim import DEFAULT_RESENDS, simulate_delivery
+from permamesh.bench.overlaysim import DEFAULT_RESENDS, TARGETS, simulate_delivery
 from permamesh.bench.stats import write_report
 from permamesh.bench.traces import BenchError
 
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 RealMesh = Callable[..., Mapping]  # real(quick=bool, seed=int, say=callable) -> mapping
 REAL_ROW_KEYS = ("scheme", "n", "k", "failure_rate", "delivery_rate", "requests", "mean_attempts")
-TARGETS = {0.03: 0.995, 0.1: 0.97}  # failure rate -> delivery the protocol must reach
 OVERHEAD_TARGET_MS = 15.0  # anonymity may add at most this much to the p50 end-to-end time on loopback
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from permamesh.bench.overlay import TARGETS
+from permamesh.bench.overlaysim import TARGETS
 from permamesh.bench.overlaysim import scheme_name
 from permamesh.bench.plot import pyplot, save
 

@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from permamesh.client import Client
+from permamesh.client.blocking import Client
 from permamesh.identity import NodeIdentity
-from permamesh.localmesh import WorkerRecord, discover, register, unregister
-from permamesh.mesh import EmbeddedMesh, MeshConfig
-from permamesh.routing.overlay.directory import CachedLookup, discover_relays, relay_endpoints
-from permamesh.routing.overlay.errors import OverlayError
-from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+from permamesh.directory.workers import WorkerRecord, discover, register, unregister
+from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
+from permamesh.directory.relays import CachedLookup, discover_relays, relay_endpoints
+from permamesh.overlay.errors import OverlayError
+from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
 log = logging.getLogger(__name__)
 

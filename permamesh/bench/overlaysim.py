@@ -58,6 +58,8 @@ import numpy as np
 
 from permamesh.bench.traces import BenchError
 
+TARGETS = {0.03: 0.995, 0.1: 0.97}  # failure rate -> delivery the overlay must reach there
+
 log = logging.getLogger(__name__)
 
 RULES = ("targeted", "targeted-min", "attempt")

@@ -1,6 +1,6 @@
 """Real-mode routing benchmark: replay a trace against real worker processes on loopback.
 
-For each policy a fresh :class:`~permamesh.mesh.EmbeddedMesh` starts (same model, same
+For each policy a fresh :class:`~permamesh.demo.mesh.EmbeddedMesh` starts (same model, same
 prefix-cache budget, the group told to use that policy), so every policy begins with cold
 caches. With ``in_process`` (``--quick``) the workers are real :class:`WorkerServer` s with
 real sockets and group links, but run as threads of this process sharing one loaded model:
@@ -29,8 +29,8 @@ from typing import Callable
 
 from permamesh.bench.stats import RequestRecord
 from permamesh.bench.traces import TraceRequest
-from permamesh.client import Client, ClientError
-from permamesh.mesh import EmbeddedMesh, MeshConfig
+from permamesh.client.blocking import Client, ClientError
+from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
 from permamesh.wire import GenerateResult, StatusReply, TokenChunk
 
 log = logging.getLogger(__name__)

@@ -48,9 +48,9 @@ from permamesh.bench.tokens import chat_text, tokenize_text, word_tokenizer  # r
 from permamesh.bench.traces import BenchError, TraceRequest
 from permamesh.routing.errors import RoutingError
 from permamesh.routing.hrtree import HashRadixTree
+from permamesh.routing.view import GroupView
 from permamesh.routing.policy import (
     POLICY_NAMES,
-    GroupView,
     MemberState,
     RouteQuery,
     estimate_work_s,

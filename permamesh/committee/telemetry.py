@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from permamesh.committee.trust import node_id_of
-from permamesh.metrics import Figure
+from permamesh.ops.metrics import Figure
 
 log = logging.getLogger(__name__)
 

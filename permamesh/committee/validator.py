@@ -75,7 +75,7 @@ def _exporter(metrics, node_id: str, read):
     """Serve ``read()``'s figures plus the process's own (None when metrics are off)."""
     if metrics is None:
         return None
-    from permamesh.metrics import Exporter, Gauges, new_registry
+    from permamesh.ops.metrics import Exporter, Gauges, new_registry
 
     registry = new_registry()
     Gauges(read, registry)
@@ -85,7 +85,7 @@ def _exporter(metrics, node_id: str, read):
 def _cometbft(address: str, home: Path, metrics=None) -> int:
     from permamesh.committee.abci.server import ABCIServerThread
     from permamesh.committee.app import LedgerApp
-    from permamesh.metrics import Figure
+    from permamesh.ops.metrics import Figure
 
     app = LedgerApp(home / "ledger.sqlite")
     exporter = _exporter(metrics, f"ledger-{home.name}",

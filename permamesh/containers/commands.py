@@ -98,9 +98,9 @@ def image_add(args: argparse.Namespace, data_dir: Path) -> int:
 def _overlay_client(data_dir: Path, via: str, timeout_s: float):
     """An OverlayClient over the registry, or None when ``via`` allows local workers instead."""
     from permamesh.containers.jobs import container_entries
-    from permamesh.localmesh import discover
-    from permamesh.routing.overlay.directory import discover_relays
-    from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+    from permamesh.directory.workers import discover
+    from permamesh.directory.relays import discover_relays
+    from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
     if via == "local":
         return None

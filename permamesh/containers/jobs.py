@@ -2,7 +2,7 @@
 
 :func:`run_over_overlay` builds a :class:`RunRequest` from a local image (manifest and config
 blobs, the command, the limits), sends it through an
-:class:`~permamesh.routing.overlay.sender.OverlayClient` to a container worker's inbox, and
+:class:`~permamesh.overlay.sender.OverlayClient` to a container worker's inbox, and
 returns the :class:`RunResult` that came back as cloves, signed by that entry worker (or
 raises :class:`ContainerError` with the worker's code and reason).
 
@@ -95,7 +95,7 @@ def container_entries(workers) -> list:
 
 def run_over_overlay(client, req: RunRequest, entry: str | None = None) -> RunResult:
     """Send ``req`` through ``client`` (an OverlayClient) to a container worker and wait."""
-    from permamesh.routing.overlay.errors import OverlayError
+    from permamesh.overlay.errors import OverlayError
 
     if entry is None:
         entries = container_entries(client.workers)

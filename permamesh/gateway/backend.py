@@ -5,7 +5,7 @@ finds the workers serving the requested model in the local registry, picks one a
 worker, and sends the job like any client would:
 
 - ``via="overlay"`` (the default): S-IDA cloves over onion paths through an
-  :class:`~permamesh.routing.overlay.sender.OverlayClient`; the answer comes back whole, as
+  :class:`~permamesh.overlay.sender.OverlayClient`; the answer comes back whole, as
   cloves, so a streamed answer is cut into word-sized deltas after it arrived;
 - ``via="direct"``: straight to a worker with :class:`permamesh.Client`, whose token chunks
   stream as the worker produces them (not anonymous: the worker sees the gateway's address).
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from permamesh.gateway.errors import ApiError
-from permamesh.localmesh import discover
+from permamesh.directory.workers import discover
 from permamesh.wire import GenerateRequest, GenerateResult, TokenChunk
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class MeshBackend:
         return result
 
     def _direct(self, entries: list, model: str, fields: dict, on_text) -> GenerateResult:
-        from permamesh.client import Client, ClientError
+        from permamesh.client.blocking import Client, ClientError
 
         endpoints = [w.endpoint for w in entries]
         self.rng.shuffle(endpoints)
@@ -115,8 +115,8 @@ class MeshBackend:
 
     # ------------------------------------------------------------------ the overlay client pool
     def _take(self):
-        from permamesh.routing.overlay.directory import discover_relays
-        from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+        from permamesh.directory.relays import discover_relays
+        from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
         now = time.monotonic()
         with self._lock:

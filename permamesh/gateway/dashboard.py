@@ -27,8 +27,8 @@ from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
 
-from permamesh.localmesh import discover
-from permamesh.metrics import discover_metrics
+from permamesh.directory.workers import discover
+from permamesh.ops.metrics import discover_metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class MeshView:
 
     def snapshot(self) -> dict:
         from permamesh.committee.trust import node_id_of
-        from permamesh.routing.overlay.directory import discover_relays
+        from permamesh.directory.relays import discover_relays
 
         workers, relays = discover(self.data_dir), discover_relays(self.data_dir)
         metrics = discover_metrics(self.data_dir)

@@ -42,7 +42,7 @@ def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct
                   committee: tuple[str, ...] = (), chain_id: str = "permamesh-devnet", open_access: bool = False,
                   timeout_s: float = 300.0) -> Gateway:
     from permamesh.gateway.dashboard import MeshView
-    from permamesh.health import HealthMonitor
+    from permamesh.ops.health import HealthMonitor
 
     client = None
     if committee:
@@ -58,7 +58,7 @@ def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct
 
 
 def run_gateway_from_args(args: argparse.Namespace, data_dir: Path) -> int:
-    from permamesh.metrics import MetricsRecord, register_metrics, unregister_metrics
+    from permamesh.ops.metrics import MetricsRecord, register_metrics, unregister_metrics
     from permamesh.transport import serve_until_signalled
 
     if args.new_key:

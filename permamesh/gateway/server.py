@@ -37,7 +37,7 @@ from permamesh.gateway import openai_api as oa
 from permamesh.gateway.accounts import Credit, KeyRing
 from permamesh.gateway.backend import MeshBackend
 from permamesh.gateway.errors import ApiError, GatewayError
-from permamesh.metrics import histogram, new_registry
+from permamesh.ops.metrics import histogram, new_registry
 from permamesh.transport import ServingThread
 
 log = logging.getLogger(__name__)

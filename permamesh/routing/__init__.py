@@ -27,8 +27,9 @@ Modules today:
   estimated time to first token, and the baselines it is compared with.
 - :mod:`~permamesh.routing.errors`: :class:`RoutingError`, the package's exception family.
 
-- :mod:`~permamesh.routing.overlay`: the anonymous overlay (S-IDA cloves, onion cells, reply
-  blocks, path selection); see its own docstring.
+How a request reaches its entry worker anonymously is the overlay's business
+(:mod:`permamesh.overlay`); this package starts at the entry worker, which asks its replica and
+a policy where the request should run (:mod:`permamesh.workers.group` does the asking).
 """
 
 from permamesh.routing.blocks import DIGEST_SIZE, BlockHasher, chain_digests

@@ -49,7 +49,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from permamesh.routing.errors import RoutingError
-from permamesh.routing.view import GroupView  # re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
 

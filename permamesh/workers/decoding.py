@@ -19,12 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from permamesh.workers.sampling import Completion, ModelCalls, SamplingParams, Step
 from permamesh.workers.stops import StopScanner
 
-if TYPE_CHECKING:
-    from permamesh.workers.engine import Completion, Engine, SamplingParams, Step
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 class Decoding:
     """The state of one request between steps; driven by a single thread."""
 
-    def __init__(self, engine: Engine, prompt_ids: tuple[int, ...], params: SamplingParams,
+    def __init__(self, engine: ModelCalls, prompt_ids: tuple[int, ...], params: SamplingParams,
                  on_step: Callable[[Step], None] | None) -> None:
         import torch
 
@@ -64,7 +63,7 @@ class Decoding:
         with torch.inference_mode():
             matched, past = engine.prefix_cache.lookup(list(self.prompt_ids)) if engine.prefix_cache is not None else (0, None)
             self.cached_tokens = matched
-            self._logits, self._cache = engine._prefill(self.prompt_ids[matched:], past)
+            self._logits, self._cache = engine.prefill_ids(self.prompt_ids[matched:], past)
         self.prefill_s = time.monotonic() - t0
         done = self._emit(0)
         self.ttft_s = time.monotonic() - t0
@@ -80,7 +79,7 @@ class Decoding:
         t0 = time.monotonic()
         token = self.ids[-1]
         with torch.inference_mode():
-            self._logits, self._cache = self.engine._decode(token, self._cache)
+            self._logits, self._cache = self.engine.decode_token(token, self._cache)
         self.fed.append(token)
         done = self._emit(len(self.ids))
         spent = time.monotonic() - t0
@@ -89,7 +88,7 @@ class Decoding:
         return done
 
     def _emit(self, index: int) -> bool:
-        token, logprob = self.engine._sample(self._logits, self.params, self.gen)
+        token, logprob = self.engine.sample(self._logits, self.params, self.gen)
         if token in self.engine.tokenizer.eos_ids:
             self.finish_reason, self._done = "stop", True
             return True
@@ -98,7 +97,6 @@ class Decoding:
             self.lps.append(logprob)
         new_text = self.scanner.feed(self.engine.tokenizer.decode(self.ids))
         if self.on_step is not None:
-            from permamesh.workers.engine import Step
 
             self.on_step(Step(index, new_text, token, logprob if self.params.logprobs else None))
         if self.scanner.stopped:
@@ -111,14 +109,13 @@ class Decoding:
         """Release held-back text, keep the KV for later prompts, and describe the answer."""
         import torch
 
-        from permamesh.workers.engine import Completion, Step
 
         tail = self.scanner.finish(self.engine.tokenizer.decode(self.ids))
         if tail and self.on_step is not None:
             self.on_step(Step(len(self.ids), tail, -1, None))
         if self.engine.prefix_cache is not None:
             with torch.inference_mode():
-                self.engine._store([*self.prompt_ids, *self.fed], self._cache)
+                self.engine.store_prefix([*self.prompt_ids, *self.fed], self._cache)
         self._cache = self._logits = None  # free the KV now; the prefix cache holds its own blocks
         return Completion(
             text=self.scanner.final_text or "",

@@ -18,56 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 from permamesh.wire.messages import GenerateRequest
+from permamesh.workers.decoding import Decoding
 from permamesh.workers.errors import RequestError
 from permamesh.workers.models import LoadedModel
 from permamesh.workers.prefix_cache import PrefixKVCache
+from permamesh.workers.sampling import Completion, SamplingParams, Step  # re-exported
 
-if TYPE_CHECKING:
-    from permamesh.workers.decoding import Decoding
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 128  # new tokens at most
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus mass kept
-    seed: int | None = None  # None = fresh randomness
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-
-    @classmethod
-    def of(cls, req: GenerateRequest) -> SamplingParams:
-        return cls(req.max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop), req.logprobs)
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """What one decode step releases to a streaming client."""
-
-    index: int  # position of this token in the answer
-    text: str  # newly releasable text (may be "" while held back)
-    token_id: int
-    logprob: float | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]  # empty unless asked for
-    finish_reason: str  # "stop" or "length"
-    prompt_tokens: int
-    prefill_s: float  # seconds of prefill
-    ttft_s: float  # seconds to the first token
-    total_s: float  # seconds for the whole request
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
-    compute_s: float = 0.0  # seconds spent in this request's own model calls (not others' steps)
-    decode_s: float = 0.0  # the decode part of compute_s
 
 
 class Engine:
@@ -92,8 +53,6 @@ class Engine:
         room = self.max_context - len(prompt_ids)
         if room < 1:
             raise RequestError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.max_context}-token context")
-        from permamesh.workers.decoding import Decoding
-
         return Decoding(self, tuple(prompt_ids), dataclasses.replace(params, max_tokens=min(params.max_tokens, room)),
                         on_step)
 
@@ -106,7 +65,7 @@ class Engine:
             done = run.step()
         return run.finish()
 
-    def _store(self, token_ids: list[int], cache) -> None:
+    def store_prefix(self, token_ids: list[int], cache) -> None:
         """Keep the KV of ``token_ids`` for later prompts; a cache failure never costs the answer."""
         try:
             added = self.prefix_cache.store(token_ids, cache)
@@ -115,7 +74,7 @@ class Engine:
             return
         log.debug("prefix cache: %d new blocks from %d tokens", added, len(token_ids))
 
-    def _prefill(self, prompt_ids: Sequence[int], past=None):
+    def prefill_ids(self, prompt_ids: Sequence[int], past=None):
         """Run ``prompt_ids`` on top of ``past`` (a cache of the tokens before them, or None)."""
         import torch
 
@@ -124,7 +83,7 @@ class Engine:
         out = self.loaded.model(input_ids=input_ids, past_key_values=past, use_cache=True)
         return out.logits[0, -1].float(), out.past_key_values
 
-    def _decode(self, token: int, cache):
+    def decode_token(self, token: int, cache):
         import torch
 
         input_ids = torch.tensor([[token]], dtype=torch.long, device=self.loaded.device)
@@ -132,7 +91,7 @@ class Engine:
         return out.logits[0, -1].float(), out.past_key_values
 
     @staticmethod
-    def _sample(logits, params: SamplingParams, gen) -> tuple[int, float]:
+    def sample(logits, params: SamplingParams, gen) -> tuple[int, float]:
         """Pick the next token; return it with its log-probability under the raw model."""
         import torch
 

@@ -29,12 +29,13 @@ import dataclasses
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from permamesh.routing.blocks import BlockHasher
 from permamesh.routing.errors import RoutingError
 from permamesh.routing.messages import Load, TreeDelta, TreeSnapshot, TreeSyncRequest
-from permamesh.routing.policy import GroupView, MemberState, RouteQuery, estimate_prefill_s, make_policy
+from permamesh.routing.view import GroupView
+from permamesh.routing.policy import MemberState, RouteQuery, estimate_prefill_s, make_policy
 from permamesh.routing.sync import DeltaPublisher, GroupReplica
 from permamesh.transport import AsyncDealer
 from permamesh.wire import (
@@ -42,9 +43,8 @@ from permamesh.wire import (
     Received, TokenChunk, WireError, decode, encode,
 )
 from permamesh.workers.executor import DEFAULT_DECODE_TOK_PER_S, DEFAULT_PREFILL_TOK_PER_S
+from permamesh.workers.host import WorkerHost
 
-if TYPE_CHECKING:
-    from permamesh.workers.server import WorkerServer
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class _Pending:
 
 
 class GroupLink:
-    def __init__(self, server: WorkerServer, config: GroupConfig, peers: Callable[[], list[Peer]],
+    def __init__(self, server: WorkerHost, config: GroupConfig, peers: Callable[[], list[Peer]],
                  reputation: Callable[[str], float] = lambda worker: 1.0) -> None:
         self.server, self.config, self._peer_source, self.reputation = server, config, peers, reputation
         self.me = server.worker_id

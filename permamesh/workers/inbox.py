@@ -30,19 +30,18 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Callable, Mapping
 
 from permamesh.containers.messages import RunRequest, RunResult
-from permamesh.routing.overlay.envelope import ANSWERED, HELD, STARTED, Ack, Envelope, decode_envelope, encode_ack, encode_answer_item
-from permamesh.routing.overlay.errors import OverlayError
-from permamesh.routing.overlay.messages import RelayCell
-from permamesh.routing.overlay.reply import ReplyBlock, seal_reply
-from permamesh.routing.overlay.sida import Rebuilder, RebuilderConfig, split
+from permamesh.overlay.envelope import ANSWERED, HELD, STARTED, Ack, Envelope, decode_envelope, encode_ack, encode_answer_item
+from permamesh.overlay.errors import OverlayError
+from permamesh.overlay.messages import RelayCell
+from permamesh.overlay.reply import ReplyBlock, seal_reply
+from permamesh.overlay.sida import Rebuilder, RebuilderConfig, split
 from permamesh.transport import AsyncDealer
 from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, Message, WireError, decode, encode
+from permamesh.workers.host import WorkerHost
 
-if TYPE_CHECKING:
-    from permamesh.workers.server import WorkerServer
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class _Job:
 
 
 class Inbox:
-    def __init__(self, server: WorkerServer, relays: Callable[[], Mapping[bytes, str]],
+    def __init__(self, server: WorkerHost, relays: Callable[[], Mapping[bytes, str]],
                  config: InboxConfig = InboxConfig()) -> None:
         self.server, self.relays, self.config = server, relays, config
         self.rebuilder = Rebuilder(RebuilderConfig(ttl_s=config.rebuild_ttl_s))

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from permamesh.identity import NodeIdentity
-from permamesh.routing.overlay.directory import CachedLookup, relay_endpoints
+from permamesh.directory.relays import CachedLookup, relay_endpoints
 from permamesh.transport import serve_until_signalled
-from permamesh.localmesh import WorkerRecord, discover, register, unregister
+from permamesh.directory.workers import WorkerRecord, discover, register, unregister
 from permamesh.routing.blocks import BlockHasher
 from permamesh.workers import models
 from permamesh.workers.engine import Engine
@@ -122,7 +122,7 @@ def run_worker(opts: WorkerOptions) -> int:
         layers = _start_containers(server, opts)
     exporter = None
     if opts.metrics_port is not None:
-        from permamesh.metrics import Exporter
+        from permamesh.ops.metrics import Exporter
         from permamesh.workers.telemetry import WorkerTelemetry
 
         server.telemetry = WorkerTelemetry(server)

@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 from permamesh.containers.messages import ForwardedRun, RunRequest
 from permamesh.identity import NodeIdentity
-from permamesh.routing.overlay.messages import CloveDrop
+from permamesh.overlay.messages import CloveDrop
 from permamesh.transport import RouterServer, ServingThread
 from permamesh.wire import (
     Accepted,

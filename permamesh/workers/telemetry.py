@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from permamesh.metrics import Figure, Gauges, histogram, new_registry
+from permamesh.ops.metrics import Figure, Gauges, histogram, new_registry
 
 if TYPE_CHECKING:
     from permamesh.workers.server import WorkerServer

@@ -15,10 +15,10 @@ from permamesh.containers.build import build_image
 from permamesh.containers.errors import ContainerError
 from permamesh.containers.images import load_layout
 from permamesh.containers.jobs import ImageSeed, run_over_overlay, run_request
-from permamesh.localmesh import discover
-from permamesh.mesh import EmbeddedMesh, MeshConfig
-from permamesh.routing.overlay.directory import discover_relays
-from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+from permamesh.directory.workers import discover
+from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
+from permamesh.directory.relays import discover_relays
+from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
 from .conftest import installed_runtimes
 from .test_mesh import busybox_layers

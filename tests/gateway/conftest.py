@@ -9,13 +9,13 @@ import os
 
 import pytest
 
-from permamesh import demo_committee
+from permamesh.demo import committee as demo_committee
 from permamesh.committee.client import CommitteeClient
 from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
 from permamesh.gateway.accounts import KeyRing
 from permamesh.gateway.process import build_gateway
 from permamesh.gateway.server import GatewayThread
-from permamesh.mesh import EmbeddedMesh, MeshConfig
+from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
 from permamesh.transport import open_sockets
 
 WORKERS, RELAYS = 2, 12

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from permamesh.bench.codecs import measure_codecs
-from permamesh.routing.overlay import OverlayError
-from permamesh.routing.overlay.erasure import (
+from permamesh.overlay import OverlayError
+from permamesh.overlay.erasure import (
     CODECS,
     DEFAULT_CODEC,
     ReedSoloCodec,

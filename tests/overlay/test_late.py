@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 
 from permamesh.identity import NodeIdentity
-from permamesh.routing.overlay.cells import HopInfo
-from permamesh.routing.overlay.envelope import Ack, encode_ack
-from permamesh.routing.overlay.late import LateEvidence
-from permamesh.routing.overlay.messages import RelayDelivery
-from permamesh.routing.overlay.onion import ReplayGuard, ReplyDelivery, peel
-from permamesh.routing.overlay.reply import build_reply_block, seal_reply
+from permamesh.overlay.cells import HopInfo
+from permamesh.overlay.envelope import Ack, encode_ack
+from permamesh.overlay.late import LateEvidence
+from permamesh.overlay.messages import RelayDelivery
+from permamesh.overlay.onion import ReplayGuard, ReplyDelivery, peel
+from permamesh.overlay.reply import build_reply_block, seal_reply
 
 
 def _path(n: int = 3):

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from permamesh.identity import KeyExchangeKey, NodeIdentity
-from permamesh.routing.overlay.errors import OverlayError
-from permamesh.routing.overlay.onion import (
+from permamesh.overlay.errors import OverlayError
+from permamesh.overlay.onion import (
     CELL_HEADER_BYTES,
     MAX_CELL_BYTES,
     MAX_EXIT_COMMAND_BYTES,
@@ -27,7 +27,7 @@ from permamesh.routing.overlay.onion import (
     build_forward,
     peel,
 )
-from permamesh.routing.overlay.reply import (
+from permamesh.overlay.reply import (
     MAX_REPLY_PAYLOAD,
     REPLY_BLOCK_BYTES,
     ReplyBlock,

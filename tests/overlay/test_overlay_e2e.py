@@ -1,6 +1,6 @@
 """End to end through the overlay in one process: real relays (RelayThread) on loopback zmq
 sockets, a real tiny-random worker with its inbox, and the OverlayClient. Relay processes
-and SIGKILL drills are covered by tests/test_overlay_mesh.py and the overlay benchmark; here
+and SIGKILL drills are covered by tests/overlay/test_overlay_mesh.py and the overlay benchmark; here
 "dead" relays are RelayConfig(drop_all=True): they read every frame and forward nothing."""
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ import time
 
 import pytest
 
-from permamesh.client import Client
+from permamesh.client.blocking import Client
 from permamesh.identity import NodeIdentity
-from permamesh.localmesh import WorkerRecord, register
-from permamesh.mesh import relay_placement
-from permamesh.routing.overlay.directory import CachedLookup, RelayRecord, relay_endpoints, register_relay, worker_endpoints
-from permamesh.routing.overlay.envelope import encode_envelope
-from permamesh.routing.overlay.errors import OverlayError
-from permamesh.routing.overlay.messages import CloveDrop
-from permamesh.routing.overlay.relay import RelayConfig, RelayServer, RelayThread
-from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
-from permamesh.routing.overlay.sida import split
+from permamesh.directory.workers import WorkerRecord, register
+from permamesh.demo.mesh import relay_placement
+from permamesh.directory.relays import CachedLookup, RelayRecord, relay_endpoints, register_relay, worker_endpoints
+from permamesh.overlay.envelope import encode_envelope
+from permamesh.overlay.errors import OverlayError
+from permamesh.overlay.messages import CloveDrop
+from permamesh.overlay.relay import RelayConfig, RelayServer, RelayThread
+from permamesh.overlay.sender import OverlayClient, OverlayConfig
+from permamesh.overlay.sida import split
 from permamesh.transport import DealerClient
 from permamesh.wire import StatusRequest, StatusReply, decode, encode
 from permamesh.workers.engine import Engine

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from permamesh.routing.overlay.errors import OverlayError
-from permamesh.routing.overlay.paths import (
+from permamesh.overlay.errors import OverlayError
+from permamesh.overlay.paths import (
     PathPolicy,
     PathSelector,
     RelayDescriptor,

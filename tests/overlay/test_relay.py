@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from permamesh.identity import NodeIdentity
-from permamesh.routing.overlay.cells import MAX_CELL_BYTES
-from permamesh.routing.overlay.directory import (
+from permamesh.overlay.cells import MAX_CELL_BYTES
+from permamesh.directory.relays import (
     CachedLookup,
     RelayRecord,
     discover_relays,
@@ -30,10 +30,10 @@ from permamesh.routing.overlay.directory import (
     relay_endpoints,
     unregister_relay,
 )
-from permamesh.routing.overlay.messages import CloveDrop, RelayAttach, RelayCell, RelayDelivery
-from permamesh.routing.overlay.onion import HopInfo, build_forward
-from permamesh.routing.overlay.relay import RelayConfig, RelayServer, RelayThread, current_epoch
-from permamesh.routing.overlay.reply import build_reply_block, open_reply, seal_reply
+from permamesh.overlay.messages import CloveDrop, RelayAttach, RelayCell, RelayDelivery
+from permamesh.overlay.onion import HopInfo, build_forward
+from permamesh.overlay.relay import RelayConfig, RelayServer, RelayThread, current_epoch
+from permamesh.overlay.reply import build_reply_block, open_reply, seal_reply
 from permamesh.transport import DealerClient
 from permamesh.wire import ErrorReply, decode, encode
 from permamesh.wire.codec import DOMAIN, PROTOCOL_VERSION
@@ -346,7 +346,7 @@ def test_the_directory_lists_live_relays_and_forgets_dead_ones(tmp_path, caplog)
 
 RELAY_MAIN = """
 import argparse, logging, sys
-from permamesh.routing.overlay.relayproc import add_relay_arguments, run_relay_from_args
+from permamesh.overlay.relayproc import add_relay_arguments, run_relay_from_args
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-dir")
 add_relay_arguments(parser)

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from permamesh.routing.overlay.errors import OverlayError
-from permamesh.routing.overlay.paths import PathPolicy, PathSelector
-from permamesh.routing.overlay.sessions import SessionPaths
+from permamesh.overlay.errors import OverlayError
+from permamesh.overlay.paths import PathPolicy, PathSelector
+from permamesh.overlay.sessions import SessionPaths
 from tests.overlay.test_paths import assert_valid, diverse
 
 

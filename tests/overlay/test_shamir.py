@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from permamesh.routing.overlay import OverlayError
-from permamesh.routing.overlay.shamir import (
+from permamesh.overlay import OverlayError
+from permamesh.overlay.shamir import (
     EXP,
     LOG,
     combine,

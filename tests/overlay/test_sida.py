@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from permamesh.routing.overlay import OverlayError
-from permamesh.routing.overlay.clove import (
+from permamesh.overlay import OverlayError
+from permamesh.overlay.clove import (
     HEADER_BYTES,
     MAX_MESSAGE_BYTES,
     Clove,
@@ -22,9 +22,9 @@ from permamesh.routing.overlay.clove import (
     encode_clove,
     fingerprint,
 )
-from permamesh.routing.overlay.erasure import get_codec
-from permamesh.routing.overlay.shamir import combine
-from permamesh.routing.overlay.sida import Rebuilder, RebuilderConfig, rebuild, split
+from permamesh.overlay.erasure import get_codec
+from permamesh.overlay.shamir import combine
+from permamesh.overlay.sida import Rebuilder, RebuilderConfig, rebuild, split
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

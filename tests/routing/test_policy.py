@@ -11,12 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from permamesh.routing import BlockHasher, HashRadixTree, RoutingError
+from permamesh.routing.view import GroupView
 from permamesh.routing.policy import (
     CACHED_SPEEDUP,
     PER_REQUEST_OVERHEAD_S,
     POLICY_NAMES,
     CacheAwarePolicy,
-    GroupView,
     LeastLoadedPolicy,
     MemberState,
     PermameshPolicy,

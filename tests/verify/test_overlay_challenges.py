@@ -12,9 +12,9 @@ import random
 import pytest
 
 from permamesh.identity import NodeIdentity
-from permamesh.localmesh import WorkerRecord, register
-from permamesh.routing.overlay.directory import CachedLookup, relay_endpoints
-from permamesh.routing.overlay.sender import OverlayClient, OverlayConfig
+from permamesh.directory.workers import WorkerRecord, register
+from permamesh.directory.relays import CachedLookup, relay_endpoints
+from permamesh.overlay.sender import OverlayClient, OverlayConfig
 from permamesh.verify.challenges import ChallengePool
 from permamesh.verify.profile import TrafficProfile
 from permamesh.verify.traffic import user_requests

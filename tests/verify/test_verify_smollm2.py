@@ -9,10 +9,10 @@ import copy
 
 import pytest
 
-from permamesh.client import Client
+from permamesh.client.blocking import Client
 from permamesh.identity import NodeIdentity
-from permamesh.localmesh import discover
-from permamesh.mesh import EmbeddedMesh, MeshConfig
+from permamesh.directory.workers import discover
+from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
 from permamesh.verify import zoo
 from permamesh.verify.verifier import Verifier
 from permamesh.wire.messages import ChatMessage, GenerateRequest

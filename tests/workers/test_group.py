@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from permamesh.client import Client, ClientError
+from permamesh.client.blocking import Client, ClientError
 from permamesh.identity import NodeIdentity
 from permamesh.routing.blocks import BlockHasher
 from permamesh.routing.messages import Load, TreeDelta

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from permamesh.client import Client
+from permamesh.client.blocking import Client
 from permamesh.identity import NodeIdentity
 from permamesh.workers.engine import Engine
 from permamesh.workers.server import ServerThread, WorkerServer

@@ -9,9 +9,9 @@ import uuid
 import msgpack
 import pytest
 
-from permamesh.client import Client, ClientError
+from permamesh.client.blocking import Client, ClientError
 from permamesh.identity import NodeIdentity
-from permamesh.localmesh import WorkerRecord, register
+from permamesh.directory.workers import WorkerRecord, register
 from permamesh.transport import DealerClient
 from permamesh.wire import (
     Accepted,

@@ -25,7 +25,7 @@ from permamesh.committee.devnet.chain import DevnetGenesis
 from permamesh.committee.errors import CommitteeError
 from permamesh.committee.genesis import Genesis, LedgerRules
 from permamesh.identity import NodeIdentity
-from permamesh.procs import Child, spawn, stop_all, wait_ready
+from permamesh.ops.procs import Child, spawn, stop_all, wait_ready
 
 log = logging.getLogger(__name__)
 

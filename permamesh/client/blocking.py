@@ -1,0 +1,273 @@
+"""The researcher's Python client: generation and container jobs on a mesh, sync (this module)
+and async (:class:`permamesh.client.aio.AsyncClient`).
+
+>>> from permamesh import Client
+>>> with Client() as client:                      # workers found in the local registry
+...     result = client.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
+...     print(result.text)
+...     job = client.run("bb", ["/bin/echo", "hello"])   # an image from `permamesh image add`
+...     print(job.exit_code, job.stdout)
+
+``Client(anonymous=True)`` sends every job through the anonymous overlay (S-IDA cloves over
+onion paths, as ``permamesh submit`` does): the answer then arrives whole, so ``on_text``
+sees it once. Otherwise jobs go straight to a worker and answers stream.
+
+:meth:`Client.generate` blocks and returns a :class:`GenerateResult`; pass ``on_text`` to
+see the answer as it streams. :meth:`Client.events` yields every message of one job
+(``Accepted``, ``TokenChunk``..., then the result). Each client signs with a fresh
+ephemeral identity, so workers cannot link its jobs to a long-term key.
+
+Failures: a worker that does not accept within ``accept_timeout_s``, or answers
+``queue_full``/``shutting_down``, is skipped and the job goes to the next worker. Workers send
+a :class:`Progress` keep-alive about once a second for every job they hold, so silence for
+``timeout_s`` means the job was lost (its worker died): the job is resubmitted elsewhere when
+that cannot change what the caller already saw (nothing streamed yet, or the answer is
+deterministic: temperature 0 or a seed, in which case chunks already shown are skipped).
+Anything else raises :class:`ClientError` with the worker's code and reason. A Client is not
+thread-safe: use one per thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from permamesh.errors import PermameshError
+from permamesh.identity import NodeIdentity
+from permamesh.directory.workers import WorkerRecord, default_data_dir, discover
+from permamesh.transport import DealerClient
+from permamesh.wire import (
+    Accepted,
+    ChatMessage,
+    ErrorReply,
+    GenerateRequest,
+    GenerateResult,
+    Message,
+    Progress,
+    StatusReply,
+    StatusRequest,
+    TokenChunk,
+    WireError,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = ("queue_full", "shutting_down", "no_answer", "lost")
+
+
+class ClientError(PermameshError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class Client:
+    def __init__(self, endpoints: Sequence[str] | None = None, *, data_dir: Path | str | None = None,
+                 timeout_s: float = 30.0, accept_timeout_s: float = 10.0, anonymous: bool = False) -> None:
+        """``endpoints``: worker addresses (tcp://host:port); default: the local registry.
+        ``timeout_s``: seconds of silence (no token, result or keep-alive) after which an
+        accepted job counts as lost.
+        ``accept_timeout_s``: seconds a worker has to accept a job before we try another.
+        ``anonymous``: send jobs through the overlay (relays from the local registry)."""
+        self._pins: dict[str, bytes] = {}
+        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
+        self.anonymous = anonymous
+        self._overlay = None
+        if endpoints is None:
+            records: list[WorkerRecord] = discover(self.data_dir)
+            endpoints = [r.endpoint for r in records]
+            self._pins = {r.endpoint: bytes.fromhex(r.sign_key) for r in records}
+        if not endpoints:
+            raise ClientError("no_workers", "no worker endpoints given and none registered locally; start `permamesh worker` or `permamesh demo --serve`")
+        self.endpoints = list(endpoints)
+        self.timeout_s = timeout_s
+        self.accept_timeout_s = accept_timeout_s
+        self.identity = NodeIdentity.generate()
+        self._sockets: dict[str, DealerClient] = {}
+        self._next = itertools.cycle(range(len(self.endpoints)))
+
+    # -------------------------------------------------------------- public API
+    def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str] | ChatMessage] = (),
+                 on_text: Callable[[str], None] | None = None, **params) -> GenerateResult:
+        """Run one job to completion. ``params``: max_tokens, temperature, top_p, seed, stop,
+        logprobs, model (see :class:`GenerateRequest`)."""
+        if self.anonymous:
+            return self._generate_anonymously(prompt, messages, on_text, params)
+        for msg in self.events(prompt, messages=messages, stream=on_text is not None, **params):
+            if isinstance(msg, TokenChunk) and on_text is not None and msg.text:
+                on_text(msg.text)
+            elif isinstance(msg, GenerateResult):
+                return msg
+        raise ClientError("no_result", "the job ended without a result")  # events() never gets here
+
+    def events(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str] | ChatMessage] = (),
+               **params) -> Iterator[Message]:
+        chat = tuple(m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages)
+        if "stop" in params:
+            params["stop"] = tuple(params["stop"] or ())
+        request = GenerateRequest(request_id=uuid.uuid4().hex, prompt=prompt, messages=chat, **params)
+        deterministic = request.temperature == 0.0 or request.seed is not None
+        shown = 0  # token chunks the caller has already seen
+        last_error: ClientError | None = None
+        for attempt in range(2 * len(self.endpoints)):
+            endpoint = self.endpoints[next(self._next)]
+            if attempt:
+                request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
+            seen = 0
+            try:
+                for msg in self._run_on(endpoint, request):
+                    if isinstance(msg, TokenChunk):
+                        seen += 1
+                        if seen <= shown:
+                            continue  # a deterministic rerun repeats what was already shown
+                        shown = seen
+                    elif isinstance(msg, Accepted) and attempt:
+                        continue
+                    yield msg
+                return
+            except ClientError as exc:
+                if exc.code not in RETRYABLE or (shown and not deterministic):
+                    raise
+                log.warning("worker %s: %s; resubmitting elsewhere", endpoint, exc)
+                last_error = exc
+        raise last_error or ClientError("no_workers", "no worker accepted the job")
+
+    def status(self) -> list[StatusReply]:
+        """Ask every worker for its status; workers that do not answer are left out."""
+        replies = []
+        for endpoint in self.endpoints:
+            rid = uuid.uuid4().hex
+            self._socket(endpoint).send(encode(StatusRequest(rid), self.identity))
+            try:
+                msg = self._next_message(endpoint, rid, self.accept_timeout_s, "no_answer")
+            except ClientError:
+                continue
+            if isinstance(msg, StatusReply):
+                replies.append(msg)
+        return replies
+
+    def run(self, image: str, argv: Sequence[str] = (), *, timeout_s: float = 30.0, memory_mb: int = 256,
+            cpus: float = 1.0):
+        """Run a container job: ``image`` by name from ``DATA_DIR/images`` (``permamesh image
+        add``), ``argv`` (default: the image's command). Returns its
+        :class:`~permamesh.containers.messages.RunResult` (exit code, stdout, stderr, timed
+        out or not); :class:`ClientError` when it could not run. The image's layers are
+        seeded from this machine while the job runs; workers already holding them don't ask."""
+        from permamesh.containers.errors import ContainerError
+        from permamesh.containers.images import load_layout
+        from permamesh.containers.jobs import ImageSeed, container_entries, run_over_overlay, run_request
+
+        try:
+            img, blobs = load_layout(self.data_dir / "images", image)
+        except ContainerError as exc:
+            raise ClientError("bad_image", str(exc)) from None
+        try:
+            with ImageSeed(blobs, img) as seed:
+                req = run_request(blobs, img, argv, [seed.endpoint], timeout_s, memory_mb, cpus)
+                if self.anonymous:
+                    return run_over_overlay(self._overlay_client(timeout_s + 180.0), req)
+                entries = container_entries(discover(self.data_dir))
+                if not entries:
+                    raise ClientError("no_workers", "no worker runs containers (start `permamesh worker --containers`)")
+                entry = entries[next(self._next) % len(entries)]
+                self._pins.setdefault(entry.endpoint, bytes.fromhex(entry.sign_key))
+                self._socket(entry.endpoint).send(encode(req, self.identity))
+                first = self._next_message(entry.endpoint, req.request_id, self.accept_timeout_s, "no_answer")
+                if not isinstance(first, Accepted):
+                    raise ClientError("protocol", f"expected accepted, got {first.TAG}")
+                return self._next_message(entry.endpoint, req.request_id, timeout_s + 180.0, "lost")
+        except ContainerError as exc:
+            raise ClientError("run_failed", str(exc)) from None
+        finally:
+            blobs.close()
+
+    def _overlay_client(self, timeout_s: float):
+        if self._overlay is None:
+            from permamesh.directory.relays import discover_relays
+            from permamesh.overlay.sender import OverlayClient, OverlayConfig
+
+            relays, config = discover_relays(self.data_dir), OverlayConfig(answer_timeout_s=max(timeout_s, 300.0))
+            if len(relays) < config.n * config.hops:
+                raise ClientError("no_relays", f"the overlay needs {config.n * config.hops} relays; "
+                                               f"{len(relays)} are registered")
+            self._overlay = OverlayClient(relays, discover(self.data_dir), config)
+        return self._overlay
+
+    def _generate_anonymously(self, prompt, messages, on_text, params) -> GenerateResult:
+        from permamesh.overlay.errors import OverlayError
+
+        chat = [m if isinstance(m, Mapping) else {"role": m.role, "content": m.content} for m in messages]
+        params = {k: v for k, v in params.items() if k != "model"}
+        try:
+            result = self._overlay_client(self.timeout_s).generate(prompt, messages=chat, **params)
+        except OverlayError as exc:
+            raise ClientError("not_delivered", str(exc)) from None
+        if on_text is not None and result.text:
+            on_text(result.text)
+        return result
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        if self._overlay is not None:
+            self._overlay.close()
+            self._overlay = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- internals
+    def _socket(self, endpoint: str) -> DealerClient:
+        if endpoint not in self._sockets:
+            self._sockets[endpoint] = DealerClient(endpoint)
+        return self._sockets[endpoint]
+
+    def _run_on(self, endpoint: str, request: GenerateRequest) -> Iterator[Message]:
+        self._socket(endpoint).send(encode(request, self.identity))
+        first = self._next_message(endpoint, request.request_id, self.accept_timeout_s, "no_answer")
+        if not isinstance(first, Accepted):
+            raise ClientError("protocol", f"expected accepted, got {first.TAG}")
+        yield first
+        while True:
+            msg = self._next_message(endpoint, request.request_id, self.timeout_s, "lost")
+            yield msg
+            if isinstance(msg, GenerateResult):
+                return
+
+    def _next_message(self, endpoint: str, request_id: str, timeout_s: float, timeout_code: str) -> Message:
+        """The next message about ``request_id`` from ``endpoint``; ErrorReply becomes ClientError."""
+        deadline = time.monotonic() + timeout_s
+        sock = self._socket(endpoint)
+        while True:
+            frame = sock.recv(max(0.0, deadline - time.monotonic()))
+            if frame is None:
+                raise ClientError(timeout_code, f"no answer from {endpoint} within {timeout_s:g} s")
+            try:
+                received = decode(frame)
+            except WireError as exc:
+                log.warning("dropping bad frame from %s: %s", endpoint, exc)
+                continue
+            pin = self._pins.setdefault(endpoint, received.sender or b"")
+            if received.sender != pin:
+                log.warning("dropping frame from %s signed by an unexpected key", endpoint)
+                continue
+            msg = received.msg
+            if getattr(msg, "request_id", None) not in (request_id, ""):
+                continue  # a late answer to an earlier, abandoned job
+            if isinstance(msg, ErrorReply):
+                raise ClientError(msg.code, msg.message)
+            if isinstance(msg, Progress):  # the job is alive: wait another full timeout
+                deadline = time.monotonic() + timeout_s
+                continue
+            return msg

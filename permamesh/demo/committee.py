@@ -1,0 +1,178 @@
+"""The committee's part of ``permamesh demo``: a 4-validator devnet the mesh's routing reads.
+
+- :func:`start_committee`: the embedded devnet (4 validator processes, Tendermint over zmq);
+  its seed partner registers the demo's workers (signed claims:
+  location, grid, ISP, hardware, models), so routing, which reads reputations from the
+  committee (workers run with ``--committee``), trusts them at R(0).
+- :func:`verification_epoch`: every member's duty once: challenges through the overlay
+  (they look like user traffic), answers scored against the reference model, signed reports
+  (member 3 lies, to show the median ignores it), the epoch closed by the ledger, the
+  reputations and the trusted list read back with committee queries.
+- :func:`credit_round`: a job admitted by credit (the scheduler's admission reads `/account`),
+  paid by a signed receipt; a job bigger than the credit left refused with the reason.
+- :func:`validator_drill`: SIGKILL one validator; the others keep committing; it restarts
+  and catches up from its block store and its peers.
+
+Who calls it: :mod:`permamesh.demo.run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from permamesh.committee import txs
+from permamesh.committee.client import CommitteeClient
+from permamesh.committee.devnet.cluster import CHAIN_ID, Devnet, DevnetConfig
+from permamesh.committee.duties import DutyConfig, Member, score_workers
+from permamesh.committee.genesis import LedgerRules
+from permamesh.committee.trust import node_id_of
+from permamesh.identity import NodeIdentity
+from permamesh.demo.mesh import relay_placement
+
+log = logging.getLogger(__name__)
+
+BLOCKS_PER_EPOCH = 20  # a demo epoch is about 5 s of blocks (4 a second when idle)
+
+
+def start_committee(data_dir: Path, say) -> tuple[Devnet, CommitteeClient]:
+    started = time.monotonic()
+    devnet = Devnet(DevnetConfig(Path(data_dir) / "devnet",
+                                 rules=LedgerRules(blocks_per_epoch=BLOCKS_PER_EPOCH)))
+    devnet.start()
+    client = CommitteeClient(devnet.endpoints, timeout_s=10.0)
+    height = client.status().height
+    say(f"committee: {len(devnet.endpoints)} validators (embedded devnet, Tendermint over zmq) at height "
+        f"{height}, ready in {time.monotonic() - started:.1f} s")
+    return devnet, client
+
+
+def register_nodes(devnet: Devnet, client: CommitteeClient, data_dir: Path, workers: list[str],
+                   relays: list[str], model: str, say) -> None:
+    """Register the workers and relays (keys made now, used by their processes) as the seed
+    partner: signed profiles, pipelined to the committee."""
+    partner = devnet.partner
+    nonce = client.next_nonce(partner.public.sign_key)
+    raw = []
+    for i, (name, role) in enumerate([(w, "worker") for w in workers] + [(r, "relay") for r in relays]):
+        ident = NodeIdentity.load_or_create(Path(data_dir) / "keys", name)
+        isp, grid, _ = relay_placement(i - len(workers) if role == "relay" else i + 3)
+        profile = txs.NodeProfile(lat_e6=(40 + (3 * i) % 20) * 10**6, lon_e6=(-10 + (7 * i) % 40) * 10**6,
+                                  grid=grid, isp=isp, asn=64500 + i, silicon_year=2012 + i % 8,
+                                  cpu_mhz=2400, idle_w=12, loaded_w=40, ram_mb=16384,
+                                  software="permamesh-0.1", models=(model,) if role == "worker" else ())
+        raw.append(txs.sign_tx(txs.RegisterNode(
+            chain_id=CHAIN_ID, nonce=nonce + i, node_key=ident.public.sign_key,
+            kex_key=ident.public.kex_key, role=role, endpoint="", profile=profile), partner))
+    outcomes = client.submit_many(raw, timeout_s=60.0)
+    failed = [o.log for o in outcomes if not o.ok]
+    if failed:
+        raise RuntimeError(f"registering nodes failed: {failed[0]}")
+    say(f"committee: registered {len(workers)} workers and {len(relays)} relays (signed profiles) by "
+        f"height {max(o.height for o in outcomes)}")
+
+
+def _reputations(client: CommitteeClient) -> dict[str, dict]:
+    return {node_id_of(row["node"]): row for row in client.query("/registry")}
+
+
+def verification_epoch(client: CommitteeClient, devnet: Devnet, overlay, reference, pool,
+                       model: str, say) -> None:
+    from permamesh.verify.verifier import Verifier
+
+    say("\n== the committee: one verification epoch ==")
+    before = _reputations(client)
+    started = time.monotonic()
+    scores = score_workers(client, Verifier(reference), pool,
+                           lambda req, node_id: overlay.submit(req, entry=node_id), DutyConfig(), model)
+    say(f"  {scores.challenges} challenges sent through the overlay and scored against the reference "
+        f"in {time.monotonic() - started:.1f} s (epoch {scores.epoch})")
+    members = [Member(devnet.identity(i), CHAIN_ID, lie=(i == 3)) for i in range(len(devnet.endpoints))]
+    for member in members:
+        member.report(client, scores)
+    say(f"  {len(members)} signed score reports submitted (member 3 lies: reports 1 - credit)")
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline and not any(
+            e["epoch"] == scores.epoch for e in client.query("/epochs")):
+        time.sleep(0.2)
+    record = next((e for e in client.query("/epochs") if e["epoch"] == scores.epoch), None)
+    if record is None:
+        say("  the epoch did not close within 60 s")
+        return
+    say(f"  epoch {scores.epoch} closed by the ledger: {record['reports']} reports, {record['scored']} workers "
+        "scored (lower median of the members' reports)")
+    for node_id, row in sorted(_reputations(client).items()):
+        credit = scores.credits.get(bytes.fromhex(row["node"]))
+        old = before.get(node_id, {}).get("reputation_ppm")
+        say(f"  worker {node_id[:8]}: credit {credit / 1e6 if credit is not None else '-'}, reputation "
+            f"{old / 1e6 if old else '-'} -> {row['reputation_ppm'] / 1e6:.2f}"
+            f"{' EXCLUDED' if row['excluded'] else ''}  ({row['profile']['grid']}, {row['profile']['isp']})")
+    trusted = client.query("/trusted")
+    say(f"  trusted list (what routing reads, every 2 s, in each worker): {len(trusted)} nodes")
+
+
+def validator_drill(devnet: Devnet, client: CommitteeClient, say) -> None:
+    say("\n== drill: one validator killed (SIGKILL) ==")
+    victim = len(devnet.endpoints) - 1
+    others = [e for i, e in enumerate(devnet.endpoints) if i != victim]
+    devnet.kill(victim)
+    start = client.status_of(others[0]).height
+    partner = devnet.partner
+    tx = txs.Vouch(chain_id=CHAIN_ID, nonce=client.next_nonce(partner.public.sign_key),
+                   subject=NodeIdentity.generate().public.sign_key)
+    outcome = client.submit(txs.sign_tx(tx, partner))
+    time.sleep(1.0)  # let the three survivors show progress (a demo pause, not synchronization)
+    now = client.status_of(others[0]).height
+    say(f"  3 of 4 validators committed {now - start} blocks in 1 s; a tx committed at height "
+        f"{outcome.height} (code {outcome.code})")
+    devnet.restart(victim)
+    t0, target = time.monotonic(), client.status_of(others[0]).height
+    while time.monotonic() - t0 < 30 and (s := client.status_of(devnet.endpoints[victim])) and s.height < target:
+        time.sleep(0.05)
+    heights = [client.status_of(e).height for e in devnet.endpoints]
+    hashes = {client.status_of(e, min(heights), min(heights)).app_hashes for e in devnet.endpoints}
+    say(f"  restarted: caught up to height {target} in {time.monotonic() - t0:.2f} s; all 4 validators "
+        f"agree on the app hash at height {min(heights)}: {len(hashes) == 1}")
+
+
+def credit_round(client: CommitteeClient, overlay, data_dir: Path, max_tokens: int, say) -> None:
+    """A researcher's job admitted by credit, paid by a signed receipt; an oversized one refused."""
+    from permamesh.scheduler.admission import Admission, OutOfCredit, prompt_bound
+
+    say("\n== credit: admission, a receipt, a refusal ==")
+    user = NodeIdentity.load_or_create(Path(data_dir) / "keys", "demo-user")
+    admission = Admission(client.query, CHAIN_ID)
+    prompt = "Why do community networks last?"
+    admitted = admission.admit(user.public.sign_key, prompt_bound(prompt), max_tokens)
+    result = overlay.generate(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
+    keys = {node_id_of(row["node"]): bytes.fromhex(row["node"]) for row in client.query("/registry")}
+    units = min(admitted.cost, result.prompt_tokens + result.completion_tokens)
+    outcome = client.submit(admission.receipt(user, keys[result.worker_id], units))
+    account = admission.account(user.public.sign_key)
+    say(f"  admitted (up to {admitted.cost} units, {admitted.available} available); answered by "
+        f"{result.worker_id[:8]}; receipt for {units} units committed at height {outcome.height} "
+        f"(code {outcome.code}); balance now {account['balance']}, available {account['available']}")
+    try:
+        admission.admit(user.public.sign_key, 0, account["available"] + 1)
+    except OutOfCredit as exc:
+        say(f"  a job bigger than the credit left is refused before it runs: {exc}")
+
+
+def payouts(client: CommitteeClient, say) -> None:
+    """Service payouts from the ledger, then the scheduler's monthly partner payment, computed
+    from the committee's registry (``permamesh payouts`` prints it in full)."""
+    from permamesh.scheduler.payouts import registry_payments
+    from permamesh.scheduler.weights import load_weights
+
+    rows = client.query("/payouts")
+    for row in rows[-4:]:
+        say(f"  service payout, epoch {row['epoch']}, to {node_id_of(row['node'])[:8]}: {row['payout']} "
+            f"(why: {row['why']})")
+    for partner, pay in registry_payments(client.query, load_weights()).items():
+        paid = sum(1 for n in pay.nodes if n.paid)
+        say(f"  the scheduler, from the committee's registry: partner {partner[:8]} is paid "
+            f"{pay.total / 100:,.2f} a month for {paid} of {len(pay.nodes)} nodes")
+        for reason in pay.why[:6]:
+            say(f"    why: {reason}")
+        say("    (permamesh payouts prints every figure and node)")
