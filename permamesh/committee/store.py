@@ -15,6 +15,12 @@ Writes are staged in memory for the block being finalized (:meth:`Store.put`,
 :meth:`Store.delete`) and reach SQLite in one transaction at :meth:`Store.commit`, together
 with the height and the lanes; a crash before that leaves the previous committed state
 intact, which is what CometBFT's replay expects. :meth:`Store.discard` drops staged writes.
+Height 0 is the genesis state: InitChain's rows, committed before the first block.
+
+Settings (:meth:`Store.setting`) are integers from CometBFT's genesis and consensus params
+that the app must remember across restarts (the chain's initial height, the block size).
+They are staged and committed with the rows but are not rows: they stay out of the app
+hash (CometBFT hashes its consensus params into every header itself).
 
 Who calls it: :class:`permamesh.committee.app.LedgerApp` (one store per validator process).
 Nothing here reads the clock.
@@ -36,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LANES = 1024  # 16-bit lanes per LtHash (2 KiB)
 _META = b"\x00meta"  # reserved namespace for height / lanes / app hash
+_SETTING = "setting/"  # meta table names of settings: "setting/<name>"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rows (ns BLOB NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,
@@ -72,12 +79,22 @@ class Store:
                        else np.zeros(LANES, dtype="<u2"))
         self._committed_lanes = self._lanes.copy()
         self.app_hash = self._meta("app_hash") or b""
+        self._settings = {
+            str(name)[len(_SETTING):]: int.from_bytes(bytes(value), "big", signed=True)
+            for name, value in self._db.execute(
+                "SELECT name, value FROM meta WHERE substr(name, 1, ?) = ?",
+                (len(_SETTING), _SETTING))}
+        self._staged_settings: dict[str, int] = {}
 
     # -------------------------------------------------------------------------------- reads
 
     def _meta(self, name: str) -> bytes | None:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return None if row is None else bytes(row[0])
+
+    def setting(self, name: str) -> int | None:
+        """A committed setting, None if never set. Reads no SQLite (safe from any thread)."""
+        return self._settings.get(name)
 
     def get(self, ns: bytes, key: bytes) -> bytes | None:
         """The value of a row, staged writes included; None if absent."""
@@ -128,13 +145,21 @@ class Store:
         self._lanes -= row_lanes(ns, key, old)
         self._staged[(ns, key)] = None
 
+    def stage_setting(self, name: str, value: int) -> None:
+        """Set a setting at the next :meth:`commit` (dropped by :meth:`discard`)."""
+        if not -(2**63) <= value < 2**63:
+            raise CommitteeError(f"setting {name} out of range: {value}")
+        self._staged_settings[name] = value
+
     def staged_hash(self, height: int) -> bytes:
         """The app hash the state would have if committed now at ``height``."""
         return hashlib.sha256(b"permamesh/ledger/v1\x00" + height.to_bytes(8, "big")
                               + self._lanes.tobytes()).digest()
 
     def commit(self, height: int) -> bytes:
-        """Write staged rows, the height and the lanes in one SQLite transaction."""
+        """Write staged rows and settings, the height and the lanes in one SQLite transaction.
+
+        ``height`` 0 commits the genesis state (allowed only before any block)."""
         if height <= self.height and self.height:
             raise CommitteeError(f"commit of height {height} after height {self.height}")
         app_hash = self.staged_hash(height)
@@ -146,14 +171,19 @@ class Store:
                     db.execute("DELETE FROM rows WHERE ns = ? AND key = ?", (ns, key))
                 else:
                     db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", (ns, key, value))
-            for name, value in (("height", height.to_bytes(8, "big")),
-                                ("lanes", self._lanes.tobytes()), ("app_hash", app_hash)):
+            meta = [("height", height.to_bytes(8, "big")), ("lanes", self._lanes.tobytes()),
+                    ("app_hash", app_hash)]
+            meta += [(_SETTING + name, value.to_bytes(8, "big", signed=True))
+                     for name, value in sorted(self._staged_settings.items())]
+            for name, value in meta:
                 db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         self._staged.clear()
+        self._settings.update(self._staged_settings)
+        self._staged_settings.clear()
         self._committed_lanes = self._lanes.copy()
         self.height, self.app_hash = height, app_hash
         return app_hash
@@ -161,6 +191,7 @@ class Store:
     def discard(self) -> None:
         """Drop staged writes (a block that was finalized but will not be committed)."""
         self._staged.clear()
+        self._staged_settings.clear()
         self._lanes = self._committed_lanes.copy()
 
     def recompute_lanes(self) -> np.ndarray:

@@ -216,3 +216,90 @@ def test_trial_partner_may_vouch_after_its_trial(world):
     assert query(app, "/partners")["partners"][partner.key.hex()]["tier"] == 2
     assert any(partner.key.hex() in e["promoted"] for e in query(app, "/epochs"))
     assert block(app, [partner.sign(txs.Vouch, subject=newcomer.key)]) == [txs.OK]
+
+
+def cometbft_data_size(raw_txs: list[bytes]) -> int:
+    """CometBFT's ``types.ComputeProtoSizeForTxs``: the protobuf size of ``Data{txs}`` (field
+    1, repeated bytes); ``ResponsePrepareProposal`` has the same shape, so protobuf says it."""
+    return pb.ResponsePrepareProposal(txs=raw_txs).ByteSize()
+
+
+def test_prepare_proposal_counts_each_tx_as_cometbft_does(world):
+    """CometBFT checks the returned txs with ``Txs.Validate(max_tx_bytes)``, which counts each
+    tx's tag and length prefix too, and panics when they exceed it (with block.max_bytes -1
+    the mempool hands over everything and trimming is the app's job)."""
+    c, app = world
+    vouches = [s.sign(txs.Vouch, subject=Party().key) for s in c.seeds]
+    assert [len(v) for v in vouches] == [187, 187]  # 374 raw bytes, 380 as CometBFT counts
+
+    def kept(max_tx_bytes: int) -> list[bytes]:
+        return list(app.prepare_proposal(pb.RequestPrepareProposal(
+            txs=[b"junk"] + vouches, max_tx_bytes=max_tx_bytes, height=2)).txs)
+
+    assert cometbft_data_size(vouches) == 380
+    assert kept(380) == vouches  # exactly full
+    assert kept(379) == vouches[:1]
+    assert kept(374) == vouches[:1]  # the raw sum is not room enough (it was kept before)
+    assert kept(190) == vouches[:1]
+    assert kept(189) == []
+    for limit in (189, 190, 374, 379, 380):
+        assert cometbft_data_size(kept(limit)) <= limit
+
+
+def finalize(app: LedgerApp, height: int, raw_txs: list[bytes]) -> pb.ResponseFinalizeBlock:
+    resp = app.finalize_block(pb.RequestFinalizeBlock(txs=raw_txs, height=height))
+    app.commit(pb.RequestCommit())
+    return resp
+
+
+def test_chain_starting_at_initial_height_1000_survives_restarts(tmp_path):
+    """A genesis with ``initial_height`` 1000 (a chain restarted after an upgrade): the first
+    FinalizeBlock comes at 1000, Info says 0 until it is committed, and a restart at any point
+    continues where CometBFT expects, agreeing with a replica that never stopped."""
+    c = committee()
+    path = tmp_path / "ledger.sqlite"
+    init = pb.RequestInitChain(chain_id=CHAIN, app_state_bytes=c.genesis.to_json(),
+                               initial_height=1000)
+    app, twin = LedgerApp(path), LedgerApp(None)
+    genesis_hash = app.init_chain(init).app_hash
+    assert twin.init_chain(init).app_hash == genesis_hash
+    # restart before the first block: CometBFT sees height 0 and sends InitChain again
+    app.close()
+    app = LedgerApp(path)
+    info = app.info(pb.RequestInfo())
+    assert (info.last_block_height, info.last_block_app_hash) == (0, b"")
+    with pytest.raises(CommitteeError, match="initial_height"):
+        app.init_chain(pb.RequestInitChain(chain_id=CHAIN, app_state_bytes=c.genesis.to_json(),
+                                           initial_height=999))
+    assert app.init_chain(init).app_hash == genesis_hash
+    with pytest.raises(CommitteeError, match="expected 1000"):
+        app.finalize_block(pb.RequestFinalizeBlock(height=1))
+
+    partner, worker = Party(), Party()
+    vouches = [s.sign(txs.Vouch, subject=partner.key) for s in c.seeds]
+    register = node_tx(partner, worker)
+    for replica in (app, twin):
+        assert [r.code for r in finalize(replica, 1000, vouches).tx_results] == [txs.OK] * 2
+        assert [r.code for r in finalize(replica, 1001, [register]).tx_results] == [txs.OK]
+    app.close()
+    app = LedgerApp(path)
+    info = app.info(pb.RequestInfo())
+    assert (info.last_block_height, info.last_block_app_hash) == (1001, twin.store.app_hash)
+    with pytest.raises(CommitteeError, match="expected 1002"):
+        app.finalize_block(pb.RequestFinalizeBlock(height=1001))
+    for height in range(1002, 1016):  # through epoch closes at 1005, 1010, 1015
+        assert finalize(app, height, []).app_hash == finalize(twin, height, []).app_hash
+    assert query(app, "/epochs") == query(twin, "/epochs") != []
+    assert query(app, "/status")["height"] == 1015
+    assert [n["node"] for n in query(app, "/registry")] == [worker.key.hex()]
+    assert app.store.recompute_lanes().tolist() == app.store.lanes().tolist()
+    app.close()
+    twin.close()
+
+
+def test_commit_without_finalize_is_refused(world):
+    _, app = world
+    height = app.store.height
+    with pytest.raises(CommitteeError, match="without a FinalizeBlock"):
+        app.commit(pb.RequestCommit())
+    assert app.store.height == height

@@ -28,6 +28,11 @@ be deterministic in everything that feeds ``app_hash``.
 
 An exception inside the app becomes ``Response(exception=...)`` and a log line; it never
 takes the server down (CometBFT itself treats an exception response as fatal).
+
+Two things that are not ABCI calls: :func:`proto_tx_size` is how CometBFT counts a tx
+against ``max_tx_bytes``, and :meth:`Application.max_request_bytes` is how an app tells
+the socket server how large a request frame to accept (the server asks it, outside the
+lock, whenever a frame's length prefix arrives).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import logging
 from collections.abc import Callable
 
 from permamesh.committee.abci import abci_pb2 as pb
+from permamesh.committee.abci.framing import uvarint_size
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +66,35 @@ CALLS: tuple[str, ...] = (
 )
 
 
+def proto_tx_size(tx: bytes) -> int:
+    """The bytes ``tx`` takes in a block, as CometBFT counts them against ``max_tx_bytes``.
+
+    CometBFT's ``types.ComputeProtoSizeForTxs`` is the protobuf size of ``Data{txs}``:
+    per tx, the field tag (1 byte), the uvarint length and the bytes. After
+    PrepareProposal, CometBFT sums it over the returned txs (``Txs.Validate``) and fails
+    the proposal (a panic) when the sum exceeds ``max_tx_bytes``.
+    """
+    return 1 + uvarint_size(len(tx)) + len(tx)
+
+
 class Application:
     """Base ABCI application: every call answered with a harmless default.
 
     Defaults: echo echoes; info, init_chain, query, commit and the snapshot calls return
     empty responses (snapshots are refused: offer -> REJECT, apply -> ABORT); check_tx
     accepts (code 0); prepare_proposal keeps the proposed txs, in order, while they fit in
-    ``max_tx_bytes``; process_proposal and verify_vote_extension ACCEPT; extend_vote
-    returns an empty extension; finalize_block returns one OK result per tx.
+    ``max_tx_bytes`` (counted by :func:`proto_tx_size`); process_proposal and
+    verify_vote_extension ACCEPT; extend_vote returns an empty extension; finalize_block
+    returns one OK result per tx.
     """
+
+    def max_request_bytes(self) -> int | None:
+        """The largest Request frame this app expects, or None for the server's default.
+
+        Not an ABCI call: the socket server asks it from its own thread whenever a length
+        prefix completes, without the app lock, so it must be a cheap read of settled state.
+        """
+        return None
 
     def echo(self, req: pb.RequestEcho) -> pb.ResponseEcho:
         return pb.ResponseEcho(message=req.message)
@@ -111,10 +137,11 @@ class Application:
         kept: list[bytes] = []
         total = 0
         for tx in req.txs:
-            if total + len(tx) > req.max_tx_bytes:
+            size = proto_tx_size(tx)
+            if total + size > req.max_tx_bytes:
                 break
             kept.append(tx)
-            total += len(tx)
+            total += size
         return pb.ResponsePrepareProposal(txs=kept)
 
     def process_proposal(self, req: pb.RequestProcessProposal) -> pb.ResponseProcessProposal:

@@ -8,6 +8,12 @@ order; every app call, from any connection, goes through one lock and one worker
 (``application.dispatch``), so the app never runs two calls at once. ``flush`` is
 answered by the server itself. A malformed frame or an undecodable protobuf closes that
 one connection with a log line; the server and the other connections carry on.
+
+The frame limit: ``ServerConfig.max_message_bytes`` when set (``permamesh validator
+--max-frame-bytes``); otherwise whatever the app says it needs
+(:meth:`Application.max_request_bytes`, which the ledger derives from the chain's block
+size), asked afresh at every frame, so it rises on already-open connections once
+InitChain told the app the block size; otherwise 64 MiB.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from permamesh.committee.abci import abci_pb2 as pb
 from permamesh.committee.abci.application import Application, dispatch
 from permamesh.committee.abci.framing import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_FRAME_BYTES,
     FrameDecoder,
-    FramingConfig,
     encode_message,
 )
 from permamesh.committee.errors import ProtocolError
@@ -76,8 +82,13 @@ def parse_address(address: str) -> Address:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # per incoming Request frame
+    # bytes per incoming Request frame; None = as the app asks (max_request_bytes), else 64 MiB
+    max_message_bytes: int | None = None
     read_chunk_bytes: int = 64 * 1024  # bytes per socket read
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes is not None and not 1 <= self.max_message_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(f"max_message_bytes must be in 1..{MAX_FRAME_BYTES}")
 
 
 class ABCIServer:
@@ -94,7 +105,6 @@ class ABCIServer:
         self.address = parse_address(address)
         self.config = config or ServerConfig()
         self.lock = lock or threading.Lock()  # shared with a LocalClient if one exists
-        self._framing = FramingConfig(self.config.max_message_bytes)
         self._bound: Address | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -104,6 +114,14 @@ class ABCIServer:
         self._executor: ThreadPoolExecutor | None = None
         self.started = threading.Event()  # set once listening (or once startup failed)
         self.startup_error: BaseException | None = None  # why listening failed, if it did
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The frame limit now: the configured one, else the app's, else 64 MiB."""
+        if self.config.max_message_bytes is not None:
+            return self.config.max_message_bytes
+        wanted = self.app.max_request_bytes()
+        return DEFAULT_MAX_MESSAGE_BYTES if wanted is None else min(wanted, MAX_FRAME_BYTES)
 
     @property
     def bound_address(self) -> str:
@@ -193,7 +211,7 @@ class ABCIServer:
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
     ) -> None:
-        decoder = FrameDecoder(self._framing)
+        decoder = FrameDecoder(limit=lambda: self.max_message_bytes)
         loop = asyncio.get_running_loop()
         while True:
             data = await reader.read(self.config.read_chunk_bytes)

@@ -11,6 +11,8 @@ from permamesh.committee.abci.framing import (
     FramingConfig,
     encode_frame,
     encode_uvarint,
+    frame_limit_for_block,
+    uvarint_size,
 )
 from permamesh.committee.errors import ProtocolError
 
@@ -28,6 +30,11 @@ from permamesh.committee.errors import ProtocolError
 )
 def test_uvarint_matches_protobuf_encoding(value, encoded):
     assert encode_uvarint(value) == encoded
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 16_383, 16_384, 2**21 - 1, 2**21, 2**63, 2**64 - 1])
+def test_uvarint_size_is_the_encoded_length(value):
+    assert uvarint_size(value) == len(encode_uvarint(value))
 
 
 def test_round_trip_several_frames_in_one_chunk():
@@ -72,6 +79,40 @@ def test_default_limit_is_64_mib():
         decoder.feed(encode_uvarint(64 * 1024 * 1024 + 1))
 
 
+def test_a_limit_callable_is_asked_at_every_frame():
+    """The server's limit rises once InitChain tells the app the block size, on connections
+    CometBFT opened before that."""
+    limit = [4]
+    decoder = FrameDecoder(limit=lambda: limit[0])
+    assert decoder.feed(encode_frame(b"abcd")) == [b"abcd"]
+    limit[0] = 6
+    assert decoder.feed(encode_frame(b"abcdef")) == [b"abcdef"]
+    with pytest.raises(ProtocolError, match="7 bytes exceeds the 6-byte limit"):
+        decoder.feed(encode_uvarint(7))
+
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "max_bytes, limit",
+    [
+        (-1, 104_857_600 + 8 * MIB),  # CometBFT's MaxBlockSizeBytes when block.max_bytes is -1
+        (104_857_600, 104_857_600 + 8 * MIB),  # the largest block.max_bytes CometBFT accepts
+        (80 * MIB, 88 * MIB),
+        (56 * MIB + 1, 64 * MIB + 1),
+        (56 * MIB, 64 * MIB),  # never below the old 64 MiB default
+        (22_020_096, 64 * MIB),  # CometBFT's default genesis (21 MiB)
+        (1, 64 * MIB),
+        (0, None),  # proto3's "not set": no information
+        (-2, None),  # values CometBFT itself refuses
+        (104_857_601, None),
+    ],
+)
+def test_frame_limit_follows_block_max_bytes(max_bytes, limit):
+    assert frame_limit_for_block(max_bytes) == limit
+
+
 def test_overlong_varint_rejected():
     with pytest.raises(ProtocolError, match="longer than 10"):
         FrameDecoder().feed(b"\x80" * 11)
@@ -97,6 +138,8 @@ def test_decoder_stays_poisoned_after_an_error():
 def test_config_rejects_nonpositive_limit():
     with pytest.raises(ValueError):
         FramingConfig(max_message_bytes=0)
+    with pytest.raises(ValueError):  # CometBFT never sends more than math.MaxInt32
+        FramingConfig(max_message_bytes=2**31)
 
 
 @settings(max_examples=300, deadline=None)

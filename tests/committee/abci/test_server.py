@@ -17,7 +17,7 @@ import pytest
 from permamesh.committee.abci import abci_pb2 as pb
 from permamesh.committee.abci.client import SocketClient
 from permamesh.committee.abci.framing import encode_frame, encode_uvarint
-from permamesh.committee.abci.server import ABCIServerThread, parse_address
+from permamesh.committee.abci.server import ABCIServerThread, ServerConfig, parse_address
 from permamesh.committee.errors import ProtocolError
 
 from .kvapp import KVApp, state_hash
@@ -191,3 +191,65 @@ def test_bad_addresses_are_refused_clearly(bad):
 def test_address_round_trip():
     assert str(parse_address("tcp://0.0.0.0:26658")) == "tcp://0.0.0.0:26658"
     assert str(parse_address("unix:///tmp/x.sock")) == "unix:///tmp/x.sock"
+
+
+class SizedApp(KVApp):
+    """A KV app that asks for a frame limit (the ledger derives its own from the block size)."""
+
+    def __init__(self, wanted: int | None) -> None:
+        super().__init__()
+        self.wanted = wanted
+
+    def max_request_bytes(self) -> int | None:
+        return self.wanted
+
+
+def echo_of_size(size: int) -> pb.RequestEcho:
+    """An Echo whose Request frame body is exactly ``size`` bytes."""
+    length = size
+    while (over := pb.Request(echo=pb.RequestEcho(message="x" * length)).ByteSize() - size) > 0:
+        length -= over  # shrink by the tag and length prefixes (fewer once they shrink)
+    request = pb.RequestEcho(message="x" * length)
+    assert pb.Request(echo=request).ByteSize() == size
+    return request
+
+
+def hung_up_on(address: str, size: int) -> bool:
+    """Announce a frame of ``size`` bytes (sending no body): did the server hang up?"""
+    with SocketClient(address) as mallory:
+        mallory.send_raw(encode_uvarint(size))
+        mallory.send(pb.Request(flush=pb.RequestFlush()))  # read as body bytes when accepted
+        try:
+            mallory.receive()
+        except ConnectionError:
+            return True
+        raise AssertionError("the server answered inside a frame it should still be reading")
+
+
+def test_frame_limit_follows_the_app_on_open_connections():
+    app = SizedApp(None)
+    with ABCIServerThread(app, LOCAL) as server, SocketClient(server.bound_address) as c:
+        assert server.server.max_message_bytes == 64 * 1024 * 1024  # the app has no opinion
+        app.wanted = 5000  # what InitChain does to the ledger
+        assert server.server.max_message_bytes == 5000
+        request = echo_of_size(5000)
+        assert c.echo(request).message == request.message  # exactly the limit, same connection
+        assert hung_up_on(server.bound_address, 5001)
+        assert c.echo(pb.RequestEcho(message="still here")).message == "still here"
+
+
+def test_configured_frame_limit_overrides_the_app():
+    app = SizedApp(100_000)
+    config = ServerConfig(max_message_bytes=3000)
+    with ABCIServerThread(app, LOCAL, config=config) as server, \
+            SocketClient(server.bound_address) as c:
+        assert server.server.max_message_bytes == 3000
+        request = echo_of_size(3000)
+        assert c.echo(request).message == request.message
+        assert hung_up_on(server.bound_address, 3001)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**31])
+def test_server_config_refuses_bad_limits(bad):
+    with pytest.raises(ValueError, match="max_message_bytes"):
+        ServerConfig(max_message_bytes=bad)
