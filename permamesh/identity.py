@@ -292,6 +292,15 @@ class NodeIdentity:
     def node_id(self) -> str:
         return self.public.node_id
 
+    @property
+    def transport(self) -> KeyExchangeKey:
+        """The node's transport key: the Curve25519 key its servers present on encrypted links
+        (CurveZMQ). Derived from the signing key with HKDF under its own label, so it is
+        distinct from both long-term keys and needs no key file of its own."""
+        seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"permamesh transport key v1").derive(self.signing.private_bytes())
+        return KeyExchangeKey.from_private_bytes(seed)
+
     def sign(self, data: bytes) -> bytes:
         return self.signing.sign(data)
 

@@ -7,6 +7,15 @@
 - :class:`DealerClient` (blocking): a client connects one to a server, sends frames and waits
   for replies with a timeout. One per thread.
 
+**Encrypted links (CurveZMQ).** A server given its transport key (``secret_key``: the 32 raw
+bytes of :attr:`permamesh.identity.NodeIdentity.transport`) speaks only CurveZMQ, and
+advertises an endpoint that names its public key: ``tcp://HOST:PORT?key=<64 hex>``. A client
+given such an endpoint encrypts the link with a fresh ephemeral key and authenticates the server
+by that key (a server holding another key never completes the handshake, so the client hears
+nothing). The endpoint string travels wherever addresses travel today (registry records, the
+committee's descriptors, READY lines), so whoever trusts the address trusts the key.
+Endpoints without a key are plain TCP; only the embedded devnet's validators still use them.
+
 Every socket sets ``LINGER=0`` and ``MAXMSGSIZE`` (zmq drops larger frames before we see
 them) and is recorded in :data:`OPEN_SOCKETS` until closed, so tests can fail on leaks.
 Frames are opaque bytes here; :mod:`permamesh.wire` gives them meaning.
@@ -33,6 +42,49 @@ class TransportError(PermameshError):
     """A socket could not be bound, connected, or used."""
 
 
+_KEY_MARK = "?key="
+
+
+def split_endpoint(endpoint: str) -> tuple[str, bytes | None]:
+    """``tcp://HOST:PORT?key=<hex>`` -> (``tcp://HOST:PORT``, the server's 32-byte public key);
+    an endpoint without a key gives None. A malformed key raises :class:`TransportError`."""
+    if not isinstance(endpoint, str):
+        raise TransportError(f"an endpoint is a string, not {type(endpoint).__name__}")
+    address, mark, key = endpoint.partition(_KEY_MARK)
+    if not mark:
+        return endpoint, None
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise TransportError(f"endpoint {endpoint!r}: the key must be 64 lowercase hex characters")
+    return address, bytes.fromhex(key)
+
+
+def with_key(address: str, public_key: bytes | None) -> str:
+    """The endpoint that names ``public_key`` as the server's transport key."""
+    return address if public_key is None else f"{address}{_KEY_MARK}{public_key.hex()}"
+
+
+def _public_of(secret_key: bytes) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    if not isinstance(secret_key, bytes) or len(secret_key) != 32:
+        raise TransportError("a transport secret key is 32 raw bytes")
+    return x25519.X25519PrivateKey.from_private_bytes(secret_key).public_key().public_bytes_raw()
+
+
+def _curve_client(sock: zmq.Socket, server_key: bytes) -> None:
+    public, secret = zmq.curve_keypair()  # ephemeral: clients stay unlinkable across links
+    sock.curve_serverkey = server_key
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+
+
+def _connect(sock: zmq.Socket, endpoint: str) -> None:
+    address, server_key = split_endpoint(endpoint)
+    if server_key is not None:
+        _curve_client(sock, server_key)
+    sock.connect(address)
+
+
 def _prepare(sock: zmq.Socket) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
@@ -49,9 +101,13 @@ class RouterServer:
     """An asyncio ROUTER socket bound on TCP. ``recv`` yields ``(peer, frame)``; multipart
     messages with more than one body part yield ``frame=None`` so the caller can reject them."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, secret_key: bytes | None = None) -> None:
+        public = _public_of(secret_key) if secret_key is not None else None
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = _prepare(self._ctx.socket(zmq.ROUTER))
+        if secret_key is not None:
+            self._sock.curve_server = True
+            self._sock.curve_secretkey = secret_key
         try:
             if port:
                 self._sock.bind(f"tcp://{host}:{port}")
@@ -60,7 +116,8 @@ class RouterServer:
         except zmq.ZMQError as exc:
             self._sock.close(0)
             raise TransportError(f"cannot bind tcp://{host}:{port}: {exc}") from None
-        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.public_key = public  # None: plain TCP
+        self.endpoint: str = with_key(self._sock.getsockopt_string(zmq.LAST_ENDPOINT), public)
 
     async def recv(self) -> tuple[bytes, bytes | None]:
         parts = await self._sock.recv_multipart(copy=True)
@@ -89,8 +146,8 @@ class AsyncDealer:
         self._sock = _prepare(zmq.asyncio.Context.instance().socket(zmq.DEALER))
         self._sock.setsockopt(zmq.SNDHWM, 10_000)
         try:
-            self._sock.connect(endpoint)
-        except zmq.ZMQError as exc:
+            _connect(self._sock, endpoint)
+        except (zmq.ZMQError, TransportError) as exc:
             self._sock.close(0)
             raise TransportError(f"cannot connect to {endpoint}: {exc}") from None
 
@@ -118,8 +175,8 @@ class DealerClient:
         self._ctx = zmq.Context.instance()
         self._sock = _prepare(self._ctx.socket(zmq.DEALER))
         try:
-            self._sock.connect(endpoint)
-        except zmq.ZMQError as exc:
+            _connect(self._sock, endpoint)
+        except (zmq.ZMQError, TransportError) as exc:
             self._sock.close(0)
             raise TransportError(f"cannot connect to {endpoint}: {exc}") from None
         self._poller = zmq.Poller()

@@ -28,7 +28,7 @@ MAX_ARGS, MAX_ARG_BYTES = 256, 64 * 1024
 MAX_SOURCES = 8
 MAX_OUTPUT_BYTES = 64 * 1024  # per stream, in a RunResult
 MAX_TIMEOUT_S = 3600.0
-ENDPOINT_RE = re.compile(r"tcp://[A-Za-z0-9.\-\[\]:]{1,190}:[0-9]{1,5}")
+ENDPOINT_RE = re.compile(r"tcp://[A-Za-z0-9.\-\[\]:]{1,190}:[0-9]{1,5}(\?key=[0-9a-f]{64})?")  # key: CurveZMQ server key
 
 
 def _require(cond: bool, what: str) -> None:
@@ -59,7 +59,7 @@ class RunRequest(Message):
         _require(4 <= self.memory_mb <= 1 << 20, "memory_mb must be in 4..1048576")
         _require(math.isfinite(self.cpus) and 0 < self.cpus <= 1024, "cpus must be in (0, 1024]")
         _require(len(self.sources) <= MAX_SOURCES, f"at most {MAX_SOURCES} sources")
-        _require(all(ENDPOINT_RE.fullmatch(s) for s in self.sources), "sources must be tcp://host:port endpoints")
+        _require(all(ENDPOINT_RE.fullmatch(s) for s in self.sources), "sources must be tcp://host:port endpoints (with ?key=HEX for an encrypted link)")
 
 
 @message("containers.result", max_bytes=2 * MAX_OUTPUT_BYTES + 16384)

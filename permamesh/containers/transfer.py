@@ -109,7 +109,7 @@ class LayerServer:
         return HoldingsReply(count, self.jobs())
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
-        router = RouterServer(self.host, 0)
+        router = RouterServer(self.host, 0, self.identity.transport.private_bytes())
         self.endpoint = router.endpoint
 
         async def loop() -> None:

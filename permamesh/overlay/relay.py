@@ -137,7 +137,7 @@ class RelayServer:
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
-        router = RouterServer(self.config.host, self.config.port)
+        router = RouterServer(self.config.host, self.config.port, self.identity.transport.private_bytes())
         self.endpoint = router.endpoint
         tasks = [asyncio.create_task(self._recv_loop(router)), asyncio.create_task(self._epoch_loop())]
         log.info("relay %s serving on %s", self.node_id, self.endpoint)

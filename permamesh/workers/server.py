@@ -92,7 +92,7 @@ class WorkerServer:
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._outbox: asyncio.Queue[tuple[bytes, Message]] = asyncio.Queue()
-        router = RouterServer(self.config.host, self.config.port)
+        router = RouterServer(self.config.host, self.config.port, self.identity.transport.private_bytes())
         self.endpoint = router.endpoint
         self.executor.start(lambda peer, msg: loop.call_soon_threadsafe(self._outbox.put_nowait, (peer, msg)))
         self.executor.on_done = lambda job, done: loop.call_soon_threadsafe(self._after_job, done)
