@@ -6,6 +6,9 @@
   time, the exporter thread, ``DATA_DIR/run/metrics`` records.
 - :mod:`~permamesh.ops.health`: :class:`HealthMonitor`, the free health checks of every
   registered process, and their alerts.
+- :mod:`~permamesh.ops.netns`: :class:`Hosts`, simulated hosts in network namespaces on one bridge.
+- :mod:`~permamesh.ops.capture`: :class:`Capture`, a bounded packet capture on those hosts' bridge.
+- :mod:`~permamesh.ops.delayline`: a one-way delay between a host and the bridge where there is no netem.
 
 Who calls it: every process imports :mod:`metrics`; the CLI (``permamesh health``), the
 gateway and the dashboard read :mod:`health`; launchers use :mod:`procs`. Pure modules
