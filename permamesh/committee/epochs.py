@@ -22,16 +22,11 @@ from __future__ import annotations
 import logging
 
 from permamesh.committee.ledger import (ACCOUNT, EPOCH, NODE, PARTNER, PAYOUT, REP, REPORT,
-                                        TIER_TRIAL, TIER_VOUCH, Ledger, epoch_key)
+                                        TIER_TRIAL, TIER_VOUCH, Ledger, epoch_key, lower_median)
 from permamesh.verify import reputation as rep_rules
 from permamesh.verify.reputation import PPM, NodeReputation
 
 log = logging.getLogger(__name__)
-
-
-def lower_median(values: list[int]) -> int:
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
 
 
 def closing_epoch(ledger: Ledger, height: int) -> int | None:
@@ -54,9 +49,8 @@ def aggregate(ledger: Ledger, epoch: int) -> tuple[dict[bytes, int], int]:
         reports += 1
         for node_key, credit, _challenges in ledger.read(REPORT, key):
             by_node.setdefault(bytes(node_key), []).append(credit)
-    members = len(ledger.members)
     scored = {node: lower_median(credits) for node, credits in sorted(by_node.items())
-              if 3 * len(credits) > 2 * members}
+              if ledger.quorum(len(credits))}
     return scored, reports
 
 

@@ -29,14 +29,15 @@ class LedgerRules:
     base_allowance: int = 10_000  # credit a user may overdraw with nothing earned
     earned_limit_ppm: int = 500_000  # and this share of all it ever earned on top
     max_report_lag: int = 1  # a report for epoch e is accepted until epoch e + this closes
+    probe_blocks: int = 10  # a liveness probe period is this many blocks (height // this)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if type(value) is not int or value < 0:
                 raise CommitteeError(f"ledger rule {f.name} must be an int >= 0")
-        if self.blocks_per_epoch < 1 or self.vouches_required < 1:
-            raise CommitteeError("blocks_per_epoch and vouches_required must be >= 1")
+        if self.blocks_per_epoch < 1 or self.vouches_required < 1 or self.probe_blocks < 1:
+            raise CommitteeError("blocks_per_epoch, vouches_required and probe_blocks must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ Rows (namespace -> key -> canonical msgpack value), all in one :class:`Store`:
 | ``partner`` | partner key | tier, admitted epoch, vouchers |
 | ``cand`` | candidate key | sorted voucher keys (until admitted) |
 | ``node`` | node key | partner, kex key, role, endpoint, profile, registered epoch |
+| ``desc`` | node key | the node's own descriptor (:class:`txs.Announce` fields) |
+| ``probe`` | period + member key | the nodes that member found up, with round trips |
+| ``live`` | node key | the last period it was counted up, and that period's median rtt |
 | ``rep`` | node key | :class:`NodeReputation` fields |
 | ``report`` | epoch + member key | that member's scores for the epoch |
 | ``account`` | account key | balance, earned, spent, earned this epoch |
@@ -19,6 +22,14 @@ Every ``apply_*`` checks everything first and writes only when the tx is valid, 
 tx never changes state; a tx that was well formed, correctly signed and carried the right
 nonce consumes its nonce even when a rule rejects it (so it cannot be replayed later, when
 the rule might pass). Tiers: 3 seed partner, 2 may vouch, 1 trial, admitted at N vouches.
+
+Liveness: probe period ``q`` covers heights ``q*P .. q*P+P-1`` (``P = probe_blocks``). A member
+reports once per period, for the current one or the one before. A node is *counted up* in a
+period when more than 2/3 of the members reported it up there; its ``live`` row then holds
+that period and the lower median of its round trips. It is *running* at a height of period
+``p`` when it was counted up in ``p`` or ``p - 1`` (:func:`is_running`). Probe rows of periods
+before ``p - 1`` can never matter again and are pruned by the next report, so they stay at
+most two periods' worth.
 
 Who calls it: :class:`permamesh.committee.app.LedgerApp` (CheckTx with ``dry_run``,
 FinalizeBlock for real); :mod:`permamesh.committee.epochs` closes epochs over the same rows.
@@ -41,6 +52,7 @@ from permamesh.verify.reputation import NodeReputation
 log = logging.getLogger(__name__)
 
 NONCE, PARTNER, CAND, NODE, REP = b"nonce", b"partner", b"cand", b"node", b"rep"
+DESC, PROBE, LIVE = b"desc", b"probe", b"live"
 REPORT, ACCOUNT, JOB, PAYOUT, EPOCH, META = (b"report", b"account", b"job", b"payout",
                                              b"epoch", b"meta")
 TIER_TRIAL, TIER_VOUCH, TIER_SEED = 1, 2, 3
@@ -56,6 +68,16 @@ def unpack(raw: bytes | None) -> object:
 
 def epoch_key(epoch: int, key: bytes = b"") -> bytes:
     return epoch.to_bytes(8, "big") + key
+
+
+def lower_median(values: list[int]) -> int:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def is_running(live: dict | None, period: int) -> bool:
+    """Counted up by the committee in ``period`` or the one before."""
+    return live is not None and live["period"] >= period - 1
 
 
 @dataclass(frozen=True)
@@ -84,6 +106,13 @@ class Ledger:
     def epoch_of(self, height: int) -> int:
         return max(0, height - 1) // self.rules.blocks_per_epoch
 
+    def period_of(self, height: int) -> int:
+        return height // self.rules.probe_blocks
+
+    def quorum(self, reports: int) -> bool:
+        """More than 2/3 of the committee."""
+        return 3 * reports > 2 * len(self.members)
+
     def account(self, key: bytes, committed: bool = False) -> dict:
         return self.read(ACCOUNT, key, committed) or {
             "balance": 0, "earned": 0, "spent": 0, "epoch_earned": 0}
@@ -111,8 +140,9 @@ class Ledger:
         The nonce must already have been checked by the caller. Raises :class:`TxError`.
         """
         handler = {txs.RegisterNode: self._register, txs.Vouch: self._vouch,
-                   txs.ScoreReport: self._report, txs.JobReceipt: self._receipt}[type(tx)]
-        effects, applied = handler(tx, sender, self.epoch_of(height), dry_run)
+                   txs.ScoreReport: self._report, txs.JobReceipt: self._receipt,
+                   txs.Announce: self._announce, txs.Liveness: self._liveness}[type(tx)]
+        effects, applied = handler(tx, sender, height, dry_run)
         if not dry_run:
             for ns, key, value in effects:
                 if value is None:
@@ -126,7 +156,8 @@ class Ledger:
 
     # ------------------------------------------------------------------------------ rules
 
-    def _register(self, tx: txs.RegisterNode, sender: bytes, epoch: int, committed: bool):
+    def _register(self, tx: txs.RegisterNode, sender: bytes, height: int, committed: bool):
+        epoch = self.epoch_of(height)
         if self.tier(sender, committed) < TIER_TRIAL:
             raise TxError(txs.UNAUTHORIZED, "only an admitted partner may register nodes")
         old = self.read(NODE, tx.node_key, committed)
@@ -143,7 +174,8 @@ class Ledger:
             effects.append((REP, tx.node_key, rep))
         return effects, Applied("register_node", (("node", tx.node_key.hex()), ("role", tx.role)))
 
-    def _vouch(self, tx: txs.Vouch, sender: bytes, epoch: int, committed: bool):
+    def _vouch(self, tx: txs.Vouch, sender: bytes, height: int, committed: bool):
+        epoch = self.epoch_of(height)
         if self.tier(sender, committed) < TIER_VOUCH:
             raise TxError(txs.UNAUTHORIZED, "only tier 2+ partners may vouch")
         if tx.subject == sender:
@@ -161,7 +193,8 @@ class Ledger:
         return [(CAND, tx.subject, None), (PARTNER, tx.subject, admitted)], Applied(
             "admit_partner", (("partner", tx.subject.hex()), ("epoch", str(epoch))))
 
-    def _report(self, tx: txs.ScoreReport, sender: bytes, epoch: int, committed: bool):
+    def _report(self, tx: txs.ScoreReport, sender: bytes, height: int, committed: bool):
+        epoch = self.epoch_of(height)
         if sender not in self.members:
             raise TxError(txs.UNAUTHORIZED, "only committee members may report scores")
         if not epoch - self.rules.max_report_lag <= tx.epoch <= epoch:
@@ -176,7 +209,7 @@ class Ledger:
         return [(REPORT, key, scores)], Applied(
             "score_report", (("epoch", str(tx.epoch)), ("scores", str(len(scores)))))
 
-    def _receipt(self, tx: txs.JobReceipt, sender: bytes, epoch: int, committed: bool):
+    def _receipt(self, tx: txs.JobReceipt, sender: bytes, height: int, committed: bool):
         if self.read(NODE, tx.worker, committed) is None:
             raise TxError(txs.UNKNOWN, "the serving worker is not registered")
         if tx.worker == sender:
@@ -194,3 +227,56 @@ class Ledger:
                            "epoch_earned": worker["epoch_earned"] + tx.units}
         return [(JOB, job, b""), (ACCOUNT, sender, user), (ACCOUNT, tx.worker, worker)], Applied(
             "job_receipt", (("worker", tx.worker.hex()), ("units", str(tx.units))))
+
+    def _announce(self, tx: txs.Announce, sender: bytes, height: int, committed: bool):
+        node = self.read(NODE, sender, committed)
+        if node is None:
+            if self.tier(sender, committed) >= TIER_TRIAL:
+                raise TxError(txs.UNAUTHORIZED, "an announce is signed by the node's own key, "
+                              "not by its partner's")
+            raise TxError(txs.UNKNOWN, f"node {sender.hex()[:16]} is not registered (its partner "
+                          "registers it first)")
+        if node["role"] != "worker" and (tx.model or tx.group or tx.layers):
+            raise TxError(txs.INVALID, f"a {node['role']} serves no model, group or layers; "
+                          "only workers announce them")
+        old = self.read(DESC, sender, committed)
+        if old is not None and tx.seq <= old["seq"]:
+            raise TxError(txs.STALE, f"descriptor seq {tx.seq} is not above the last, {old['seq']}")
+        row = {"role": node["role"], "transport_key": tx.transport_key, "endpoint": tx.endpoint,
+               "model": tx.model, "group": tx.group, "layers": tx.layers, "version": tx.version,
+               "seq": tx.seq}
+        return [(DESC, sender, row)], Applied(
+            "announce", (("node", sender.hex()), ("endpoint", tx.endpoint), ("seq", str(tx.seq))))
+
+    def _liveness(self, tx: txs.Liveness, sender: bytes, height: int, committed: bool):
+        if sender not in self.members:
+            raise TxError(txs.UNAUTHORIZED, "only committee members may report liveness")
+        now = self.period_of(height)
+        if not now - 1 <= tx.period <= now:
+            raise TxError(txs.STALE, f"probe period {tx.period} is not open (now {now})")
+        key = epoch_key(tx.period, sender)
+        if self.read(PROBE, key, committed) is not None:
+            raise TxError(txs.DUPLICATE, "this member already reported liveness for that period")
+        for seen in tx.up:
+            if self.read(NODE, seen.node_key, committed) is None:
+                raise TxError(txs.UNKNOWN, f"node {seen.node_key.hex()[:16]} is not registered")
+        applied = Applied("liveness", (("period", str(tx.period)), ("up", str(len(tx.up)))))
+        if committed:  # a dry run (CheckTx) stops here: its effects would be thrown away
+            return [], applied
+        rtts = {seen.node_key: [seen.rtt_us] for seen in tx.up}
+        effects: list[tuple[bytes, bytes, object]] = [
+            (PROBE, key, [[seen.node_key, seen.rtt_us] for seen in tx.up])]
+        for other, raw in self.store.scan(PROBE):
+            period = int.from_bytes(other[:8], "big")
+            if period < now - 1:
+                effects.append((PROBE, other, None))  # can never count again
+            elif period == tx.period:
+                for node_key, rtt in unpack(raw):
+                    if node_key in rtts:
+                        rtts[node_key].append(rtt)
+        for node_key, values in sorted(rtts.items()):
+            live = self.read(LIVE, node_key)
+            if self.quorum(len(values)) and (live is None or live["period"] <= tx.period):
+                effects.append((LIVE, node_key, {"period": tx.period, "reports": len(values),
+                                                 "rtt_us": lower_median(values)}))
+        return effects, applied

@@ -2,9 +2,10 @@
 
 | path | data | answer |
 |---|---|---|
-| ``/status`` | | chain id, height, app hash, current epoch, counts |
-| ``/registry`` | | every node: partner, role, endpoint, profile, reputation |
-| ``/node`` | node key (32 bytes or hex) | one node |
+| ``/status`` | | chain id, height, app hash, current epoch and probe period, members |
+| ``/registry`` | | every node: partner, role, endpoint, profile, reputation, descriptor, liveness |
+| ``/node`` | node key (32 bytes or hex) | one node, as in ``/registry`` |
+| ``/directory`` | | height, app hash, period, and every node as a client dials it (below) |
 | ``/reputation`` | | node -> reputation ppm, excluded, epochs, window |
 | ``/trusted`` | | the nodes routing may use (not excluded), sorted, with reputation |
 | ``/account`` | key | balance, earned, spent, credit limit, available |
@@ -14,9 +15,19 @@
 | ``/payouts`` | epoch (decimal) or empty | service payouts with their "why" |
 | ``/epochs`` | | what closing each epoch did |
 
+``/directory`` nodes are sorted by key and flat: ``node``, ``node_id``, ``role``, ``partner``,
+``kex_key`` and ``profile`` from the partner's registration; ``transport_key``, ``endpoint``,
+``model``, ``group``, ``layers``, ``version`` and ``seq`` from the node's own descriptor (empty
+strings and seq 0 until it announces, and again if its partner changes its role);
+``reputation_ppm`` and ``excluded``; ``running``, ``rtt_us`` (null until counted up) and
+``seen_period`` (-1 until counted up) from the members' liveness reports. ``height`` and
+``app_hash`` name the committed state the answer reflects, so a reader can check it against
+another validator's app hash at that height; ``period`` is ``height // probe_blocks``.
+
 Who calls it: :meth:`LedgerApp.query` (CometBFT's ``abci_query`` RPC, or the devnet's query
 socket); readers are routing (``/trusted``), the scheduler and admission (``/registry``,
-``/account``), dashboards and ``permamesh validator query``.
+``/account``), every node and client (``/directory``), dashboards and
+``permamesh validator query``.
 """
 
 from __future__ import annotations
@@ -25,8 +36,12 @@ import json
 
 from permamesh.committee import txs
 from permamesh.committee.errors import TxError
-from permamesh.committee.ledger import (ACCOUNT, CAND, EPOCH, NODE, NONCE, PARTNER, PAYOUT, REP,
-                                        Ledger, unpack)
+from permamesh.committee.ledger import (ACCOUNT, CAND, DESC, EPOCH, LIVE, NODE, NONCE, PARTNER,
+                                        PAYOUT, REP, Ledger, is_running, unpack)
+from permamesh.identity import PublicIdentity
+
+_NO_DESCRIPTOR = {"transport_key": "", "endpoint": "", "model": "", "group": "", "layers": "",
+                  "version": "", "seq": 0}
 
 
 def _key(data: bytes) -> bytes:
@@ -56,10 +71,37 @@ def _rows(ledger: Ledger, ns: bytes):
         yield key, unpack(raw)
 
 
+def _descriptor(ledger: Ledger, key: bytes, row: dict) -> dict | None:
+    """The node's descriptor, None if it never announced or announced under another role."""
+    desc = ledger.read(DESC, key, committed=True)
+    return None if desc is None or desc["role"] != row["role"] else _plain(desc)
+
+
+def _liveness(ledger: Ledger, key: bytes, period: int) -> dict:
+    live = ledger.read(LIVE, key, committed=True)
+    return {"running": is_running(live, period), "rtt_us": None if live is None else live["rtt_us"],
+            "seen_period": -1 if live is None else live["period"]}
+
+
 def _node(ledger: Ledger, key: bytes, row: dict) -> dict:
     rep = ledger.read(REP, key, committed=True) or {}
-    return _plain(row) | {"node": key.hex(), "reputation_ppm": rep.get("reputation_ppm"),
-                          "excluded": rep.get("excluded"), "epochs": rep.get("epochs")}
+    period = ledger.period_of(ledger.store.height)
+    return (_plain(row) | {"node": key.hex(), "reputation_ppm": rep.get("reputation_ppm"),
+                           "excluded": rep.get("excluded"), "epochs": rep.get("epochs"),
+                           "descriptor": _descriptor(ledger, key, row)}
+            | _liveness(ledger, key, period))
+
+
+def _directory_entry(ledger: Ledger, key: bytes, row: dict, period: int) -> dict:
+    rep = ledger.read(REP, key, committed=True) or {}
+    desc = _descriptor(ledger, key, row) or _NO_DESCRIPTOR
+    kex = bytes(row["kex"])
+    return ({"node": key.hex(), "node_id": PublicIdentity(key, kex).node_id, "role": row["role"],
+             "partner": bytes(row["partner"]).hex(), "kex_key": kex.hex(),
+             "profile": _plain(row["profile"]), "reputation_ppm": rep.get("reputation_ppm"),
+             "excluded": bool(rep.get("excluded"))}
+            | {name: desc[name] for name in _NO_DESCRIPTOR}
+            | _liveness(ledger, key, period))
 
 
 def _account(ledger: Ledger, key: bytes) -> dict:
@@ -76,7 +118,9 @@ def answer(ledger: Ledger, path: str, data: bytes) -> bytes:
         value = {"chain_id": ledger.genesis.chain_id, "height": store.height,
                  "app_hash": store.app_hash.hex(), "epoch": ledger.epoch_of(store.height + 1),
                  "members": sorted(k.hex() for k in ledger.members),
-                 "blocks_per_epoch": ledger.rules.blocks_per_epoch}
+                 "blocks_per_epoch": ledger.rules.blocks_per_epoch,
+                 "period": ledger.period_of(store.height),
+                 "probe_blocks": ledger.rules.probe_blocks}
     elif path == "/registry":
         value = [_node(ledger, key, row) for key, row in _rows(ledger, NODE)]
     elif path == "/node":
@@ -85,6 +129,11 @@ def answer(ledger: Ledger, path: str, data: bytes) -> bytes:
         if row is None:
             raise TxError(txs.UNKNOWN, "node not registered")
         value = _node(ledger, key, row)
+    elif path == "/directory":
+        period = ledger.period_of(store.height)
+        value = {"height": store.height, "app_hash": store.app_hash.hex(), "period": period,
+                 "nodes": [_directory_entry(ledger, key, row, period)
+                           for key, row in _rows(ledger, NODE)]}
     elif path == "/reputation":
         value = {key.hex(): _plain(row) for key, row in _rows(ledger, REP)}
     elif path == "/trusted":

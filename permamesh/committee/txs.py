@@ -11,6 +11,8 @@ the chain, and a total order of one sender's transactions).
 | :class:`Vouch` | a partner that may vouch (tier >= 2) | vouches for a candidate partner |
 | :class:`ScoreReport` | a committee member (genesis) | its verification credits for one epoch |
 | :class:`JobReceipt` | a user | spends credit on a job; the worker that served it earns it |
+| :class:`Announce` | a registered node, itself | its descriptor: transport key, endpoints, model |
+| :class:`Liveness` | a committee member (genesis) | the nodes it found up in one probe period |
 
 Who calls it: clients build and sign with :func:`sign_tx`; the application parses every tx
 with :func:`parse_tx` in CheckTx, ProcessProposal and FinalizeBlock.
@@ -18,7 +20,9 @@ with :func:`parse_tx` in CheckTx, ProcessProposal and FinalizeBlock.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 
 from permamesh.committee.errors import TxError
 from permamesh.identity import NodeIdentity
@@ -26,7 +30,10 @@ from permamesh.wire.codec import Message, WireError, decode, encode, message, st
 
 log = logging.getLogger(__name__)
 
-MAX_TX_BYTES = 16 * 1024
+TX_BYTES = 16 * 1024  # body limit of every tx but a liveness report
+MAX_SEEN = 4096  # nodes one liveness report may list
+MAX_RTT_US = 60_000_000  # a round trip above 60 s is not "up"
+MAX_TX_BYTES = 256 * 1024  # the largest body of any tx (a full liveness report: ~56 B a node)
 
 # ABCI result codes (0 is success; CometBFT drops a CheckTx failure from the mempool).
 OK = 0
@@ -38,7 +45,7 @@ UNKNOWN = 5  # names a node, partner or account the ledger does not know
 NO_CREDIT = 6  # the user is out of credit
 DUPLICATE = 7  # the same vouch, report or job again
 INVALID = 8  # well-formed but breaks a ledger rule (values out of range)
-STALE = 9  # an epoch that is closed or not yet open
+STALE = 9  # an epoch or probe period not open for reports; a descriptor seq not above the last
 
 CODE_NAMES = {OK: "ok", MALFORMED: "malformed", WRONG_CHAIN: "wrong_chain",
               BAD_NONCE: "bad_nonce", UNAUTHORIZED: "unauthorized", UNKNOWN: "unknown",
@@ -73,7 +80,7 @@ class NodeProfile:
     models: tuple[str, ...] = ()  # served model names or digests
 
 
-@message("tx.register_node", max_bytes=MAX_TX_BYTES)
+@message("tx.register_node", max_bytes=TX_BYTES)
 class RegisterNode(Message):
     chain_id: str
     nonce: int
@@ -84,7 +91,7 @@ class RegisterNode(Message):
     profile: NodeProfile
 
 
-@message("tx.vouch", max_bytes=MAX_TX_BYTES)
+@message("tx.vouch", max_bytes=TX_BYTES)
 class Vouch(Message):
     chain_id: str
     nonce: int
@@ -98,7 +105,7 @@ class Score:
     challenges: int = 0
 
 
-@message("tx.score_report", max_bytes=MAX_TX_BYTES)
+@message("tx.score_report", max_bytes=TX_BYTES)
 class ScoreReport(Message):
     chain_id: str
     nonce: int
@@ -106,7 +113,7 @@ class ScoreReport(Message):
     scores: tuple[Score, ...]
 
 
-@message("tx.job_receipt", max_bytes=MAX_TX_BYTES)
+@message("tx.job_receipt", max_bytes=TX_BYTES)
 class JobReceipt(Message):
     chain_id: str
     nonce: int
@@ -115,7 +122,38 @@ class JobReceipt(Message):
     job_id: bytes  # unique per user; the same job is never paid twice
 
 
-TX_TYPES = (RegisterNode, Vouch, ScoreReport, JobReceipt)
+@message("tx.announce", max_bytes=TX_BYTES)
+class Announce(Message):
+    """A node's descriptor, signed by the node itself (its partner registered it first)."""
+
+    chain_id: str
+    nonce: int
+    transport_key: bytes  # X25519 public key: the CurveZMQ server key of its links
+    endpoint: str  # where peers reach it: tcp://HOST:PORT (no key; transport_key names it)
+    model: str  # the model it serves ("" for relays and validators)
+    group: str  # its worker group ("" for none)
+    layers: str  # its layer server, tcp://HOST:PORT, or ""
+    version: str  # its software version
+    seq: int  # above the node's last accepted descriptor's (a later restart wins)
+
+
+@struct
+class Seen:
+    node_key: bytes
+    rtt_us: int  # the probe's round trip, in microseconds
+
+
+@message("tx.liveness", max_bytes=MAX_TX_BYTES)
+class Liveness(Message):
+    """One member's probe results for one period: the nodes it found up."""
+
+    chain_id: str
+    nonce: int
+    period: int  # height // probe_blocks at the time of probing
+    up: tuple[Seen, ...]  # sorted by node key, each node once; may be empty
+
+
+TX_TYPES = (RegisterNode, Vouch, ScoreReport, JobReceipt, Announce, Liveness)
 
 
 def sign_tx(tx: Message, signer: NodeIdentity) -> bytes:
@@ -174,3 +212,103 @@ def _check_fields(tx: Message) -> None:
     elif isinstance(tx, JobReceipt):
         if len(tx.worker) != 32 or not 0 < tx.units <= 10**9 or not 0 < len(tx.job_id) <= 64:
             raise TxError(INVALID, "a receipt needs a 32-byte worker, 1..1e9 units, a job id")
+    elif isinstance(tx, Announce):
+        _check_announce(tx)
+    elif isinstance(tx, Liveness):
+        if not 0 <= tx.period <= 2**62 or len(tx.up) > MAX_SEEN:
+            raise TxError(INVALID, f"a liveness report holds 0..{MAX_SEEN} nodes, period >= 0")
+        previous = b""
+        for seen in tx.up:
+            if len(seen.node_key) != 32 or not 0 <= seen.rtt_us <= MAX_RTT_US:
+                raise TxError(INVALID, f"a node needs a 32-byte key and rtt_us in 0..{MAX_RTT_US}")
+            if seen.node_key == previous:
+                raise TxError(DUPLICATE, "a node appears twice in one liveness report")
+            if seen.node_key < previous:
+                raise TxError(INVALID, "the nodes of a liveness report must be sorted by key")
+            previous = seen.node_key
+
+
+# ------------------------------------------------------------------------------ descriptors
+
+MAX_ENDPOINT = 200
+_ENDPOINT = re.compile(
+    r"tcp://(?:\[([0-9A-Fa-f:.]{2,45})\]|([A-Za-z0-9.-]{1,253})):([1-9][0-9]{0,4})")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_OCTET = re.compile(r"0|[1-9][0-9]{0,2}")
+_MODEL = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
+_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")  # a worker's default: its model
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
+_P = 2**255 - 19
+_SMALL_ORDER_U = frozenset({  # X25519 points of order 1, 2, 4 or 8 (on the curve or its twist)
+    0, 1, _P - 1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823})
+
+
+def _ipv4_problem(octets: list[str]) -> str | None:
+    if len(octets) != 4 or not all(_OCTET.fullmatch(o) and int(o) <= 255 for o in octets):
+        return "is not a DNS name or a dotted IPv4 address"
+    first = int(octets[0])
+    if first == 0 or first >= 224:
+        return "is unspecified, multicast or reserved"
+    return None
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """Why ``endpoint`` is not an address peers can dial (None when it is): ``tcp://HOST:PORT``
+    with HOST a DNS name, a dotted IPv4 address or a bracketed IPv6 address, never an
+    unspecified (0.0.0.0, ::), multicast or reserved one, and PORT in 1..65535, no leading 0.
+
+    Every validator must decide alike, so dotted IPv4 is parsed here (Python's own parser
+    changed across versions); bracketed IPv6 goes to :mod:`ipaddress` only after a character
+    check (no zone ids)."""
+    if not endpoint:
+        return "is empty"
+    if len(endpoint) > MAX_ENDPOINT:
+        return f"is longer than {MAX_ENDPOINT} characters"
+    m = _ENDPOINT.fullmatch(endpoint)
+    if m is None:
+        return "is not tcp://HOST:PORT"
+    ipv6, name, port = m.groups()
+    if int(port) > 65535:
+        return "has a port above 65535"
+    if ipv6 is not None:
+        try:
+            address = ipaddress.IPv6Address(ipv6)
+        except ValueError:
+            return "has a malformed IPv6 address"
+        if address.is_unspecified or address.is_multicast:
+            return "has an unspecified or multicast IPv6 address"
+        mapped = address.ipv4_mapped
+        return None if mapped is None else _ipv4_problem(str(mapped).split("."))
+    labels = name.split(".")
+    if labels[-1].isdigit():  # no top-level domain is all digits: this means an IPv4 address
+        return _ipv4_problem(labels)
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return "has a host that is not a DNS name"
+    return None
+
+
+def _check_announce(tx: Announce) -> None:
+    key = tx.transport_key
+    if len(key) != 32:
+        raise TxError(INVALID, "transport_key must be a 32-byte X25519 public key")
+    if int.from_bytes(key, "little") % 2**255 % _P in _SMALL_ORDER_U:
+        raise TxError(INVALID, "transport_key is a small-order X25519 point (no secret behind it)")
+    for name in ("endpoint", "layers"):
+        value = getattr(tx, name)
+        if name == "layers" and value == "":
+            continue
+        problem = endpoint_problem(value)
+        if problem:
+            raise TxError(INVALID, f"{name} {value[:64]!r} {problem}")
+    for name, pattern, rule in (
+            ("model", _MODEL, "1..128 printable ASCII characters without spaces"),
+            ("group", _GROUP, "1..128 of A-Z a-z 0-9 . _ : / @ + -, first a letter or digit")):
+        value = getattr(tx, name)
+        if value and not pattern.fullmatch(value):
+            raise TxError(INVALID, f"{name} {value[:64]!r}: \"\" or {rule}")
+    if not _VERSION.fullmatch(tx.version):
+        raise TxError(INVALID, f"version {tx.version[:64]!r}: 1..64 of A-Z a-z 0-9 . + _ -")
+    if not 1 <= tx.seq <= 2**62:
+        raise TxError(INVALID, "seq must be in 1..2^62")

@@ -79,3 +79,30 @@ def query(app: LedgerApp, path: str, data: bytes = b""):
 def node_tx(partner: Party, node: Party, role: str = "worker", **prof) -> bytes:
     return partner.sign(txs.RegisterNode, node_key=node.key, kex_key=node.ident.public.kex_key,
                         role=role, endpoint="tcp://127.0.0.1:1", profile=profile(**prof))
+
+
+# ----------------------------------------------------------------- descriptors and liveness
+
+
+def announce_tx(node: Party, seq: int = 1, **fields) -> bytes:
+    """The node's own descriptor, signed by the node (its partner registered it)."""
+    base = dict(transport_key=node.ident.transport.public_bytes,
+                endpoint="tcp://node.example.org:7001", model="", group="", layers="",
+                version="permamesh-0.1", seq=seq)
+    return node.sign(txs.Announce, **(base | fields))
+
+
+def liveness_tx(member: Party, period: int, up: dict[bytes, int]) -> bytes:
+    """A member's report of the nodes it found up (node key -> rtt in microseconds)."""
+    return member.sign(txs.Liveness, period=period,
+                       up=tuple(txs.Seen(key, rtt) for key, rtt in sorted(up.items())))
+
+
+def advance_to(app: LedgerApp, height: int) -> None:
+    """Commit empty blocks until the last committed height is ``height``."""
+    while app.store.height < height:
+        block(app, [])
+
+
+def row_count(app: LedgerApp, ns: bytes) -> int:
+    return sum(1 for _ in app.store.scan(ns, committed=True))
