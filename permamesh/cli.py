@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--committee", action="append", default=None, metavar="ENDPOINT",
                    help="a committee validator (repeatable): routing in the group then reads each member's reputation "
                         "from the committee's ledger; unregistered or excluded members get no forwarded traffic")
+    w.add_argument("--join", action="append", default=None, metavar="VALIDATOR",
+                   help="join a mesh through its committee: a validator address (http://HOST:PORT for CometBFT's RPC, "
+                        "tcp://HOST:PORT for the devnet; comma-separated or repeatable). Group peers, relays and the "
+                        "group salt then come from the committee's directory, and the worker publishes its signed "
+                        "descriptor there (its partner must have registered it)")
+    w.add_argument("--advertise", default=None, metavar="HOST:PORT",
+                   help="with --join: where peers reach this worker (needed when --host is 0.0.0.0; default: the bound address)")
     w.add_argument("--group", default=None, help="worker group to route within (default: the model name; '' = serve alone)")
     w.add_argument("--policy", default="permamesh", choices=POLICY_NAMES, help="routing policy inside the group (default: permamesh)")
     w.add_argument("--block-size", type=int, default=16, help="tokens per block of the prefix cache and routing tree (count, default: 16)")
@@ -86,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="an optional system message")
     s.add_argument("--raw", action="store_true", help="send --prompt as raw text, without the chat template")
     s.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address tcp://HOST:PORT (repeatable; default: the local registry)")
+    s.add_argument("--join", action="append", default=None, metavar="VALIDATOR",
+                   help="find workers and relays in the committee's directory: a validator address (http://HOST:PORT "
+                        "CometBFT RPC or tcp://HOST:PORT devnet; comma-separated or repeatable); the one thing a new host needs")
     s.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (count, default: 128)")
     s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus probability mass kept, in (0, 1] (default: 1)")
@@ -247,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = (args.data_dir or default_data_dir()).expanduser()
     try:
         if args.command == "worker":
+            from permamesh.directory.committee import parse_join
             from permamesh.workers.process import WorkerOptions, run_worker
 
             return run_worker(WorkerOptions(data_dir, args.name, args.model, args.model_path, args.device,
@@ -255,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                                             args.measure_sync, args.max_active, args.claim,
                                             tuple(args.committee or ()), args.containers,
                                             args.layer_budget_mb, args.container_jobs, args.container_uid,
-                                            None if args.metrics_port < 0 else args.metrics_port))
+                                            None if args.metrics_port < 0 else args.metrics_port,
+                                            tuple(parse_join(args.join)) if args.join else (), args.advertise))
         if args.command == "relay":
             from permamesh.overlay.relayproc import run_relay_from_args
 

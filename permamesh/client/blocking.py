@@ -70,8 +70,11 @@ class ClientError(PermameshError):
 
 class Client:
     def __init__(self, endpoints: Sequence[str] | None = None, *, data_dir: Path | str | None = None,
-                 timeout_s: float = 30.0, accept_timeout_s: float = 10.0, anonymous: bool = False) -> None:
-        """``endpoints``: worker addresses (tcp://host:port); default: the local registry.
+                 timeout_s: float = 30.0, accept_timeout_s: float = 10.0, anonymous: bool = False,
+                 join: Sequence[str] | str | None = None) -> None:
+        """``endpoints``: worker addresses (tcp://host:port); default: the local registry, or
+        with ``join`` (a committee validator's address, or several) the committee's directory:
+        its running workers and relays, each link encrypted to the key the directory names.
         ``timeout_s``: seconds of silence (no token, result or keep-alive) after which an
         accepted job counts as lost.
         ``accept_timeout_s``: seconds a worker has to accept a job before we try another.
@@ -80,18 +83,29 @@ class Client:
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.anonymous = anonymous
         self._overlay = None
+        self.directory = None
+        if join:
+            from permamesh.directory.committee import CommitteeDirectory, parse_join
+
+            self.directory = CommitteeDirectory(parse_join(join), self.data_dir / "directory" / "client.json")
         if endpoints is None:
-            records: list[WorkerRecord] = discover(self.data_dir)
+            records: list[WorkerRecord] = self._workers()
             endpoints = [r.endpoint for r in records]
             self._pins = {r.endpoint: bytes.fromhex(r.sign_key) for r in records}
         if not endpoints:
-            raise ClientError("no_workers", "no worker endpoints given and none registered locally; start `permamesh worker` or `permamesh demo --serve`")
+            where = "in the committee's directory" if self.directory is not None else "registered locally"
+            raise ClientError("no_workers", f"no worker endpoints given and none {where}; start `permamesh worker` "
+                              "or `permamesh demo --serve`")
         self.endpoints = list(endpoints)
         self.timeout_s = timeout_s
         self.accept_timeout_s = accept_timeout_s
         self.identity = NodeIdentity.generate()
         self._sockets: dict[str, DealerClient] = {}
         self._next = itertools.cycle(range(len(self.endpoints)))
+
+    def _workers(self) -> list[WorkerRecord]:
+        """Workers from the committee's directory (with ``join``), else the local registry."""
+        return self.directory.workers() if self.directory is not None else discover(self.data_dir)
 
     # -------------------------------------------------------------- public API
     def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str] | ChatMessage] = (),
@@ -173,7 +187,7 @@ class Client:
                 req = run_request(blobs, img, argv, [seed.endpoint], timeout_s, memory_mb, cpus)
                 if self.anonymous:
                     return run_over_overlay(self._overlay_client(timeout_s + 180.0), req)
-                entries = container_entries(discover(self.data_dir))
+                entries = container_entries(self._workers())
                 if not entries:
                     raise ClientError("no_workers", "no worker runs containers (start `permamesh worker --containers`)")
                 entry = entries[next(self._next) % len(entries)]
@@ -193,11 +207,12 @@ class Client:
             from permamesh.directory.relays import discover_relays
             from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
-            relays, config = discover_relays(self.data_dir), OverlayConfig(answer_timeout_s=max(timeout_s, 300.0))
+            relays = self.directory.relays() if self.directory is not None else discover_relays(self.data_dir)
+            config = OverlayConfig(answer_timeout_s=max(timeout_s, 300.0))
             if len(relays) < config.n * config.hops:
                 raise ClientError("no_relays", f"the overlay needs {config.n * config.hops} relays; "
                                                f"{len(relays)} are registered")
-            self._overlay = OverlayClient(relays, discover(self.data_dir), config)
+            self._overlay = OverlayClient(relays, self._workers(), config)
         return self._overlay
 
     def _generate_anonymously(self, prompt, messages, on_text, params) -> GenerateResult:

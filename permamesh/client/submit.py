@@ -26,7 +26,7 @@ def run_submit(args: argparse.Namespace, data_dir: Path) -> int:
         overlay = _submit_overlay(args, data_dir, messages, params)
         if overlay is not None:
             return overlay
-    with Client(args.worker, data_dir=data_dir, timeout_s=args.timeout) as client:
+    with Client(args.worker, data_dir=data_dir, timeout_s=args.timeout, join=getattr(args, "join", None)) as client:
         if args.json:
             result = client.generate(args.prompt if args.raw else None, messages=messages, **params)
             print(json.dumps(result.to_fields(), indent=2))
@@ -42,12 +42,19 @@ def run_submit(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def _submit_overlay(args: argparse.Namespace, data_dir: Path, messages: list, params: dict) -> int | None:
-    """Send through the overlay; None when the registry has too few relays for it."""
-    from permamesh.directory.workers import discover
+    """Send through the overlay; None when the directory has too few relays for it."""
     from permamesh.directory.relays import discover_relays
+    from permamesh.directory.workers import discover
     from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
-    relays, workers, config = discover_relays(data_dir), discover(data_dir), OverlayConfig()
+    if getattr(args, "join", None):
+        from permamesh.directory.committee import CommitteeDirectory, parse_join
+
+        directory = CommitteeDirectory(parse_join(args.join), data_dir / "directory" / "client.json")
+        relays, workers = directory.relays(), directory.workers()
+    else:
+        relays, workers = discover_relays(data_dir), discover(data_dir)
+    config = OverlayConfig()
     if len(relays) < config.n * config.hops:
         print(f"only {len(relays)} relays registered (the overlay needs {config.n * config.hops}); sending directly",
               file=sys.stderr)

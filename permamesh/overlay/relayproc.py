@@ -55,6 +55,8 @@ class RelayOptions:
     fail_after: int = 0  # drills: drop everything after this many cells (0 = never)
     directory_refresh_s: float = 10.0  # seconds between re-reads of the local registries (misses re-read sooner)
     metrics_port: int | None = 0  # Prometheus /metrics on this port (0 = any free); None = no metrics
+    join: tuple[str, ...] = ()  # committee validators: next hops and entry workers come from its directory
+    advertise: str | None = None  # HOST:PORT others reach this relay at (default: the bound address)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -78,8 +80,17 @@ def run_relay(opts: RelayOptions) -> int:
     data_dir = Path(opts.data_dir)
     config = opts.relay_config()  # checks the limits before any key file is touched
     identity = NodeIdentity.load_or_create(data_dir / "keys", opts.name)
-    relays = CachedLookup(lambda: relay_endpoints(data_dir), opts.directory_refresh_s)
-    workers = CachedLookup(lambda: worker_endpoints(data_dir), opts.directory_refresh_s)
+    if opts.join:
+        from permamesh.directory.committee import CommitteeDirectory
+
+        # read once now (a wrong committee address fails here, with the reason), then refreshed
+        # on a thread so the relay's loop never waits on the committee
+        directory = CommitteeDirectory(list(opts.join), data_dir / "directory" / f"{opts.name}.json").start()
+        relays = CachedLookup(directory.relay_endpoints, opts.directory_refresh_s)
+        workers = CachedLookup(directory.worker_endpoints, opts.directory_refresh_s)
+    else:
+        relays = CachedLookup(lambda: relay_endpoints(data_dir), opts.directory_refresh_s)
+        workers = CachedLookup(lambda: worker_endpoints(data_dir), opts.directory_refresh_s)
     server = RelayServer(identity, config, relays, workers)
     public = identity.public
     exporter = None
@@ -90,6 +101,13 @@ def run_relay(opts: RelayOptions) -> int:
         Gauges(lambda: relay_figures(server), registry)
         exporter = Exporter(registry, data_dir, identity.node_id, "relay", opts.host, opts.metrics_port)
     try:
+        if opts.join:
+            from permamesh.directory.announce import advertised, announce
+
+            serve_until_signalled(server, identity.node_id,
+                                  lambda endpoint: announce(identity, opts.join, advertised(endpoint, opts.advertise)),
+                                  lambda: None)
+            return 0
         serve_until_signalled(
             server, identity.node_id,
             lambda endpoint: register_relay(data_dir, RelayRecord(
@@ -138,13 +156,22 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
     add("--epoch-s", type=float, default=DEFAULT_EPOCH_S, metavar="SECONDS", help=f"seconds per replay-guard epoch; clients must use the same (default: {DEFAULT_EPOCH_S:g})")
     add("--metrics-port", type=int, default=0, help="Prometheus text metrics at http://HOST:PORT/metrics (0 = any "
         "free port, recorded in DATA_DIR/run/metrics; -1 = none; default: 0)")
+    add("--join", action="append", default=None, metavar="VALIDATOR",
+        help="join a mesh through its committee (http://HOST:PORT CometBFT RPC or tcp://HOST:PORT devnet; comma-separated "
+             "or repeatable): next hops and entry workers come from the committee's directory, and the relay publishes "
+             "its signed descriptor there (its partner must have registered it)")
+    add("--advertise", default=None, metavar="HOST:PORT",
+        help="with --join: where others reach this relay (needed when --host is 0.0.0.0; default: the bound address)")
     add("--fail-after", type=int, default=0, metavar="CELLS", help="failure drills: silently drop every cell after this many (count, default: 0 = never)")
 
 
 def run_relay_from_args(args: argparse.Namespace) -> int:
     """``permamesh relay``: build :class:`RelayOptions` from parsed ``args`` and run the relay."""
+    from permamesh.directory.committee import parse_join
+
     data_dir = getattr(args, "data_dir", None) or default_data_dir()
     opts = RelayOptions(Path(data_dir).expanduser(), args.name, args.host, args.port, args.isp, args.grid,
                         args.location, args.bandwidth, args.rate_per_s, args.burst, args.epoch_s,
-                        args.fail_after, metrics_port=None if args.metrics_port < 0 else args.metrics_port)
+                        args.fail_after, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                        join=tuple(parse_join(args.join)) if args.join else (), advertise=args.advertise)
     return run_relay(opts)

@@ -14,9 +14,12 @@ import os
 import sys
 from pathlib import Path
 
+from permamesh.committee.client import CommitteeClient
+from permamesh.directory.announce import advertised, announce
+from permamesh.directory.committee import CommitteeDirectory
 from permamesh.identity import NodeIdentity
 from permamesh.directory.relays import CachedLookup, relay_endpoints
-from permamesh.transport import serve_until_signalled
+from permamesh.transport import serve_until_signalled, split_endpoint
 from permamesh.directory.workers import WorkerRecord, discover, register, unregister
 from permamesh.routing.blocks import BlockHasher
 from permamesh.workers import models
@@ -55,6 +58,8 @@ class WorkerOptions:
     container_jobs: int = 2  # containers running at once
     container_uid: int = 0
     metrics_port: int | None = 0  # Prometheus /metrics on this port (0 = any free); None = no metrics
+    join: tuple[str, ...] = ()  # committee validators: peers, relays and the group salt come from its directory
+    advertise: str | None = None  # HOST:PORT peers reach this worker at (default: the bound address)
 
 
 def group_salt(data_dir: Path, group: str) -> bytes:
@@ -88,6 +93,7 @@ def run_worker(opts: WorkerOptions) -> int:
 
         torch.set_num_threads(opts.threads)
     identity = NodeIdentity.load_or_create(opts.data_dir / "keys", opts.name)
+    directory = _join(opts) if opts.join else None  # fails fast on a wrong committee address
     loaded = models.load(opts.model, opts.model_path, opts.data_dir, opts.device, opts.seed)
     if opts.model_path and opts.model == models.DEFAULT_MODEL:
         loaded.name = Path(opts.model_path).stem
@@ -95,31 +101,40 @@ def run_worker(opts: WorkerOptions) -> int:
         log.warning("serving %s but announcing %r (--claim)", loaded.name, opts.claim)
         loaded.name = opts.claim
     group_name = loaded.name if opts.group is None else opts.group
-    salt = group_salt(opts.data_dir, group_name) if group_name else b""
+    if not group_name:
+        salt = b""
+    elif directory is not None:
+        salt = committee_group_salt(directory, group_name)
+    else:
+        salt = group_salt(opts.data_dir, group_name)
     hasher = BlockHasher(opts.block_size, salt)
     cache = PrefixKVCache(hasher, opts.prefix_cache_mb * 2**20) if opts.prefix_cache_mb > 0 else None
     server = WorkerServer(Engine(loaded, prefix_cache=cache), identity, ServerConfig(opts.host, opts.port, opts.max_queue,
                                                                                      max_active=opts.max_active))
-    server.inbox = Inbox(server, CachedLookup(lambda: relay_endpoints(opts.data_dir)))  # overlay traffic
+    records = (lambda: directory.workers()) if directory is not None else (lambda: discover(opts.data_dir))
+    relays = directory.relay_endpoints if directory is not None else (lambda: relay_endpoints(opts.data_dir))
+    server.inbox = Inbox(server, CachedLookup(relays))  # overlay traffic
     if group_name:
         def peers() -> list[Peer]:
             return [Peer(r.node_id, r.endpoint, bytes.fromhex(r.sign_key))
-                    for r in discover(opts.data_dir) if r.group == group_name and r.model == loaded.name]
+                    for r in records() if r.group == group_name and r.model == loaded.name
+                    and r.node_id != identity.node_id]
 
         reputation = lambda worker: 1.0  # noqa: E731 - no committee: every member counts as trusted
-        if opts.committee:
+        committee = opts.committee or opts.join
+        if committee:
             from permamesh.committee.trust import TrustView
 
-            trust = TrustView(list(opts.committee)).start()
+            trust = TrustView(list(committee)).start()
             reputation = trust.reputation
-            log.info("routing reads reputation from the committee at %s", ", ".join(opts.committee))
+            log.info("routing reads reputation from the committee at %s", ", ".join(committee))
         server.group = GroupLink(server, GroupConfig(group_name, salt, opts.block_size, opts.policy,
                                                                  measure_full_tree=opts.measure_sync), peers,
                                  reputation)
 
     layers = ""
     if opts.containers:
-        layers = _start_containers(server, opts)
+        layers = _start_containers(server, opts, records)
     exporter = None
     if opts.metrics_port is not None:
         from permamesh.ops.metrics import Exporter
@@ -136,8 +151,35 @@ def run_worker(opts: WorkerOptions) -> int:
     return 0
 
 
+def _join(opts: WorkerOptions) -> CommitteeDirectory:
+    """The committee's directory, read once now so a wrong address fails before the model loads."""
+    return CommitteeDirectory(list(opts.join), opts.data_dir / "directory" / f"{opts.name}.json").start()
+
+
+def committee_group_salt(directory: CommitteeDirectory, group: str) -> bytes:
+    """The group's block-hash salt, the same on every host: derived from the committee's chain
+    id and the group name (members on different machines must hash prompts identically)."""
+    import hashlib
+
+    with CommitteeClient(directory.endpoints, directory.timeout_s) as client:
+        chain_id = client.query("/status")["chain_id"]
+    return hashlib.sha256(b"permamesh group salt v1\0" + chain_id.encode() + b"\0" + group.encode()).digest()
+
+
 def _serve(server: WorkerServer, identity: NodeIdentity, opts: WorkerOptions, model: str, group_name: str,
            layers: str) -> None:
+    if opts.join:
+        def publish(endpoint: str) -> None:
+            layer_address = ""
+            if layers:  # the layer server has its own port, reached at the advertised host
+                host = opts.advertise.rpartition(":")[0] if opts.advertise else None
+                port = split_endpoint(layers)[0].rpartition(":")[2]
+                layer_address = advertised(layers, f"{host}:{port}" if host else None)
+            announce(identity, opts.join, advertised(endpoint, opts.advertise), model=model, group=group_name,
+                     layers=layer_address)
+
+        serve_until_signalled(server, identity.node_id, publish, lambda: None)
+        return
     serve_until_signalled(
         server, identity.node_id,
         lambda endpoint: register(opts.data_dir, WorkerRecord(identity.node_id, endpoint, identity.public.sign_key.hex(),
@@ -145,14 +187,14 @@ def _serve(server: WorkerServer, identity: NodeIdentity, opts: WorkerOptions, mo
         lambda: unregister(opts.data_dir, identity.node_id))
 
 
-def _start_containers(server: WorkerServer, opts: WorkerOptions) -> str:
+def _start_containers(server: WorkerServer, opts: WorkerOptions, records) -> str:
     """Give ``server`` a container service (its state under DATA_DIR/containers/<node id>);
     returns the layer server's endpoint for the registry record."""
     from permamesh.containers.service import ContainerPeer, ContainerService, ServiceConfig
 
     def peers() -> list[ContainerPeer]:
         return [ContainerPeer(r.node_id, r.endpoint, r.layers, bytes.fromhex(r.sign_key))
-                for r in discover(opts.data_dir) if r.layers]
+                for r in records() if r.layers]
 
     config = ServiceConfig(opts.data_dir / "containers" / server.worker_id, opts.layer_budget_mb,
                            opts.container_jobs, uid=opts.container_uid)
