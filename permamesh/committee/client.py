@@ -1,8 +1,15 @@
 """CommitteeClient: submit transactions to and query the committee, from any process.
 
-It speaks to devnet validators (``SubmitTx``, ``QueryMsg``, ``StatusMsg`` over a DEALER
-socket, like CometBFT's ``broadcast_tx_commit`` and ``abci_query`` RPCs). Given several
-validator endpoints it fails over: a validator that does not answer within the timeout is
+One client speaks to either engine, chosen by each endpoint's scheme:
+
+- ``http://`` or ``https://``: a CometBFT v0.38 node's RPC (``broadcast_tx_sync``, then the
+  commit; ``abci_query``; ``status``), through
+  :class:`~permamesh.committee.cometbft.link.CometLink`;
+- ``tcp://``: a devnet validator (``SubmitTx``, ``QueryMsg``, ``StatusMsg`` over a DEALER
+  socket, the devnet's answers to the same questions).
+
+The methods and their results are the same for both. Given several validator endpoints it
+fails over: a validator that does not answer within the timeout (or answers garbage) is
 skipped for the next call, so a killed validator costs one timeout, not the call.
 
 Who calls it: the validator's duties (score reports), routing and the scheduler (``/trusted``,
@@ -14,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from permamesh.committee.devnet import messages as m
@@ -37,49 +45,40 @@ class TxOutcome:
         return self.code == 0
 
 
-class CommitteeClient:
-    """Blocking; one per thread. ``endpoints``: devnet validators' ROUTER endpoints."""
+@dataclass(frozen=True)
+class CommitteeStatus:
+    """One validator's view of the chain, under either engine."""
 
-    def __init__(self, endpoints: list[str], timeout_s: float = 10.0) -> None:
-        if not endpoints:
-            raise CommitteeError("no committee endpoints given")
-        self.endpoints = list(endpoints)
-        self.timeout_s = timeout_s
-        self._ident = NodeIdentity.generate()
-        self._socks: dict[str, DealerClient] = {}
-        self._refs = itertools.count(1)
-        self._first = 0
+    height: int  # last committed height
+    app_hash: bytes  # the app hash after ``height``
+    heights: tuple[int, ...] = ()  # the asked-for heights (first..last) this validator has
+    app_hashes: tuple[bytes, ...] = ()  # the app hash after each of ``heights``
+    mempool: int = 0  # txs waiting for a block
+    misbehaviour: int = 0  # equivocations seen (devnet; CometBFT puts evidence in blocks: 0)
 
-    def _sock(self, endpoint: str) -> DealerClient:
-        if endpoint not in self._socks:
-            self._socks[endpoint] = DealerClient(endpoint)
-        return self._socks[endpoint]
 
-    def _call(self, make, expect: type[Message], timeout_s: float | None = None):
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        errors = []
-        for i in range(len(self.endpoints)):
-            index = (self._first + i) % len(self.endpoints)
-            endpoint = self.endpoints[index]
-            ref = next(self._refs)
-            sock = self._sock(endpoint)
-            sock.send(encode(make(ref), self._ident))
-            answer = self._await(sock, ref, expect, timeout_s)
-            if answer is not None:
-                self._first = index
-                return answer
-            errors.append(endpoint)
-            sock.close()  # drop queued frames to a dead validator
-            del self._socks[endpoint]
-        raise CommitteeError(f"no committee validator answered within {timeout_s:g} s: {errors}")
+def _outcome(o) -> TxOutcome:
+    return TxOutcome(o.code, o.log, o.height, o.committed)
 
-    @staticmethod
-    def _await(sock: DealerClient, ref: int, expect: type[Message], timeout_s: float):
-        import time
 
+def _status(s) -> CommitteeStatus:
+    return CommitteeStatus(s.height, s.app_hash, tuple(s.heights), tuple(s.app_hashes), s.mempool,
+                           getattr(s, "misbehaviour", 0))
+
+
+class _DevnetLink:
+    """One devnet validator's ROUTER, asked over a DEALER; answers matched by ``ref``."""
+
+    def __init__(self, endpoint: str, ident: NodeIdentity, refs) -> None:
+        self.endpoint, self._ident, self._refs = endpoint, ident, refs
+        self.sock = DealerClient(endpoint)
+
+    def _ask(self, make, expect: type[Message], timeout_s: float):
+        ref = next(self._refs)
+        self.sock.send(encode(make(ref), self._ident))
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            frame = sock.recv(left)
+            frame = self.sock.recv(left)
             if frame is None:
                 return None
             try:
@@ -91,30 +90,19 @@ class CommitteeClient:
                 return msg
         return None
 
-    # ------------------------------------------------------------------------------ calls
+    def submit(self, tx: bytes, wait_commit: bool, timeout_s: float):
+        return self._ask(lambda ref: m.SubmitTx(tx, wait_commit, ref), m.TxAck, timeout_s)
 
-    def submit(self, tx: bytes, wait_commit: bool = True, timeout_s: float | None = None) -> TxOutcome:
-        ack = self._call(lambda ref: m.SubmitTx(tx, wait_commit, ref), m.TxAck, timeout_s)
-        return TxOutcome(ack.code, ack.log, ack.height, ack.committed)
-
-    def submit_many(self, raw_txs: list[bytes], timeout_s: float = 60.0) -> list[TxOutcome]:
-        """Pipeline ``raw_txs`` to one validator (no failover) and wait for every commit.
-
-        Outcomes come back in the order of ``raw_txs``; one still missing at the deadline is
-        reported with code -1."""
-        import time
-
-        endpoint = self.endpoints[self._first]
-        sock = self._sock(endpoint)
+    def submit_many(self, raw_txs: list[bytes], timeout_s: float) -> list:
         refs = {}
         for tx in raw_txs:
             ref = next(self._refs)
             refs[ref] = len(refs)
-            sock.send(encode(m.SubmitTx(tx, True, ref), self._ident))
-        out: list[TxOutcome | None] = [None] * len(raw_txs)
+            self.sock.send(encode(m.SubmitTx(tx, True, ref), self._ident))
+        out: list = [None] * len(raw_txs)
         deadline, missing = time.monotonic() + timeout_s, len(raw_txs)
         while missing and (left := deadline - time.monotonic()) > 0:
-            frame = sock.recv(left)
+            frame = self.sock.recv(left)
             if frame is None:
                 break
             try:
@@ -123,43 +111,130 @@ class CommitteeClient:
                 continue
             index = refs.get(ack.ref)
             if index is not None and out[index] is None:
-                out[index] = TxOutcome(ack.code, ack.log, ack.height, ack.committed)
+                out[index] = ack
                 missing -= 1
-        return [o or TxOutcome(-1, "no answer before the deadline", 0, False) for o in out]
+        return out
+
+    def query(self, path: str, data: bytes, timeout_s: float):
+        a = self._ask(lambda ref: m.QueryMsg(path, data, ref), m.QueryAnswer, timeout_s)
+        return None if a is None else (a.code, a.log, a.value, a.height)
+
+    def status(self, first: int, last: int, timeout_s: float):
+        return self._ask(lambda ref: m.StatusMsg(first, last, ref), m.StatusAnswer, timeout_s)
+
+    def close(self) -> None:
+        self.sock.close()  # drops frames still queued to a dead validator
+
+
+class CommitteeClient:
+    """Blocking; one per thread. ``endpoints``: CometBFT RPC URLs (``http://HOST:PORT``) or
+    devnet validators' ROUTER endpoints (``tcp://HOST:PORT``)."""
+
+    def __init__(self, endpoints: list[str], timeout_s: float = 10.0) -> None:
+        if not endpoints:
+            raise CommitteeError("no committee endpoints given")
+        self.endpoints = list(endpoints)
+        self.timeout_s = timeout_s
+        self._ident = NodeIdentity.generate()
+        self._links: dict[str, object] = {}
+        self._refs = itertools.count(1)
+        self._first = 0
+
+    def _link(self, endpoint: str):
+        link = self._links.get(endpoint)
+        if link is None:
+            if endpoint.startswith(("http://", "https://")):
+                from permamesh.committee.cometbft.link import CometLink
+
+                link = CometLink(endpoint, self.timeout_s)
+            else:
+                link = _DevnetLink(endpoint, self._ident, self._refs)
+            self._links[endpoint] = link
+        return link
+
+    def _drop(self, endpoint: str) -> None:
+        link = self._links.pop(endpoint, None)
+        if link is not None:
+            link.close()
+
+    def _call(self, ask, timeout_s: float | None = None):
+        """``ask(link, timeout_s)`` of each validator in turn, from the last that answered."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        errors = []
+        for i in range(len(self.endpoints)):
+            index = (self._first + i) % len(self.endpoints)
+            endpoint = self.endpoints[index]
+            try:
+                answer = ask(self._link(endpoint), timeout_s)
+            except CommitteeError as exc:  # a malformed answer: this validator is not trusted now
+                log.warning("committee validator %s: %s", endpoint, exc)
+                errors.append(f"{endpoint} ({exc})")
+                self._drop(endpoint)
+                continue
+            if answer is not None:
+                self._first = index
+                return answer
+            errors.append(endpoint)
+            self._drop(endpoint)
+        raise CommitteeError(f"no committee validator answered within {timeout_s:g} s: {errors}")
+
+    # ------------------------------------------------------------------------------ calls
+
+    def submit(self, tx: bytes, wait_commit: bool = True, timeout_s: float | None = None) -> TxOutcome:
+        return _outcome(self._call(lambda link, t: link.submit(tx, wait_commit, t), timeout_s))
+
+    def submit_many(self, raw_txs: list[bytes], timeout_s: float = 60.0) -> list[TxOutcome]:
+        """Pipeline ``raw_txs`` to one validator (no failover) and wait for every commit.
+
+        Outcomes come back in the order of ``raw_txs``; one still missing at the deadline is
+        reported with code -1."""
+        endpoint = self.endpoints[self._first]
+        try:
+            out = self._link(endpoint).submit_many(list(raw_txs), timeout_s)
+        except CommitteeError as exc:
+            log.warning("committee validator %s: %s", endpoint, exc)
+            self._drop(endpoint)
+            out = [None] * len(raw_txs)
+        return [_outcome(o) if o is not None else TxOutcome(-1, "no answer before the deadline", 0, False)
+                for o in out]
 
     def query_raw(self, path: str, data: bytes = b"") -> tuple[int, str, bytes, int]:
-        a = self._call(lambda ref: m.QueryMsg(path, data, ref), m.QueryAnswer)
-        return a.code, a.log, a.value, a.height
+        return self._call(lambda link, t: link.query(path, data, t))
 
     def query(self, path: str, data: bytes = b""):
         """The JSON answer of a query path (see :mod:`permamesh.committee.queries`)."""
         code, log_, value, _ = self.query_raw(path, data)
         if code:
             raise CommitteeError(f"query {path} failed ({code}): {log_}")
-        return json.loads(value)
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise CommitteeError(f"query {path}: the answer is not JSON") from None
 
-    def status(self, first: int = 0, last: int = 0) -> m.StatusAnswer:
-        return self._call(lambda ref: m.StatusMsg(first, last, ref), m.StatusAnswer)
+    def status(self, first: int = 0, last: int = 0) -> CommitteeStatus:
+        """Height and app hash (and app hashes for heights first..last, at most 1,000)."""
+        return _status(self._call(lambda link, t: link.status(first, last, t)))
 
     def status_of(self, endpoint: str, first: int = 0, last: int = 0,
-                  timeout_s: float = 5.0) -> m.StatusAnswer | None:
-        """One validator's own status (no failover); None if it does not answer."""
-        ref = next(self._refs)
-        sock = self._sock(endpoint)
-        sock.send(encode(m.StatusMsg(first, last, ref), self._ident))
-        answer = self._await(sock, ref, m.StatusAnswer, timeout_s)
+                  timeout_s: float = 5.0) -> CommitteeStatus | None:
+        """One validator's own status (no failover); None if it does not answer (or answers
+        garbage)."""
+        try:
+            answer = self._link(endpoint).status(first, last, timeout_s)
+        except CommitteeError as exc:
+            log.warning("committee validator %s: %s", endpoint, exc)
+            answer = None
         if answer is None:
-            sock.close()
-            del self._socks[endpoint]
-        return answer
+            self._drop(endpoint)
+            return None
+        return _status(answer)
 
     def next_nonce(self, key: bytes) -> int:
         return self.query("/nonce", key)["next"]
 
     def close(self) -> None:
-        for sock in self._socks.values():
-            sock.close()
-        self._socks.clear()
+        for endpoint in list(self._links):
+            self._drop(endpoint)
 
     def __enter__(self) -> CommitteeClient:
         return self

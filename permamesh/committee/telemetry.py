@@ -5,6 +5,10 @@ The figures are read at scrape time by asking the validator itself over its own 
 (:class:`~permamesh.committee.client.CommitteeClient` to its own endpoint), so the ledger's
 SQLite connection is only ever used by the validator's own thread.
 
+The status is a :class:`~permamesh.committee.client.CommitteeStatus`, the same under either
+engine, so the figures read the same from a devnet validator (``tcp://``) or a CometBFT node's
+RPC (``http://``; misbehaviour is 0 there: CometBFT keeps evidence in its blocks).
+
 Who calls it: :mod:`permamesh.committee.validator` (devnet engine).
 """
 
@@ -21,7 +25,7 @@ PPM = 1_000_000
 
 
 def validator_figures(client) -> list[Figure]:
-    """``client``: a CommitteeClient with this validator's endpoint only."""
+    """``client``: a CommitteeClient with this validator's endpoint only (either engine)."""
     out: list[Figure] = []
     status = client.status()
     out += [Figure("permamesh_chain_height", "Last committed height", status.height),

@@ -2,12 +2,17 @@
 
 - ``--engine cometbft --abci tcp://127.0.0.1:26658 --home DIR``: serve the ledger
   application on the ABCI socket; a CometBFT v0.38 node (``proxy_app`` pointing there) drives
-  it. Configuration in ``docs/committee.md``.
+  it. Configuration in ``docs/committee.md``. The largest request frame accepted follows the
+  chain's ``block.max_bytes`` (learnt at InitChain and kept in the ledger's store);
+  ``--max-frame-bytes N`` overrides it.
 - ``--engine devnet --home DIR``: one validator of the embedded devnet (``DIR/node.json``,
   written by :class:`~permamesh.committee.devnet.cluster.Devnet`); prints
   ``READY <endpoint> <node_id>`` once it serves.
 - ``--devnet N --home DIR``: start a whole devnet of N validator processes, print their
   endpoints, run until Ctrl-C.
+- ``--cometbft N --home DIR``: the same with real CometBFT v0.38 nodes
+  (:class:`~permamesh.committee.cometbft.network.CometNet`); prints the RPC endpoints and
+  each block as it commits.
 - ``--query PATH --endpoint EP``: ask a running devnet (``/status``, ``/trusted``, ...).
 
 Who calls it: :mod:`permamesh.cli`.
@@ -27,6 +32,23 @@ from permamesh.committee.errors import CommitteeError
 
 log = logging.getLogger(__name__)
 
+MIN_FRAME_BYTES = 1024 * 1024  # CometBFT's default mempool max_tx_bytes must fit in a CheckTx
+
+
+def frame_bytes(text: str) -> int:
+    """``--max-frame-bytes``: a whole number of bytes within what CometBFT can send."""
+    from permamesh.committee.abci.framing import MAX_FRAME_BYTES
+
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes") from None
+    if not MIN_FRAME_BYTES <= value <= MAX_FRAME_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside {MIN_FRAME_BYTES}..{MAX_FRAME_BYTES} bytes (1 MiB up to "
+            f"CometBFT's own 2 GiB message cap)")
+    return value
+
 
 def add_validator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="devnet", choices=["devnet", "cometbft"],
@@ -38,8 +60,16 @@ def add_validator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--abci", default="tcp://127.0.0.1:26658",
                    help="cometbft engine: ABCI address, tcp://HOST:PORT or unix:///PATH "
                         "(default: tcp://127.0.0.1:26658)")
+    p.add_argument("--max-frame-bytes", type=frame_bytes, default=None, metavar="BYTES",
+                   help="cometbft engine: the largest ABCI request accepted, in bytes (default: the "
+                        "chain's block.max_bytes plus 8 MiB, 100 MiB blocks when it is -1, never "
+                        "below 64 MiB)")
     p.add_argument("--devnet", type=int, default=0, metavar="N",
                    help="start a devnet of N validator processes under --home and wait for Ctrl-C")
+    p.add_argument("--cometbft", type=int, default=0, metavar="N",
+                   help="start N validators, each an app plus a CometBFT v0.38 node (`make tools` "
+                        "installs it), under --home (default: DATA_DIR/cometnet); print their RPC "
+                        "endpoints and blocks as they commit, until Ctrl-C")
     p.add_argument("--query", default=None, metavar="PATH",
                    help="query a running devnet (/status, /registry, /trusted, /reputation, "
                         "/balances, /payouts, /partners, /epochs) and print the JSON")
@@ -64,10 +94,17 @@ def run_validator_from_args(args: argparse.Namespace, data_dir: Path) -> int:
         return _query(args, data_dir)
     if args.devnet:
         return _devnet(args, data_dir)
+    if getattr(args, "cometbft", 0):
+        from permamesh.committee.cometbft.runner import run_cometnet
+
+        return run_cometnet((args.home or data_dir / "cometnet").expanduser(), args.cometbft, data_dir)
     home = (args.home or data_dir / "validator").expanduser()
     metrics = (data_dir, args.metrics_port) if args.metrics_port >= 0 else None
+    max_frame_bytes = getattr(args, "max_frame_bytes", None)
     if args.engine == "cometbft":
-        return _cometbft(args.abci, home, metrics)
+        return _cometbft(args.abci, home, metrics, max_frame_bytes)
+    if max_frame_bytes is not None:
+        raise CommitteeError("--max-frame-bytes applies to --engine cometbft only")
     return _devnet_node(home, metrics)
 
 
@@ -82,18 +119,21 @@ def _exporter(metrics, node_id: str, read):
     return Exporter(registry, metrics[0], node_id, "validator", port=metrics[1])
 
 
-def _cometbft(address: str, home: Path, metrics=None) -> int:
-    from permamesh.committee.abci.server import ABCIServerThread
-    from permamesh.committee.app import LedgerApp
+def _cometbft(address: str, home: Path, metrics=None, max_frame_bytes: int | None = None) -> int:
+    from permamesh.committee.abci.server import ABCIServerThread, ServerConfig
+    from permamesh.committee.cometbft.drill import ledger_app
     from permamesh.ops.metrics import Figure
 
-    app = LedgerApp(home / "ledger.sqlite")
+    app = ledger_app(home / "ledger.sqlite")  # a LedgerApp; corrupt only in a drill (drill.py)
     exporter = _exporter(metrics, f"ledger-{home.name}",
                          lambda: [Figure("permamesh_chain_height", "Last committed height", app.store.height)])
     try:
-        with ABCIServerThread(app, address) as server:
+        with ABCIServerThread(app, address, config=ServerConfig(max_frame_bytes)) as server:
             print(f"READY {server.bound_address} ledger", flush=True)
-            log.info("ledger at height %d serving ABCI on %s", app.store.height, server.bound_address)
+            log.info("ledger at height %d serving ABCI on %s; frame limit %d bytes (%s)",
+                     app.store.height, server.bound_address, server.server.max_message_bytes,
+                     "--max-frame-bytes" if max_frame_bytes else
+                     "block size" if app.max_request_bytes() else "default")
             _wait_for_signal()
     finally:
         if exporter is not None:

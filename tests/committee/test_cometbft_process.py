@@ -16,17 +16,21 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
+from permamesh.cli import main
 from permamesh.committee import txs
 from permamesh.committee.abci import abci_pb2 as pb
 from permamesh.committee.abci.client import SocketClient
+from permamesh.committee.abci.framing import encode_uvarint
 from permamesh.committee.devnet.cluster import free_port
 
 from .ledger_helpers import CHAIN, Party, committee, node_tx
 
 
-def start(home, port):
+def start(home, port, *extra: str):
     proc = subprocess.Popen([sys.executable, "-m", "permamesh", "validator", "--engine", "cometbft",
-                             "--home", str(home), "--abci", f"tcp://127.0.0.1:{port}"],
+                             "--home", str(home), "--abci", f"tcp://127.0.0.1:{port}", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline().split()
     assert line[:1] == ["READY"], f"validator did not start: {line}"
@@ -89,3 +93,49 @@ def test_ledger_over_the_abci_socket_survives_sigkill(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         proc.stdout.close()
+
+
+def test_max_frame_bytes_option_overrides_the_block_size(tmp_path):
+    """``--max-frame-bytes`` wins over the limit the ledger derives from block.max_bytes (-1
+    here, which alone would allow 108 MiB): a frame of exactly the limit is served, one byte
+    more is refused from its length prefix."""
+    limit = 1024 * 1024
+    home, port = tmp_path / "validator", free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    proc = start(home, port, "--max-frame-bytes", str(limit))
+    try:
+        with SocketClient(address) as consensus:
+            init = pb.RequestInitChain(chain_id=CHAIN, initial_height=1,
+                                       app_state_bytes=committee().genesis.to_json())
+            init.consensus_params.block.max_bytes = -1
+            consensus.init_chain(init)
+            length = limit - 8  # an Echo whose frame body is exactly `limit` bytes
+            assert pb.Request(echo=pb.RequestEcho(message="x" * length)).ByteSize() == limit
+            assert len(consensus.echo(pb.RequestEcho(message="x" * length)).message) == length
+            with SocketClient(address) as mallory:
+                mallory.send_raw(encode_uvarint(limit + 1))
+                with pytest.raises(ConnectionError):
+                    mallory.receive()
+            assert consensus.echo(pb.RequestEcho(message="ok")).message == "ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("bad, why", [("0", "outside"), ("1048575", "outside"), ("2147483648", "outside"),
+                                      ("-5", "outside"), ("64MiB", "not a whole number"),
+                                      ("", "not a whole number")])
+def test_max_frame_bytes_option_refuses_bad_values(tmp_path, capsys, bad, why):
+    with pytest.raises(SystemExit) as exit_:
+        main(["validator", "--data-dir", str(tmp_path), "--engine", "cometbft",
+              "--max-frame-bytes", bad])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-frame-bytes" in err and why in err
+
+
+def test_max_frame_bytes_option_is_for_the_cometbft_engine_only(tmp_path, capsys):
+    assert main(["validator", "--data-dir", str(tmp_path), "--engine", "devnet",
+                 "--home", str(tmp_path / "v"), "--max-frame-bytes", "2000000"]) == 2
+    assert "applies to --engine cometbft only" in capsys.readouterr().err
