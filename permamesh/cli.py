@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--container-uid", type=int, default=0, help="with --containers: user id jobs run as inside their "
                    "container, e.g. 65534 = nobody (default: 0, root of the container's own namespaces)")
 
+    from permamesh.directory.register import add_keys_arguments, add_register_arguments
+
+    ke = sub.add_parser("keys", help="show this host's node keys, to send to your partner (partner role)",
+                        description="Print a node identity's public keys (created if missing): what a partner needs "
+                                    "to register the node with `permamesh register`.")
+    _common(ke)
+    add_keys_arguments(ke)
+    rg = sub.add_parser("register", help="register a node with the committee, signed as its partner (partner role)",
+                        description="Sign a RegisterNode transaction with the partner's key: the node's public keys, "
+                                    "role and the partner's claims about the machine. The node then starts with --join.")
+    _common(rg)
+    add_register_arguments(rg)
+
     s = sub.add_parser("submit", help="send a prompt to a running mesh (researcher role)", description="Send one job and stream the answer to stdout.")
     _common(s)
     s.add_argument("--prompt", required=True, help="the user message (chat) or raw text with --raw")
@@ -268,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
                                             args.layer_budget_mb, args.container_jobs, args.container_uid,
                                             None if args.metrics_port < 0 else args.metrics_port,
                                             tuple(parse_join(args.join)) if args.join else (), args.advertise))
+        if args.command == "keys":
+            from permamesh.directory.register import show_keys
+
+            return show_keys(data_dir, args.name)
+        if args.command == "register":
+            from permamesh.directory.register import register_from_args
+
+            return register_from_args(args, data_dir)
         if args.command == "relay":
             from permamesh.overlay.relayproc import run_relay_from_args
 
