@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--serve", action="store_true", help="keep the mesh running after the demo until Ctrl-C")
     d.add_argument("--gateway-port", type=int, default=8000, help="port of the demo's OpenAI-compatible gateway and "
                    "dashboard (default: 8000; any free port if it is taken; 0 = any)")
+    d.add_argument("--committee", default="cometbft", choices=["cometbft", "devnet"],
+                   help="the committee's consensus engine: cometbft (4 real CometBFT v0.38 nodes; `make tools` installs it) "
+                        "or devnet (the embedded local stand-in; default: cometbft)")
     d.add_argument("--relays", type=int, default=16, help="relay processes; prompts go through the overlay, which needs at least 12 (count, default: 16)")
     b = sub.add_parser("bench", help="benchmarks that write JSON (and PNG) reports", description="Run a benchmark; figures are ratios against baselines measured in the same run.")
     bsub = b.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.relays < 12:
                 raise SystemExit("permamesh demo: --relays must be at least 12 (4 disjoint paths of 3 relays)")
             return run_demo(DemoOptions(data_dir, args.workers, args.model, args.model_path, args.device, args.max_tokens,
-                                        args.serve, args.relays, args.gateway_port))
+                                        args.serve, args.relays, args.gateway_port, args.committee))
     except PermameshError as exc:
         print(f"permamesh {args.command}: {exc}", file=sys.stderr)
         return 2

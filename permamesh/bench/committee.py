@@ -1,19 +1,26 @@
-"""``permamesh bench committee``: how fast the ledger applies transactions and the devnet commits.
+"""``permamesh bench committee``: how fast the ledger applies transactions and the committee commits.
+
+The committee runs on CometBFT v0.38 (the production engine); the embedded devnet is measured
+beside it with the same load (``--engines``), so its figures read as a comparison, never as
+the production numbers.
 
 - **app**: the ledger application alone, on SQLite on disk, driven through its ABCI methods:
   blocks of ``block_txs`` signed job receipts (distinct users, one worker) through
   ``FinalizeBlock`` + ``Commit``; ``tx_per_s`` is txs over that time (signature checks
   included). ``check_tx_per_s`` is ``CheckTx`` alone on the same kind of txs.
-- **devnet**: ``validators`` real validator processes on loopback. Commit latency: txs sent
-  one at a time, each timed from ``SubmitTx`` to the ack sent once its block is committed.
-  Burst: ``burst_txs`` pipelined to one validator, timed to the last commit.
+- **cometbft** / **devnet**: ``validators`` real validators on loopback (for CometBFT each is a
+  ``cometbft node`` plus its ``permamesh validator`` app). Commit latency: txs sent one at a
+  time, each timed from the submit call to its commit being known (CometBFT: ``broadcast_tx_sync``
+  then the block that holds it). Burst: ``burst_txs`` pipelined, timed to the last commit.
 - **kill drill**: one validator SIGKILLed; blocks and txs while it is down; its restart and
   the time to catch up to the height the others had when it came back.
 - **agreement**: every validator's app hash at every height; ``app_hash_agree`` is true when
   all validators that hold a height hold the same hash for it.
 
-``--json PATH`` writes a ``summary`` with ``commit_latency_p50_s``, ``tx_per_s`` and
-``app_hash_agree`` (targets: p50 <= 1 s, >= 1,000 tx/s); ``--quick`` finishes in under a minute.
+``--json PATH`` writes a ``summary`` with CometBFT's ``commit_latency_p50_s``/``p99``,
+``tx_per_s`` (ledger txs committed per second through CometBFT) and ``app_hash_agree``
+(targets: p50 <= 1 s, >= 200 tx/s), the devnet's and the bare app's figures beside them;
+``--quick`` finishes in about a minute.
 
 Who calls it: :mod:`permamesh.cli` and tests.
 """
@@ -34,13 +41,15 @@ from permamesh.committee import txs
 from permamesh.committee.abci import abci_pb2 as pb
 from permamesh.committee.app import LedgerApp
 from permamesh.committee.client import CommitteeClient
+from permamesh.committee.cometbft.network import CometNet, CometNetConfig
 from permamesh.committee.devnet.cluster import CHAIN_ID, Devnet, DevnetConfig
 from permamesh.committee.genesis import Genesis
 from permamesh.identity import NodeIdentity
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"commit_latency_p50_s": 1.0, "tx_per_s": 1000}
+TARGETS = {"commit_latency_p50_s": 1.0, "tx_per_s": 200}  # on CometBFT, 4 validators, loopback
+ENGINES = ("cometbft", "devnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +60,12 @@ class CommitteeBench:
     latency_txs: int = 100  # txs sent one at a time to the devnet
     burst_txs: int = 2000  # txs pipelined to the devnet
     kill_drill: bool = True
-    home: Path | None = None  # devnet and app state (default: a temporary directory)
+    home: Path | None = None  # committee and app state (default: a temporary directory)
+    engines: tuple[str, ...] = ENGINES  # the first is the summary's; the others are measured beside it
+
+    def __post_init__(self) -> None:
+        if not self.engines or any(e not in ENGINES for e in self.engines):
+            raise ValueError(f"engines must be a non-empty subset of {ENGINES}, got {self.engines}")
 
 
 def quick_bench() -> CommitteeBench:
@@ -59,12 +73,12 @@ def quick_bench() -> CommitteeBench:
 
 
 class _Signer:
-    def __init__(self, ident: NodeIdentity | None = None) -> None:
-        self.ident, self.nonce = ident or NodeIdentity.generate(), 0
+    def __init__(self, ident: NodeIdentity | None = None, chain_id: str = CHAIN_ID) -> None:
+        self.ident, self.nonce, self.chain_id = ident or NodeIdentity.generate(), 0, chain_id
 
     def sign(self, make, **fields) -> bytes:
         self.nonce += 1
-        return txs.sign_tx(make(chain_id=CHAIN_ID, nonce=self.nonce, **fields), self.ident)
+        return txs.sign_tx(make(chain_id=self.chain_id, nonce=self.nonce, **fields), self.ident)
 
 
 def _register(partner: _Signer, node: NodeIdentity) -> bytes:
@@ -74,6 +88,7 @@ def _register(partner: _Signer, node: NodeIdentity) -> bytes:
 
 
 def _receipts(users: list[_Signer], worker: bytes, rounds: int, tag: str) -> list[list[bytes]]:
+    """``rounds`` rounds of one signed receipt per user (each user's nonces in order)."""
     return [[u.sign(txs.JobReceipt, worker=worker, units=1, job_id=f"{tag}-{r}-{i}".encode())
              for i, u in enumerate(users)] for r in range(rounds)]
 
@@ -147,14 +162,20 @@ def agreement(client: CommitteeClient, endpoints: list[str]) -> dict:
             "heights_held": [len(m) for m in maps]}
 
 
-def measure_devnet(bench: CommitteeBench, home: Path, say) -> dict:
-    with Devnet(DevnetConfig(home / "devnet", bench.validators)) as net:
+def _network(engine: str, bench: CommitteeBench, home: Path) -> CometNet | Devnet:
+    if engine == "cometbft":
+        return CometNet(CometNetConfig(home / "cometbft", bench.validators))
+    return Devnet(DevnetConfig(home / "devnet", bench.validators))
+
+
+def measure_engine(engine: str, bench: CommitteeBench, home: Path, say) -> dict:
+    with _network(engine, bench, home) as net:
         client = CommitteeClient(net.endpoints, timeout_s=10.0)
         try:
-            partner, worker = _Signer(net.partner), NodeIdentity.generate()
+            partner, worker = _Signer(net.partner, net.chain_id), NodeIdentity.generate()
             if not client.submit(_register(partner, worker)).ok:
                 raise RuntimeError("could not register the bench worker")
-            users = [_Signer() for _ in range(bench.latency_txs)]
+            users = [_Signer(chain_id=net.chain_id) for _ in range(bench.latency_txs)]
             latencies = []
             for raw in _receipts(users, worker.public.sign_key, 1, "lat")[0]:
                 t0 = time.perf_counter()
@@ -162,16 +183,16 @@ def measure_devnet(bench: CommitteeBench, home: Path, say) -> dict:
                 latencies.append(time.perf_counter() - t0)
                 if not outcome.ok:
                     raise RuntimeError(f"latency tx failed: {outcome.log}")
-            say(f"devnet: commit latency p50 {percentile(latencies, 50):.3f} s, "
+            say(f"{engine}: commit latency p50 {percentile(latencies, 50):.3f} s, "
                 f"p99 {percentile(latencies, 99):.3f} s")
-            burst_users = [_Signer() for _ in range(max(1, bench.burst_txs // 10))]
+            burst_users = [_Signer(chain_id=net.chain_id) for _ in range(max(1, bench.burst_txs // 10))]
             burst = [tx for rnd in _receipts(burst_users, worker.public.sign_key, 10, "burst")
                      for tx in rnd][: bench.burst_txs]
             t0 = time.perf_counter()
             outcomes = client.submit_many(burst, timeout_s=120.0)
             burst_s = time.perf_counter() - t0
             burst_ok = sum(o.ok for o in outcomes)
-            say(f"devnet: burst of {len(burst)} txs committed in {burst_s:.2f} s "
+            say(f"{engine}: burst of {len(burst)} txs committed in {burst_s:.2f} s "
                 f"({burst_ok / burst_s:.0f} tx/s, {burst_ok} ok)")
             drill = _kill_drill(net, client, partner, say) if bench.kill_drill else None
             agree = agreement(client, net.endpoints)
@@ -179,11 +200,11 @@ def measure_devnet(bench: CommitteeBench, home: Path, say) -> dict:
             client.close()
     return {"latency_s": latencies, "commit_latency_p50_s": percentile(latencies, 50),
             "commit_latency_p99_s": percentile(latencies, 99), "burst_txs": len(burst),
-            "burst_ok": burst_ok, "burst_s": burst_s, "devnet_tx_per_s": burst_ok / burst_s,
+            "burst_ok": burst_ok, "burst_s": burst_s, "tx_per_s": burst_ok / burst_s,
             "kill_drill": drill, "agreement": agree}
 
 
-def _kill_drill(net: Devnet, client: CommitteeClient, partner: _Signer, say) -> dict:
+def _kill_drill(net: CometNet | Devnet, client: CommitteeClient, partner: _Signer, say) -> dict:
     victim = len(net.endpoints) - 1
     others = [e for i, e in enumerate(net.endpoints) if i != victim]
     net.kill(victim)
@@ -199,7 +220,7 @@ def _kill_drill(net: Devnet, client: CommitteeClient, partner: _Signer, say) -> 
     t1 = time.perf_counter()
     caught = _wait(lambda: _heights(client, [net.endpoints[victim]])[0] >= target, 60.0)
     catch_up_s = time.perf_counter() - t1
-    say(f"kill drill: {committed} blocks and {ok}/10 txs committed in {down_s:.1f} s with validator "
+    say(f"kill drill ({type(net).__name__}): {committed} blocks and {ok}/10 txs committed in {down_s:.1f} s with validator "
         f"{victim} down; after restart it caught up {target} heights in {catch_up_s:.2f} s")
     return {"victim": victim, "blocks_while_down": committed, "txs_while_down_ok": ok,
             "down_s": down_s, "caught_up": caught, "catch_up_s": catch_up_s, "catch_up_to": target}
@@ -210,24 +231,30 @@ def run(bench: CommitteeBench, say=print) -> dict:
         home = Path(bench.home or tmp)
         home.mkdir(parents=True, exist_ok=True)
         app = measure_app(bench, home, say)
-        devnet = measure_devnet(bench, home, say)
-    drill = devnet["kill_drill"]
+        engines = {engine: measure_engine(engine, bench, home, say) for engine in bench.engines}
+    main_engine = bench.engines[0]
+    main = engines[main_engine]
+    drill = main["kill_drill"]
     summary = {
-        "commit_latency_p50_s": devnet["commit_latency_p50_s"],
-        "commit_latency_p99_s": devnet["commit_latency_p99_s"],
-        "tx_per_s": app["tx_per_s"], "check_tx_per_s": app["check_tx_per_s"],
-        "devnet_tx_per_s": devnet["devnet_tx_per_s"],
-        "app_hash_agree": devnet["agreement"]["agree"], "heights_checked": devnet["agreement"]["heights"],
+        "engine": main_engine,
+        "commit_latency_p50_s": main["commit_latency_p50_s"],
+        "commit_latency_p99_s": main["commit_latency_p99_s"],
+        "tx_per_s": main["tx_per_s"],
+        "app_tx_per_s": app["tx_per_s"], "check_tx_per_s": app["check_tx_per_s"],
+        "app_hash_agree": main["agreement"]["agree"], "heights_checked": main["agreement"]["heights"],
         "validators": bench.validators,
         "kill_drill_blocks_while_down": None if drill is None else drill["blocks_while_down"],
         "kill_drill_catch_up_s": None if drill is None else drill["catch_up_s"],
+        "beside": {e: {"commit_latency_p50_s": r["commit_latency_p50_s"], "commit_latency_p99_s":
+                       r["commit_latency_p99_s"], "tx_per_s": r["tx_per_s"], "app_hash_agree": r["agreement"]["agree"]}
+                   for e, r in engines.items() if e != main_engine},
         "targets": TARGETS,
     }
     summary["targets_met"] = (summary["commit_latency_p50_s"] <= TARGETS["commit_latency_p50_s"]
                               and summary["tx_per_s"] >= TARGETS["tx_per_s"] and summary["app_hash_agree"])
-    return {"summary": summary, "app": app, "devnet": devnet, "bench": dataclasses.asdict(bench) | {
+    return {"summary": summary, "app": app, "engines": engines, "bench": dataclasses.asdict(bench) | {
         "home": str(bench.home) if bench.home else None},
-        "machine": {"python": platform.python_version(), "cpus": _cpus()}}
+        "machine": {"python": platform.python_version(), "cpus": _cpus(), "load": "the benchmark alone; loopback"}}
 
 
 def _cpus() -> int:
@@ -240,22 +267,25 @@ def plot_committee(report: dict, path: Path) -> None:
     plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    lat = sorted(report["devnet"]["latency_s"])
-    a.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))])
+    for engine, result in report["engines"].items():
+        lat = sorted(result["latency_s"])
+        a.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=engine)
     a.axvline(TARGETS["commit_latency_p50_s"], color="grey", linestyle="--", label="p50 target")
-    a.set(xlabel="submit -> committed (s)", ylabel="share of txs", title="devnet commit latency")
+    a.set(xlabel="submit -> committed (s)", ylabel="share of txs", title="commit latency, one tx at a time")
     a.legend()
-    per_block = [report["bench"]["block_txs"] / s for s in report["app"]["block_s"]]
-    b.bar(range(1, len(per_block) + 1), per_block)
+    names = list(report["engines"])
+    b.bar(names, [report["engines"][n]["tx_per_s"] for n in names])
     b.axhline(TARGETS["tx_per_s"], color="grey", linestyle="--", label="target")
-    b.set(xlabel="block", ylabel="tx/s", title="ledger app: FinalizeBlock + Commit")
+    b.set(ylabel="ledger tx/s committed", title=f"burst of {report['bench']['burst_txs']} pipelined txs")
     b.legend()
     save(fig, path)
 
 
 def add_committee_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="fewer txs and blocks (under a minute)")
-    parser.add_argument("--validators", type=int, default=4, help="devnet validators (count, default: 4)")
+    parser.add_argument("--quick", action="store_true", help="fewer txs and blocks (about a minute)")
+    parser.add_argument("--validators", type=int, default=4, help="validators of each committee (count, default: 4)")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="comma-separated engines to measure, the first in the summary (default: cometbft,devnet)")
     parser.add_argument("--no-kill-drill", action="store_true", help="skip the SIGKILL drill")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
@@ -265,13 +295,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     bench = quick_bench() if args.quick else CommitteeBench()
     if args.validators < 1:
         raise SystemExit("permamesh bench committee: --validators must be >= 1")
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    if not engines or any(e not in ENGINES for e in engines):
+        raise SystemExit(f"permamesh bench committee: --engines takes a comma-separated subset of {', '.join(ENGINES)}")
     bench = dataclasses.replace(bench, validators=args.validators, kill_drill=not args.no_kill_drill
-                                and args.validators >= 4)
+                                and args.validators >= 4, engines=engines)
     report = run(bench)
     write_report(report, args.json, args.plot, plot_committee)
     s = report["summary"]
-    print(f"commit latency p50 {s['commit_latency_p50_s']:.3f} s, app {s['tx_per_s']:.0f} tx/s, "
-          f"devnet {s['devnet_tx_per_s']:.0f} tx/s, app hashes agree: {s['app_hash_agree']}")
+    beside = "".join(f"; {e}: p50 {r['commit_latency_p50_s']:.3f} s, {r['tx_per_s']:.0f} tx/s"
+                     for e, r in s["beside"].items())
+    print(f"{s['engine']}: commit latency p50 {s['commit_latency_p50_s']:.3f} s, p99 {s['commit_latency_p99_s']:.3f} s, "
+          f"{s['tx_per_s']:.0f} tx/s committed, app hashes agree: {s['app_hash_agree']} (bare app "
+          f"{s['app_tx_per_s']:.0f} tx/s{beside})")
     if args.json:
         print(f"wrote {args.json}")
     return 0

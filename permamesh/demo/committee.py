@@ -1,6 +1,8 @@
-"""The committee's part of ``permamesh demo``: a 4-validator devnet the mesh's routing reads.
+"""The committee's part of ``permamesh demo``: a 4-validator committee the mesh's routing reads.
 
-- :func:`start_committee`: the embedded devnet (4 validator processes, Tendermint over zmq);
+- :func:`start_committee`: four CometBFT v0.38 nodes, each driving its own copy of the ledger
+  application over ABCI (or, with ``engine="devnet"``, the embedded devnet: 4 validator
+  processes running our Tendermint over zmq, a fast local stand-in);
   its seed partner registers the demo's workers (signed claims:
   location, grid, ISP, hardware, models), so routing, which reads reputations from the
   committee (workers run with ``--committee``), trusts them at R(0).
@@ -24,7 +26,8 @@ from pathlib import Path
 
 from permamesh.committee import txs
 from permamesh.committee.client import CommitteeClient
-from permamesh.committee.devnet.cluster import CHAIN_ID, Devnet, DevnetConfig
+from permamesh.committee.cometbft.network import CometNet, CometNetConfig
+from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
 from permamesh.committee.duties import DutyConfig, Member, score_workers
 from permamesh.committee.genesis import LedgerRules
 from permamesh.committee.trust import node_id_of
@@ -33,22 +36,54 @@ from permamesh.demo.mesh import relay_placement
 
 log = logging.getLogger(__name__)
 
-BLOCKS_PER_EPOCH = 20  # a demo epoch is about 5 s of blocks (4 a second when idle)
+BLOCKS_PER_EPOCH = 20  # a demo epoch is about 7 s of blocks (CometBFT commits ~3 a second when idle)
+ENGINES = ("cometbft", "devnet")
+Committee = CometNet | Devnet
 
 
-def start_committee(data_dir: Path, say) -> tuple[Devnet, CommitteeClient]:
+def start_committee(data_dir: Path, say, engine: str = "cometbft") -> tuple[Committee, CommitteeClient]:
     started = time.monotonic()
-    devnet = Devnet(DevnetConfig(Path(data_dir) / "devnet",
-                                 rules=LedgerRules(blocks_per_epoch=BLOCKS_PER_EPOCH)))
-    devnet.start()
-    client = CommitteeClient(devnet.endpoints, timeout_s=10.0)
+    rules = LedgerRules(blocks_per_epoch=BLOCKS_PER_EPOCH)
+    if engine == "cometbft":
+        net: Committee = CometNet(CometNetConfig(Path(data_dir) / "cometbft", rules=rules))
+        what = "CometBFT v0.38 nodes, each driving its own ledger app over ABCI"
+    elif engine == "devnet":
+        net = Devnet(DevnetConfig(Path(data_dir) / "devnet", rules=rules))
+        what = "the embedded devnet: a local stand-in for CometBFT"
+    else:
+        raise ValueError(f"committee engine {engine!r} is not one of {ENGINES}")
+    net.start()
+    client = CommitteeClient(net.endpoints, timeout_s=10.0)
     height = client.status().height
-    say(f"committee: {len(devnet.endpoints)} validators (embedded devnet, Tendermint over zmq) at height "
-        f"{height}, ready in {time.monotonic() - started:.1f} s")
-    return devnet, client
+    say(f"committee: {len(net.endpoints)} validators ({what}) at height {height}, ready in "
+        f"{time.monotonic() - started:.1f} s")
+    return net, client
 
 
-def register_nodes(devnet: Devnet, client: CommitteeClient, data_dir: Path, workers: list[str],
+def recent_blocks(net: Committee, client: CommitteeClient, say, count: int = 5) -> None:
+    """Print the last ``count`` committed blocks: height, txs and the app hash the validators agree on."""
+    last = client.status().height
+    first = max(1, last - count + 1)
+    hashes = {}
+    for endpoint in net.endpoints:
+        status = client.status_of(endpoint, first, last)
+        if status is not None:
+            hashes[endpoint] = dict(zip(status.heights, status.app_hashes))
+    engine = "CometBFT" if isinstance(net, CometNet) else "the devnet"
+    for height in range(first, last + 1):
+        seen = {h[height] for h in hashes.values() if height in h}
+        txs_in = ""
+        if isinstance(net, CometNet):
+            from permamesh.committee.cometbft.rpc import CometRPC
+
+            with CometRPC(net.endpoints[0]) as rpc:
+                txs_in = f", {len(rpc.block(height).txs)} txs"
+        agreed = next(iter(seen)).hex()[:16] if len(seen) == 1 else "DISAGREE"
+        say(f"  block {height} committed by {engine}{txs_in}; app hash {agreed} on "
+            f"{sum(height in h for h in hashes.values())} of {len(net.endpoints)} validators")
+
+
+def register_nodes(devnet: Committee, client: CommitteeClient, data_dir: Path, workers: list[str],
                    relays: list[str], model: str, say) -> None:
     """Register the workers and relays (keys made now, used by their processes) as the seed
     partner: signed profiles, pipelined to the committee."""
@@ -63,7 +98,7 @@ def register_nodes(devnet: Devnet, client: CommitteeClient, data_dir: Path, work
                                   cpu_mhz=2400, idle_w=12, loaded_w=40, ram_mb=16384,
                                   software="permamesh-0.1", models=(model,) if role == "worker" else ())
         raw.append(txs.sign_tx(txs.RegisterNode(
-            chain_id=CHAIN_ID, nonce=nonce + i, node_key=ident.public.sign_key,
+            chain_id=devnet.chain_id, nonce=nonce + i, node_key=ident.public.sign_key,
             kex_key=ident.public.kex_key, role=role, endpoint="", profile=profile), partner))
     outcomes = client.submit_many(raw, timeout_s=60.0)
     failed = [o.log for o in outcomes if not o.ok]
@@ -77,7 +112,7 @@ def _reputations(client: CommitteeClient) -> dict[str, dict]:
     return {node_id_of(row["node"]): row for row in client.query("/registry")}
 
 
-def verification_epoch(client: CommitteeClient, devnet: Devnet, overlay, reference, pool,
+def verification_epoch(client: CommitteeClient, devnet: Committee, overlay, reference, pool,
                        model: str, say) -> None:
     from permamesh.verify.verifier import Verifier
 
@@ -88,7 +123,7 @@ def verification_epoch(client: CommitteeClient, devnet: Devnet, overlay, referen
                            lambda req, node_id: overlay.submit(req, entry=node_id), DutyConfig(), model)
     say(f"  {scores.challenges} challenges sent through the overlay and scored against the reference "
         f"in {time.monotonic() - started:.1f} s (epoch {scores.epoch})")
-    members = [Member(devnet.identity(i), CHAIN_ID, lie=(i == 3)) for i in range(len(devnet.endpoints))]
+    members = [Member(devnet.identity(i), devnet.chain_id, lie=(i == 3)) for i in range(len(devnet.endpoints))]
     for member in members:
         member.report(client, scores)
     say(f"  {len(members)} signed score reports submitted (member 3 lies: reports 1 - credit)")
@@ -112,14 +147,14 @@ def verification_epoch(client: CommitteeClient, devnet: Devnet, overlay, referen
     say(f"  trusted list (what routing reads, every 2 s, in each worker): {len(trusted)} nodes")
 
 
-def validator_drill(devnet: Devnet, client: CommitteeClient, say) -> None:
+def validator_drill(devnet: Committee, client: CommitteeClient, say) -> None:
     say("\n== drill: one validator killed (SIGKILL) ==")
     victim = len(devnet.endpoints) - 1
     others = [e for i, e in enumerate(devnet.endpoints) if i != victim]
     devnet.kill(victim)
     start = client.status_of(others[0]).height
     partner = devnet.partner
-    tx = txs.Vouch(chain_id=CHAIN_ID, nonce=client.next_nonce(partner.public.sign_key),
+    tx = txs.Vouch(chain_id=devnet.chain_id, nonce=client.next_nonce(partner.public.sign_key),
                    subject=NodeIdentity.generate().public.sign_key)
     outcome = client.submit(txs.sign_tx(tx, partner))
     time.sleep(1.0)  # let the three survivors show progress (a demo pause, not synchronization)
@@ -142,7 +177,7 @@ def credit_round(client: CommitteeClient, overlay, data_dir: Path, max_tokens: i
 
     say("\n== credit: admission, a receipt, a refusal ==")
     user = NodeIdentity.load_or_create(Path(data_dir) / "keys", "demo-user")
-    admission = Admission(client.query, CHAIN_ID)
+    admission = Admission(client.query, client.query("/status")["chain_id"])
     prompt = "Why do community networks last?"
     admitted = admission.admit(user.public.sign_key, prompt_bound(prompt), max_tokens)
     result = overlay.generate(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)

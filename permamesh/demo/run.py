@@ -5,7 +5,7 @@ on CPU) and sends every prompt through the anonymous overlay (S-IDA cloves over 
 answers back over reply blocks): a few one by one (the first shows its paths), one after
 killing relays the client still trusts (a drill: it resends over fresh paths), then a
 concurrent burst; then container jobs through the overlay when a runtime is installed
-(:mod:`permamesh.demo.containers`: cold, then warm on the worker holding the layers); then the committee (a 4-validator devnet whose reputations the workers'
+(:mod:`permamesh.demo.containers`: cold, then warm on the worker holding the layers); then the committee (4 CometBFT validators, or the devnet with --committee devnet, whose reputations the workers'
 routing reads) runs one verification epoch and a validator kill drill
 (:mod:`permamesh.demo.committee`); then the OpenAI-compatible gateway with the dashboard (:mod:`permamesh.demo.gateway`), asked plainly and
 streamed; prints latency figures and each worker's status, and stops every process,
@@ -61,6 +61,7 @@ class DemoOptions:
     serve: bool = False  # keep running until Ctrl-C
     relays: int = 16  # relay processes; the overlay needs at least n * hops (12) of them
     gateway_port: int = 8000  # the OpenAI-compatible gateway (any free port if taken; 0 = any)
+    committee: str = "cometbft"  # the committee's engine: cometbft, or devnet (the local stand-in)
 
 
 def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
@@ -73,16 +74,16 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         say("preparing the model (the first run converts the GGUF, ~20 s; later runs reuse the cache)...")
         models.resolve(opts.model, opts.model_path, opts.data_dir)
         say(f"model ready in {time.monotonic() - started:.1f} s")
-    devnet, committee = demo_committee.start_committee(opts.data_dir, say)
+    net, committee = demo_committee.start_committee(opts.data_dir, say, opts.committee)
     no_containers = demo_containers.available()
-    worker_args = tuple(a for e in devnet.endpoints for a in ("--committee", e))
+    worker_args = tuple(a for e in net.endpoints for a in ("--committee", e))
     mesh = EmbeddedMesh(MeshConfig(opts.data_dir, opts.workers, opts.model, opts.model_path, opts.device,
                                    relays=opts.relays,
                                    worker_args=worker_args + (() if no_containers else ("--containers",))))
     started = time.monotonic()
     gateway = None
     try:
-        demo_committee.register_nodes(devnet, committee, opts.data_dir,
+        demo_committee.register_nodes(net, committee, opts.data_dir,
                                       [f"mesh-worker-{i}" for i in range(opts.workers)],
                                       [f"mesh-relay-{i}" for i in range(opts.relays)],
                                       Path(opts.model_path).stem if opts.model_path else opts.model, say)
@@ -109,8 +110,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             say(f"\n(no container jobs: {no_containers})")
         else:
             demo_containers.container_jobs(opts.data_dir, live, workers, say)
-        _committee(opts, devnet, committee, relays, workers, say)
-        gateway, url, key = demo_gateway.start_gateway(opts.data_dir, tuple(devnet.endpoints), opts.gateway_port, say)
+        _committee(opts, net, committee, relays, workers, say)
+        gateway, url, key = demo_gateway.start_gateway(opts.data_dir, tuple(net.endpoints), opts.gateway_port, say)
         demo_gateway.gateway_round(url, key, workers[0].model, opts.max_tokens, say)
         with Client(endpoints) as direct:
             say("\n== worker status ==")
@@ -130,7 +131,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             demo_gateway.stop_gateway(gateway, opts.data_dir)
         mesh.stop()
         committee.close()
-        devnet.stop()
+        net.stop()
         say("mesh stopped; no worker, relay or validator process left running")
     return 0
 
@@ -147,6 +148,8 @@ def _committee(opts: DemoOptions, devnet, committee, relays, workers, say) -> No
         demo_committee.verification_epoch(committee, devnet, client, reference, pool, reference.name, say)
     demo_committee.payouts(committee, say)
     demo_committee.validator_drill(devnet, committee, say)
+    say("\n== the last blocks ==")
+    demo_committee.recent_blocks(devnet, committee, say)
 
 
 def _ask(client: OverlayClient, prompt: str, max_tokens: int, say, names: dict | None) -> None:

@@ -138,14 +138,15 @@ class SharedCommittee:
 
 
 class Credit:
-    def __init__(self, committee=None, chain_id: str = "permamesh-devnet") -> None:
-        """``committee``: a :class:`~permamesh.committee.client.CommitteeClient`, or None."""
+    def __init__(self, committee=None, chain_id: str | None = None) -> None:
+        """``committee``: a :class:`~permamesh.committee.client.CommitteeClient`, or None.
+        ``chain_id``: the ledger's, for signing receipts; default: asked of the committee."""
         self.committee = committee
         self._admission = None
         if committee is not None:
             from permamesh.scheduler.admission import Admission
 
-            self._admission = Admission(committee.query, chain_id)
+            self._admission = Admission(committee.query, chain_id or committee.query("/status")["chain_id"])
         self._lock = threading.Lock()
         self._usage: dict[str, dict[str, int]] = defaultdict(lambda: {"requests": 0, "prompt_tokens": 0,
                                                                      "completion_tokens": 0, "refused": 0,

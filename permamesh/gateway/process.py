@@ -31,7 +31,8 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--committee", action="append", default=None, metavar="ENDPOINT",
                    help="committee validator (repeatable): each API key's jobs are admitted by its credit on the "
                         "ledger and paid to the worker by a signed receipt")
-    p.add_argument("--chain-id", default="permamesh-devnet", help="the committee's chain id (default: permamesh-devnet)")
+    p.add_argument("--chain-id", default=None, help="the committee's chain id, which receipts are signed for "
+                   "(default: asked of the committee)")
     p.add_argument("--new-key", metavar="NAME", default=None, help="make an API key for NAME, print it once, and exit")
     p.add_argument("--open", action="store_true", help="accept requests without a valid key (all as 'anonymous'); "
                    "for a gateway on a private machine")
@@ -39,7 +40,7 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct: bool = False,
-                  committee: tuple[str, ...] = (), chain_id: str = "permamesh-devnet", open_access: bool = False,
+                  committee: tuple[str, ...] = (), chain_id: str | None = None, open_access: bool = False,
                   timeout_s: float = 300.0) -> Gateway:
     from permamesh.gateway.dashboard import MeshView
     from permamesh.ops.health import HealthMonitor

@@ -8,7 +8,7 @@ Stories (one module-scoped network; each story leaves all four validators runnin
   the same app hash;
 - with two of four stopped the chain halts (no new height over a window, no divergence) and a
   tx sent meanwhile waits in the mempool; when one returns, commits resume and the tx commits;
-- (slow, its own network) a validator whose app computes a different state is halted by
+- (its own network) a validator whose app computes a different state is halted by
   CometBFT, while the honest three carry on and agree.
 """
 
@@ -239,7 +239,6 @@ def test_two_of_four_stopped_halts_the_chain_until_one_returns(network):
     assert_agree(client, net.endpoints, min(heights(client, net.endpoints)))
 
 
-@pytest.mark.slow
 def test_corrupted_app_is_halted_while_the_honest_three_continue(tmp_path):
     need_cometbft()
     net = started(CometNetConfig(tmp_path / "cometnet", corrupt=(3,), corrupt_from=3))

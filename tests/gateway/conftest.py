@@ -11,7 +11,8 @@ import pytest
 
 from permamesh.demo import committee as demo_committee
 from permamesh.committee.client import CommitteeClient
-from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
+from permamesh.committee.cometbft.network import CometNet, CometNetConfig
+from permamesh.committee.genesis import LedgerRules
 from permamesh.gateway.accounts import KeyRing
 from permamesh.gateway.process import build_gateway
 from permamesh.gateway.server import GatewayThread
@@ -41,7 +42,8 @@ def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("gateway-home")
     old = os.environ.get("PERMAMESH_HOME")
     os.environ["PERMAMESH_HOME"] = str(home)
-    devnet = Devnet(DevnetConfig(home / "devnet", validators=1))
+    devnet = CometNet(CometNetConfig(home / "cometbft", validators=1,
+                                     rules=LedgerRules(blocks_per_epoch=20)))  # the production engine, one node
     devnet.start()
     committee = CommitteeClient(devnet.endpoints, timeout_s=10.0)
     mesh = EmbeddedMesh(MeshConfig(home, workers=WORKERS, model="tiny-random", device="cpu", relays=RELAYS,

@@ -62,6 +62,7 @@ class Devnet:
     def __init__(self, config: DevnetConfig) -> None:
         self.config = config
         self.home = Path(config.home)
+        self.chain_id = CHAIN_ID
         self.children: list[Child | None] = [None] * config.validators
         self.endpoints: list[str] = []
 
