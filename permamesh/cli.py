@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--serve", action="store_true", help="keep the mesh running after the demo until Ctrl-C")
     d.add_argument("--gateway-port", type=int, default=8000, help="port of the demo's OpenAI-compatible gateway and "
                    "dashboard (default: 8000; any free port if it is taken; 0 = any)")
+    d.add_argument("--hosts", type=int, default=0, metavar="N",
+                   help="spread the mesh over N simulated hosts (network namespaces, each its own address and data "
+                        "directory; root needed): a CometBFT committee, workers and relays joined through its "
+                        "directory, a client host; prints what it measures (default: 0 = one machine)")
     d.add_argument("--committee", default="cometbft", choices=["cometbft", "devnet"],
                    help="the committee's consensus engine: cometbft (4 real CometBFT v0.38 nodes; `make tools` installs it) "
                         "or devnet (the embedded local stand-in; default: cometbft)")
@@ -264,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "processes: commit latency, burst throughput, a SIGKILL drill, app-hash agreement.")
     _common(cm)
     add_committee_bench_arguments(cm)
+    from permamesh.bench.hosts import add_hosts_bench_arguments
+
+    hb = bsub.add_parser("hosts", help="the mesh across simulated hosts (network namespaces; root): delivery, join "
+                         "time, killed-host detection, CurveZMQ cost",
+                         description="A CometBFT committee, workers and relays on separate network namespaces joined "
+                                     "through the committee's directory; a client host measures delivery, join time and "
+                                     "failure detection; a loopback echo measures what CurveZMQ adds per link.")
+    _common(hb)
+    add_hosts_bench_arguments(hb)
     return parser
 
 
@@ -333,6 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from permamesh.demo.run import DemoOptions, run_demo
 
+            if args.hosts:
+                from permamesh.demo.hosts import HostsPlan, run_hosts
+
+                if args.hosts < 3:
+                    raise SystemExit("permamesh demo: --hosts must be at least 3 (committee, workers, client)")
+                report = run_hosts(HostsPlan(hosts=args.hosts, model=args.model), data_dir / "hosts", print)
+                print(f"done in {report['total_s']:.1f} s; every namespace, process and veth removed")
+                return 0
             if args.workers < 1:
                 raise SystemExit("permamesh demo: --workers must be at least 1")
             if args.relays < 12:
@@ -356,6 +377,10 @@ def _bench(args: argparse.Namespace, data_dir: Path) -> int:
         from permamesh.bench.containers import run_from_args as run_containers
 
         return run_containers(args)
+    if args.bench == "hosts":
+        from permamesh.bench.hosts import run_from_args as run_hosts_bench
+
+        return run_hosts_bench(args)
     if args.bench == "committee":
         from permamesh.bench.committee import run_from_args as run_committee
 

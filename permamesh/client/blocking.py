@@ -68,6 +68,10 @@ class ClientError(PermameshError):
         self.code = code
 
 
+SUSPECT_S = 30.0  # seconds a worker that did not answer is passed over
+OVERLAY_RESUBMITS = 2  # a request whose cloves were not acknowledged is sent again, this many times at most
+
+
 class Client:
     def __init__(self, endpoints: Sequence[str] | None = None, *, data_dir: Path | str | None = None,
                  timeout_s: float = 30.0, accept_timeout_s: float = 10.0, anonymous: bool = False,
@@ -88,6 +92,8 @@ class Client:
             from permamesh.directory.committee import CommitteeDirectory, parse_join
 
             self.directory = CommitteeDirectory(parse_join(join), self.data_dir / "directory" / "client.json")
+        self._from_directory = endpoints is None and self.directory is not None
+        self._suspect: dict[str, float] = {}  # endpoint -> when it last failed to answer (local evidence)
         if endpoints is None:
             records: list[WorkerRecord] = self._workers()
             endpoints = [r.endpoint for r in records]
@@ -130,8 +136,9 @@ class Client:
         deterministic = request.temperature == 0.0 or request.seed is not None
         shown = 0  # token chunks the caller has already seen
         last_error: ClientError | None = None
+        self._refresh_endpoints()
         for attempt in range(2 * len(self.endpoints)):
-            endpoint = self.endpoints[next(self._next)]
+            endpoint = self._pick()
             if attempt:
                 request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
             seen = 0
@@ -150,8 +157,32 @@ class Client:
                 if exc.code not in RETRYABLE or (shown and not deterministic):
                     raise
                 log.warning("worker %s: %s; resubmitting elsewhere", endpoint, exc)
+                self._suspect[endpoint] = time.monotonic()
                 last_error = exc
         raise last_error or ClientError("no_workers", "no worker accepted the job")
+
+    def _refresh_endpoints(self) -> None:
+        """With ``join`` and no fixed endpoints: the workers the directory says are running now
+        (a worker that left the running set gets no new job), pinned to their keys."""
+        if not self._from_directory:
+            return
+        records = self._workers()
+        if records:
+            self.endpoints = [r.endpoint for r in records]
+            self._pins.update({r.endpoint: bytes.fromhex(r.sign_key) for r in records})
+
+    def _pick(self) -> str:
+        """The next endpoint in turn, passing over those that failed to answer in the last
+        SUSPECT_S seconds while any other is left (fast local evidence of a dead worker)."""
+        now = time.monotonic()
+        self._suspect = {e: t for e, t in self._suspect.items() if now - t < SUSPECT_S}
+        n = len(self.endpoints)
+        start = next(self._next)
+        for k in range(n):
+            endpoint = self.endpoints[(start + k) % n]
+            if endpoint not in self._suspect:
+                return endpoint
+        return self.endpoints[start % n]
 
     def status(self) -> list[StatusReply]:
         """Ask every worker for its status; workers that do not answer are left out."""
@@ -216,14 +247,20 @@ class Client:
         return self._overlay
 
     def _generate_anonymously(self, prompt, messages, on_text, params) -> GenerateResult:
-        from permamesh.overlay.errors import OverlayError
+        from permamesh.overlay.errors import NotDelivered, OverlayError
 
         chat = [m if isinstance(m, Mapping) else {"role": m.role, "content": m.content} for m in messages]
         params = {k: v for k, v in params.items() if k != "model"}
-        try:
-            result = self._overlay_client(self.timeout_s).generate(prompt, messages=chat, **params)
-        except OverlayError as exc:
-            raise ClientError("not_delivered", str(exc)) from None
+        for attempt in range(1 + OVERLAY_RESUBMITS):
+            try:
+                result = self._overlay_client(self.timeout_s).generate(prompt, messages=chat, **params)
+                break
+            except NotDelivered as exc:  # its relays are avoided now: the next try takes fresh paths
+                if attempt == OVERLAY_RESUBMITS:
+                    raise ClientError("not_delivered", str(exc)) from None
+                log.warning("overlay: %s; sending it again over fresh paths", exc)
+            except OverlayError as exc:
+                raise ClientError("not_delivered", str(exc)) from None
         if on_text is not None and result.text:
             on_text(result.text)
         return result

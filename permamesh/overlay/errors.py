@@ -21,3 +21,10 @@ def require_bytes(value: object, what: str, min_len: int, max_len: int) -> bytes
     if len(data) > max_len:
         raise OverlayError(f"{what} rejected: oversized ({len(data)} bytes > {max_len})")
     return data
+
+
+class NotDelivered(OverlayError):
+    """Fewer than k cloves of a request were acknowledged, even after every replacement path:
+    the entry worker most likely could not rebuild it. Sending it again over fresh paths is
+    the caller's choice (an entry that did rebuild it, and whose acks were lost, runs it twice)."""
+

@@ -23,7 +23,7 @@ from permamesh.directory.workers import WorkerRecord
 from permamesh.directory.relays import RelayRecord
 from permamesh.overlay.envelope import STARTED, Ack, decode_reply_item, encode_envelope
 from permamesh.identity import NodeIdentity
-from permamesh.overlay.errors import OverlayError
+from permamesh.overlay.errors import NotDelivered, OverlayError
 from permamesh.overlay.late import LateEvidence
 from permamesh.overlay.messages import RelayCell, RelayDelivery
 from permamesh.overlay.onion import build_forward
@@ -202,7 +202,7 @@ class InFlight:
         if not self.started and not any(not p.acked and not p.failed for p in self.paths):
             acked = sum(p.acked for p in self.paths)
             if acked < cfg.k:
-                raise OverlayError(
+                raise NotDelivered(
                     f"request not delivered: {acked} of {cfg.k} cloves acknowledged after {len(self.paths)} cloves "
                     f"over {len(self.paths)} paths ({sum(p.failed for p in self.paths)} failed)")
         if self.first_answer_at is not None and now - self.first_answer_at > cfg.answer_grace_s:

@@ -66,12 +66,16 @@ class CometNetConfig:
     data_dir: Path | None = None  # where the apps record their metrics endpoints (default: home's parent)
     corrupt: tuple[int, ...] = ()  # drill: validators whose app computes a different state
     corrupt_from: int = 3  # drill: the height from which those apps diverge
+    wrap: tuple[tuple[str, ...], ...] = ()  # per validator, a command prefix that puts its two processes on
+    # their host (e.g. `ip netns exec NS` of the multi-host harness); () = this machine
 
     def __post_init__(self) -> None:
         if self.validators < 1:
             raise CommitteeError("a CometNet needs at least one validator")
         if self.hosts and len(self.hosts) != self.validators:
             raise CommitteeError(f"hosts names {len(self.hosts)} addresses for {self.validators} validators")
+        if self.wrap and len(self.wrap) != self.validators:
+            raise CommitteeError(f"wrap names {len(self.wrap)} command prefixes for {self.validators} validators")
         if any(not 0 <= i < self.validators for i in self.corrupt) or self.corrupt_from < 1:
             raise CommitteeError("corrupt names validators that do not exist (or corrupt_from < 1)")
 
@@ -193,13 +197,16 @@ class CometNet:
                "--data-dir", str(self.config.data_dir or self.home.parent)]
         if i in self.config.corrupt:  # the drill hook (drill.py); never set for honest validators
             cmd = ["env", f"{drill.ENV_VAR}={self.config.corrupt_from}", *cmd]
-        self.apps[i] = spawn(f"app-{i}", cmd, self.home / "logs")
+        self.apps[i] = spawn(f"app-{i}", self._wrapped(i, cmd), self.home / "logs")
+
+    def _wrapped(self, i: int, cmd: list[str]) -> list[str]:
+        return [*self.config.wrap[i], *cmd] if self.config.wrap else cmd
 
     def _spawn_node(self, i: int) -> None:
         # CometBFT logs to stdout: send it to stderr, which spawn() writes to the log file
         cmd = ["/bin/sh", "-c", 'exec "$0" "$@" >&2', str(self._binary), "node",
                "--home", str(self.cometbft_home(i))]
-        self.nodes[i] = spawn(f"cometbft-{i}", cmd, self.home / "logs")
+        self.nodes[i] = spawn(f"cometbft-{i}", self._wrapped(i, cmd), self.home / "logs")
 
     def _wait_serving(self, indices, min_height: int = 0) -> None:
         """Until each node's RPC answers /status with height >= ``min_height``."""
