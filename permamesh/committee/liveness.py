@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    interval_s: float = 2.0  # seconds between probe rounds
+    interval_s: float = 0.25  # seconds between looks at the period: each new period is probed at once
     timeout_s: float = 1.0  # a node silent this long is down for this round
     parallel: int = 16  # probes in flight at once
 
@@ -83,8 +83,8 @@ def up_nodes(directory: dict, identity: NodeIdentity, config: ProbeConfig) -> li
 
 
 class Prober:
-    """One member's probe loop: every ``interval_s``, probe and report for the current period
-    (once per period; a later round of the same period only re-probes)."""
+    """One member's probe loop: every ``interval_s`` it looks at the ledger's period, and probes
+    and reports once for each new one."""
 
     def __init__(self, member: NodeIdentity, client: CommitteeClient, chain_id: str,
                  config: ProbeConfig = ProbeConfig()) -> None:
@@ -94,11 +94,14 @@ class Prober:
         self._thread: threading.Thread | None = None
 
     def round(self) -> int | None:
-        """One round; the period reported, or None when this period was already reported."""
-        directory = self.client.query("/directory")
-        period = directory.get("period", 0)
+        """Probe and report if the ledger entered a period this member has not reported yet;
+        the period reported, or None. Checking is one small query, so callers poll often and
+        every period gets its report early (a report missed is a node's lost vote)."""
+        period = self.client.query("/status").get("period", 0)
         if period in self.reported:
             return None
+        directory = self.client.query("/directory")
+        period = directory.get("period", period)
         up = up_nodes(directory, self.member, self.config)
         nonce = self.client.next_nonce(self.member.public.sign_key)
         tx = txs.Liveness(chain_id=self.chain_id, nonce=nonce, period=period,
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys", type=Path, required=True, help="the member's key directory")
     p.add_argument("--name", default="validator", help="the member's key name (default: validator)")
     p.add_argument("--endpoint", action="append", required=True, help="the committee to report to (repeatable)")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between rounds (default: 2)")
+    p.add_argument("--interval", type=float, default=0.25, help="seconds between looks at the ledger's probe period "
+                   "(each new period is probed and reported once; default: 0.25)")
     p.add_argument("--timeout", type=float, default=1.0, help="seconds a node may take to answer (default: 1)")
     args = p.parse_args(argv)
     if not (args.interval > 0 and args.timeout > 0):

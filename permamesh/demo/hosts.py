@@ -149,7 +149,7 @@ def _start(plan: HostsPlan, net, wrap, addrs, base: Path, join: str, nodes: list
     logs = base / "logs"
     probers = [spawn(f"prober-{i}", [*wrap[i], sys.executable, "-m", "permamesh.committee.liveness",
                                      "--keys", str(net.vdir(i) / "keys"), "--endpoint", net.endpoints[i],
-                                     "--interval", "1"], logs) for i in range(plan.validators)]
+                                     "--timeout", "0.5"], logs) for i in range(plan.validators)]
     children = list(probers)
     for node in nodes:
         h = node["host"]

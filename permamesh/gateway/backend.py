@@ -38,10 +38,15 @@ REGISTRY_S = 1.0  # the worker registry is re-read at most this often
 
 
 class MeshBackend:
-    def __init__(self, data_dir: Path, via: str = "overlay", timeout_s: float = 300.0, rng: random.Random | None = None) -> None:
+    def __init__(self, data_dir: Path, via: str = "overlay", timeout_s: float = 300.0, rng: random.Random | None = None,
+                 directory=None) -> None:
+        """``directory``: a started :class:`~permamesh.directory.committee.CommitteeDirectory`
+        (``permamesh gateway --join``): workers and relays come from the committee; without
+        it, from the local registry under ``data_dir``."""
         if via not in ("overlay", "direct"):
             raise ValueError(f"via must be overlay or direct, not {via!r}")
         self.data_dir, self.via, self.timeout_s = Path(data_dir), via, timeout_s
+        self.directory = directory
         self.rng = rng or random.Random()
         self._lock = threading.Lock()
         self._idle: list[tuple[float, object]] = []  # (built at, OverlayClient)
@@ -61,7 +66,8 @@ class MeshBackend:
         now = time.monotonic()
         with self._lock:
             if self._registry is None or now - self._registry[0] > REGISTRY_S:
-                self._registry = (now, discover(self.data_dir))
+                found = self.directory.workers() if self.directory is not None else discover(self.data_dir)
+                self._registry = (now, found)
             return self._registry[1]
 
     def _entries(self, model: str) -> list:
@@ -125,12 +131,13 @@ class MeshBackend:
                 if now - built < REFRESH_S:
                     return client
                 client.close()
-        relays, config = discover_relays(self.data_dir), OverlayConfig(answer_timeout_s=self.timeout_s)
+        relays = self.directory.relays() if self.directory is not None else discover_relays(self.data_dir)
+        config = OverlayConfig(answer_timeout_s=self.timeout_s)
         if len(relays) < config.n * config.hops:
             raise ApiError(503, f"the overlay needs {config.n * config.hops} relays and the registry has "
                                 f"{len(relays)}; start relays (`permamesh relay`) or run the gateway with --direct",
                            code="mesh_unavailable")
-        client = OverlayClient(relays, discover(self.data_dir), config, random.Random(self.rng.getrandbits(64)))
+        client = OverlayClient(relays, self._workers(), config, random.Random(self.rng.getrandbits(64)))
         client.built_at = now
         return client
 
@@ -147,6 +154,8 @@ class MeshBackend:
             idle, self._idle = self._idle, []
         for _, client in idle:
             client.close()
+        if self.directory is not None:
+            self.directory.close()
 
 
 def _mesh_error(exc: Exception) -> ApiError:

@@ -31,6 +31,10 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--committee", action="append", default=None, metavar="ENDPOINT",
                    help="committee validator (repeatable): each API key's jobs are admitted by its credit on the "
                         "ledger and paid to the worker by a signed receipt")
+    p.add_argument("--join", action="append", default=None, metavar="VALIDATOR",
+                   help="find workers and relays in the committee's directory (http://HOST:PORT CometBFT RPC or "
+                        "tcp://HOST:PORT devnet; comma-separated or repeatable); also the committee for credit unless "
+                        "--committee is given")
     p.add_argument("--chain-id", default=None, help="the committee's chain id, which receipts are signed for "
                    "(default: asked of the committee)")
     p.add_argument("--new-key", metavar="NAME", default=None, help="make an API key for NAME, print it once, and exit")
@@ -41,10 +45,16 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct: bool = False,
                   committee: tuple[str, ...] = (), chain_id: str | None = None, open_access: bool = False,
-                  timeout_s: float = 300.0) -> Gateway:
+                  timeout_s: float = 300.0, join: tuple[str, ...] = ()) -> Gateway:
     from permamesh.gateway.dashboard import MeshView
     from permamesh.ops.health import HealthMonitor
 
+    directory = None
+    if join:
+        from permamesh.directory.committee import CommitteeDirectory
+
+        directory = CommitteeDirectory(list(join), Path(data_dir) / "directory" / "gateway.json").start()
+        committee = committee or tuple(join)
     client = None
     if committee:
         from permamesh.committee.client import CommitteeClient
@@ -54,7 +64,7 @@ def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct
     monitor = HealthMonitor(data_dir)
     view = MeshView(data_dir, client, monitor.check)
     return Gateway(GatewayConfig(data_dir, host, port), MeshBackend(data_dir, "direct" if direct else "overlay",
-                                                                     timeout_s),
+                                                                     timeout_s, directory=directory),
                    KeyRing(data_dir, open_access), Credit(client, chain_id), view.snapshot, monitor.check)
 
 
@@ -65,8 +75,10 @@ def run_gateway_from_args(args: argparse.Namespace, data_dir: Path) -> int:
     if args.new_key:
         print(KeyRing(data_dir).new_key(args.new_key))
         return 0
+    from permamesh.directory.committee import parse_join
+
     gateway = build_gateway(data_dir, args.host, args.port, args.direct, tuple(args.committee or ()), args.chain_id,
-                            args.open, args.timeout)
+                            args.open, args.timeout, tuple(parse_join(args.join)) if args.join else ())
     node_id = f"gateway-{args.port or os.getpid()}"
     serve_until_signalled(gateway, node_id,
                           lambda url: register_metrics(data_dir, MetricsRecord(node_id, "gateway", url + "/metrics",

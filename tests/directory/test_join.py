@@ -36,7 +36,7 @@ WORKERS, RELAYS = 2, 12
 @pytest.fixture(scope="module")
 def joined(tmp_path_factory):
     base = tmp_path_factory.mktemp("join")
-    devnet = Devnet(DevnetConfig(base / "committee", rules=LedgerRules(blocks_per_epoch=50, probe_blocks=4)))
+    devnet = Devnet(DevnetConfig(base / "committee", rules=LedgerRules(blocks_per_epoch=50, probe_blocks=8)))
     devnet.start()
     mesh = probers = committee = None
     try:
@@ -55,7 +55,7 @@ def joined(tmp_path_factory):
         mesh.start()
         probers = [spawn(f"prober-{i}", [sys.executable, "-m", "permamesh.committee.liveness",
                                          "--keys", str(devnet.vdir(i) / "keys"), "--endpoint", ep,
-                                         "--interval", "0.3"], base / "logs")
+                                         "--timeout", "0.5"], base / "logs")
                    for i, ep in enumerate(devnet.endpoints)]
         wait_ready(probers, 60)
         running = lambda: sum(n["running"] for n in committee.query("/directory")["nodes"])  # noqa: E731
@@ -135,3 +135,24 @@ def test_a_wrong_committee_address_fails_with_a_clear_error(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "permamesh", "relay", "--data-dir", str(tmp_path),
                           "--join", "ftp://x"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "a validator address is" in bad.stderr
+
+
+def test_a_gateway_that_knows_one_validator_serves_the_mesh(joined, tmp_path):
+    import json
+
+    from permamesh.gateway.openai_api import post_chat
+    from permamesh.gateway.process import build_gateway
+    from permamesh.gateway.server import GatewayThread
+
+    devnet, _, _, _ = joined
+    gateway = build_gateway(tmp_path, open_access=True, join=(devnet.endpoints[3],), timeout_s=60.0)
+    thread = GatewayThread(gateway)
+    url = thread.start()
+    try:
+        body = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                "temperature": 0}
+        with post_chat(url, "anything", body, timeout_s=60.0) as response:
+            answer = json.loads(response.read())
+    finally:
+        thread.stop()  # closes the backend and its directory thread
+    assert answer["usage"]["completion_tokens"] == 3
