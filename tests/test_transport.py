@@ -3,10 +3,9 @@ by the key its endpoint names. Real sockets on loopback, a real echo server."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
+from permamesh.bench.hosts import EchoServer
 from permamesh.identity import NodeIdentity
 from permamesh.transport import (
     DealerClient,
@@ -18,33 +17,6 @@ from permamesh.transport import (
 )
 
 
-class Echo:
-    """A RouterServer that sends every frame back, under the given transport key."""
-
-    def __init__(self, secret_key: bytes | None) -> None:
-        self.secret_key = secret_key
-        self.endpoint: str | None = None
-
-    async def serve(self, stop: asyncio.Event, on_ready=None) -> None:
-        router = RouterServer("127.0.0.1", 0, self.secret_key)
-        self.endpoint = router.endpoint
-
-        async def loop() -> None:
-            while True:
-                peer, frame = await router.recv()
-                if frame is not None:
-                    await router.send(peer, b"echo:" + frame)
-
-        task = asyncio.create_task(loop())
-        if on_ready is not None:
-            on_ready(self.endpoint)
-        try:
-            await stop.wait()
-        finally:
-            task.cancel()
-            router.close()
-
-
 @pytest.fixture
 def alice():
     return NodeIdentity.generate()
@@ -52,7 +24,7 @@ def alice():
 
 @pytest.fixture
 def curve_echo(alice):
-    server = Echo(alice.transport.private_bytes())
+    server = EchoServer(alice.transport.private_bytes())
     with ServingThread(server, "echo") as thread:
         yield thread, alice
 
@@ -64,7 +36,7 @@ def test_the_endpoint_names_the_servers_transport_key(curve_echo):
     assert address.startswith("tcp://127.0.0.1:") and "?" not in address
     with DealerClient(thread.server.endpoint) as sock:
         sock.send(b"hello")
-        assert sock.recv(5.0) == b"echo:hello"
+        assert sock.recv(5.0) == b"hello"
 
 
 def test_a_client_expecting_another_key_hears_nothing(curve_echo):
@@ -85,12 +57,12 @@ def test_a_plaintext_client_gets_no_answer_from_an_encrypted_server(curve_echo):
 
 
 def test_plain_servers_still_serve_plain_clients():
-    server = Echo(None)
+    server = EchoServer(None)
     with ServingThread(server, "echo") as thread:
         assert split_endpoint(thread.server.endpoint)[1] is None
         with DealerClient(thread.server.endpoint) as sock:
             sock.send(b"x")
-            assert sock.recv(5.0) == b"echo:x"
+            assert sock.recv(5.0) == b"x"
 
 
 @pytest.mark.parametrize("bad", ["tcp://h:1?key=", "tcp://h:1?key=zz" + "0" * 62, "tcp://h:1?key=" + "A" * 64,

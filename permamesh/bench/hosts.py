@@ -34,7 +34,10 @@ LINKS_PER_JOB = 8  # client -> 3 relays -> entry worker, and back
 FRAME_BYTES = (1024, 8192)  # overlay cells come in size classes around these
 
 
-class _Echo:
+class EchoServer:
+    """A ROUTER that sends every frame back, plain or under ``secret_key`` (CurveZMQ); run it with
+    :class:`~permamesh.transport.ServingThread`. Used here and by the transport's tests."""
+
     def __init__(self, secret_key: bytes | None) -> None:
         self.secret_key, self.endpoint = secret_key, None
 
@@ -67,7 +70,7 @@ def curve_overhead(rounds: int = 400) -> dict:
 
     out = {}
     key = NodeIdentity.generate().transport.private_bytes()
-    with ServingThread(_Echo(None), "echo-plain") as plain, ServingThread(_Echo(key), "echo-curve") as curve, \
+    with ServingThread(EchoServer(None), "echo-plain") as plain, ServingThread(EchoServer(key), "echo-curve") as curve, \
             DealerClient(plain.server.endpoint) as a, DealerClient(curve.server.endpoint) as b:
         for size in FRAME_BYTES:
             frame = bytes(size)
