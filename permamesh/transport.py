@@ -101,10 +101,19 @@ class RouterServer:
     """An asyncio ROUTER socket bound on TCP. ``recv`` yields ``(peer, frame)``; multipart
     messages with more than one body part yield ``frame=None`` so the caller can reject them."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, secret_key: bytes | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, secret_key: bytes | None = None,
+                 sndhwm: int | None = None) -> None:
+        """``sndhwm``: frames queued per peer at most; :meth:`offer` then drops beyond it (set
+        before binding: zmq copies it into each accepted connection)."""
         public = _public_of(secret_key) if secret_key is not None else None
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = _prepare(self._ctx.socket(zmq.ROUTER))
+        if sndhwm is not None:
+            if sndhwm < 1:
+                self._sock.close(0)
+                raise TransportError("sndhwm must be >= 1")
+            self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises instead of dropping silently
         if secret_key is not None:
             self._sock.curve_server = True
             self._sock.curve_secretkey = secret_key
@@ -131,6 +140,15 @@ class RouterServer:
             await self._sock.send_multipart([peer, frame])
         except zmq.ZMQError as exc:  # peer gone, or socket closing: log, never crash the server
             log.debug("send to %s failed: %s", peer.hex(), exc)
+
+    async def offer(self, peer: bytes, frame: bytes) -> bool:
+        """Queue ``frame`` for ``peer`` if its queue has room; False when dropped (full, or gone)."""
+        try:
+            await self._sock.send_multipart([peer, frame], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("dropped a frame to %s: %s", peer.hex()[:16], exc)
+            return False
+        return True
 
     def close(self) -> None:
         if not self._sock.closed:

@@ -5,7 +5,10 @@ A container worker serves the blobs of its :class:`LayerStore` on a ROUTER socke
 ``LayerData(digest, offset, data, total)`` (at most 1 MiB a chunk) or an ``error``, and
 ``HoldingsRequest(digests)`` (an image's layer chain) by ``HoldingsReply``: how many leading
 layers it holds and how many container jobs it has (the load the router trades against).
-Frames are signed wire frames (``docs/wire.md``).
+Frames are signed wire frames (``docs/wire.md``). What the server queues for one peer is
+bounded: at most ``sndhwm`` answers (so ``sndhwm`` MiB) wait in that peer's send queue; an
+answer beyond it (a peer that asks and never reads) is dropped and counted (``dropped``),
+never queued, and the server goes on serving the others.
 
 :func:`fetch_layer` pulls a blob chunk by chunk from one peer and streams it into the local
 store, whose ``put`` verifies sha256 and size as it writes: a peer that sends other bytes,
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+
 
 from permamesh.containers.errors import ContainerError
 from permamesh.containers.images import check_digest
@@ -69,15 +73,22 @@ class HoldingsReply(Message):
     error: str = ""
 
 
+DEFAULT_SNDHWM = 4  # answers (up to 1 MiB each) queued per peer at most
+
+
 class LayerServer:
     """Serves ``store``'s blobs; ``async serve(stop, on_ready)`` like the other servers.
-    ``jobs`` (optional) says how many container jobs the worker has, for holdings replies."""
+    ``jobs`` (optional) says how many container jobs the worker has, for holdings replies;
+    ``sndhwm``: answers queued for one peer at most (beyond, dropped and counted)."""
 
     def __init__(self, store: LayerStore, identity: NodeIdentity | None = None, host: str = "127.0.0.1",
-                 jobs: Callable[[], int] = lambda: 0) -> None:
+                 jobs: Callable[[], int] = lambda: 0, sndhwm: int = DEFAULT_SNDHWM) -> None:
+        if sndhwm < 1:
+            raise ContainerError("a layer server needs sndhwm >= 1")
         self.store, self.identity, self.host, self.jobs = store, identity or NodeIdentity.generate(), host, jobs
+        self.sndhwm = sndhwm
         self.endpoint: str | None = None
-        self.served = self.refused = 0
+        self.served = self.refused = self.dropped = 0
 
     def answer(self, frame: bytes) -> LayerData | HoldingsReply:
         try:
@@ -109,14 +120,14 @@ class LayerServer:
         return HoldingsReply(count, self.jobs())
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
-        router = RouterServer(self.host, 0, self.identity.transport.private_bytes())
+        router = RouterServer(self.host, 0, self.identity.transport.private_bytes(), sndhwm=self.sndhwm)
         self.endpoint = router.endpoint
 
         async def loop() -> None:
             while True:
                 peer, frame = await router.recv()
-                if frame is not None:
-                    await router.send(peer, encode(self.answer(frame), self.identity))
+                if frame is not None and not await router.offer(peer, encode(self.answer(frame), self.identity)):
+                    self.dropped += 1
 
         task = asyncio.create_task(loop())
         try:

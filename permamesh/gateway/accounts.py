@@ -9,7 +9,9 @@
   :class:`~permamesh.scheduler.admission.Admission` (the account's available credit must
   cover prompt bound + ``max_tokens``; else HTTP 429 ``insufficient_quota``, saying the
   balance and the limit), and paid after its answer by a signed ``JobReceipt`` to the worker
-  that served it, for the tokens used. Without a committee, jobs are only counted. Either way
+  that served it, for the tokens used. Receipts of one key are numbered by a local nonce
+  counter (seeded from ``/nonce``, one receipt of a key in flight at a time, resynced and
+  retried once on a nonce refusal), so concurrent jobs of one key are all paid. Without a committee, jobs are only counted. Either way
   :meth:`Credit.usage` reports each key's requests and tokens (the dashboard shows them).
 
 Who calls it: :mod:`permamesh.gateway.server` (``authorize`` per request, ``admit`` before
@@ -152,6 +154,8 @@ class Credit:
                                                                      "completion_tokens": 0, "refused": 0,
                                                                      "units_paid": 0})
         self._workers: dict[str, bytes] = {}  # worker node id -> its key on the ledger
+        self._nonces: dict[bytes, int] = {}  # account key -> the next nonce its receipt uses
+        self._key_locks: dict[bytes, threading.Lock] = defaultdict(threading.Lock)  # one receipt in flight per key
 
     def admit(self, caller: Caller, prompt_text: str, max_tokens: int) -> int:
         """Units reserved for the job (0 without a committee); 429 when credit is short."""
@@ -184,12 +188,43 @@ class Credit:
             log.warning("worker %s is not in the committee's registry; job of %s not paid", worker_id, caller.name)
             return
         units = max(1, min(reserved, prompt_tokens + completion_tokens))
-        outcome = self.committee.submit(self._admission.receipt(caller.identity, worker, units))
+        outcome = self._pay(caller.identity, worker, units)
         if outcome.code == 0:
             with self._lock:
                 self._usage[caller.name]["units_paid"] += units
         else:
             log.warning("receipt of %s for %d units refused: code %d", caller.name, units, outcome.code)
+
+    def _pay(self, user: NodeIdentity, worker: bytes, units: int):
+        """Submit ``user``'s receipt paying ``worker`` for ``units``; the committee's outcome.
+
+        Nonces are allocated from a local counter under the key's lock, held until the
+        receipt's outcome is known (submit waits for the commit), so two jobs of one key never
+        sign with one nonce nor reach the committee out of order. The counter is seeded from
+        ``/nonce``, and dropped (re-read next time) whenever the outcome leaves it unsure; a
+        nonce refusal (another gateway, a restart, a lost answer) resyncs it and retries once.
+        """
+        from permamesh.committee import txs
+
+        key = user.public.sign_key
+        with self._lock:
+            key_lock = self._key_locks[key]
+        with key_lock:
+            job_id = os.urandom(16)  # one job, one id: a retry can never pay it twice
+            for retry in (False, True):
+                nonce = self._nonces.pop(key, None)
+                if nonce is None:
+                    nonce = self.committee.query("/nonce", key)["next"]
+                tx = txs.JobReceipt(chain_id=self._admission.chain_id, nonce=nonce, worker=worker,
+                                    units=max(1, units), job_id=job_id)
+                outcome = self.committee.submit(txs.sign_tx(tx, user))  # raises: the counter stays dropped
+                if outcome.code == 0 or outcome.committed:  # a committed tx consumed its nonce
+                    self._nonces[key] = nonce + 1
+                if outcome.code != txs.BAD_NONCE or retry:
+                    break
+                log.info("receipt nonce %d of %s refused (%s); resyncing from the committee", nonce,
+                         key.hex()[:16], outcome.log)
+            return outcome
 
     def _worker_key(self, worker_id: str) -> bytes | None:
         from permamesh.committee.trust import node_id_of

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,24 +59,44 @@ class ReplayGuard:
     A relay accepts epochs ``current - window < e <= current + 1`` and remembers the tag of
     each accepted cell until its epoch leaves that window, so memory stays bounded and an old
     cell can neither be replayed nor slip in after its tags were dropped. The caller drives
-    the clock with :meth:`advance`; nothing here reads the wall clock. When ``capacity`` tags
-    are held, new cells are refused (fail closed) until :meth:`advance` frees room.
+    the clock with :meth:`advance`; nothing here reads the wall clock.
+
+    At most ``capacity`` tags are held. Each tag is charged to the ``owner`` that sent the
+    cell (the relay passes its upstream peer). Below ``capacity - reserve`` every owner is
+    admitted; above it, an owner already holding its fair share of that soft limit (divided
+    among the owners holding tags) is shed, so the upstream that sends the most is refused
+    first and the reserve stays for the others. At ``capacity`` every cell is refused (fail
+    closed) until :meth:`advance` frees room. Tags are never dropped early: that would let a
+    cell be replayed.
     """
 
     def __init__(self, *, epoch: int = 0, window: int = 2, capacity: int = 1 << 18) -> None:
         if window < 1 or capacity < 1 or not 0 <= epoch <= cells.MAX_EPOCH:
             raise ValueError("need window >= 1, capacity >= 1 and epoch in 0..2**32-1")
         self._epoch, self._window, self._capacity = epoch, window, capacity
+        self._soft = capacity - capacity // 4  # above this, heavy owners are shed
         self._seen: dict[int, set[bytes]] = {}
+        self._owners: dict[int, Counter[bytes]] = {}  # epoch -> owner -> tags held
+        self._held: Counter[bytes] = Counter()  # owner -> tags held, all epochs
+        self._total = 0
         self._lock = threading.Lock()
 
     @property
     def epoch(self) -> int:
         return self._epoch
 
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
     def __len__(self) -> int:
         with self._lock:
-            return sum(len(tags) for tags in self._seen.values())
+            return self._total
+
+    def held_by(self, owner: bytes) -> int:
+        """Tags held now that ``owner``'s cells put here."""
+        with self._lock:
+            return self._held[owner]
 
     def advance(self, epoch: int) -> None:
         """Move to ``epoch`` (never backwards) and forget tags of epochs now out of window."""
@@ -85,21 +106,31 @@ class ReplayGuard:
             self._epoch = min(epoch, cells.MAX_EPOCH)
             oldest = self._epoch - self._window + 1
             for stale in [e for e in self._seen if e < oldest]:
-                del self._seen[stale]
+                self._total -= len(self._seen.pop(stale))
+                self._held.subtract(self._owners.pop(stale, Counter()))
+            self._held = +self._held  # drop owners that hold nothing now
 
     def check(self, epoch: int, tag: bytes) -> None:
         """Raise :class:`OverlayError` if a cell of ``epoch`` with ``tag`` must be refused."""
         with self._lock:
             self._check_locked(epoch, tag)
 
-    def admit(self, epoch: int, tag: bytes) -> None:
-        """Remember ``tag`` (the cell was accepted); raises like :meth:`check`, or when full."""
+    def admit(self, epoch: int, tag: bytes, owner: bytes = b"") -> None:
+        """Remember ``tag`` (the cell was accepted), charged to ``owner``; raises like
+        :meth:`check`, when the guard is full, or when ``owner`` is over its share."""
         with self._lock:
             self._check_locked(epoch, tag)
-            if sum(len(tags) for tags in self._seen.values()) >= self._capacity:
+            if self._total >= self._capacity:
                 logger.warning("replay guard full (%d tags); refusing cells", self._capacity)
                 raise OverlayError("cell rejected: replay cache full until the next epoch")
+            if self._total >= self._soft:
+                owners = len(self._held) + (owner not in self._held)
+                if self._held[owner] >= self._soft // owners:
+                    raise OverlayError("cell rejected: upstream over its replay-cache share (shed)")
             self._seen.setdefault(epoch, set()).add(tag)
+            self._owners.setdefault(epoch, Counter())[owner] += 1
+            self._held[owner] += 1
+            self._total += 1
 
     def _check_locked(self, epoch: int, tag: bytes) -> None:
         if epoch <= self._epoch - self._window:
@@ -178,19 +209,20 @@ def build_forward(
     return path[0].node_id, header + body
 
 
-def peel(key: KeyExchangeKey, cell: bytes, guard: ReplayGuard) -> Peeled:
+def peel(key: KeyExchangeKey, cell: bytes, guard: ReplayGuard, owner: bytes = b"") -> Peeled:
     """Remove one layer of ``cell`` as the relay holding ``key``; see the module docstring.
+    ``owner`` (the upstream that sent the cell) is charged for its replay tag.
 
     Raises :class:`OverlayError` (and only that) for any cell that must be dropped.
     """
     try:
-        return _peel(key, cell, guard)
+        return _peel(key, cell, guard, owner)
     except OverlayError as exc:
         logger.debug("%s", exc)
         raise
 
 
-def _peel(key: KeyExchangeKey, cell: bytes, guard: ReplayGuard) -> Peeled:
+def _peel(key: KeyExchangeKey, cell: bytes, guard: ReplayGuard, owner: bytes) -> Peeled:
     alpha, beta, gamma, payload = cells.split_cell(cell)
     secret = cells.relay_secret(key, alpha)
     if not hmac.compare_digest(cells.header_mac(secret, beta), gamma):
@@ -219,5 +251,5 @@ def _peel(key: KeyExchangeKey, cell: bytes, guard: ReplayGuard) -> Peeled:
         result = ReplyDelivery(client_id, reply_id, cells.chacha(secret.stream_key, payload))
     else:
         raise OverlayError(f"cell rejected: unknown command {command}")
-    guard.admit(epoch, secret.replay_tag)
+    guard.admit(epoch, secret.replay_tag, owner)
     return result

@@ -8,8 +8,11 @@ Per frame received from a peer (a zmq connection):
 1. the peer's token bucket pays one token, else the frame is dropped (``rate_limited``);
 2. the frame is decoded as :class:`RelayCell` or :class:`RelayAttach`; anything else is
    answered ``ErrorReply(code="bad_frame")`` (``bad_frames``);
-3. ``RelayAttach(client_id)`` binds ``client_id`` to this connection (bounded, LRU; the first
-   signing key to attach a client id owns it while it is remembered);
+3. ``RelayAttach(client_id)`` binds ``client_id`` to this connection (the first signing key
+   to attach a client id owns it while it is remembered). At most ``max_clients`` are kept and
+   each connection may attach ``max_attach_per_peer``; when full, an attachment never used
+   goes first, then one unused for ``attach_hold_s``; one that carried a delivery or was
+   re-attached within ``attach_hold_s`` is never evicted: the new attach is refused instead;
 4. ``RelayCell`` is peeled (:func:`onion.peel`, ~0.15 ms, on the loop): :class:`NextHop` goes
    on as a ``RelayCell`` to the relay ``directory()`` names, :class:`ExitPayload` goes as
    :class:`CloveDrop` to the entry worker ``workers()`` names (its node id is the exit
@@ -19,6 +22,10 @@ A cell that fails to peel (forged, replayed, stale, truncated...) or that names 
 next hop, worker or client is dropped, counted per reason in :class:`RelayStats` and logged
 at debug level; it is never answered (answers would be an oracle). Every frame the relay
 sends is signed with its own identity.
+
+The guard holds at most ``replay_capacity`` tags, each charged to the upstream connection
+that sent the cell; near the cap the upstream holding the most is shed (``shed``) so the
+others keep being served (see :class:`ReplayGuard`).
 
 Epochs: the guard's epoch is ``current_epoch(config.epoch_s)``, re-read once a second;
 clients building cells for these relays use the same function. Who calls it:
@@ -54,7 +61,7 @@ Lookup = Callable[[], Mapping[bytes, str]]  # node id bytes -> endpoint
 _REASONS = (("MAC mismatch", "forged"), ("failed authentication", "forged_payload"),
             ("replayed", "replayed"), ("stale epoch", "stale"), ("future epoch", "future"),
             ("truncated", "truncated"), ("oversized", "oversized"), ("size class", "bad_size"),
-            ("replay cache full", "guard_full"), ("ephemeral key", "bad_key"))
+            ("replay cache full", "guard_full"), ("replay-cache share", "shed"), ("ephemeral key", "bad_key"))
 
 
 def current_epoch(epoch_s: float = DEFAULT_EPOCH_S, now: float | None = None) -> int:
@@ -70,7 +77,10 @@ class RelayConfig:
     burst: int = 2000  # bucket size: frames a peer may send at once
     epoch_s: float = DEFAULT_EPOCH_S  # seconds per replay-guard epoch
     replay_window: int = 2  # epochs a cell stays acceptable (and its tag remembered)
-    max_clients: int = 65_536  # attached clients remembered (LRU)
+    max_clients: int = 65_536  # attached clients remembered
+    max_attach_per_peer: int = 16  # client ids one upstream connection may hold attached
+    attach_hold_s: float = 600.0  # an attachment used this recently is never evicted (seconds)
+    replay_capacity: int = 1 << 18  # replay tags held at most (~130 bytes each)
     max_peers: int = 65_536  # upstream token buckets remembered (LRU)
     max_links: int = 1024  # downstream DEALER connections kept open (LRU)
     drop_all: bool = False  # fault injection: a "dead" relay that reads and drops every frame
@@ -78,7 +88,8 @@ class RelayConfig:
 
     def __post_init__(self) -> None:
         if not (self.rate_per_s > 0 and self.burst >= 1 and self.epoch_s > 0 and self.replay_window >= 1
-                and min(self.max_clients, self.max_peers, self.max_links) >= 1 and self.fail_after >= 0):
+                and min(self.max_clients, self.max_peers, self.max_links, self.max_attach_per_peer,
+                        self.replay_capacity) >= 1 and self.attach_hold_s >= 0 and self.fail_after >= 0):
             raise OverlayError(f"relay config out of range: {self}")
 
 
@@ -94,6 +105,7 @@ class RelayStats:
     rate_limited: int  # frames dropped by the token buckets
     bad_frames: int  # frames that did not decode (answered bad_frame)
     dropped_by_reason: Mapping[str, int]  # cells dropped after decoding, per reason
+    replay_tags: int = 0  # tags the replay guard holds now (at most replay_capacity)
 
     @property
     def dropped(self) -> int:
@@ -117,6 +129,13 @@ class _Bucket:
         return True
 
 
+@dataclasses.dataclass
+class _Attachment:
+    peer: bytes  # the connection deliveries go to
+    key: bytes | None  # the signing key that attached the client id first
+    used_at: float | None = None  # monotonic time of the last delivery or re-attach
+
+
 class RelayServer:
     """A relay on one event loop; ``directory()`` names relays and ``workers()`` entry workers
     by node id bytes (both called per cell, so keep them cheap: see ``CachedLookup``)."""
@@ -126,9 +145,12 @@ class RelayServer:
         self.node_id = identity.node_id
         self.endpoint: str | None = None
         self._directory, self._workers = directory, workers
-        self._guard = ReplayGuard(epoch=current_epoch(config.epoch_s), window=config.replay_window)
+        self._guard = ReplayGuard(epoch=current_epoch(config.epoch_s), window=config.replay_window,
+                                  capacity=config.replay_capacity)
         self._buckets: OrderedDict[bytes, _Bucket] = OrderedDict()
-        self._clients: OrderedDict[bytes, tuple[bytes, bytes | None]] = OrderedDict()  # id -> (peer, key)
+        self._clients: OrderedDict[bytes, _Attachment] = OrderedDict()  # least recently used first
+        self._fresh: OrderedDict[bytes, None] = OrderedDict()  # ids attached but never used, oldest first
+        self._per_peer: Counter[bytes] = Counter()  # upstream connection -> ids it holds attached
         self._links: OrderedDict[str, tuple[AsyncDealer, asyncio.Task]] = OrderedDict()
         self._failed = False  # fail_after reached: from now on the relay acts dead
         self._lock = threading.Lock()  # counters are read from other threads
@@ -163,7 +185,7 @@ class RelayServer:
         with self._lock:
             c = self._counts
             return RelayStats(c["cells_in"], c["forwarded"], c["exited"], c["delivered"], len(self._clients),
-                              c["rate_limited"], c["bad_frames"], dict(self._drops))
+                              c["rate_limited"], c["bad_frames"], dict(self._drops), len(self._guard))
 
     # ------------------------------------------------------------------ receiving
     async def _epoch_loop(self) -> None:
@@ -220,27 +242,63 @@ class RelayServer:
         if isinstance(msg, RelayAttach):
             self._attach(peer, msg.client_id, received.sender)
         elif isinstance(msg, RelayCell):
-            await self._on_cell(router, msg.cell)
+            await self._on_cell(router, peer, msg.cell)
 
     def _attach(self, peer: bytes, client_id: bytes, sender: bytes | None) -> None:
         known = self._clients.get(client_id)
-        if known is not None and known[1] != sender:
-            self._drop("attach_conflict", client_id.hex())
+        if known is not None:
+            if known.key != sender:
+                self._drop("attach_conflict", client_id.hex())
+                return
+            if known.peer != peer:  # the client reconnected: the attachment moves with it
+                self._unbind(known.peer)
+                self._per_peer[peer] += 1
+                known.peer = peer
+            self._use(client_id, known)  # a re-attach proves the client is alive
             return
-        self._clients[client_id] = (peer, sender)
+        if self._per_peer[peer] >= self.config.max_attach_per_peer:
+            self._drop("attach_budget", peer.hex()[:16])
+            return
+        if len(self._clients) >= self.config.max_clients and not self._evict_one():
+            self._drop("attach_full", client_id.hex())
+            return
+        self._clients[client_id] = _Attachment(peer, sender)
+        self._fresh[client_id] = None
+        self._per_peer[peer] += 1
+
+    def _use(self, client_id: bytes, attachment: _Attachment) -> None:
+        """``client_id`` got a delivery or re-attached: it is in use, not to be evicted soon."""
+        attachment.used_at = time.monotonic()
+        self._fresh.pop(client_id, None)
         self._clients.move_to_end(client_id)
-        if len(self._clients) > self.config.max_clients:
-            self._clients.popitem(last=False)
+
+    def _evict_one(self) -> bool:
+        """Make room for one attachment: the oldest never used, else the least recently used
+        if idle for ``attach_hold_s``; False when every attachment is in use."""
+        if self._fresh:
+            victim = next(iter(self._fresh))
+        else:
+            victim, oldest = next(iter(self._clients.items()))
+            if oldest.used_at is not None and time.monotonic() - oldest.used_at < self.config.attach_hold_s:
+                return False
+        self._fresh.pop(victim, None)
+        self._unbind(self._clients.pop(victim).peer)
+        return True
+
+    def _unbind(self, peer: bytes) -> None:
+        self._per_peer[peer] -= 1
+        if self._per_peer[peer] <= 0:
+            del self._per_peer[peer]
 
     # ------------------------------------------------------------------ one cell
-    async def _on_cell(self, router: RouterServer, cell: bytes) -> None:
+    async def _on_cell(self, router: RouterServer, peer: bytes, cell: bytes) -> None:
         self._count("cells_in")
         if self.config.fail_after and self._counts["cells_in"] > self.config.fail_after:
             self._failed = True
             self._drop("dead")
             return
         try:
-            peeled = peel(self.identity.kex, cell, self._guard)
+            peeled = peel(self.identity.kex, cell, self._guard, peer)
         except OverlayError as exc:
             text = str(exc)
             self._drop(next((r for key, r in _REASONS if key in text), "rejected"), text)
@@ -264,9 +322,9 @@ class RelayServer:
             if client is None:
                 self._drop("unknown_client", peeled.client_id.hex())
                 return
-            self._clients.move_to_end(peeled.client_id)
+            self._use(peeled.client_id, client)
             delivery = RelayDelivery(peeled.reply_id, peeled.payload)
-            await router.send(client[0], encode(delivery, self.identity))
+            await router.send(client.peer, encode(delivery, self.identity))
             self._count("delivered")
 
     # ------------------------------------------------------------------ downstream links

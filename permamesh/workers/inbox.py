@@ -14,6 +14,12 @@ this worker, is split into ``answer_cloves`` cloves (any ``k`` rebuild, the requ
 block carries one; blocks that arrive later (the client resending over fresh paths) get the
 next cloves of the same split, from a bounded cache of recent answers.
 
+Each clove is taken once: a second clove with the same message id and index (a replayed
+envelope, or a proxy that duplicates) is dropped and counted (``duplicate``), never acked nor
+answered. At most ``max_cloves_per_message`` cloves of one message and ``max_held_cloves`` in
+all are held (with their answer blocks); beyond, cloves are dropped and counted
+(``overflow``, ``inbox_full``).
+
 Nothing here learns who asked: the cloves came from proxies, and the answers go to the first
 relays of reply blocks. Malformed envelopes or cloves are dropped and counted, never answered.
 
@@ -55,6 +61,9 @@ class InboxConfig:
     max_jobs: int = 1024  # overlay jobs remembered (running or answered), oldest dropped
     answer_ttl_s: float = 300.0  # answers kept this long for late or resent cloves
     rebuild_ttl_s: float = 60.0  # incomplete messages dropped after this long
+    max_cloves_per_message: int = 32  # distinct cloves (and answer blocks) held per message id
+    max_held_cloves: int = 16_384  # distinct cloves held for all messages (pending or answered)
+    prune_every_s: float = 1.0  # how often message ids no longer held are forgotten
 
 
 @dataclasses.dataclass
@@ -76,6 +85,9 @@ class Inbox:
         self.dealers: dict[str, AsyncDealer] = {}
         self.pending_acks: dict[bytes, asyncio.TimerHandle] = {}  # answer block alpha -> its ack
         self.counts: collections.Counter[str] = collections.Counter()
+        self.taken: dict[bytes, set[int]] = {}  # message id -> indexes of the cloves taken
+        self.held = 0  # cloves in ``taken``, all messages
+        self.next_prune = 0.0
         self.closed = False
 
     # ------------------------------------------------------------------ cloves in
@@ -91,6 +103,8 @@ class Inbox:
         clove, mid = env.clove, env.clove.message_id
         if not clove.is_self_consistent():  # its content does not match its own fingerprint
             self.counts["bad_clove"] += 1
+            return
+        if not self._take(mid, clove.index):
             return
         self.counts["cloves"] += 1
         job = self.jobs.get(mid)
@@ -117,6 +131,28 @@ class Inbox:
         if env.answer_block is not None:
             job.blocks.append(env.answer_block)
         self._flush(job)
+
+    def _take(self, mid: bytes, index: int) -> bool:
+        """Whether clove ``index`` of ``mid`` is new and there is room to hold it (counted if not)."""
+        taken = self.taken.get(mid)
+        if taken is not None and index in taken:
+            self.counts["duplicate"] += 1
+            return False
+        if taken is not None and len(taken) >= self.config.max_cloves_per_message:
+            self.counts["overflow"] += 1
+            return False
+        if self.held >= self.config.max_held_cloves:
+            self.counts["inbox_full"] += 1
+            return False
+        if taken is None:
+            taken = self.taken[mid] = set()
+        taken.add(index)
+        self.held += 1
+        return True
+
+    def _forget(self, mid: bytes) -> None:
+        self.waiting.pop(mid, None)
+        self.held -= len(self.taken.pop(mid, ()))
 
     def _ack(self, env: Envelope, status: int) -> None:
         """Acknowledge ``env``'s clove now, or after ``ack_delay_s`` unless its answer block
@@ -155,7 +191,8 @@ class Inbox:
         job = _Job(now, k, self.waiting.pop(mid, []))
         self.jobs[mid] = job
         while len(self.jobs) > self.config.max_jobs:
-            self.jobs.popitem(last=False)
+            old, _ = self.jobs.popitem(last=False)
+            self._forget(old)
         peer = SINK_PREFIX + mid
         self.server.add_sink(peer, lambda msg: self._on_answer(mid, peer, msg))
         self.counts["requests"] += 1
@@ -213,14 +250,17 @@ class Inbox:
 
     def _expire(self, now: float) -> None:
         self.rebuilder.expire(now)
-        for mid in [m for m in self.waiting if m not in self.jobs and m not in self.rebuilder]:
-            del self.waiting[mid]
         while self.jobs:
             mid, job = next(iter(self.jobs.items()))
             if now - job.created <= self.config.answer_ttl_s:
                 break
             self.jobs.popitem(last=False)
             self.server.remove_sink(SINK_PREFIX + mid)
+            self._forget(mid)
+        if now >= self.next_prune:
+            self.next_prune = now + self.config.prune_every_s
+            for mid in [m for m in self.taken if m not in self.jobs and m not in self.rebuilder]:
+                self._forget(mid)  # a message the rebuilder gave up on (or evicted)
 
     def close(self) -> None:
         self.closed = True
