@@ -60,9 +60,33 @@ def _int(body: dict, name: str, default: int | None, low: int, high: int) -> int
     return value
 
 
+def check_unicode(body: Any) -> None:
+    """400 naming the first string (key or value) that is not valid Unicode: JSON lets a body
+    spell a lone surrogate (``"\\ud800"``), which no UTF-8 encoder downstream accepts."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ApiError(400, f"'{where or 'body'}' is not valid Unicode (a lone surrogate)",
+                                   param=where or None) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                key_text = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+                name = f"{where}.{key_text}" if where else key_text
+                stack.append((name, key))
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+
+
 def _common(body: Any) -> tuple[str, dict[str, Any], bool, bool]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    check_unicode(body)
     for name in UNSUPPORTED:
         value = body.get(name)
         if value in (None, [], {}) or (name == "response_format" and value == {"type": "text"}) or \

@@ -15,6 +15,12 @@ thread pool, so the event loop only parses, checks and writes. Each request is a
 by its API key (:class:`~permamesh.gateway.accounts.KeyRing`) and admitted and paid by that
 key's committee credit (:class:`~permamesh.gateway.accounts.Credit`).
 
+Bad input is the client's problem, never a 500: a body that is not JSON, not valid Unicode
+(lone surrogates) or not decodable under its ``Content-Encoding`` is a 400 (and a body that
+could not be read closes the connection). A streaming client that goes away mid-answer is
+logged at INFO; its job still ends in its thread and is settled (counted and paid), since the
+worker did the work.
+
 Who calls it: :mod:`permamesh.gateway.process` (the process) and tests (:class:`GatewayThread`).
 """
 
@@ -43,6 +49,7 @@ from permamesh.transport import ServingThread
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+_CLOSE = web.RequestKey("close_connection", bool)  # set on a request whose body could not be read to its end
 STATIC = Path(__file__).with_name("static")
 
 
@@ -99,6 +106,8 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - a bug answers 500, the gateway keeps serving
             log.exception("request %s %s failed", request.method, request.path)
             response = web.json_response(ApiError(500, f"internal error: {type(exc).__name__}").body(), status=500)
+        if request.get(_CLOSE):
+            response.force_close()  # the rest of a broken body must not be read as the next request
         self.requests.labels(route, str(response.status)).inc()
         self.latency.labels(route).observe(time.monotonic() - started)
         return response
@@ -108,10 +117,18 @@ class Gateway:
 
     async def _body(self, request: web.Request):
         try:
-            return json.loads(await request.read())
+            raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes") from None
-        except (ValueError, UnicodeDecodeError):
+        except web.RequestPayloadError as exc:  # e.g. "Content-Encoding: gzip" over bytes that are not
+            request[_CLOSE] = True
+            request.content.feed_eof()  # nothing more to read: aiohttp must not drain it again
+            encoding = request.headers.get("Content-Encoding", "")
+            raise ApiError(400, f"the request body could not be read (Content-Encoding {encoding[:32]!r}): "
+                                f"{str(exc).strip()[:200]}") from None
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
             raise ApiError(400, "the request body is not valid JSON") from None
 
     # ------------------------------------------------------------------ the OpenAI API
@@ -167,13 +184,14 @@ class Gateway:
                                    lambda t: loop.call_soon_threadsafe(texts.put_nowait, t))
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(texts.put_nowait, None))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
 
         async def send(obj) -> None:
             await response.write(f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode())
 
         first, last = chunks(rid, created, parsed.model)
+        settled = False
         try:
+            await response.prepare(request)
             if first is not None:
                 await send(first)
             while (text := await texts.get()) is not None:
@@ -187,15 +205,32 @@ class Gateway:
                 log.exception("a streamed job failed")
                 await send(ApiError(500, f"internal error: {type(exc).__name__}").body())
             else:
+                settled = True
                 await self._run(self._settle, caller, reserved, result)
                 await send(last("", result.finish_reason, None))
                 if parsed.include_usage:
                     await send(last("", None, oa.usage(result)))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
-        except ConnectionResetError:  # the client went away; the job ends in its thread, unanswered
+        except (ConnectionError, asyncio.CancelledError) as exc:  # the client went away
             log.info("client of %s disconnected mid-stream", rid)
+            if not settled:
+                job.add_done_callback(lambda done: self._settle_abandoned(done, caller, reserved, rid))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         return response
+
+    def _settle_abandoned(self, job: asyncio.Future, caller, reserved: int, rid: str) -> None:
+        """A streamed job whose client left: once it ends, settle it like any other (the worker
+        did the work); a job that failed has nothing to settle. Event-loop thread."""
+        if job.cancelled() or job.exception() is not None:
+            log.info("abandoned job %s ended without a result: %r", rid, None if job.cancelled() else job.exception())
+            return
+        result = job.result()
+        try:
+            self.pool.submit(self._settle, caller, reserved, result)
+        except RuntimeError:  # the pool is shut down: the gateway is stopping
+            log.info("abandoned job %s not settled: the gateway is stopping", rid)
 
     @staticmethod
     def _chat_chunks(rid, created, model):

@@ -11,7 +11,10 @@ A frame on the wire is a msgpack array ``[version, tag, body, sender, signature]
 Decoding never trusts the peer: the frame size is checked before parsing, the tag must name a
 known :class:`Message` subclass, the body must fit that type's ``MAX_BYTES``, the signature must
 verify, every declared field without a default must be present with the declared type, and
-unknown fields are ignored (so newer peers can add optional fields). Every failure is a
+unknown fields are ignored (so newer peers can add optional fields), and no string or bytes
+field may exceed its type's declared length limit (``limits=`` of :func:`message`; every
+``request_id`` field is held to :data:`MAX_REQUEST_ID_CHARS` whatever the type says, because
+replies echo it back). Every failure is a
 :class:`WireError` whose message says what was wrong; nothing else escapes :func:`decode`.
 
 Who calls it: :mod:`permamesh.transport` users (workers, clients, and later relays and
@@ -38,6 +41,8 @@ PROTOCOL_VERSION = 1
 DOMAIN = b"permamesh/wire/v1\x00"
 MAX_FRAME_BYTES = 4 * 1024 * 1024  # hard cap on any frame, checked before parsing
 _MAX_DEPTH = 8  # nesting depth accepted in a body
+MAX_REQUEST_ID_CHARS = 128  # any field named request_id, in any message type
+_DEFAULT_LIMITS = {"request_id": MAX_REQUEST_ID_CHARS}
 
 M = TypeVar("M", bound="Message")
 
@@ -53,6 +58,7 @@ class Message:
     TAG: ClassVar[str] = ""
     MAX_BYTES: ClassVar[int] = 64 * 1024  # body size limit for this type
     SIGNED: ClassVar[bool] = True  # decode() demands a valid signature
+    LIMITS: ClassVar[dict[str, int]] = {}  # field name -> most characters (str) or bytes (bytes)
 
     def to_fields(self) -> dict[str, Any]:
         return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -62,8 +68,11 @@ _REGISTRY: dict[str, type[Message]] = {}
 _FIELDS: dict[type, tuple[tuple[str, Any, bool], ...]] = {}  # cls -> (name, type, required)
 
 
-def message(tag: str, *, max_bytes: int = 64 * 1024, signed: bool = True):
-    """Class decorator: make ``cls`` a frozen dataclass and register it under ``tag``."""
+def message(tag: str, *, max_bytes: int = 64 * 1024, signed: bool = True, limits: dict[str, int] | None = None):
+    """Class decorator: make ``cls`` a frozen dataclass and register it under ``tag``.
+
+    ``limits`` bounds the length of named str/bytes fields (characters or bytes), checked at
+    both :func:`encode` and :func:`decode`; ``request_id`` is bounded even when not named."""
 
     def wrap(cls: type[M]) -> type[M]:
         if tag in _REGISTRY:
@@ -72,6 +81,7 @@ def message(tag: str, *, max_bytes: int = 64 * 1024, signed: bool = True):
             raise TypeError(f"wire tag {tag!r} must be non-empty and free of NUL")
         cls = dataclasses.dataclass(frozen=True)(cls)
         cls.TAG, cls.MAX_BYTES, cls.SIGNED = tag, max_bytes, signed
+        cls.LIMITS = {**_DEFAULT_LIMITS, **(limits or {})}
         _REGISTRY[tag] = cls
         _register_fields(cls)
         return cls
@@ -120,8 +130,20 @@ def _signed_bytes(tag: str, body: bytes) -> bytes:
     return DOMAIN + tag.encode() + b"\x00" + body
 
 
+def _check_limits(cls: type, fields: dict[str, Any], where: str) -> None:
+    """Refuse a str or bytes field longer than the type allows (before any object is built)."""
+    for name, limit in getattr(cls, "LIMITS", {}).items():
+        value = fields.get(name)
+        if isinstance(value, (str, bytes)) and len(value) > limit:
+            unit = "characters" if isinstance(value, str) else "bytes"
+            raise WireError(f"{where}.{name}: {len(value)} {unit} exceeds limit {limit}")
+
+
 def encode(msg: Message, signer: NodeIdentity | None = None) -> bytes:
-    """Serialize ``msg`` into one frame, signed by ``signer`` when the type is signed."""
+    """Serialize ``msg`` into one frame, signed by ``signer`` when the type is signed.
+
+    Refuses (:class:`WireError`) what a peer's :func:`decode` would refuse for its size."""
+    _check_limits(msg.__class__, {name: getattr(msg, name, None) for name in msg.LIMITS}, msg.TAG)
     try:
         body = msgpack.packb(msg.to_fields(), use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:  # e.g. a lone surrogate in a str
@@ -216,6 +238,7 @@ def _build(cls: type, fields: Any, where: str, depth: int) -> Any:
                 raise WireError(f"{where}: missing field {name!r}")
             continue
         kwargs[name] = _check(tp, fields[name], f"{where}.{name}", depth)
+    _check_limits(cls, kwargs, where)
     try:
         return cls(**kwargs)
     except WireError:

@@ -12,18 +12,33 @@ Who sends what:
   :class:`ErrorReply`; :class:`StatusReply` for a status request.
 - anyone -> anyone: :class:`ErrorReply` with ``request_id=""`` for a frame that could not
   be decoded at all (code ``bad_frame``).
+
+Every string a peer could make long is bounded (``limits=``, checked at encode and decode):
+request ids (:data:`~permamesh.wire.codec.MAX_REQUEST_ID_CHARS`), error codes
+(:data:`MAX_CODE_CHARS`), node ids and names in results, chunks, progress and status (:data:`MAX_NAME_CHARS`); an error's text is cut to
+:data:`MAX_ERROR_CHARS` when built and refused above it when decoded. Replies echo request ids,
+so an unbounded one would make the reply itself unsendable.
+
+Sampling parameters: ``temperature`` is 0 (greedy) or in (0, 10]; the engine samples in a way
+that is exact for any such value, so a temperature far below ~1e-3 behaves as greedy (ties
+shared) rather than overflowing. ``top_p`` is in (0, 1]; the likeliest token is always kept.
 """
 
 from __future__ import annotations
 
 import math
 
-from permamesh.wire.codec import Message, WireError, message, struct
+from permamesh.wire.codec import MAX_REQUEST_ID_CHARS, Message, WireError, message, struct
 
 MAX_PROMPT_CHARS = 256 * 1024
 MAX_NEW_TOKENS = 8192
 MAX_STOP_STRINGS = 8
 ROLES = ("system", "user", "assistant")
+MAX_TEMPERATURE = 10.0
+MAX_CODE_CHARS = 32  # ErrorReply.code: a short machine-readable word
+MAX_NAME_CHARS = 128  # worker ids, model names, devices, group names
+MAX_ERROR_CHARS = 4096  # ErrorReply.message: human-readable, cut to this when built
+_NAMES = {"worker_id": MAX_NAME_CHARS, "model": MAX_NAME_CHARS}
 
 
 def _require(cond: bool, what: str) -> None:
@@ -63,7 +78,8 @@ class GenerateRequest(Message):
         size = len(self.prompt or "") + sum(len(m.content) for m in self.messages)
         _require(size <= MAX_PROMPT_CHARS, f"prompt of {size} chars exceeds {MAX_PROMPT_CHARS}")
         _require(1 <= self.max_tokens <= MAX_NEW_TOKENS, f"max_tokens must be in 1..{MAX_NEW_TOKENS}")
-        _require(math.isfinite(self.temperature) and 0.0 <= self.temperature <= 10.0, "temperature must be in [0, 10]")
+        _require(math.isfinite(self.temperature) and 0.0 <= self.temperature <= MAX_TEMPERATURE,
+                 f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
         _require(math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
         _require(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
         _require(len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings")
@@ -79,7 +95,7 @@ class Accepted(Message):
     worker_id: str
 
 
-@message("token", max_bytes=256 * 1024)
+@message("token", max_bytes=256 * 1024, limits=_NAMES)
 class TokenChunk(Message):
     request_id: str
     index: int  # position of the first token of this chunk in the answer
@@ -88,7 +104,7 @@ class TokenChunk(Message):
     logprobs: tuple[float, ...] = ()  # one per token when requested
 
 
-@message("result", max_bytes=2 * 1024 * 1024)
+@message("result", max_bytes=2 * 1024 * 1024, limits={**_NAMES, "finish_reason": 16})
 class GenerateResult(Message):
     request_id: str
     text: str
@@ -105,11 +121,15 @@ class GenerateResult(Message):
     cached_tokens: int = 0  # prompt tokens whose prefill the worker's prefix cache saved
 
 
-@message("error")
+@message("error", limits={"code": MAX_CODE_CHARS, "message": MAX_ERROR_CHARS})
 class ErrorReply(Message):
     request_id: str  # "" when the frame could not be decoded
     code: str  # bad_frame, bad_request, queue_full, model_mismatch, internal, shutting_down
-    message: str
+    message: str  # cut to MAX_ERROR_CHARS when built here; refused above it from a peer
+
+    def __post_init__(self) -> None:
+        if isinstance(self.message, str) and len(self.message) > MAX_ERROR_CHARS:
+            object.__setattr__(self, "message", self.message[: MAX_ERROR_CHARS - 3] + "...")
 
 
 @message("status?")
@@ -117,7 +137,7 @@ class StatusRequest(Message):
     request_id: str
 
 
-@message("status")
+@message("status", limits={**_NAMES, "device": MAX_NAME_CHARS, "group": MAX_NAME_CHARS})
 class StatusReply(Message):
     request_id: str
     worker_id: str
@@ -138,9 +158,10 @@ class StatusReply(Message):
     sync_snapshot_bytes: int = 0  # resync snapshots it sent
     prompt_tokens_total: int = 0  # prompt tokens it served
     cached_tokens_total: int = 0  # of which its prefix cache supplied
+    dropped_replies: int = 0  # replies it could not encode or send since start
 
 
-@message("progress")
+@message("progress", limits=_NAMES)
 class Progress(Message):
     """Keep-alive for a job that is queued, running or forwarded: sent about once a second so
     the submitter can tell a slow job from a dead worker."""

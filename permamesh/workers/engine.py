@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Callable, Sequence
 
 from permamesh.wire.messages import GenerateRequest
@@ -92,19 +93,27 @@ class Engine:
 
     @staticmethod
     def sample(logits, params: SamplingParams, gen) -> tuple[int, float]:
-        """Pick the next token; return it with its log-probability under the raw model."""
+        """Pick the next token; return it with its log-probability under the raw model.
+
+        Never raises on finite parameters: the logits are shifted so their maximum is 0 before
+        dividing by the temperature (in float64), so no temperature, however small, overflows;
+        a tiny one simply concentrates all mass on the likeliest tokens (greedy, ties shared).
+        NaN logits count as impossible; if no logit is usable the choice falls back to argmax.
+        """
         import torch
 
-        logits = logits.cpu()
-        logp = torch.log_softmax(logits, dim=-1)
-        if params.temperature <= 0.0:
-            token = int(torch.argmax(logits))
+        raw = logits.detach().cpu().double()
+        raw = torch.where(torch.isnan(raw), torch.full_like(raw, -math.inf), raw)
+        top = float(raw.max())
+        if params.temperature <= 0.0 or not math.isfinite(top):  # greedy, or only +inf/-inf left
+            token = int(torch.argmax(raw))
         else:
-            probs = torch.softmax(logits / params.temperature, dim=-1)
+            probs = torch.exp((raw - top) / params.temperature)  # in [0, 1]; the max is exactly 1
             if params.top_p < 1.0:
                 sorted_p, order = torch.sort(probs, descending=True)
-                keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < params.top_p
+                keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < params.top_p * float(sorted_p.sum())
                 keep[0] = True
                 probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
             token = int(torch.multinomial(probs, 1, generator=gen))
-        return token, max(float(logp[token]), -1e30)  # finite, so it always encodes
+        logprob = float(torch.log_softmax(raw.float(), dim=-1)[token]) if math.isfinite(top) else 0.0
+        return token, min(0.0, max(logprob, -1e30)) if math.isfinite(logprob) else -1e30  # always encodes

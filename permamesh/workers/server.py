@@ -18,7 +18,9 @@ Overlay traffic: a :class:`CloveDrop` from a proxy goes to the :class:`~permames
 peer ids (:meth:`WorkerServer.add_sink`): their messages go to the inbox, not to a socket.
 
 A frame that does not decode (garbage, oversized, forged, unknown type) is answered with
-``ErrorReply(code="bad_frame")`` and counted; the worker keeps serving. On shutdown, queued
+``ErrorReply(code="bad_frame")`` and counted; the worker keeps serving. The send loop outlives
+any one message it cannot encode or send: it answers ``internal`` instead where it can, logs
+and counts the rest (``dropped_replies``), and goes on. On shutdown, queued
 and running requests are answered ``shutting_down`` so clients can resubmit elsewhere:
 no request is left without an answer.
 
@@ -51,6 +53,7 @@ from permamesh.wire import (
     decode,
     encode,
 )
+from permamesh.wire.codec import MAX_REQUEST_ID_CHARS
 from permamesh.workers.engine import Engine
 from permamesh.workers.errors import WorkerError
 from permamesh.workers.executor import DEFAULT_MAX_ACTIVE, Executor, Job
@@ -83,6 +86,7 @@ class WorkerServer:
         self.telemetry = None  # a WorkerTelemetry when the process exports metrics
         self._sinks: dict[bytes, Callable[[Message], None]] = {}  # local peers (overlay jobs)
         self._rejected = 0
+        self.dropped_replies = 0  # messages the send loop could not encode or send
         self._started = time.monotonic()
         self._stopping = False
         self._prompt_tokens = 0
@@ -168,9 +172,9 @@ class WorkerServer:
             return None
         if isinstance(msg, GROUP_MESSAGES):
             if self.group is None:
-                return ErrorReply(getattr(msg, "request_id", ""), "bad_request", "this worker is in no group")
+                return ErrorReply(_echo_id(msg), "bad_request", "this worker is in no group")
             return self.group.on_peer_message(peer, received)
-        return ErrorReply(getattr(msg, "request_id", ""), "bad_request", f"a worker does not take {msg.TAG!r}")
+        return ErrorReply(_echo_id(msg), "bad_request", f"a worker does not take {msg.TAG!r}")
 
     def dispatch(self, peer: bytes, req: GenerateRequest | RunRequest) -> Message | None:
         """A job for ``peer``: route it inside the group (a container job: among container
@@ -209,22 +213,31 @@ class WorkerServer:
 
     # ------------------------------------------------------------------ sending
     async def _send_loop(self, router: RouterServer) -> None:
+        """Deliver the outbox in order. Nothing one message does may end this loop: everything
+        the worker says (answers, keep-alives, shutdown notices) goes through it."""
         while True:
             peer, msg = await self._outbox.get()
-            sink = self._sinks.get(peer)
             try:
-                if sink is not None:
-                    try:
-                        sink(msg)
-                    except Exception:  # noqa: BLE001 - one overlay answer must not stop sending
-                        log.exception("overlay sink for %s failed", msg.TAG)
-                    continue
-                await router.send(peer, encode(msg, self.identity))
-            except WireError as exc:  # e.g. an answer larger than the frame limit
-                log.error("cannot encode reply %s: %s", msg.TAG, exc)
-                await router.send(peer, encode(ErrorReply(getattr(msg, "request_id", ""), "internal", str(exc)), self.identity))
+                await self._deliver(router, peer, msg)
+            except Exception:  # noqa: BLE001 - a bug with one message must not silence the worker
+                self.dropped_replies += 1
+                log.exception("dropped a %s reply to %s", msg.TAG, peer.hex()[:16])
             finally:
                 self._outbox.task_done()
+
+    async def _deliver(self, router: RouterServer, peer: bytes, msg: Message) -> None:
+        sink = self._sinks.get(peer)
+        if sink is not None:
+            sink(msg)
+            return
+        try:
+            frame = encode(msg, self.identity)
+        except WireError as exc:  # e.g. an answer larger than the frame limit
+            log.error("cannot encode reply %s: %s", msg.TAG, exc)
+            self.dropped_replies += 1
+            frame = encode(ErrorReply(_echo_id(msg), "internal", f"cannot encode the {msg.TAG} reply: {exc}"),
+                           self.identity)
+        await router.send(peer, frame)
 
     async def _progress_loop(self) -> None:
         """Tell every submitter whose job we hold that it is alive, once per interval."""
@@ -269,7 +282,16 @@ class WorkerServer:
             sync_snapshot_bytes=stats.snapshot_bytes if stats else 0,
             prompt_tokens_total=self._prompt_tokens,
             cached_tokens_total=self._cached_tokens,
+            dropped_replies=self.dropped_replies,
         )
+
+
+def _echo_id(msg: Message) -> str:
+    """The request id to echo back in a reply about ``msg``; "" when it has none fit to send."""
+    rid = getattr(msg, "request_id", "")
+    if not isinstance(rid, str) or len(rid) > MAX_REQUEST_ID_CHARS:
+        return ""
+    return rid
 
 
 class ServerThread(ServingThread):
