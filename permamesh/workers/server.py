@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 from permamesh.containers.messages import ForwardedRun, RunRequest
@@ -62,6 +63,8 @@ from permamesh.workers.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
+REPLAY_WINDOW = 65_536  # recent (signer, request id) pairs remembered: a replayed request is refused
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -85,6 +88,7 @@ class WorkerServer:
         self.containers = None  # a ContainerService when the worker runs containers
         self.telemetry = None  # a WorkerTelemetry when the process exports metrics
         self._sinks: dict[bytes, Callable[[Message], None]] = {}  # local peers (overlay jobs)
+        self._seen_requests: OrderedDict[tuple[bytes | None, str], None] = OrderedDict()  # replay window
         self._rejected = 0
         self.dropped_replies = 0  # messages the send loop could not encode or send
         self._started = time.monotonic()
@@ -159,6 +163,8 @@ class WorkerServer:
         if isinstance(msg, StatusRequest):
             return self.status(msg.request_id)
         if isinstance(msg, (GenerateRequest, RunRequest)):
+            if not self._first_time(received.sender, msg.request_id):
+                return ErrorReply(msg.request_id, "duplicate", "this request was already received; a replay does not run")
             return self.dispatch(peer, msg)
         if isinstance(msg, ForwardedRun):
             if self.containers is None or self._stopping:
@@ -175,6 +181,18 @@ class WorkerServer:
                 return ErrorReply(_echo_id(msg), "bad_request", "this worker is in no group")
             return self.group.on_peer_message(peer, received)
         return ErrorReply(_echo_id(msg), "bad_request", f"a worker does not take {msg.TAG!r}")
+
+    def _first_time(self, sender: bytes | None, request_id: str) -> bool:
+        """Whether this (signer, request id) is new; a bounded window of the last
+        ``REPLAY_WINDOW`` requests (clients give every attempt a fresh id, so only a replay of
+        the same signed frame repeats one)."""
+        key = (sender, request_id)
+        if key in self._seen_requests:
+            return False
+        self._seen_requests[key] = None
+        if len(self._seen_requests) > REPLAY_WINDOW:
+            self._seen_requests.popitem(last=False)
+        return True
 
     def dispatch(self, peer: bytes, req: GenerateRequest | RunRequest) -> Message | None:
         """A job for ``peer``: route it inside the group (a container job: among container

@@ -155,3 +155,23 @@ def test_the_sampler_never_picks_an_impossible_token():
     picks = {Engine.sample(logits, SamplingParams(temperature=t), gen)[0] for t in (1e-300, 0.5, 1.0) for _ in range(20)}
     assert picks <= {2, 3}
     assert picks == {2, 3}  # a tie at a tiny temperature is shared, not broken one way
+
+
+# ------------------------------------------------------------------ a replayed request runs once
+
+
+def test_a_replayed_direct_request_runs_once(worker):
+    """The same signed frame sent 20 times: one answer, 19 refusals, one job served."""
+    frame = encode(_job(max_tokens=2), MALLORY)
+    with DealerClient(worker) as sock:
+        sock.send(frame)
+        first = _read_until_final(sock)[-1]
+        refusals = []
+        for _ in range(19):
+            sock.send(frame)
+            refusals.append(_read_until_final(sock)[-1])
+        sock.send(encode(StatusRequest("s"), MALLORY))
+        status = recv_msg(sock)
+    assert isinstance(first, GenerateResult)
+    assert all(isinstance(r, ErrorReply) and r.code == "duplicate" for r in refusals)
+    assert isinstance(status, StatusReply) and status.served == 1
