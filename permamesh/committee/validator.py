@@ -4,7 +4,8 @@
   application on the ABCI socket; a CometBFT v0.38 node (``proxy_app`` pointing there) drives
   it. Configuration in ``docs/committee.md``. The largest request frame accepted follows the
   chain's ``block.max_bytes`` (learnt at InitChain and kept in the ledger's store);
-  ``--max-frame-bytes N`` overrides it.
+  ``--max-frame-bytes N`` overrides it. The ABCI socket drives consensus, so a non-loopback
+  tcp address is refused unless ``--abci-allow-remote`` is given.
 - ``--engine devnet --home DIR``: one validator of the embedded devnet (``DIR/node.json``,
   written by :class:`~permamesh.committee.devnet.cluster.Devnet`); prints
   ``READY <endpoint> <node_id>`` once it serves.
@@ -60,6 +61,9 @@ def add_validator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--abci", default="tcp://127.0.0.1:26658",
                    help="cometbft engine: ABCI address, tcp://HOST:PORT or unix:///PATH "
                         "(default: tcp://127.0.0.1:26658)")
+    p.add_argument("--abci-allow-remote", action="store_true",
+                   help="cometbft engine: allow a non-loopback tcp --abci address (anyone who can "
+                        "connect to it can drive consensus: firewall it to CometBFT's host)")
     p.add_argument("--max-frame-bytes", type=frame_bytes, default=None, metavar="BYTES",
                    help="cometbft engine: the largest ABCI request accepted, in bytes (default: the "
                         "chain's block.max_bytes plus 8 MiB, 100 MiB blocks when it is -1, never "
@@ -101,10 +105,13 @@ def run_validator_from_args(args: argparse.Namespace, data_dir: Path) -> int:
     home = (args.home or data_dir / "validator").expanduser()
     metrics = (data_dir, args.metrics_port) if args.metrics_port >= 0 else None
     max_frame_bytes = getattr(args, "max_frame_bytes", None)
+    allow_remote = getattr(args, "abci_allow_remote", False)
     if args.engine == "cometbft":
-        return _cometbft(args.abci, home, metrics, max_frame_bytes)
+        return _cometbft(args.abci, home, metrics, max_frame_bytes, allow_remote)
     if max_frame_bytes is not None:
         raise CommitteeError("--max-frame-bytes applies to --engine cometbft only")
+    if allow_remote:
+        raise CommitteeError("--abci-allow-remote applies to --engine cometbft only")
     return _devnet_node(home, metrics)
 
 
@@ -119,16 +126,26 @@ def _exporter(metrics, node_id: str, read):
     return Exporter(registry, metrics[0], node_id, "validator", port=metrics[1])
 
 
-def _cometbft(address: str, home: Path, metrics=None, max_frame_bytes: int | None = None) -> int:
-    from permamesh.committee.abci.server import ABCIServerThread, ServerConfig
+def _cometbft(address: str, home: Path, metrics=None, max_frame_bytes: int | None = None,
+             allow_remote: bool = False) -> int:
+    from permamesh.committee.abci.server import ABCIServerThread, ServerConfig, is_loopback, parse_address
     from permamesh.committee.cometbft.drill import ledger_app
     from permamesh.ops.metrics import Figure
 
+    try:
+        parsed = parse_address(address)
+    except ValueError as exc:
+        raise CommitteeError(str(exc)) from None
+    if not allow_remote and not is_loopback(parsed):
+        raise CommitteeError(
+            f"--abci {address} is not a loopback address: anyone who can connect to the ABCI "
+            "socket can drive consensus. Use tcp://127.0.0.1:PORT or unix:///PATH, or pass "
+            "--abci-allow-remote (and firewall the port to CometBFT's host)")
     app = ledger_app(home / "ledger.sqlite")  # a LedgerApp; corrupt only in a drill (drill.py)
     exporter = _exporter(metrics, f"ledger-{home.name}",
                          lambda: [Figure("permamesh_chain_height", "Last committed height", app.store.height)])
     try:
-        with ABCIServerThread(app, address, config=ServerConfig(max_frame_bytes)) as server:
+        with ABCIServerThread(app, address, config=ServerConfig(max_frame_bytes, allow_remote=allow_remote)) as server:
             print(f"READY {server.bound_address} ledger", flush=True)
             log.info("ledger at height %d serving ABCI on %s; frame limit %d bytes (%s)",
                      app.store.height, server.bound_address, server.server.max_message_bytes,
@@ -164,25 +181,21 @@ def _devnet_node(home: Path, metrics=None) -> int:
     options = NodeOptions(port=config["port"], byzantine=config.get("byzantine", ""),
                           peers=tuple((bytes.fromhex(k), ep) for k, ep in config["peers"]))
     from permamesh.committee.client import CommitteeClient
-    from permamesh.committee.telemetry import validator_figures
+    from permamesh.committee.telemetry import FigureCache
 
-    clients = {}
-
-    def read():  # scrape thread: ask this validator over its own socket
-        client = clients.get("self")
-        if client is None:
-            client = clients["self"] = CommitteeClient([f"tcp://127.0.0.1:{options.port}"], timeout_s=2.0)
-        return validator_figures(client)
-
-    exporter = _exporter(metrics, ident.node_id, read)
+    cache = None
+    if metrics is not None:  # the cache's own thread asks this validator over its own socket
+        endpoint = f"tcp://127.0.0.1:{options.port}"
+        cache = FigureCache(lambda: CommitteeClient([endpoint], timeout_s=2.0)).start()
+    exporter = _exporter(metrics, ident.node_id, cache.figures if cache is not None else None)
     try:
         serve_until_signalled(DevnetNode(chain, ident, options), ident.node_id,
                               lambda endpoint: None, lambda: None)
     finally:
         if exporter is not None:
             exporter.close()
-        for client in clients.values():
-            client.close()
+        if cache is not None:
+            cache.close()
         store.close()
         app.close()
     return 0

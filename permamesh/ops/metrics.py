@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -85,12 +89,72 @@ class Gauges(Collector):
         yield from families.values()
 
 
+MAX_SCRAPES = 4  # requests served at once; more wait up to ADMIT_WAIT_S, then are closed
+ADMIT_WAIT_S = 1.0  # seconds a connection waits for a free slot before it is closed
+REQUEST_TIMEOUT_S = 5.0  # seconds a connection may take to send its request and read the answer
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per request, but at most :data:`MAX_SCRAPES` at once, each with a deadline.
+
+    prometheus_client's own server starts a thread for every connection, with no timeout: a
+    crowd of scrapers or half-open connections becomes as many threads. Here a connection
+    waits briefly for a slot and is closed (and counted) if none frees up, and a slow or silent
+    peer is dropped after :data:`REQUEST_TIMEOUT_S`."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        self.refused = 0  # connections closed because every slot stayed busy
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(timeout=ADMIT_WAIT_S):
+            self.refused += 1
+            if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, ...: a line, not a flood
+                log.warning("metrics server busy: %d connections refused so far", self.refused)
+            self.shutdown_request(request)
+            return
+        try:
+            request.settimeout(REQUEST_TIMEOUT_S)
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address) -> None:  # a peer that hung up or stalled
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+
 class MetricsServer:
-    """``/metrics`` of ``registry`` over HTTP on ``host:port`` (0 = any free port)."""
+    """``/metrics`` of ``registry`` over HTTP on ``host:port`` (0 = any free port), serving at
+    most :data:`MAX_SCRAPES` requests at once (:class:`_BoundedServer`)."""
 
     def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server, self._thread = start_http_server(port, host, registry)
+        server_class = type("_Server", (_BoundedServer,),
+                            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+        self._server = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         self.url = f"http://{host}:{self._server.server_port}/metrics"
+
+    @property
+    def refused(self) -> int:
+        """Connections closed because the server was busy."""
+        return self._server.refused
 
     def close(self) -> None:
         self._server.shutdown()

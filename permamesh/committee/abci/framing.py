@@ -13,7 +13,9 @@ protobuf-style varint (7 bits per byte, least significant group first, high bit 
 "more"), not the zigzag signed varint that Tendermint 0.34 used. ``messages.go`` caps a
 message at ``math.MaxInt32``; we cap lower and check the cap as soon as the length prefix
 is complete, before buffering any of the body, so a hostile peer cannot make us allocate
-more than the cap.
+more than the cap. Nothing is reserved from the announced length: the buffer holds only the
+bytes that have arrived, so a peer announcing a huge frame and trickling it costs what it
+sent.
 
 The cap: 64 MiB by default, raised to fit the chain's blocks once the app knows its
 consensus params (:func:`frame_limit_for_block`). A FinalizeBlock request carries a whole
@@ -149,8 +151,12 @@ class FrameDecoder:
                         return
                 if len(self._buf) < self._need:
                     return
-                body = bytes(self._buf[: self._need])
-                del self._buf[: self._need]
+                if len(self._buf) == self._need:  # the common case: hand over the buffer whole
+                    body, self._buf = bytes(self._buf), bytearray()
+                else:
+                    with memoryview(self._buf) as view:  # one copy, not a slice then a copy
+                        body = bytes(view[: self._need])
+                    del self._buf[: self._need]
                 self._need = None
                 yield body
         except ProtocolError as exc:

@@ -9,6 +9,17 @@ order; every app call, from any connection, goes through one lock and one worker
 answered by the server itself. A malformed frame or an undecodable protobuf closes that
 one connection with a log line; the server and the other connections carry on.
 
+Who may connect: the ABCI socket drives consensus (a bare ``Commit`` commits), so it is
+meant for the local CometBFT only. A ``tcp://`` address must be loopback unless
+``ServerConfig.allow_remote`` (``permamesh validator --abci-allow-remote``) says otherwise;
+``unix://`` sockets are fine. At most ``max_connections`` (CometBFT's four) are served at
+once: a fifth is closed at once and logged. A ``Commit`` is passed to the app only on the
+connection where a ``FinalizeBlock`` succeeded since the last ``Commit``; any other is
+answered with a ``ResponseException`` and changes nothing.
+
+Memory: a frame is buffered only as its bytes arrive (``FrameDecoder``), so a peer that
+announces a huge frame and trickles costs what it sent, at most one frame per connection.
+
 The frame limit: ``ServerConfig.max_message_bytes`` when set (``permamesh validator
 --max-frame-bytes``); otherwise whatever the app says it needs
 (:meth:`Application.max_request_bytes`, which the ledger derives from the chain's block
@@ -19,6 +30,7 @@ InitChain told the app the block size; otherwise 64 MiB.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import stat
@@ -30,7 +42,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from permamesh.committee.abci import abci_pb2 as pb
-from permamesh.committee.abci.application import Application, dispatch
+from permamesh.committee.abci.application import Application, dispatch, exception_response
 from permamesh.committee.abci.framing import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_FRAME_BYTES,
@@ -80,15 +92,31 @@ def parse_address(address: str) -> Address:
     return Address("tcp", host=host.strip("[]"), port=port)
 
 
+def is_loopback(address: Address) -> bool:
+    """True for a unix socket or a tcp address on the loopback interface."""
+    if address.scheme == "unix":
+        return True
+    if address.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve anywhere
+        return False
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     # bytes per incoming Request frame; None = as the app asks (max_request_bytes), else 64 MiB
     max_message_bytes: int | None = None
     read_chunk_bytes: int = 64 * 1024  # bytes per socket read
+    max_connections: int = 4  # what CometBFT opens: consensus, mempool, query, snapshot
+    allow_remote: bool = False  # True: a non-loopback tcp address may be served
 
     def __post_init__(self) -> None:
         if self.max_message_bytes is not None and not 1 <= self.max_message_bytes <= MAX_FRAME_BYTES:
             raise ValueError(f"max_message_bytes must be in 1..{MAX_FRAME_BYTES}")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
 
 
 class ABCIServer:
@@ -104,6 +132,11 @@ class ABCIServer:
         self.app = app
         self.address = parse_address(address)
         self.config = config or ServerConfig()
+        if not self.config.allow_remote and not is_loopback(self.address):
+            raise ValueError(
+                f"ABCI address {address!r} is not loopback: anyone who can connect could drive "
+                "consensus. Use tcp://127.0.0.1:PORT or unix:///path, or allow it explicitly "
+                "(--abci-allow-remote) behind a firewall that admits only CometBFT")
         self.lock = lock or threading.Lock()  # shared with a LocalClient if one exists
         self._bound: Address | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -111,6 +144,7 @@ class ABCIServer:
         self._stop_requested = threading.Event()
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.refused = 0  # connections closed because max_connections were open
         self._executor: ThreadPoolExecutor | None = None
         self.started = threading.Event()  # set once listening (or once startup failed)
         self.startup_error: BaseException | None = None  # why listening failed, if it did
@@ -191,9 +225,15 @@ class ABCIServer:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
+        peer = writer.get_extra_info("peername") or "unix peer"
+        if len(self._tasks) >= self.config.max_connections:
+            self.refused += 1
+            log.warning("refused ABCI connection from %s: %d connections already open (CometBFT "
+                        "opens %d)", peer, len(self._tasks), self.config.max_connections)
+            writer.close()
+            return
         self._tasks.add(task)
         self._writers.add(writer)
-        peer = writer.get_extra_info("peername") or "unix peer"
         log.debug("ABCI connection from %s", peer)
         try:
             await self._serve_connection(reader, writer, peer)
@@ -213,6 +253,7 @@ class ABCIServer:
     ) -> None:
         decoder = FrameDecoder(limit=lambda: self.max_message_bytes)
         loop = asyncio.get_running_loop()
+        finalized = False  # a FinalizeBlock succeeded on this connection, not yet committed
         while True:
             data = await reader.read(self.config.read_chunk_bytes)
             if not data:
@@ -226,12 +267,19 @@ class ABCIServer:
                 log.warning("closing ABCI connection from %s: %s", peer, exc)
                 return
             for request in requests:
-                if request.WhichOneof("value") == "flush":
+                which = request.WhichOneof("value")
+                if which == "flush":
                     response = pb.Response(flush=pb.ResponseFlush())
+                elif which == "commit" and not finalized:
+                    log.warning("ABCI Commit from %s without a FinalizeBlock on that connection; "
+                                "refused", peer)
+                    response = exception_response("Commit without a preceding FinalizeBlock")
                 else:
                     response = await loop.run_in_executor(self._executor, self._call, request)
+                    if which in ("finalize_block", "commit"):
+                        finalized = which == "finalize_block" and response.WhichOneof("value") == which
                 writer.write(encode_message(response))
-                if request.WhichOneof("value") == "flush":
+                if which == "flush":
                     await writer.drain()
             await writer.drain()
 

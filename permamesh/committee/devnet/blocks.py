@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MAX_BLOCK_BYTES = 4 * 1024 * 1024
 MAX_BLOCK_TXS = 5_000
+MAX_HEIGHT = 2**63  # heights in [1, MAX_HEIGHT): SQLite's INTEGER range, as the votes'
+_INT64 = range(-(2**63), 2**63)  # time_ms must fit SQLite and the ABCI Timestamp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +65,9 @@ class Block:
         if not isinstance(items, list) or len(items) != 7 or items[0] != 1:
             raise ProtocolError("block must be [1, height, prev, app_hash, proposer, time, txs]")
         _, height, prev, app_hash, proposer, time_ms, txs = items
-        if type(height) is not int or height < 1 or type(time_ms) is not int:
-            raise ProtocolError("block height and time must be ints, height >= 1")
+        if type(height) is not int or not 1 <= height < MAX_HEIGHT or type(time_ms) is not int \
+                or time_ms not in _INT64:
+            raise ProtocolError(f"block height must be an int in [1, {MAX_HEIGHT}) and time a 64-bit int")
         if not all(isinstance(x, bytes) for x in (prev, app_hash, proposer)):
             raise ProtocolError("block hashes and proposer must be bytes")
         if not isinstance(txs, list) or not all(isinstance(t, bytes) for t in txs):
@@ -110,6 +113,10 @@ class BlockStore:
         return b"" if row is None else bytes(row[0])
 
     def app_hashes(self, first: int, last: int) -> list[tuple[int, bytes]]:
+        """App hashes for the stored heights in first..last (any ints: clamped to the store)."""
+        first, last = max(first, 1), min(last, MAX_HEIGHT - 1)
+        if first > last:
+            return []
         rows = self._db.execute("SELECT height, app_hash FROM blocks WHERE height BETWEEN ? AND ?"
                                 " AND app_hash IS NOT NULL ORDER BY height", (first, last))
         return [(h, bytes(a)) for h, a in rows]

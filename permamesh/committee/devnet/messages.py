@@ -17,11 +17,18 @@ peer is verified vote by vote.
 
 from __future__ import annotations
 
-from permamesh.committee.devnet.votes import Proposal, Vote
+from permamesh.committee.devnet.votes import MAX_HEIGHT, Proposal, Vote
 from permamesh.committee.txs import MAX_TX_BYTES
 from permamesh.wire.codec import Message, message, struct
 
 _BIG = 3 * 1024 * 1024
+
+
+def _heights(*values: int) -> None:
+    """Every height on the wire is in [0, MAX_HEIGHT) (SQLite's and the votes' range);
+    anything else is refused at decode (the codec turns the ValueError into a WireError)."""
+    if not all(0 <= v < MAX_HEIGHT for v in values):
+        raise ValueError(f"height out of range [0, {MAX_HEIGHT})")
 
 
 @message("devnet.proposal", max_bytes=_BIG)
@@ -46,10 +53,16 @@ class CommittedBlock:
     round: int
     commit: tuple[Vote, ...]
 
+    def __post_init__(self) -> None:
+        _heights(self.height)
+
 
 @message("devnet.blocks_request", max_bytes=1024)
 class BlocksRequest(Message):
     from_height: int
+
+    def __post_init__(self) -> None:
+        _heights(self.from_height)
 
 
 @message("devnet.blocks_reply", max_bytes=_BIG)
@@ -95,6 +108,9 @@ class StatusMsg(Message):
     last: int = 0
     ref: int = 0
 
+    def __post_init__(self) -> None:
+        _heights(self.first, self.last)
+
 
 @message("devnet.status_answer", max_bytes=_BIG)
 class StatusAnswer(Message):
@@ -105,3 +121,6 @@ class StatusAnswer(Message):
     app_hashes: tuple[bytes, ...]
     mempool: int
     misbehaviour: int
+
+    def __post_init__(self) -> None:
+        _heights(self.height, *self.heights)

@@ -15,6 +15,12 @@ Byzantine mode ``equivocate`` (drills and tests only): every vote and proposal t
 signs has a conflicting twin; half the peers get each, and one peer gets both (in CometBFT
 gossip would carry both to everyone), so the honest side has evidence.
 
+Bounded memory: the ROUTER queues at most ``ROUTER_HWM`` frames to each peer and takes at
+most as many from it before it is read (zmq high-water marks; TCP pushes back beyond that).
+A reply to a client that does not read its replies is dropped and counted
+(``dropped_replies``), never queued without end. A junk frame is decoded, refused and gone.
+Heights asked for by a client are clamped to what the store holds.
+
 Who calls it: ``permamesh validator --engine devnet`` (:mod:`permamesh.committee.validator`).
 """
 
@@ -28,6 +34,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+import zmq
+import zmq.asyncio
+
 from permamesh.committee.abci import abci_pb2 as pb
 from permamesh.committee.devnet import messages as m
 from permamesh.committee.devnet.blocks import Block
@@ -37,14 +46,62 @@ from permamesh.committee.devnet.tendermint import (Broadcast, Decide, Misbehavio
 from permamesh.committee.devnet.votes import Proposal, Vote, sign_proposal, sign_vote, verify_commit
 from permamesh.committee.errors import CommitteeError, ProtocolError
 from permamesh.identity import NodeIdentity
-from permamesh.transport import AsyncDealer, RouterServer
-from permamesh.wire.codec import Message, WireError, decode, encode
+from permamesh.transport import OPEN_SOCKETS, AsyncDealer, TransportError
+from permamesh.wire.codec import MAX_FRAME_BYTES, Message, WireError, decode, encode
 
 log = logging.getLogger(__name__)
 
 _PEER_MSGS = (m.ProposalMsg, m.VoteMsg, m.TxsMsg, m.BlocksRequest, m.BlocksReply)
 MAX_MEMPOOL = 50_000
 SYNC_BATCH = 50  # blocks per catch-up reply
+ROUTER_HWM = 256  # frames queued to (and from) one peer before zmq drops (or stops reading)
+STATUS_SPAN = 1000  # app hashes per status answer
+
+
+class PeerRouter:
+    """The node's ROUTER: bounded queues per peer and sends that never wait.
+
+    Like :class:`permamesh.transport.RouterServer`, plus high-water marks set before binding
+    (zmq copies them into each accepted connection) and ``ROUTER_MANDATORY``, so a send to a
+    peer whose queue is full, or who left, fails at once: the frame is dropped and counted.
+    Only the event-loop thread that created it may use it."""
+
+    def __init__(self, host: str, port: int, hwm: int = ROUTER_HWM) -> None:
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        OPEN_SOCKETS.add(self._sock)
+        for option, value in ((zmq.LINGER, 0), (zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024),
+                              (zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.ROUTER_MANDATORY, 1)):
+            self._sock.setsockopt(option, value)
+        try:
+            if port:
+                self._sock.bind(f"tcp://{host}:{port}")
+            else:
+                self._sock.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise TransportError(f"cannot bind tcp://{host}:{port}: {exc}") from None
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.dropped = 0  # frames not sent: the peer's queue was full, or the peer had gone
+
+    async def recv(self) -> tuple[bytes, bytes | None]:
+        parts = await self._sock.recv_multipart(copy=True)
+        return parts[0], (parts[1] if len(parts) == 2 else None)
+
+    def send(self, peer: bytes, frame: bytes) -> bool:
+        """Queue ``frame`` to ``peer`` without waiting; False (and counted) when it was dropped."""
+        try:
+            self._sock.send_multipart([peer, frame], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EAGAIN: queue full; EHOSTUNREACH: peer gone
+            self.dropped += 1
+            if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, ...: a line, not a flood
+                log.info("dropped a reply to %s (%s); %d dropped so far", peer.hex()[:16], exc,
+                         self.dropped)
+            return False
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close(0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +126,7 @@ class DevnetNode:
         self.mempool: OrderedDict[bytes, bytes] = OrderedDict()
         self._waiters: dict[bytes, list[tuple[bytes, int]]] = {}
         self._dealers: dict[bytes, AsyncDealer] = {}
-        self._router: RouterServer | None = None
+        self._router: PeerRouter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sync_asked = 0.0
         self._start_timer: asyncio.TimerHandle | None = None  # the pause before the next height
@@ -81,7 +138,7 @@ class DevnetNode:
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self.chain.handshake()
-        self._router = RouterServer(self.options.host, self.options.port)
+        self._router = PeerRouter(self.options.host, self.options.port)
         self.endpoint = self._router.endpoint
         self._dealers = {key: AsyncDealer(ep) for key, ep in self.options.peers}
         recv = asyncio.create_task(self._recv_loop())
@@ -214,15 +271,22 @@ class DevnetNode:
             resp = self.chain.client.query(pb.RequestQuery(path=msg.path, data=msg.data))
             self._reply(peer, m.QueryAnswer(msg.ref, resp.code, resp.log, resp.value, resp.height))
         elif isinstance(msg, m.StatusMsg):
-            first, last = max(1, msg.first), min(msg.last, msg.first + 999, self.chain.height)
-            hashes = self.chain.store.app_hashes(first, last) if msg.last else []
+            height = self.chain.height
+            first = min(max(1, msg.first), height + 1)  # heights beyond ours hold nothing
+            last = min(msg.last, first + STATUS_SPAN - 1, height)
+            hashes = self.chain.store.app_hashes(first, last) if msg.last and first <= last else []
             self._reply(peer, m.StatusAnswer(msg.ref, self.chain.height, self.chain.app_hash,
                                              tuple(h for h, _ in hashes),
                                              tuple(a for _, a in hashes), len(self.mempool),
                                              self.misbehaviour))
 
+    @property
+    def dropped_replies(self) -> int:
+        """Replies dropped because the client's queue was full or it had gone."""
+        return 0 if self._router is None else self._router.dropped
+
     def _reply(self, peer: bytes, msg: Message) -> None:
-        self._loop.create_task(self._router.send(peer, encode(msg, self.ident)))
+        self._router.send(peer, encode(msg, self.ident))
 
     def _admit(self, tx: bytes) -> pb.ResponseCheckTx | None:
         key = Block.hash_of(tx)
@@ -273,7 +337,8 @@ class DevnetNode:
 
     def _serve_blocks(self, sender: bytes, first: int) -> None:
         blocks, size = [], 0
-        for height in range(max(1, first), min(self.chain.height, first + SYNC_BATCH - 1) + 1):
+        first = max(1, first)
+        for height in range(first, min(self.chain.height, first + SYNC_BATCH - 1) + 1):
             raw, round_, commit = self.chain.store.get(height)
             size += len(raw)
             if size > 2 * 1024 * 1024 and blocks:
