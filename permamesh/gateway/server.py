@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 _CLOSE = web.RequestKey("close_connection", bool)  # set on a request whose body could not be read to its end
 STATIC = Path(__file__).with_name("static")
+VIEW_CACHE_S = 1.0  # seconds a health, mesh or models view is reused (metrics are never reused)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class Gateway:
         self.mesh_view, self.health = mesh_view, health
         self.endpoint: str | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(config.threads, thread_name_prefix="gateway")
+        # the read-only views (health, mesh, metrics) never wait in, or take from, the jobs' pool;
+        # concurrent asks for one view share one computation, kept for VIEW_CACHE_S
+        self.views = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="gateway-views")
+        self._view_cache: dict[str, tuple[float, object]] = {}
+        self._view_running: dict[str, asyncio.Future] = {}
         self.registry = new_registry()
         self.requests = Counter("permamesh_gateway_requests", "HTTP requests by route and status", ("route", "status"),
                                 registry=self.registry)
@@ -114,6 +120,24 @@ class Gateway:
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def _view(self, name: str, fn, keep_s: float = VIEW_CACHE_S):
+        """``fn()`` on the views' own threads; callers within ``keep_s`` of a result, or while
+        one is being computed, share it (a flood costs one computation per period)."""
+        cached = self._view_cache.get(name)
+        if cached is not None and time.monotonic() - cached[0] < keep_s:
+            return cached[1]
+        running = self._view_running.get(name)
+        if running is None:
+            running = asyncio.get_running_loop().run_in_executor(self.views, fn)
+            self._view_running[name] = running
+            try:
+                value = await running
+                self._view_cache[name] = (time.monotonic(), value)
+                return value
+            finally:
+                self._view_running.pop(name, None)
+        return await asyncio.shield(running)
 
     async def _body(self, request: web.Request):
         try:
@@ -245,19 +269,19 @@ class Gateway:
 
     # ------------------------------------------------------------------ the rest
     async def metrics(self, request: web.Request) -> web.Response:
-        body = await self._run(generate_latest, self.registry)
+        body = await self._view("metrics", lambda: generate_latest(self.registry), keep_s=0.0)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        models = await self._run(self.backend.models)
+        models = await self._view("models", self.backend.models)
         return web.json_response({"status": "ok" if models else "no_workers", "models": models})
 
     async def api_mesh(self, request: web.Request) -> web.Response:
-        view = await self._run(self.mesh_view) if self.mesh_view else {}
+        view = await self._view("mesh", self.mesh_view) if self.mesh_view else {}
         return web.json_response({**view, "usage": self.credit.usage()})
 
     async def api_health(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._run(self.health) if self.health else {"nodes": []})
+        return web.json_response(await self._view("health", self.health) if self.health else {"nodes": []})
 
     async def dashboard(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "dashboard.html")
@@ -286,6 +310,7 @@ class Gateway:
         finally:
             await runner.cleanup()
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self.views.shutdown(wait=False, cancel_futures=True)
             self.backend.close()
             self.credit.close()  # the committee client (the dashboard's view shares it)
 

@@ -115,3 +115,43 @@ def test_a_client_that_hangs_up_mid_stream_is_settled_quietly(stack, watched, wh
     assert any("disconnected mid-stream" in r.getMessage() for r in watched.records)
     _no_errors_logged(watched)
     _still_serves(stack)
+
+
+def test_a_flood_of_health_requests_never_touches_the_jobs_pool(tmp_path):
+    """200 concurrent GET /api/health: the health checks run on the views' own threads, once
+    per VIEW_CACHE_S however many ask, so jobs never queue behind them (the gateway runs on a
+    thread with an instrumented health callable and no mesh: only the views are exercised)."""
+    import concurrent.futures
+    import threading
+
+    from permamesh.gateway.accounts import Credit, KeyRing
+    from permamesh.gateway.backend import MeshBackend
+    from permamesh.gateway.server import Gateway, GatewayConfig, GatewayThread
+
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def health() -> dict:
+        time.sleep(0.2)  # a slow health pass (it probes every node): the cost being flooded
+        with lock:
+            calls.append(threading.current_thread().name)
+        return {"nodes": []}
+
+    gateway = Gateway(GatewayConfig(tmp_path, port=0), MeshBackend(tmp_path), KeyRing(tmp_path, open_access=True),
+                      Credit(), health=health)
+    thread = GatewayThread(gateway)
+    url = thread.start()
+    try:
+        def ask(_):
+            with urllib.request.urlopen(url + "/api/health", timeout=30) as response:
+                return json.loads(response.read())
+
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(50) as flood:
+            answers = list(flood.map(ask, range(200)))
+        elapsed = time.monotonic() - started
+    finally:
+        thread.stop()
+    assert all(a == {"nodes": []} for a in answers)
+    assert calls and all(name.startswith("gateway-views") for name in calls), calls[:3]
+    assert len(calls) <= elapsed / 1.0 + 2  # coalesced: about one pass per VIEW_CACHE_S, not 200
