@@ -48,7 +48,7 @@ from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.messages import CloveDrop, RelayAttach, RelayCell, RelayDelivery
 from permamesh.overlay.onion import ExitPayload, NextHop, ReplayGuard, ReplyDelivery, peel
 from permamesh.transport import AsyncDealer, RouterServer, ServingThread, TransportError
-from permamesh.wire import ErrorReply, Message, WireError, decode, encode
+from permamesh.wire import ErrorReply, Message, StatusRequest, WireError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class RelayServer:
         try:
             if frame is None:
                 raise WireError("expected exactly one frame part")
-            received = decode(frame, expect=(RelayCell, RelayAttach))
+            received = decode(frame, expect=(RelayCell, RelayAttach, StatusRequest))
         except WireError as exc:
             self._count("bad_frames")
             log.debug("relay %s rejected a frame from %s: %s", self.node_id, peer.hex()[:16], exc)
@@ -243,6 +243,10 @@ class RelayServer:
             self._attach(peer, msg.client_id, received.sender)
         elif isinstance(msg, RelayCell):
             await self._on_cell(router, peer, msg.cell)
+        elif isinstance(msg, StatusRequest):  # a committee member's liveness probe: a signed answer is the proof
+            self._count("probes")
+            await router.send(peer, encode(ErrorReply(msg.request_id, "not_a_worker", "a relay: alive, no job status"),
+                                           self.identity))
 
     def _attach(self, peer: bytes, client_id: bytes, sender: bytes | None) -> None:
         known = self._clients.get(client_id)

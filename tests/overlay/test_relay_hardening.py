@@ -121,3 +121,20 @@ def test_a_table_full_of_clients_in_use_refuses_new_attaches():
         keys = _reply(net, client_id, b"still here")
         frame = dealers[-1].recv(TIMEOUT_S)
         assert frame is not None and open_reply(keys, decode(frame).msg.payload) == b"still here"
+
+
+def test_a_members_liveness_probe_gets_a_signed_answer_not_a_bad_frame():
+    """Committee members probe every relay with a signed StatusRequest; the relay answers with a
+    frame signed by its own key (the proof of life) and does not count it as a bad frame."""
+    from permamesh.wire import ErrorReply, StatusRequest
+
+    with mesh(1) as net:
+        prober = net.dealer(0)
+        prober.send(encode(StatusRequest("probe-1"), NodeIdentity.generate()))
+        frame = prober.recv(TIMEOUT_S)
+        assert frame is not None
+        received = decode(frame)
+        assert isinstance(received.msg, ErrorReply) and received.msg.code == "not_a_worker"
+        assert received.msg.request_id == "probe-1"
+        assert received.sender == net.relays[0].server.identity.public.sign_key
+        assert net.stats(0).bad_frames == 0
