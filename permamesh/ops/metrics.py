@@ -89,9 +89,10 @@ class Gauges(Collector):
         yield from families.values()
 
 
-MAX_SCRAPES = 4  # requests served at once; more wait up to ADMIT_WAIT_S, then are closed
-ADMIT_WAIT_S = 1.0  # seconds a connection waits for a free slot before it is closed
-REQUEST_TIMEOUT_S = 5.0  # seconds a connection may take to send its request and read the answer
+MAX_SCRAPES = 4  # scrapes computed at once; more wait up to ADMIT_WAIT_S, then get 503
+MAX_CONNECTIONS = 64  # connections handled at once (reading a request head, or waiting for a slot)
+ADMIT_WAIT_S = 1.0  # seconds a connection (or a scrape) waits for room before it is refused
+HEAD_TIMEOUT_S = 2.0  # seconds a connection may take to send its request and read the answer
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -99,41 +100,57 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+def _limited(app, slots: threading.BoundedSemaphore):
+    """``app`` computed by at most ``slots`` requests at once; the rest get 503 after
+    :data:`ADMIT_WAIT_S`. A slot is held only while an answer is computed, never while a peer
+    dawdles over its request head, so stalled connections cannot starve real scrapes."""
+    def limited(environ, start_response):
+        if not slots.acquire(timeout=ADMIT_WAIT_S):
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain"), ("Retry-After", "1")])
+            return [b"busy\n"]
+        try:
+            return list(app(environ, start_response))
+        finally:
+            slots.release()
+    return limited
+
+
 class _BoundedServer(ThreadingMixIn, WSGIServer):
-    """A thread per request, but at most :data:`MAX_SCRAPES` at once, each with a deadline.
+    """A thread per connection, at most :data:`MAX_CONNECTIONS` of them, each with a
+    :data:`HEAD_TIMEOUT_S` deadline; the answers themselves are limited by :func:`_limited`.
 
     prometheus_client's own server starts a thread for every connection, with no timeout: a
     crowd of scrapers or half-open connections becomes as many threads. Here a connection
-    waits briefly for a slot and is closed (and counted) if none frees up, and a slow or silent
-    peer is dropped after :data:`REQUEST_TIMEOUT_S`."""
+    waits briefly for room and is closed (and counted) if none frees up, and a slow or silent
+    peer is dropped after its deadline."""
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, *args, **kwargs) -> None:
-        self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.refused = 0  # connections closed because every slot stayed busy
         super().__init__(*args, **kwargs)
 
     def process_request(self, request, client_address) -> None:
-        if not self.slots.acquire(timeout=ADMIT_WAIT_S):
+        if not self.connections.acquire(timeout=ADMIT_WAIT_S):
             self.refused += 1
             if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, ...: a line, not a flood
                 log.warning("metrics server busy: %d connections refused so far", self.refused)
             self.shutdown_request(request)
             return
         try:
-            request.settimeout(REQUEST_TIMEOUT_S)
+            request.settimeout(HEAD_TIMEOUT_S)
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            self.connections.release()
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self.connections.release()
 
     def handle_error(self, request, client_address) -> None:  # a peer that hung up or stalled
         log.debug("metrics request from %s failed", client_address, exc_info=True)
@@ -146,7 +163,8 @@ class MetricsServer:
     def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> None:
         server_class = type("_Server", (_BoundedServer,),
                             {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
-        self._server = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+        app = _limited(make_wsgi_app(registry), threading.BoundedSemaphore(MAX_SCRAPES))
+        self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
         self.url = f"http://{host}:{self._server.server_port}/metrics"
