@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from permamesh.bench import fuzz
+from permamesh.bench import fuzz, fuzzhttp, fuzzzmq
 from permamesh.client import Client
 from permamesh.committee.client import CommitteeClient
 from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
@@ -40,8 +40,8 @@ ZMQ_PORTS = ["worker", "relay", "validator"] + (["layers"] if CONTAINERS else []
 METRICS_PORTS = ["metrics:worker", *(f"metrics:relay-{i}" for i in range(RELAYS)), "metrics:validator",
                  "metrics:gateway"]
 # the devnet validator speaks plain ZMTP (its endpoint names no key): no plaintext attack there
-CASES = ([(p, a) for p in ZMQ_PORTS for a in fuzz.ZMQ_ATTACKS if (p, a) != ("validator", "plaintext")]
-         + [(p, a) for p in ["gateway", *METRICS_PORTS] for a in fuzz.HTTP_ATTACKS])
+CASES = ([(p, a) for p in ZMQ_PORTS for a in fuzzzmq.ZMQ_ATTACKS if (p, a) != ("validator", "plaintext")]
+         + [(p, a) for p in ["gateway", *METRICS_PORTS] for a in fuzzhttp.HTTP_ATTACKS])
 STALLED_METRICS = pytest.param("metrics:worker", "stalled_during", id="metrics:worker-stalled_during")
 # (found by this harness: 4 stalled connections used to hold every slot of a metrics server;
 # slots are now held only while an answer is computed, ops/metrics.py _limited)
@@ -113,15 +113,15 @@ def _zmq_ports(home, worker, relay_pids, devnet) -> dict[str, fuzz.Port]:
 def _http_ports(home, gateway_url: str) -> dict[str, fuzz.Port]:
     me = (os.getpid(),)
     ports = {"gateway": fuzz.Port("gateway", gateway_url + "/healthz", me,
-                                  lambda: fuzz.http_get(gateway_url + "/healthz") == 200),
+                                  lambda: fuzzhttp.http_get(gateway_url + "/healthz") == 200),
              "metrics:gateway": fuzz.Port("metrics:gateway", gateway_url + "/metrics", me,
-                                          lambda: fuzz.http_get(gateway_url + "/metrics") == 200)}
+                                          lambda: fuzzhttp.http_get(gateway_url + "/metrics") == 200)}
     relays = 0
     for record in sorted(discover_metrics(home), key=lambda r: r.node_id):
         name = f"metrics:{record.role}"
         if record.role == "relay":
             name, relays = f"metrics:relay-{relays}", relays + 1
-        ports[name] = fuzz.Port(name, record.url, (record.pid,), lambda url=record.url: fuzz.http_get(url) == 200)
+        ports[name] = fuzz.Port(name, record.url, (record.pid,), lambda url=record.url: fuzzhttp.http_get(url) == 200)
     return ports
 
 
@@ -167,9 +167,9 @@ def stack(tmp_path_factory):
                                               STALLED_METRICS])
 def test_port_survives_attack(stack, port, attack):
     target = stack.ports[port]
-    fn = fuzz.ZMQ_ATTACKS.get(attack) or fuzz.HTTP_ATTACKS.get(attack) or fuzz.attack_http_stalled_during
+    fn = fuzzzmq.ZMQ_ATTACKS.get(attack) or fuzzhttp.HTTP_ATTACKS.get(attack) or fuzzhttp.attack_http_stalled_during
     if port == "gateway" and attack == "bad_json":
-        fn = lambda p, rng: fuzz.attack_http_bad_json(  # noqa: E731
+        fn = lambda p, rng: fuzzhttp.attack_http_bad_json(  # noqa: E731
             p, rng, ("/v1/chat/completions", "/v1/completions"))
     row = fuzz.run_attack(target, attack, fn, random.Random(f"{SEED}:{port}:{attack}"), stack.pids)
     ROWS.append(row)
