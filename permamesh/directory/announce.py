@@ -46,9 +46,32 @@ def advertised(bound: str, advertise: str | None) -> str:
     return f"tcp://{host}:{port}"
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_reachable(endpoint: str, committee: Sequence[str]) -> None:
+    """Refuse to publish a loopback address to a committee that is not itself on loopback:
+    nodes on other hosts could never reach it."""
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
+    remote = [c for c in committee if not _loopback(c.split("://", 1)[-1].rpartition(":")[0])]
+    if _loopback(host) and remote:
+        raise DirectoryError(f"this node would publish {endpoint}, which peers on other hosts cannot reach "
+                             f"(the committee is at {remote[0]}): bind a routable --host, or give --advertise HOST:PORT")
+
+
 def announce(identity: NodeIdentity, committee: Sequence[str], endpoint: str, *, model: str = "",
              group: str = "", layers: str = "", timeout_s: float = 10.0) -> int:
     """Publish this node's descriptor; returns the height it was committed at."""
+    check_reachable(endpoint, committee)
     try:
         with CommitteeClient(list(committee), timeout_s) as client:
             chain_id = client.query("/status")["chain_id"]

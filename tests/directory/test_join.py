@@ -156,3 +156,15 @@ def test_a_gateway_that_knows_one_validator_serves_the_mesh(joined, tmp_path):
     finally:
         thread.stop()  # closes the backend and its directory thread
     assert answer["usage"]["completion_tokens"] == 3
+
+
+def test_a_loopback_address_is_never_published_to_a_remote_committee():
+    from permamesh.directory.announce import advertised, check_reachable
+
+    check_reachable("tcp://127.0.0.1:5600", ["http://127.0.0.1:26657"])  # one machine: fine
+    check_reachable("tcp://10.1.2.3:5600", ["http://10.1.2.9:26657"])
+    with pytest.raises(DirectoryError, match="cannot reach"):
+        check_reachable("tcp://127.0.0.1:5600", ["http://10.1.2.9:26657"])
+    with pytest.raises(DirectoryError, match="--advertise"):
+        advertised("tcp://0.0.0.0:5600", None)
+    assert advertised("tcp://0.0.0.0:5600?key=" + "ab" * 32, "node.example.org:7000") == "tcp://node.example.org:7000"
