@@ -30,13 +30,13 @@ roles and commands:
   demo       anyone new: start an embedded mesh on loopback, ask it questions, stop it
   bench      benchmark harness: routing, overlay, verification, committee, containers, gateway; JSON + PNG
 
-data directory (keys, model cache, local registry): --data-dir, else $PERMAMESH_HOME,
+data directory (keys, model cache, directory copies): --data-dir, else $PERMAMESH_HOME,
 else ~/.local/share/permamesh. Every process serves Prometheus metrics (DATA_DIR/run/metrics).
 """
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", type=Path, default=None, help="keys, model cache and local registry (default: $PERMAMESH_HOME or ~/.local/share/permamesh)")
+    p.add_argument("--data-dir", type=Path, default=None, help="keys, model cache and copies of the committee's directory (default: $PERMAMESH_HOME or ~/.local/share/permamesh)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity on stderr (default: INFO)")
 
 
@@ -106,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True, help="the user message (chat) or raw text with --raw")
     s.add_argument("--system", default=None, help="an optional system message")
     s.add_argument("--raw", action="store_true", help="send --prompt as raw text, without the chat template")
-    s.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address tcp://HOST:PORT (repeatable; default: the local registry)")
+    s.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address tcp://HOST:PORT[?key=HEX] (repeatable; default: the committee's directory)")
     s.add_argument("--join", action="append", default=None, metavar="VALIDATOR",
-                   help="find workers and relays in the committee's directory: a validator address (http://HOST:PORT "
-                        "CometBFT RPC or tcp://HOST:PORT devnet; comma-separated or repeatable); the one thing a new host needs")
+                   help="find workers and relays in the committee's directory: a validator address (comma-separated or "
+                        "repeatable; default: $PERMAMESH_JOIN, else DATA_DIR/join written by `permamesh demo --serve`); "
+                        "the one thing a new host needs")
     s.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (count, default: 128)")
     s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus probability mass kept, in (0, 1] (default: 1)")
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the next part of the answer (default: 300)")
     s.add_argument("--json", action="store_true", help="print the full result as JSON instead of streaming text")
     s.add_argument("--direct", action="store_true", help="talk to a worker directly instead of through the overlay "
-                   "(the default when the registry lists enough relays; direct answers stream)")
+                   "(the default when the directory lists enough relays; direct answers stream)")
 
     rl = sub.add_parser("relay", help="forward onion cells (user and partner role)",
                         description="Run an overlay relay: peel one onion layer per cell and pass it on; the last relay "
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show the workers of the local mesh", description="Ask each worker for its status.")
     _common(st)
-    st.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address (repeatable; default: the local registry)")
+    st.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address (repeatable; default: the committee's directory)")
 
     d = sub.add_parser("demo", help="run the embedded mesh end to end", description="Start workers on loopback, ask questions, print answers and latency, stop.")
     _common(d)

@@ -12,9 +12,9 @@ bytes of :attr:`permamesh.identity.NodeIdentity.transport`) speaks only CurveZMQ
 advertises an endpoint that names its public key: ``tcp://HOST:PORT?key=<64 hex>``. A client
 given such an endpoint encrypts the link with a fresh ephemeral key and authenticates the server
 by that key (a server holding another key never completes the handshake, so the client hears
-nothing). The endpoint string travels wherever addresses travel today (registry records, the
+nothing; a :class:`DealerClient` with ``watch_handshake`` hears that it failed). The endpoint string travels wherever addresses travel today (registry records, the
 committee's descriptors, READY lines), so whoever trusts the address trusts the key.
-Endpoints without a key are plain TCP; only the embedded devnet's validators still use them.
+Endpoints without a key are plain TCP (tests; the committee client allows them to loopback only).
 
 Every socket sets ``LINGER=0`` and ``MAXMSGSIZE`` (zmq drops larger frames before we see
 them) and is recorded in :data:`OPEN_SOCKETS` until closed, so tests can fail on leaks.
@@ -24,6 +24,7 @@ Frames are opaque bytes here; :mod:`permamesh.wire` gives them meaning.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Sequence
 
@@ -185,20 +186,41 @@ class AsyncDealer:
             self._sock.close(0)
 
 
-class DealerClient:
-    """A blocking DEALER socket connected to one endpoint."""
+class HandshakeFailed(TransportError):
+    """The server took the TCP connection but the ZMTP handshake failed: it holds another
+    transport key than the endpoint names, or speaks CurveZMQ to a plain client (or the
+    reverse)."""
 
-    def __init__(self, endpoint: str) -> None:
+
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+class DealerClient:
+    """A blocking DEALER socket connected to one endpoint.
+
+    ``watch_handshake``: follow the socket's handshake events, so that :meth:`recv` raises
+    :class:`HandshakeFailed` as soon as the server refuses the handshake instead of waiting
+    out the timeout (a server holding another key never answers, so this is the only sign)."""
+
+    def __init__(self, endpoint: str, watch_handshake: bool = False) -> None:
         self.endpoint = endpoint
         self._ctx = zmq.Context.instance()
         self._sock = _prepare(self._ctx.socket(zmq.DEALER))
+        self._monitor: zmq.Socket | None = None
+        self._handshake: bool | None = None  # the last handshake's outcome; None before the first
         try:
+            if watch_handshake:
+                self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
             _connect(self._sock, endpoint)
         except (zmq.ZMQError, TransportError) as exc:
+            self._close_monitor()
             self._sock.close(0)
             raise TransportError(f"cannot connect to {endpoint}: {exc}") from None
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        if self._monitor is not None:
+            self._poller.register(self._monitor, zmq.POLLIN)
 
     def send(self, frame: bytes) -> None:
         self._sock.send(frame)
@@ -208,14 +230,44 @@ class DealerClient:
         self._sock.send_multipart(parts)
 
     def recv(self, timeout_s: float) -> bytes | None:
-        """The next frame, or None when nothing arrived within ``timeout_s`` seconds."""
-        if not self._poller.poll(max(0, int(timeout_s * 1000))):
-            return None
-        return self._sock.recv()
+        """The next frame, or None when nothing arrived within ``timeout_s`` seconds; with
+        ``watch_handshake``, :class:`HandshakeFailed` once the last handshake failed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+            if self._sock in ready:
+                return self._sock.recv()
+            if self._monitor is not None and self._monitor in ready:
+                self._read_events()
+            if self._handshake is False:
+                raise HandshakeFailed(f"{self.endpoint}: the server refused the handshake")
+            if not ready or time.monotonic() >= deadline:
+                return None
+
+    def _read_events(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            self._handshake = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None and not self._monitor.closed:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
 
     def close(self) -> None:
         if not self._sock.closed:
             self._poller.unregister(self._sock)
+            if self._monitor is not None:
+                self._poller.unregister(self._monitor)
+                self._close_monitor()
             self._sock.close(0)
 
     def __enter__(self) -> DealerClient:

@@ -16,7 +16,6 @@ from permamesh.demo import containers as demo_containers
 
 from . import browser
 
-from permamesh.directory.workers import discover
 
 CMD = [sys.executable, "-m", "permamesh"]
 
@@ -49,31 +48,35 @@ def test_each_role_documents_its_options_with_units(role, units):
         assert word in out, f"{role} --help lacks {word!r}"
 
 
-def test_worker_process_serves_submit_and_stops_cleanly_on_sigterm(home):
+def test_a_worker_without_a_committee_serves_direct_clients_and_stops_cleanly_on_sigterm(home):
+    """A lone worker (no --join) serves whoever is given its address; it writes no registry
+    file anywhere (finding workers is the committee's directory's job, tests/directory/)."""
     proc = subprocess.Popen([*CMD, "worker", "--model", "tiny-random", "--name", "w1", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = proc.stdout.readline().split()
         assert ready[0] == "READY", proc.stderr.read()
-        assert [r.endpoint for r in discover(home)] == [ready[1]]
-        submitted = run("submit", "--prompt", "hi there", "--max-tokens", "6", "--json")
+        submitted = run("submit", "--worker", ready[1], "--prompt", "hi there", "--max-tokens", "6", "--json")
         assert submitted.returncode == 0, submitted.stderr
         result = json.loads(submitted.stdout)
         assert result["completion_tokens"] >= 1 and result["worker_id"] == ready[2]
-        status = run("status")
+        status = run("status", "--worker", ready[1])
         assert status.returncode == 0 and ready[2] in status.stdout and "served     1" in status.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         proc.stdout.close()
         proc.stderr.close()
-    assert discover(home) == []  # the worker removed its registry record
+    assert not (home / "run" / "workers").exists()
 
 
-def test_submit_without_a_mesh_says_what_to_do(home):
+def test_submit_without_a_mesh_says_what_to_do(home, monkeypatch):
+    monkeypatch.delenv("PERMAMESH_JOIN", raising=False)
     out = run("submit", "--prompt", "anyone?")
     assert out.returncode == 2
-    assert "no_workers" in out.stderr and "permamesh worker" in out.stderr
+    assert "needs the committee's directory: pass --join" in out.stderr and "permamesh demo --serve" in out.stderr
+    out = run("submit", "--prompt", "anyone?", "--join", "tcp://127.0.0.1:9")
+    assert out.returncode == 2 and "cannot read the directory from tcp://127.0.0.1:9" in out.stderr
 
 
 def test_bad_model_name_is_a_clear_error(home):
@@ -87,8 +90,9 @@ def check_demo_output(stdout: str) -> None:
     assert stdout.count("cloves sent") == 4 and "path 1: you ->" in stdout
     assert "drill: 3 relays killed" in stdout and "not delivered" not in stdout
     # the committee: reports from all 4 members aggregated, reputation raised, drill survived
-    assert "committee: 4 validators" in stdout and "registered 2 workers and 16 relays" in stdout
-    assert "16 relays at 0.50..0.50 (floor 0.3)" in stdout
+    assert "committee: 4 validators" in stdout and "16 relays and 2 workers joined" in stdout
+    assert "16 relays at reputation 0.50..0.50 (floor 0.3), 2 workers" in stdout
+    assert "killed relays out of the running set" in stdout
     assert "4 reports, 2 workers scored" in stdout
     assert "(code 0); balance now -" in stdout  # a job paid by its receipt
     assert "refused before it runs: out of credit" in stdout
@@ -105,8 +109,8 @@ def check_demo_output(stdout: str) -> None:
 
 def _serving_demo(lines: list | None = None):
     """Start `permamesh demo --serve` and return it with its processes (16 relays, 2 workers,
-    4 validators of 2 processes each: a CometBFT node and its ledger app; the drill killed 3
-    relays), once up; ``lines`` gets what it printed."""
+    4 validators of 2 processes each: a CometBFT node and its ledger app, and each member's
+    liveness prober; the drill killed 3 relays), once up; ``lines`` gets what it printed."""
     proc = subprocess.Popen([*CMD, "demo", "--model", "tiny-random", "--max-tokens", "4", "--serve",
                              "--gateway-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
@@ -115,7 +119,7 @@ def _serving_demo(lines: list | None = None):
         if "mesh is up" in line:
             break
     workers = psutil.Process(proc.pid).children(recursive=True)
-    assert len(workers) == 13 + 2 + 4 * 2, [w.name() for w in workers]
+    assert len(workers) == 13 + 2 + 4 * 2 + 4, [w.name() for w in workers]
     return proc, workers
 
 
@@ -165,7 +169,7 @@ def test_the_demo_runs_then_serves_the_openai_client_and_the_dashboard(home, tmp
     assert "mesh stopped" in rest
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
-    assert discover(home) == []
+    assert not (home / "join").exists()  # the committee's address is gone with it
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
 
 
@@ -187,7 +191,7 @@ def test_workers_die_with_a_killed_parent(home):
     try:
         assert proc.stdout.readline().strip() == "up"
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) == 3
+        assert len(children) == 5  # 2 relays, 1 worker, the mesh's own validator and its prober
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -200,10 +204,16 @@ def test_the_gateway_process_serves_keys_metrics_and_stops_on_sigterm(home):
     import json
     import urllib.request
 
+    from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
+
     key = run("gateway", "--new-key", "bob").stdout.strip()
     assert key.startswith("pm-") and key not in (home / "gateway" / "keys.json").read_text()  # only its digest
-    proc = subprocess.Popen([*CMD, "gateway", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    alone = run("gateway", "--port", "0")
+    assert alone.returncode == 2 and "the gateway needs the committee's directory: pass --join" in alone.stderr
+    devnet = Devnet(DevnetConfig(home / "committee", validators=1))
+    devnet.start()
+    proc = subprocess.Popen([*CMD, "gateway", "--port", "0", "--join", devnet.endpoints[0]], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     try:
         ready = proc.stdout.readline().split()
         assert ready[0] == "READY" and ready[1].startswith("http://127.0.0.1:")
@@ -212,7 +222,7 @@ def test_the_gateway_process_serves_keys_metrics_and_stops_on_sigterm(home):
         models = urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert json.loads(urllib.request.urlopen(models, timeout=30).read()) == {"object": "list", "data": []}
         assert "process_cpu_seconds_total" in urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
-        assert [p.name for p in (home / "run" / "metrics").iterdir()] == [f"gateway-{proc.pid}.json"]
+        assert f"gateway-{proc.pid}.json" in [p.name for p in (home / "run" / "metrics").iterdir()]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
@@ -220,4 +230,5 @@ def test_the_gateway_process_serves_keys_metrics_and_stops_on_sigterm(home):
             proc.kill()
             proc.wait()
         proc.stdout.close()
-    assert not list((home / "run" / "metrics").iterdir())
+        devnet.stop()
+    assert not [p for p in (home / "run" / "metrics").iterdir() if p.name.startswith("gateway")]

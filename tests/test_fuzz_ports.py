@@ -21,8 +21,6 @@ from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
 from permamesh.committee.devnet.messages import StatusMsg
 from permamesh.containers.transfer import HoldingsRequest, ask_holdings
 from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
-from permamesh.directory.relays import discover_relays
-from permamesh.directory.workers import discover
 from permamesh.gateway.process import build_gateway
 from permamesh.gateway.server import GatewayThread
 from permamesh.identity import NodeIdentity
@@ -66,10 +64,10 @@ def _generates(endpoint: str) -> bool:
         return client.generate("fuzz check", max_tokens=2).completion_tokens >= 1
 
 
-def _overlay_generates(home) -> bool:
+def _overlay_generates(mesh) -> bool:
     # one clove over one 3-hop path: 3 relays give one disjoint path (every relay forwards)
     config = OverlayConfig(n=1, k=1, max_cloves=1, ack_timeout_s=2.0, answer_grace_s=1.0, answer_timeout_s=20.0)
-    with OverlayClient(discover_relays(home), discover(home), config, random.Random(SEED)) as client:
+    with OverlayClient(mesh.relays(), mesh.workers(), config, random.Random(SEED)) as client:
         return client.generate("relay check", max_tokens=2).completion_tokens >= 1
 
 
@@ -88,14 +86,14 @@ def _signed(msg):
     return encode(msg, NodeIdentity.generate())
 
 
-def _zmq_ports(home, worker, relay_pids, devnet) -> dict[str, fuzz.Port]:
+def _zmq_ports(mesh, worker, worker_pid, relay_pids, devnet) -> dict[str, fuzz.Port]:
     ports = {
         "worker": fuzz.Port(
-            "worker", worker.endpoint, (worker.pid,), lambda: _generates(worker.endpoint),
+            "worker", worker.endpoint, (worker_pid,), lambda: _generates(worker.endpoint),
             valid=lambda rng: _signed(GenerateRequest(rng.randbytes(8).hex(), prompt="fuzz", max_tokens=1)),
             chatty=lambda rng: _signed(StatusRequest(rng.randbytes(8).hex())), once_tag="accepted"),
         "relay": fuzz.Port(
-            "relay", discover_relays(home)[0].endpoint, tuple(relay_pids), lambda: _overlay_generates(home),
+            "relay", mesh.relays()[0].endpoint, tuple(relay_pids), lambda: _overlay_generates(mesh),
             valid=lambda rng: _signed(RelayAttach(rng.randbytes(16))), chatty=lambda rng: rng.randbytes(32)),
         "validator": fuzz.Port(
             "validator", devnet.endpoints[0], (devnet.children[0].proc.pid,), lambda: _commits(devnet.endpoints),
@@ -104,13 +102,14 @@ def _zmq_ports(home, worker, relay_pids, devnet) -> dict[str, fuzz.Port]:
     }
     if worker.layers:
         ports["layers"] = fuzz.Port(
-            "layers", worker.layers, (worker.pid,), lambda: ask_holdings(worker.layers, [DIGEST], 5.0) is not None,
+            "layers", worker.layers, (worker_pid,), lambda: ask_holdings(worker.layers, [DIGEST], 5.0) is not None,
             valid=lambda rng: _signed(HoldingsRequest((DIGEST,))),
             chatty=lambda rng: _signed(HoldingsRequest((DIGEST,))))
     return ports
 
 
-def _http_ports(home, gateway_url: str) -> dict[str, fuzz.Port]:
+def _http_ports(home, gateway_url: str, pids: dict[str, int]) -> dict[str, fuzz.Port]:
+    """``pids``: node id -> the process the test started for it (what must survive)."""
     me = (os.getpid(),)
     ports = {"gateway": fuzz.Port("gateway", gateway_url + "/healthz", me,
                                   lambda: fuzzhttp.http_get(gateway_url + "/healthz") == 200),
@@ -121,7 +120,8 @@ def _http_ports(home, gateway_url: str) -> dict[str, fuzz.Port]:
         name = f"metrics:{record.role}"
         if record.role == "relay":
             name, relays = f"metrics:relay-{relays}", relays + 1
-        ports[name] = fuzz.Port(name, record.url, (record.pid,), lambda url=record.url: fuzzhttp.http_get(url) == 200)
+        ports[name] = fuzz.Port(name, record.url, (pids[record.node_id],),
+                                lambda url=record.url: fuzzhttp.http_get(url) == 200)
     return ports
 
 
@@ -134,7 +134,8 @@ def stack(tmp_path_factory):
     os.environ["PERMAMESH_HOME"] = str(home)
     devnet = Devnet(DevnetConfig(home / "devnet", validators=1))
     mesh = EmbeddedMesh(MeshConfig(home, workers=1, model="tiny-random", device="cpu", relays=RELAYS,
-                                   threads_per_worker=1, worker_args=("--containers",) if CONTAINERS else ()))
+                                   threads_per_worker=1, worker_args=("--containers",) if CONTAINERS else (),
+                                   committee=devnet))
     thread = None
     try:
         devnet.start()
@@ -142,9 +143,12 @@ def stack(tmp_path_factory):
         thread = GatewayThread(build_gateway(home, open_access=True, committee=tuple(devnet.endpoints),
                                              timeout_s=30.0))
         url = thread.start().rstrip("/")
-        (worker,) = discover(home)
+        (worker,) = mesh.workers()
         relay_pids = [c.proc.pid for c in mesh.relay_children]
-        ports = {**_zmq_ports(home, worker, relay_pids, devnet), **_http_ports(home, url)}
+        started = {c.node_id: c.proc.pid for c in mesh.children + mesh.relay_children}
+        started[devnet.identity(0).node_id] = devnet.children[0].proc.pid
+        ports = {**_zmq_ports(mesh, worker, started[worker.node_id], relay_pids, devnet),
+                 **_http_ports(home, url, started)}
         pids = [c.proc.pid for c in mesh.children] + relay_pids + [devnet.children[0].proc.pid, os.getpid()]
         yield Stack(home, ports, pids)
     finally:

@@ -78,9 +78,7 @@ def run(bench: GatewayBench) -> dict:
     from permamesh.gateway.accounts import KeyRing
     from permamesh.gateway.process import build_gateway
     from permamesh.gateway.server import GatewayThread
-    from permamesh.directory.workers import discover
     from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
-    from permamesh.directory.relays import discover_relays
     from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
     rng = random.Random(bench.seed)
@@ -91,10 +89,10 @@ def run(bench: GatewayBench) -> dict:
                                        worker_args=("--prefix-cache-mb", "8")))
         with mesh:
             key = KeyRing(home).new_key("bench")
-            thread = GatewayThread(build_gateway(home, timeout_s=120.0))
+            thread = GatewayThread(build_gateway(home, timeout_s=120.0, join=mesh.join))
             url = thread.start()
             try:
-                relays, workers = discover_relays(home), discover(home)
+                relays, workers = mesh.relays(), mesh.workers()
                 config = OverlayConfig(answer_timeout_s=120.0)
                 overlay, gateway, first, done = [], [], [], []
                 with OverlayClient(relays, workers, config, random.Random(rng.getrandbits(64))) as client:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import shutil
 import statistics
@@ -36,9 +35,10 @@ from typing import Callable
 
 from permamesh.client.blocking import Client
 from permamesh.identity import NodeIdentity
-from permamesh.directory.workers import WorkerRecord, discover, register, unregister
+from permamesh.demo import enroll
 from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
-from permamesh.directory.relays import CachedLookup, discover_relays, relay_endpoints
+from permamesh.directory.announce import advertised, announce
+from permamesh.directory.relays import CachedLookup
 from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
@@ -64,24 +64,28 @@ def quick_config(seed: int = 0) -> RealOverlayConfig:
 
 
 class _EntryWorker:
-    """A tiny-random worker in this process, registered so relays can reach it."""
+    """A tiny-random worker in this process, joined through the mesh's committee (registered
+    by its seed partner, descriptor announced) so relays find it in the directory."""
 
-    def __init__(self, data_dir: Path) -> None:
+    NAME = "bench-entry"
+
+    def __init__(self, mesh: EmbeddedMesh) -> None:
         from permamesh.workers import models
         from permamesh.workers.engine import Engine
         from permamesh.workers.inbox import Inbox
         from permamesh.workers.server import ServerThread, WorkerServer
 
-        self.data_dir = data_dir
-        self.server = WorkerServer(Engine(models.load(models.TINY_RANDOM, device="cpu", seed=0)), NodeIdentity.generate())
-        self.server.inbox = Inbox(self.server, CachedLookup(lambda: relay_endpoints(data_dir)))
+        data_dir = Path(mesh.config.data_dir)
+        enroll.register_nodes(mesh.net, mesh.committee, data_dir, [self.NAME], [], models.TINY_RANDOM)
+        identity = NodeIdentity.load_or_create(data_dir / "keys", self.NAME)
+        self.server = WorkerServer(Engine(models.load(models.TINY_RANDOM, device="cpu", seed=0)), identity)
+        self.server.inbox = Inbox(self.server, CachedLookup(mesh.directory().relay_endpoints))
         self.thread = ServerThread(self.server)
         self.endpoint = self.thread.start()
-        register(data_dir, WorkerRecord(self.server.worker_id, self.endpoint, self.server.identity.public.sign_key.hex(),
-                                        self.server.engine.loaded.name, os.getpid()))
+        announce(identity, mesh.join, advertised(self.endpoint, None), model=self.server.engine.loaded.name)
+        mesh.wait_running(60.0, also=(identity.node_id,))
 
     def stop(self) -> None:
-        unregister(self.data_dir, self.server.worker_id)
         self.thread.stop()
 
 
@@ -95,7 +99,7 @@ def _one_request(client: OverlayClient) -> bool:
 
 
 def measure_delivery(mesh: _Mesh, cfg: RealOverlayConfig, say: Callable[[str], None] = print) -> list[dict]:
-    rows, relays = [], discover_relays(mesh.dir)
+    rows, relays = [], mesh.mesh.relays()
     rng = random.Random(cfg.seed)
     order = list(range(len(mesh.mesh.relay_children)))
     rng.shuffle(order)  # relays die in this order as p grows
@@ -143,7 +147,7 @@ def measure_overhead(mesh: _Mesh, cfg: RealOverlayConfig, say: Callable[[str], N
 
 
 def _overhead_pairs(mesh: _Mesh, cfg: RealOverlayConfig, prepare: bool) -> tuple[list[float], list[float]]:
-    relays = discover_relays(mesh.dir)
+    relays = mesh.mesh.relays()
     direct_s, overlay_s = [], []
     config = OverlayConfig(ack_timeout_s=1.0, prepare=prepare)
     with OverlayClient(relays, [mesh.worker_record], config, random.Random(cfg.seed)) as client, \
@@ -180,8 +184,8 @@ class _Mesh:
         self.mesh = EmbeddedMesh(MeshConfig(self.dir, workers=0, relays=self.relays, start_timeout_s=120.0))
         try:
             self.mesh.start()
-            self.worker = _EntryWorker(self.dir)
-            self.worker_record = next(w for w in discover(self.dir) if w.node_id == self.worker.server.worker_id)
+            self.worker = _EntryWorker(self.mesh)
+            self.worker_record = next(w for w in self.mesh.workers() if w.node_id == self.worker.server.worker_id)
         except BaseException:
             self.mesh.stop()
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -2,7 +2,7 @@
 and async (:class:`permamesh.client.aio.AsyncClient`).
 
 >>> from permamesh import Client
->>> with Client() as client:                      # workers found in the local registry
+>>> with Client(join="tcp://VALIDATOR:PORT?key=HEX") as client:   # workers from the committee's directory
 ...     result = client.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
 ...     print(result.text)
 ...     job = client.run("bb", ["/bin/echo", "hello"])   # an image from `permamesh image add`
@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from permamesh.errors import PermameshError
 from permamesh.identity import NodeIdentity
-from permamesh.directory.workers import WorkerRecord, default_data_dir, discover
+from permamesh.directory.workers import WorkerRecord, default_data_dir
 from permamesh.transport import DealerClient
 from permamesh.wire import (
     Accepted,
@@ -75,33 +75,41 @@ OVERLAY_RESUBMITS = 2  # a request whose cloves were not acknowledged is sent ag
 class Client:
     def __init__(self, endpoints: Sequence[str] | None = None, *, data_dir: Path | str | None = None,
                  timeout_s: float = 30.0, accept_timeout_s: float = 10.0, anonymous: bool = False,
-                 join: Sequence[str] | str | None = None) -> None:
-        """``endpoints``: worker addresses (tcp://host:port); default: the local registry, or
-        with ``join`` (a committee validator's address, or several) the committee's directory:
+                 join: Sequence[str] | str | None = None, pins: Mapping[str, bytes] | None = None) -> None:
+        """``endpoints``: worker addresses (tcp://host:port[?key=HEX]); default: the committee's
+        directory, read through ``join`` (a validator's address, or several; default
+        ``$PERMAMESH_JOIN``, else ``<data_dir>/join`` written by ``permamesh demo --serve``):
         its running workers and relays, each link encrypted to the key the directory names.
         ``timeout_s``: seconds of silence (no token, result or keep-alive) after which an
         accepted job counts as lost.
         ``accept_timeout_s``: seconds a worker has to accept a job before we try another.
-        ``anonymous``: send jobs through the overlay (relays from the local registry)."""
-        self._pins: dict[str, bytes] = {}
+        ``anonymous``: send jobs through the overlay (relays from the directory).
+        ``pins``: endpoint -> the Ed25519 key its replies must be signed with (the directory
+        pins the workers it names; replies signed by any other key are dropped)."""
+        self._pins: dict[str, bytes] = dict(pins or {})
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.anonymous = anonymous
         self._overlay = None
         self.directory = None
-        if join:
-            from permamesh.directory.committee import CommitteeDirectory, parse_join
+        if endpoints is None or join or anonymous:
+            from permamesh.directory.committee import CommitteeDirectory
+            from permamesh.directory.join import resolve_join
 
-            self.directory = CommitteeDirectory(parse_join(join), self.data_dir / "directory" / "client.json")
+            need = "a client without worker endpoints" if endpoints is None else "an anonymous client"
+            try:
+                committee = resolve_join(join, self.data_dir, required=need)
+            except PermameshError as exc:
+                raise ClientError("no_committee", str(exc)) from None
+            self.directory = CommitteeDirectory(committee, self.data_dir / "directory" / "client.json")
         self._from_directory = endpoints is None and self.directory is not None
         self._suspect: dict[str, float] = {}  # endpoint -> when it last failed to answer (local evidence)
         if endpoints is None:
             records: list[WorkerRecord] = self._workers()
             endpoints = [r.endpoint for r in records]
-            self._pins = {r.endpoint: bytes.fromhex(r.sign_key) for r in records}
+            self._pins.update({r.endpoint: bytes.fromhex(r.sign_key) for r in records})
         if not endpoints:
-            where = "in the committee's directory" if self.directory is not None else "registered locally"
-            raise ClientError("no_workers", f"no worker endpoints given and none {where}; start `permamesh worker` "
-                              "or `permamesh demo --serve`")
+            raise ClientError("no_workers", "no worker endpoints given and none running in the committee's "
+                              "directory; start `permamesh worker --join ...` or `permamesh demo --serve`")
         self.endpoints = list(endpoints)
         self.timeout_s = timeout_s
         self.accept_timeout_s = accept_timeout_s
@@ -110,8 +118,8 @@ class Client:
         self._next = itertools.cycle(range(len(self.endpoints)))
 
     def _workers(self) -> list[WorkerRecord]:
-        """Workers from the committee's directory (with ``join``), else the local registry."""
-        return self.directory.workers() if self.directory is not None else discover(self.data_dir)
+        """Running workers from the committee's directory."""
+        return self.directory.workers() if self.directory is not None else []
 
     # -------------------------------------------------------------- public API
     def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str] | ChatMessage] = (),
@@ -235,14 +243,13 @@ class Client:
 
     def _overlay_client(self, timeout_s: float):
         if self._overlay is None:
-            from permamesh.directory.relays import discover_relays
             from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
-            relays = self.directory.relays() if self.directory is not None else discover_relays(self.data_dir)
+            relays = self.directory.relays() if self.directory is not None else []
             config = OverlayConfig(answer_timeout_s=max(timeout_s, 300.0))
             if len(relays) < config.n * config.hops:
                 raise ClientError("no_relays", f"the overlay needs {config.n * config.hops} relays; "
-                                               f"{len(relays)} are registered")
+                                               f"{len(relays)} are running in the committee's directory")
             self._overlay = OverlayClient(relays, self._workers(), config)
         return self._overlay
 

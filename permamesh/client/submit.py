@@ -1,8 +1,9 @@
 """``permamesh submit``: one prompt to a running mesh, the answer on stdout.
 
-Through the anonymous overlay when the local registry lists enough relays (the answer
-arrives whole), else (or with ``--direct`` / ``--worker``) straight to a worker with
-:class:`permamesh.Client`, streamed as it is produced.
+Through the anonymous overlay when the committee's directory (``--join``, ``$PERMAMESH_JOIN``
+or ``DATA_DIR/join``) lists enough running relays (the answer arrives whole), else (or with
+``--direct`` / ``--worker``) straight to a worker with :class:`permamesh.Client`, streamed as
+it is produced.
 
 Who calls it: :mod:`permamesh.cli`.
 """
@@ -43,21 +44,17 @@ def run_submit(args: argparse.Namespace, data_dir: Path) -> int:
 
 def _submit_overlay(args: argparse.Namespace, data_dir: Path, messages: list, params: dict) -> int | None:
     """Send through the overlay; None when the directory has too few relays for it."""
-    from permamesh.directory.relays import discover_relays
-    from permamesh.directory.workers import discover
+    from permamesh.directory.committee import CommitteeDirectory
+    from permamesh.directory.join import resolve_join
     from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
-    if getattr(args, "join", None):
-        from permamesh.directory.committee import CommitteeDirectory, parse_join
-
-        directory = CommitteeDirectory(parse_join(args.join), data_dir / "directory" / "client.json")
-        relays, workers = directory.relays(), directory.workers()
-    else:
-        relays, workers = discover_relays(data_dir), discover(data_dir)
+    join = resolve_join(getattr(args, "join", None), data_dir, required="permamesh submit")
+    directory = CommitteeDirectory(join, data_dir / "directory" / "client.json")
+    relays, workers = directory.relays(), directory.workers()
     config = OverlayConfig()
     if len(relays) < config.n * config.hops:
-        print(f"only {len(relays)} relays registered (the overlay needs {config.n * config.hops}); sending directly",
-              file=sys.stderr)
+        print(f"only {len(relays)} relays running in the committee's directory (the overlay needs "
+              f"{config.n * config.hops}); sending directly", file=sys.stderr)
         return None
     with OverlayClient(relays, workers, dataclasses.replace(config, answer_timeout_s=args.timeout)) as client:
         result = client.generate(args.prompt if args.raw else None, messages=messages, **params)

@@ -2,11 +2,18 @@
 
 One client speaks to either engine, chosen by each endpoint's scheme:
 
-- ``http://`` or ``https://``: a CometBFT v0.38 node's RPC (``broadcast_tx_sync``, then the
-  commit; ``abci_query``; ``status``), through
-  :class:`~permamesh.committee.cometbft.link.CometLink`;
-- ``tcp://``: a devnet validator (``SubmitTx``, ``QueryMsg``, ``StatusMsg`` over a DEALER
-  socket, the devnet's answers to the same questions).
+- ``https://HOST:PORT?key=HEX``: a CometBFT v0.38 node's RPC over TLS, pinned to the member's
+  Ed25519 node key (``broadcast_tx_sync``, then the commit; ``abci_query``; ``status``),
+  through :class:`~permamesh.committee.cometbft.link.CometLink`;
+- ``tcp://HOST:PORT?key=HEX``: a devnet validator over CurveZMQ, authenticated by its
+  transport key (``SubmitTx``, ``QueryMsg``, ``StatusMsg`` over a DEALER socket, the devnet's
+  answers to the same questions).
+
+Plain ``http://`` and key-less ``tcp://`` are accepted only for loopback hosts; every endpoint
+is checked when the client is made (:mod:`permamesh.committee.endpoints`), so a refused form
+fails at once with what to write instead. A validator that holds another key than its
+endpoint names is refused with a :class:`~permamesh.committee.errors.CommitteeError` that says
+so (TLS: the certificate's key; CurveZMQ: the failed handshake), and skipped like a silent one.
 
 The methods and their results are the same for both. Given several validator endpoints it
 fails over: a validator that does not answer within the timeout (or answers garbage) is
@@ -25,9 +32,10 @@ import time
 from dataclasses import dataclass
 
 from permamesh.committee.devnet import messages as m
+from permamesh.committee.endpoints import parse_endpoint
 from permamesh.committee.errors import CommitteeError
 from permamesh.identity import NodeIdentity
-from permamesh.transport import DealerClient
+from permamesh.transport import DealerClient, HandshakeFailed
 from permamesh.wire.codec import Message, WireError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -67,18 +75,30 @@ def _status(s) -> CommitteeStatus:
 
 
 class _DevnetLink:
-    """One devnet validator's ROUTER, asked over a DEALER; answers matched by ``ref``."""
+    """One devnet validator's ROUTER, asked over a DEALER (CurveZMQ when the endpoint names a
+    key); answers matched by ``ref``."""
 
-    def __init__(self, endpoint: str, ident: NodeIdentity, refs) -> None:
-        self.endpoint, self._ident, self._refs = endpoint, ident, refs
-        self.sock = DealerClient(endpoint)
+    def __init__(self, endpoint: str, ident: NodeIdentity, refs, keyed: bool) -> None:
+        self.endpoint, self._ident, self._refs, self._keyed = endpoint, ident, refs, keyed
+        self.sock = DealerClient(endpoint, watch_handshake=True)
+
+    def _recv(self, timeout_s: float) -> bytes | None:
+        try:
+            return self.sock.recv(timeout_s)
+        except HandshakeFailed:
+            if self._keyed:
+                raise CommitteeError("the CurveZMQ handshake failed: the validator there does not hold the "
+                                     "transport key named in ?key= (a wrong key, or not that validator): "
+                                     "refused") from None
+            raise CommitteeError("the handshake failed: the validator there speaks CurveZMQ; use "
+                                 "tcp://HOST:PORT?key=HEX with its transport key") from None
 
     def _ask(self, make, expect: type[Message], timeout_s: float):
         ref = next(self._refs)
         self.sock.send(encode(make(ref), self._ident))
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            frame = self.sock.recv(left)
+            frame = self._recv(left)
             if frame is None:
                 return None
             try:
@@ -102,7 +122,7 @@ class _DevnetLink:
         out: list = [None] * len(raw_txs)
         deadline, missing = time.monotonic() + timeout_s, len(raw_txs)
         while missing and (left := deadline - time.monotonic()) > 0:
-            frame = self.sock.recv(left)
+            frame = self._recv(left)
             if frame is None:
                 break
             try:
@@ -127,13 +147,15 @@ class _DevnetLink:
 
 
 class CommitteeClient:
-    """Blocking; one per thread. ``endpoints``: CometBFT RPC URLs (``http://HOST:PORT``) or
-    devnet validators' ROUTER endpoints (``tcp://HOST:PORT``)."""
+    """Blocking; one per thread. ``endpoints``: CometBFT RPC endpoints
+    (``https://HOST:PORT?key=HEX``) or devnet validators' (``tcp://HOST:PORT?key=HEX``); a
+    refused form raises :class:`~permamesh.committee.endpoints.EndpointError` here."""
 
     def __init__(self, endpoints: list[str], timeout_s: float = 10.0) -> None:
         if not endpoints:
             raise CommitteeError("no committee endpoints given")
         self.endpoints = list(endpoints)
+        self._parsed = {e: parse_endpoint(e) for e in self.endpoints}
         self.timeout_s = timeout_s
         self._ident = NodeIdentity.generate()
         self._links: dict[str, object] = {}
@@ -143,12 +165,13 @@ class CommitteeClient:
     def _link(self, endpoint: str):
         link = self._links.get(endpoint)
         if link is None:
-            if endpoint.startswith(("http://", "https://")):
+            parsed = self._parsed.get(endpoint) or parse_endpoint(endpoint)  # status_of may name another
+            if parsed.scheme in ("http", "https"):
                 from permamesh.committee.cometbft.link import CometLink
 
                 link = CometLink(endpoint, self.timeout_s)
             else:
-                link = _DevnetLink(endpoint, self._ident, self._refs)
+                link = _DevnetLink(endpoint, self._ident, self._refs, parsed.key is not None)
             self._links[endpoint] = link
         return link
 
@@ -176,7 +199,7 @@ class CommitteeClient:
                 return answer
             errors.append(endpoint)
             self._drop(endpoint)
-        raise CommitteeError(f"no committee validator answered within {timeout_s:g} s: {errors}")
+        raise CommitteeError(f"no committee validator answered within {timeout_s:g} s: {'; '.join(errors)}")
 
     # ------------------------------------------------------------------------------ calls
 

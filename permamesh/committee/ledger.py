@@ -17,6 +17,7 @@ Rows (namespace -> key -> canonical msgpack value), all in one :class:`Store`:
 | ``job`` | user key + job id | (empty: the job was paid) |
 | ``payout`` | epoch + node key | served units, reputation, payout |
 | ``epoch`` | epoch | what closing it did |
+| ``share``, ``group``, ``gwait`` | | worker groups' sealed salts (:mod:`groupshares`) |
 
 Every ``apply_*`` checks everything first and writes only when the tx is valid, so a rejected
 tx never changes state; a tx that was well formed, correctly signed and carried the right
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from permamesh.committee import txs
+from permamesh.committee import groupshares, txs
 from permamesh.committee.errors import TxError
 from permamesh.committee.genesis import Genesis
 from permamesh.committee.store import Store
@@ -120,6 +121,13 @@ class Ledger:
     def credit_limit(self, account: dict) -> int:
         return self.rules.base_allowance + account["earned"] * self.rules.earned_limit_ppm // 10**6
 
+    def registered(self, key: bytes, committed: bool = False) -> bool:
+        return self.read(NODE, key, committed) is not None
+
+    def group_of(self, key: bytes, committed: bool = False) -> str:
+        """The worker group ``key`` belongs to now ("" for none; :mod:`groupshares`)."""
+        return groupshares.group_of(self.read(NODE, key, committed), self.read(DESC, key, committed))
+
     def tier(self, key: bytes, committed: bool = False) -> int:
         if key in self.genesis.seed_partners:
             return TIER_SEED
@@ -141,7 +149,8 @@ class Ledger:
         """
         handler = {txs.RegisterNode: self._register, txs.Vouch: self._vouch,
                    txs.ScoreReport: self._report, txs.JobReceipt: self._receipt,
-                   txs.Announce: self._announce, txs.Liveness: self._liveness}[type(tx)]
+                   txs.Announce: self._announce, txs.Liveness: self._liveness,
+                   txs.GroupShare: self._group_share}[type(tx)]
         effects, applied = handler(tx, sender, height, dry_run)
         if not dry_run:
             for ns, key, value in effects:
@@ -169,6 +178,10 @@ class Ledger:
                "profile": dataclasses.asdict(tx.profile) | {"models": list(tx.profile.models)},
                "registered": epoch if old is None else old["registered"]}
         effects = [(NODE, tx.node_key, row)]
+        if old is not None:  # a worker made a relay or given a new kex key gives up its group share
+            desc = self.read(DESC, tx.node_key, committed)
+            effects += groupshares.membership(self, tx.node_key, row, desc, self.group_of(tx.node_key, committed),
+                                              committed, rekeyed=bytes(old["kex"]) != tx.kex_key)
         if old is None:
             rep = NodeReputation.initial(self.genesis.reputation).to_fields()
             effects.append((REP, tx.node_key, rep))
@@ -245,8 +258,15 @@ class Ledger:
         row = {"role": node["role"], "transport_key": tx.transport_key, "endpoint": tx.endpoint,
                "model": tx.model, "group": tx.group, "layers": tx.layers, "version": tx.version,
                "seq": tx.seq}
-        return [(DESC, sender, row)], Applied(
+        effects = [(DESC, sender, row)] + groupshares.membership(
+            self, sender, node, row, self.group_of(sender, committed), committed)
+        return effects, Applied(
             "announce", (("node", sender.hex()), ("endpoint", tx.endpoint), ("seq", str(tx.seq))))
+
+    def _group_share(self, tx: txs.GroupShare, sender: bytes, height: int, committed: bool):
+        effects, founded = groupshares.apply_share(self, tx, sender, committed)
+        return effects, Applied("group_share", (("group", tx.group), ("recipient", tx.recipient.hex()),
+                                                ("founded", "1" if founded else "0")))
 
     def _liveness(self, tx: txs.Liveness, sender: bytes, height: int, committed: bool):
         if sender not in self.members:

@@ -14,6 +14,8 @@
 | ``/partners`` | | partner tiers and candidates' vouches |
 | ``/payouts`` | epoch (decimal) or empty | service payouts with their "why" |
 | ``/epochs`` | | what closing each epoch did |
+| ``/group_share`` | node key | its group, whether the group has a salt, the salt's fingerprint, its sealed share or null |
+| ``/group_waiting`` | group name | whether it has a salt, how many workers hold it, the workers still waiting for a share |
 
 ``/directory`` nodes are sorted by key and flat: ``node``, ``node_id``, ``role``, ``partner``,
 ``kex_key`` and ``profile`` from the partner's registration; ``transport_key``, ``endpoint``,
@@ -27,14 +29,15 @@ another validator's app hash at that height; ``period`` is ``height // probe_blo
 Who calls it: :meth:`LedgerApp.query` (CometBFT's ``abci_query`` RPC, or the devnet's query
 socket); readers are routing (``/trusted``), the scheduler and admission (``/registry``,
 ``/account``), every node and client (``/directory``), dashboards and
-``permamesh validator query``.
+``permamesh validator query``; workers (``/group_share`` for their own, ``/group_waiting`` to
+serve newcomers: :mod:`permamesh.directory.groupsalt`).
 """
 
 from __future__ import annotations
 
 import json
 
-from permamesh.committee import txs
+from permamesh.committee import groupshares, txs
 from permamesh.committee.errors import TxError
 from permamesh.committee.ledger import (ACCOUNT, CAND, DESC, EPOCH, LIVE, NODE, NONCE, PARTNER,
                                         PAYOUT, REP, Ledger, is_running, unpack)
@@ -162,6 +165,10 @@ def answer(ledger: Ledger, path: str, data: bytes) -> bytes:
                  if wanted is None or int.from_bytes(key[:8], "big") == wanted]
     elif path == "/epochs":
         value = [_plain(row) for _, row in _rows(ledger, EPOCH)]
+    elif path == "/group_share":
+        value = groupshares.share_answer(ledger, _key(data))
+    elif path == "/group_waiting":
+        value = groupshares.waiting_answer(ledger, data)
     else:
         raise TxError(txs.UNKNOWN, f"unknown query path {path[:64]!r}")
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()

@@ -13,6 +13,7 @@ the chain, and a total order of one sender's transactions).
 | :class:`JobReceipt` | a user | spends credit on a job; the worker that served it earns it |
 | :class:`Announce` | a registered node, itself | its descriptor: transport key, endpoints, model |
 | :class:`Liveness` | a committee member (genesis) | the nodes it found up in one probe period |
+| :class:`GroupShare` | a worker of the group | the group's salt sealed to one worker of it |
 
 Who calls it: clients build and sign with :func:`sign_tx`; the application parses every tx
 with :func:`parse_tx` in CheckTx, ProcessProposal and FinalizeBlock.
@@ -24,6 +25,7 @@ import ipaddress
 import logging
 import re
 
+from permamesh.committee import sealing
 from permamesh.committee.errors import TxError
 from permamesh.identity import NodeIdentity
 from permamesh.wire.codec import Message, WireError, decode, encode, message, struct
@@ -153,7 +155,20 @@ class Liveness(Message):
     up: tuple[Seen, ...]  # sorted by node key, each node once; may be empty
 
 
-TX_TYPES = (RegisterNode, Vouch, ScoreReport, JobReceipt, Announce, Liveness)
+@message("tx.group_share", max_bytes=TX_BYTES)
+class GroupShare(Message):
+    """A worker group's block-hash salt sealed to one worker of the group (:mod:`sealing`),
+    signed by a worker that holds it, or by the group's founder to itself."""
+
+    chain_id: str
+    nonce: int
+    group: str  # as the workers' descriptors name it
+    recipient: bytes  # the receiving worker's node key (its registered kex_key opens the share)
+    sealed: bytes  # sealing.SEALED_BYTES: ephemeral X25519 key, then the AEAD box
+    fingerprint: bytes  # sealing.fingerprint(salt, group): the same in every share of the group
+
+
+TX_TYPES = (RegisterNode, Vouch, ScoreReport, JobReceipt, Announce, Liveness, GroupShare)
 
 
 def sign_tx(tx: Message, signer: NodeIdentity) -> bytes:
@@ -214,6 +229,8 @@ def _check_fields(tx: Message) -> None:
             raise TxError(INVALID, "a receipt needs a 32-byte worker, 1..1e9 units, a job id")
     elif isinstance(tx, Announce):
         _check_announce(tx)
+    elif isinstance(tx, GroupShare):
+        _check_share(tx)
     elif isinstance(tx, Liveness):
         if not 0 <= tx.period <= 2**62 or len(tx.up) > MAX_SEEN:
             raise TxError(INVALID, f"a liveness report holds 0..{MAX_SEEN} nodes, period >= 0")
@@ -243,6 +260,11 @@ _SMALL_ORDER_U = frozenset({  # X25519 points of order 1, 2, 4 or 8 (on the curv
     0, 1, _P - 1,
     325606250916557431795983626356110631294008115727848805560023387167927233504,
     39382357235489614581723060781553021112529911719440698176882885853963445705823})
+
+
+def valid_group(name: str) -> bool:
+    """A non-empty group name as descriptors and group shares spell it."""
+    return bool(_GROUP.fullmatch(name))
 
 
 def _ipv4_problem(octets: list[str]) -> str | None:
@@ -312,3 +334,18 @@ def _check_announce(tx: Announce) -> None:
         raise TxError(INVALID, f"version {tx.version[:64]!r}: 1..64 of A-Z a-z 0-9 . + _ -")
     if not 1 <= tx.seq <= 2**62:
         raise TxError(INVALID, "seq must be in 1..2^62")
+
+
+def _check_share(tx: GroupShare) -> None:
+    if not _GROUP.fullmatch(tx.group):
+        raise TxError(INVALID, f"group {tx.group[:64]!r}: 1..128 of A-Z a-z 0-9 . _ : / @ + -, "
+                      "first a letter or digit")
+    if len(tx.recipient) != 32:
+        raise TxError(INVALID, "recipient must be a 32-byte node key")
+    if len(tx.sealed) != sealing.SEALED_BYTES:
+        raise TxError(INVALID, f"sealed must be {sealing.SEALED_BYTES} bytes (ephemeral X25519 key, "
+                      f"sealed salt, tag), not {len(tx.sealed)}")
+    if int.from_bytes(tx.sealed[:32], "little") % 2**255 % _P in _SMALL_ORDER_U:
+        raise TxError(INVALID, "the share's ephemeral key is a small-order X25519 point")
+    if len(tx.fingerprint) != sealing.FINGERPRINT_BYTES:
+        raise TxError(INVALID, f"fingerprint must be {sealing.FINGERPRINT_BYTES} bytes")

@@ -2,7 +2,9 @@
 
 - ``--engine cometbft --abci tcp://127.0.0.1:26658 --home DIR``: serve the ledger
   application on the ABCI socket; a CometBFT v0.38 node (``proxy_app`` pointing there) drives
-  it. Configuration in ``docs/committee.md``. The largest request frame accepted follows the
+  it. It also writes ``DIR/rpc_cert.pem`` (the certificate of the member's identity key) and
+  prints the ``[rpc]`` TLS settings that make the node's RPC answer only over TLS pinned to
+  that key, with the ``https://HOST:PORT?key=HEX`` form nodes join with. Configuration in ``docs/committee.md``. The largest request frame accepted follows the
   chain's ``block.max_bytes`` (learnt at InitChain and kept in the ledger's store);
   ``--max-frame-bytes N`` overrides it. The ABCI socket drives consensus, so a non-loopback
   tcp address is refused unless ``--abci-allow-remote`` is given.
@@ -147,6 +149,7 @@ def _cometbft(address: str, home: Path, metrics=None, max_frame_bytes: int | Non
     try:
         with ABCIServerThread(app, address, config=ServerConfig(max_frame_bytes, allow_remote=allow_remote)) as server:
             print(f"READY {server.bound_address} ledger", flush=True)
+            print(_rpc_tls_hint(home), flush=True)
             log.info("ledger at height %d serving ABCI on %s; frame limit %d bytes (%s)",
                      app.store.height, server.bound_address, server.server.max_message_bytes,
                      "--max-frame-bytes" if max_frame_bytes else
@@ -157,6 +160,18 @@ def _cometbft(address: str, home: Path, metrics=None, max_frame_bytes: int | Non
             exporter.close()
         app.close()
     return 0
+
+
+def _rpc_tls_hint(home: Path) -> str:
+    """Write ``home``'s RPC certificate (if missing) and say how to serve and reach the RPC."""
+    from permamesh.committee.cometbft.tls import CERT_NAME, write_certificate
+    from permamesh.identity import NodeIdentity
+
+    ident = NodeIdentity.load_or_create(home / "keys", "validator")
+    cert = write_certificate(ident, home / CERT_NAME).absolute()
+    key = (home / "keys" / "validator.ed25519").absolute()
+    return (f"rpc tls: in CometBFT's config.toml [rpc] set tls_cert_file = \"{cert}\" and tls_key_file = "
+            f"\"{key}\"; nodes then join with https://HOST:RPC_PORT?key={ident.public.sign_key.hex()}")
 
 
 def _devnet_node(home: Path, metrics=None) -> int:
@@ -185,7 +200,9 @@ def _devnet_node(home: Path, metrics=None) -> int:
 
     cache = None
     if metrics is not None:  # the cache's own thread asks this validator over its own socket
-        endpoint = f"tcp://127.0.0.1:{options.port}"
+        from permamesh.committee.endpoints import devnet_endpoint
+
+        endpoint = devnet_endpoint("127.0.0.1", options.port, ident.transport.public_bytes)
         cache = FigureCache(lambda: CommitteeClient([endpoint], timeout_s=2.0)).start()
     exporter = _exporter(metrics, ident.node_id, cache.figures if cache is not None else None)
     try:
@@ -206,7 +223,7 @@ def _devnet(args: argparse.Namespace, data_dir: Path) -> int:
 
     home = (args.home or data_dir / "devnet").expanduser()
     with Devnet(DevnetConfig(home, args.devnet)) as devnet:
-        for i, endpoint in enumerate(devnet.endpoints):
+        for i, endpoint in enumerate(devnet.endpoints):  # each names its validator's transport key
             print(f"validator {i}: {endpoint}  (home {devnet.vdir(i)})")
         print("devnet running; Ctrl-C stops it", flush=True)
         _wait_for_signal()

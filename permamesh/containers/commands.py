@@ -6,8 +6,9 @@ local container workers.
   verified. Images live in one OCI layout, ``DATA_DIR/images``, by name.
 - ``run IMAGE -- CMD...``: through the anonymous overlay to the mesh's container workers
   (``permamesh worker --containers``), whose router picks the one holding most layers; the
-  image's layers are seeded from this machine for the job. Without container workers in the
-  registry (or with ``--via local``), the job goes to local container workers inside this
+  image's layers are seeded from this machine for the job. The mesh is the committee's
+  directory (``--join``, ``$PERMAMESH_JOIN`` or ``DATA_DIR/join``). Without one, or without
+  container workers running in it (or with ``--via local``), the job goes to local container workers inside this
   command (``DATA_DIR/containers``; their stores and rootfs caches persist between runs).
   Either way it runs isolated and its stdout and stderr come back; the exit code is the
   container's.
@@ -50,7 +51,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--via", default="auto", choices=["auto", "overlay", "local"],
                    help="overlay: through the anonymous overlay to the mesh's container workers (`permamesh worker "
                         "--containers`); local: container workers inside this command; auto: overlay when the "
-                        "registry has container workers and enough relays (default: auto)")
+                        "committee's directory has container workers and enough relays (default: auto)")
+    p.add_argument("--join", action="append", default=None, metavar="VALIDATOR",
+                   help="the mesh's committee: a validator's address (comma-separated or repeatable; default: "
+                        "$PERMAMESH_JOIN, else DATA_DIR/join written by `permamesh demo --serve`)")
 
 
 def _import_layout(src: Path, dest: Path, name: str | None) -> str:
@@ -95,18 +99,24 @@ def image_add(args: argparse.Namespace, data_dir: Path) -> int:
     return 0
 
 
-def _overlay_client(data_dir: Path, via: str, timeout_s: float):
-    """An OverlayClient over the registry, or None when ``via`` allows local workers instead."""
+def _overlay_client(data_dir: Path, via: str, timeout_s: float, join: list[str] | None = None):
+    """An OverlayClient over the committee's directory, or None when ``via`` allows local
+    workers instead."""
     from permamesh.containers.jobs import container_entries
-    from permamesh.directory.workers import discover
-    from permamesh.directory.relays import discover_relays
+    from permamesh.directory.committee import CommitteeDirectory
+    from permamesh.directory.join import resolve_join
     from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
     if via == "local":
         return None
-    relays, workers, config = discover_relays(data_dir), discover(data_dir), OverlayConfig()
-    why = ("no container workers registered" if not container_entries(workers) else
-           f"only {len(relays)} relays registered (the overlay needs {config.n * config.hops})"
+    committee = resolve_join(join, data_dir, required="permamesh run --via overlay" if via == "overlay" else "")
+    relays, workers, config = [], [], OverlayConfig()
+    if committee:
+        directory = CommitteeDirectory(committee, data_dir / "directory" / "client.json")
+        relays, workers = directory.relays(), directory.workers()
+    why = ("no committee to join" if not committee else
+           "no container workers running in the committee's directory" if not container_entries(workers) else
+           f"only {len(relays)} relays running (the overlay needs {config.n * config.hops})"
            if len(relays) < config.n * config.hops else "")
     if why:
         if via == "overlay":
@@ -147,7 +157,7 @@ def run_job(args: argparse.Namespace, data_dir: Path) -> int:
 
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     image, blobs = load_layout(data_dir / "images", args.image)
-    client = _overlay_client(data_dir, args.via, args.timeout)
+    client = _overlay_client(data_dir, args.via, args.timeout, args.join)
     if client is not None:
         try:
             return _run_over_overlay(client, args, image, blobs, command)

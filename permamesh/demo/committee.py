@@ -3,9 +3,8 @@
 - :func:`start_committee`: four CometBFT v0.38 nodes, each driving its own copy of the ledger
   application over ABCI (or, with ``engine="devnet"``, the embedded devnet: 4 validator
   processes running our Tendermint over zmq, a fast local stand-in);
-  its seed partner registers the demo's workers (signed claims:
-  location, grid, ISP, hardware, models), so routing, which reads reputations from the
-  committee (workers run with ``--committee``), trusts them at R(0).
+  the mesh's nodes then join through it (:mod:`permamesh.demo.enroll`), and routing reads
+  their reputations from it.
 - :func:`verification_epoch`: every member's duty once: challenges through the overlay
   (they look like user traffic), answers scored against the reference model, signed reports
   (member 3 lies, to show the median ignores it), the epoch closed by the ledger, the
@@ -32,7 +31,6 @@ from permamesh.committee.duties import DutyConfig, Member, score_workers
 from permamesh.committee.genesis import LedgerRules
 from permamesh.committee.trust import node_id_of
 from permamesh.identity import NodeIdentity
-from permamesh.demo.mesh import relay_placement
 
 log = logging.getLogger(__name__)
 
@@ -81,31 +79,6 @@ def recent_blocks(net: Committee, client: CommitteeClient, say, count: int = 5) 
         agreed = next(iter(seen)).hex()[:16] if len(seen) == 1 else "DISAGREE"
         say(f"  block {height} committed by {engine}{txs_in}; app hash {agreed} on "
             f"{sum(height in h for h in hashes.values())} of {len(net.endpoints)} validators")
-
-
-def register_nodes(devnet: Committee, client: CommitteeClient, data_dir: Path, workers: list[str],
-                   relays: list[str], model: str, say) -> None:
-    """Register the workers and relays (keys made now, used by their processes) as the seed
-    partner: signed profiles, pipelined to the committee."""
-    partner = devnet.partner
-    nonce = client.next_nonce(partner.public.sign_key)
-    raw = []
-    for i, (name, role) in enumerate([(w, "worker") for w in workers] + [(r, "relay") for r in relays]):
-        ident = NodeIdentity.load_or_create(Path(data_dir) / "keys", name)
-        isp, grid, _ = relay_placement(i - len(workers) if role == "relay" else i + 3)
-        profile = txs.NodeProfile(lat_e6=(40 + (3 * i) % 20) * 10**6, lon_e6=(-10 + (7 * i) % 40) * 10**6,
-                                  grid=grid, isp=isp, asn=64500 + i, silicon_year=2012 + i % 8,
-                                  cpu_mhz=2400, idle_w=12, loaded_w=40, ram_mb=16384,
-                                  software="permamesh-0.1", models=(model,) if role == "worker" else ())
-        raw.append(txs.sign_tx(txs.RegisterNode(
-            chain_id=devnet.chain_id, nonce=nonce + i, node_key=ident.public.sign_key,
-            kex_key=ident.public.kex_key, role=role, endpoint="", profile=profile), partner))
-    outcomes = client.submit_many(raw, timeout_s=60.0)
-    failed = [o.log for o in outcomes if not o.ok]
-    if failed:
-        raise RuntimeError(f"registering nodes failed: {failed[0]}")
-    say(f"committee: registered {len(workers)} workers and {len(relays)} relays (signed profiles) by "
-        f"height {max(o.height for o in outcomes)}")
 
 
 def _reputations(client: CommitteeClient) -> dict[str, dict]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from permamesh.gateway.accounts import KeyRing
@@ -40,7 +39,7 @@ def start_gateway(data_dir: Path, committee: tuple[str, ...], port: int, say) ->
             log.info("gateway on port %d: %s; trying any free port", attempt, exc)
     else:  # pragma: no cover - port 0 always binds on loopback
         raise GatewayError("the gateway could not listen")
-    register_metrics(data_dir, MetricsRecord(GATEWAY_ID, "gateway", url + "/metrics", os.getpid()))
+    register_metrics(data_dir, MetricsRecord(GATEWAY_ID, "gateway", url + "/metrics"))
     say(f"\n== the OpenAI-compatible gateway: {url}/v1 (dashboard {url}/dashboard, metrics {url}/metrics) ==")
     say(f"  api key: {key}   (made for this demo; `permamesh gateway --new-key NAME` makes more)")
     say(f'  from openai import OpenAI; client = OpenAI(base_url="{url}/v1", api_key="{key}")')

@@ -1,15 +1,22 @@
-"""The embedded mesh: real worker and relay processes on loopback, owned by one parent process.
+"""The embedded mesh: real worker and relay processes on loopback, joined through a committee.
 
-:class:`EmbeddedMesh` starts each worker as ``python -m permamesh worker`` (and each relay as
-``python -m permamesh relay``, spread over made-up ISPs, grids and locations so paths can obey
-the diversity rules of ``docs/paths.md``) in its own session
-(so a terminal's Ctrl-C reaches only the parent, which then stops them in order), asks the
-kernel to SIGTERM each child if the parent dies (``PR_SET_PDEATHSIG``), and waits for each
-worker's ``READY`` line rather than sleeping. :meth:`EmbeddedMesh.stop` sends SIGTERM, waits,
+:class:`EmbeddedMesh` runs a mesh on one machine the way a multi-host mesh runs: every node
+finds every other node in the committee's directory, and nothing reads a shared file or a
+PID. It takes a started committee (:class:`~permamesh.committee.cometbft.network.CometNet`
+or the devnet) or starts a one-validator devnet of its own, enrolls its nodes there
+(:mod:`permamesh.demo.enroll`: the seed partner registers them, the members are published,
+each member's liveness prober starts), then starts each worker as ``python -m permamesh
+worker --join ...`` and each relay as ``python -m permamesh relay --join ...`` in its own
+session (a terminal's Ctrl-C reaches only the parent, which then stops them in order; the
+kernel SIGTERMs each child if the parent dies), waits for each ``READY`` line and then for
+the committee to count every node running. :meth:`EmbeddedMesh.stop` sends SIGTERM, waits,
 then SIGKILLs stragglers, so no process outlives the mesh.
 
-Who calls it: ``permamesh demo``, the benchmarks and the end-to-end tests. A later issue adds
-validators here.
+Readers take the mesh's view the way any client does: :meth:`EmbeddedMesh.directory` (a
+:class:`~permamesh.directory.committee.CommitteeDirectory` on the mesh's committee),
+:meth:`relays` and :meth:`workers` (the running ones, read fresh).
+
+Who calls it: ``permamesh demo``, the benchmarks and the end-to-end tests.
 """
 
 from __future__ import annotations
@@ -21,7 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+from permamesh.committee.client import CommitteeClient
+from permamesh.demo import enroll
+from permamesh.directory.committee import CommitteeDirectory
 from permamesh.errors import PermameshError
+from permamesh.ops.metrics import unregister_metrics
 from permamesh.ops.procs import Child, spawn, stop_all, wait_ready
 
 log = logging.getLogger(__name__)
@@ -43,12 +54,8 @@ class MeshConfig:
     worker_args: tuple[str, ...] = ()  # extra `permamesh worker` options (policy, group, cache)
     relays: int = 0  # relay processes (the overlay needs at least n * hops of them)
     relay_args: tuple[str, ...] = ()  # extra `permamesh relay` options
-
-
-def relay_placement(i: int) -> tuple[str, str, str]:
-    """(isp, grid, location) of the i-th embedded relay: 8 ISPs, 4 grids, every relay its own
-    location, so any 3 consecutive relays differ in all three."""
-    return f"isp-{i % 8}", f"grid-{i % 4}", f"loc-{i}"
+    committee: object = None  # a started CometNet or Devnet; None = a 1-validator devnet of the mesh's own
+    probe_timeout_s: float = 0.5  # how long the members' probes wait for a node's answer
 
 
 class EmbeddedMesh:
@@ -56,31 +63,94 @@ class EmbeddedMesh:
         self.config = config
         self.children: list[Child] = []  # workers
         self.relay_children: list[Child] = []
+        self.probers: list[Child] = []
         self.log_dir = Path(config.data_dir) / "run" / "logs"
+        self.net = config.committee
+        self._own_net = None
+        self._client: CommitteeClient | None = None
+        self._directory: CommitteeDirectory | None = None
 
     @property
     def endpoints(self) -> list[str]:
         return [c.endpoint for c in self.children if c.endpoint]
+
+    @property
+    def join(self) -> tuple[str, ...]:
+        """The committee's validator addresses, as nodes and clients pass them to ``--join``."""
+        return tuple(self.net.endpoints)
+
+    @property
+    def committee(self) -> CommitteeClient:
+        if self._client is None:
+            self._client = CommitteeClient(list(self.join), timeout_s=10.0)
+        return self._client
+
+    def directory(self) -> CommitteeDirectory:
+        """The mesh's directory, as a client on this machine reads it (one copy on disk)."""
+        if self._directory is None:
+            self._directory = CommitteeDirectory(list(self.join), Path(self.config.data_dir) / "client" / "directory.json")
+        return self._directory
+
+    def relays(self) -> list:
+        """The relays the committee counts running now (RelayRecords)."""
+        return [e.relay_record() for e in self.directory().snapshot(0.0).running("relay")]
+
+    def workers(self) -> list:
+        """The workers the committee counts running now (WorkerRecords)."""
+        return [e.worker_record() for e in self.directory().snapshot(0.0).running("worker")]
 
     def start(self) -> list[str]:
         cfg = self.config
         self.log_dir.mkdir(parents=True, exist_ok=True)
         threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
         try:
+            self._committee()
+            model = Path(cfg.model_path).stem if cfg.model_path else cfg.model
+            enroll.register_nodes(self.net, self.committee, cfg.data_dir, [f"mesh-worker-{i}" for i in range(cfg.workers)],
+                                  [f"mesh-relay-{i}" for i in range(cfg.relays)], model)
+            enroll.publish_validators(self.net, self.committee)
             for i in range(cfg.relays):
                 self._spawn_relay(i)
             for i in range(cfg.workers):
                 self._spawn(f"worker-{i}", threads)
             self._wait_ready(time.monotonic() + cfg.start_timeout_s)
+            self.probers = enroll.start_probers(self.net, self.log_dir, cfg.probe_timeout_s)
+            self.wait_running(cfg.start_timeout_s)
         except BaseException:
             self.stop()
             raise
         return self.endpoints
 
+    def _committee(self) -> None:
+        if self.net is not None:
+            return
+        from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
+        from permamesh.committee.genesis import LedgerRules
+
+        self._own_net = self.net = Devnet(DevnetConfig(Path(self.config.data_dir) / "committee", validators=1,
+                                                       rules=LedgerRules(probe_blocks=4)))
+        self.net.start()
+
+    def wait_running(self, timeout_s: float = 60.0, gone: tuple[str, ...] = (), also: tuple[str, ...] = ()) -> float:
+        """Wait until the committee counts every live node of the mesh running, and the node ids
+        in ``also`` (nodes the caller runs itself), but not those in ``gone``; returns the
+        seconds it took."""
+        started = time.monotonic()
+        while True:
+            want = {c.node_id for c in self.children + self.relay_children if c.node_id and c.alive()} | set(also)
+            running = {row["node_id"] for row in self.committee.query("/directory")["nodes"] if row["running"]}
+            if want <= running and not running & set(gone):
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout_s:
+                raise MeshError(f"after {timeout_s:g} s the committee counts {len(want & running)} of the mesh's "
+                                f"{len(want)} nodes running" + (f" and {len(running & set(gone))} gone ones still"
+                                                                 if gone else ""))
+            time.sleep(0.1)  # polling the committee's committed state; bounded by timeout_s
+
     def _spawn(self, name: str, threads: int) -> None:
         cfg = self.config
         cmd = [sys.executable, "-m", "permamesh", "worker", "--data-dir", str(cfg.data_dir), "--name", f"mesh-{name}",
-               "--model", cfg.model, "--device", cfg.device, "--threads", str(threads)]
+               "--model", cfg.model, "--device", cfg.device, "--threads", str(threads), "--join", ",".join(self.join)]
         if cfg.model_path:
             cmd += ["--model-path", cfg.model_path]
         cmd += list(cfg.worker_args)
@@ -88,9 +158,8 @@ class EmbeddedMesh:
 
     def _spawn_relay(self, i: int) -> None:
         cfg = self.config
-        isp, grid, location = relay_placement(i)
         cmd = [sys.executable, "-m", "permamesh", "relay", "--data-dir", str(cfg.data_dir), "--name", f"mesh-relay-{i}",
-               "--isp", isp, "--grid", grid, "--location", location, *cfg.relay_args]
+               "--join", ",".join(self.join), *cfg.relay_args]
         self.relay_children.append(self._popen(f"relay-{i}", cmd))
 
     def _popen(self, name: str, cmd: list[str]) -> Child:
@@ -122,9 +191,24 @@ class EmbeddedMesh:
         self.relay_children[index].kill()
 
     def stop(self, grace_s: float = 15.0) -> None:
-        stop_all(self.children + self.relay_children, grace_s)
+        nodes = self.children + self.relay_children
+        stop_all(nodes + self.probers, grace_s)
+        for child in nodes:  # a child killed in a drill could not remove its own metrics record
+            if child.node_id:
+                unregister_metrics(self.config.data_dir, child.node_id)
         self.children.clear()
         self.relay_children.clear()
+        self.probers.clear()
+        if self._directory is not None:
+            self._directory.close()
+            self._directory = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._own_net is not None:
+            self._own_net.stop()
+            self._own_net = None
+            self.net = None
 
     def __enter__(self) -> EmbeddedMesh:
         self.start()

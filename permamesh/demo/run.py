@@ -1,22 +1,24 @@
 """``permamesh demo``: the whole mesh on one machine, with real answers and real figures.
 
-Starts an :class:`~permamesh.demo.mesh.EmbeddedMesh` (16 relays and two workers by default, SmolLM2
-on CPU) and sends every prompt through the anonymous overlay (S-IDA cloves over onion paths,
+Starts the committee (4 CometBFT validators, or the devnet with --committee devnet), then an
+:class:`~permamesh.demo.mesh.EmbeddedMesh` (16 relays and two workers by default, SmolLM2 on
+CPU) whose nodes join through the committee's directory exactly as nodes on other hosts do
+(registered by the seed partner, signed descriptors announced, counted running by the
+members' probes; no shared files, no PIDs), and sends every prompt through the anonymous overlay (S-IDA cloves over onion paths,
 answers back over reply blocks): a few one by one (the first shows its paths), one after
 killing relays the client still trusts (a drill: it resends over fresh paths), then a
 concurrent burst; then container jobs through the overlay when a runtime is installed
-(:mod:`permamesh.demo.containers`: cold, then warm on the worker holding the layers); then the committee (4 CometBFT validators, or the devnet with --committee devnet, whose reputations the workers'
-routing reads) runs one verification epoch and a validator kill drill
+(:mod:`permamesh.demo.containers`: cold, then warm on the worker holding the layers); then the committee (whose reputations the workers' routing reads) runs one verification epoch and a validator kill drill
 (:mod:`permamesh.demo.committee`); then the OpenAI-compatible gateway with the dashboard (:mod:`permamesh.demo.gateway`), asked plainly and
 streamed; prints latency figures and each worker's status, and stops every process,
-also on Ctrl-C. ``--serve`` keeps the mesh up afterwards so ``permamesh submit`` can talk to it.
+also on Ctrl-C. ``--serve`` keeps the mesh up afterwards and writes ``DATA_DIR/join`` (the committee's
+addresses) so ``permamesh submit`` on this machine finds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import statistics
 import sys
 import threading
@@ -27,10 +29,8 @@ from typing import TextIO
 
 from permamesh.demo import committee as demo_committee, containers as demo_containers, gateway as demo_gateway
 from permamesh.client.blocking import Client
-from permamesh.committee.trust import fetch_snapshot, scored_relays
-from permamesh.directory.workers import discover, process_alive
 from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
-from permamesh.directory.relays import discover_relays
+from permamesh.directory.join import forget_join, remember_join
 from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.sender import OverlayClient, OverlayConfig
 from permamesh.workers import models
@@ -76,24 +76,21 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         say(f"model ready in {time.monotonic() - started:.1f} s")
     net, committee = demo_committee.start_committee(opts.data_dir, say, opts.committee)
     no_containers = demo_containers.available()
-    worker_args = tuple(a for e in net.endpoints for a in ("--committee", e))
     mesh = EmbeddedMesh(MeshConfig(opts.data_dir, opts.workers, opts.model, opts.model_path, opts.device,
-                                   relays=opts.relays,
-                                   worker_args=worker_args + (() if no_containers else ("--containers",))))
+                                   relays=opts.relays, committee=net,
+                                   worker_args=() if no_containers else ("--containers",)))
     started = time.monotonic()
     gateway = None
     try:
-        demo_committee.register_nodes(net, committee, opts.data_dir,
-                                      [f"mesh-worker-{i}" for i in range(opts.workers)],
-                                      [f"mesh-relay-{i}" for i in range(opts.relays)],
-                                      Path(opts.model_path).stem if opts.model_path else opts.model, say)
-        say("starting relays and workers...")
+        say(f"starting relays and workers; each joins with --join {net.endpoints[0]} (and the other validators)...")
         endpoints = mesh.start()
-        say(f"{len(mesh.relay_children)} relays and {len(endpoints)} workers ready in {time.monotonic() - started:.1f} s")
-        relays = scored_relays(discover_relays(opts.data_dir), fetch_snapshot(committee))
-        workers = discover(opts.data_dir)
-        say(f"overlay paths read relay reputations from the committee: {len(relays)} relays at "
-            f"{min(r.reputation for r in relays):.2f}..{max(r.reputation for r in relays):.2f} (floor 0.3)")
+        say(f"{len(mesh.relay_children)} relays and {len(endpoints)} workers joined in {time.monotonic() - started:.1f} s: "
+            "registered by the seed partner, each published its signed descriptor, and the members' probes "
+            "count every one running")
+        relays, workers = mesh.relays(), mesh.workers()
+        say(f"the client reads the committee's directory (checked against a second validator's app hash): "
+            f"{len(relays)} relays at reputation {min(r.reputation for r in relays):.2f}.."
+            f"{max(r.reputation for r in relays):.2f} (floor 0.3), {len(workers)} workers")
         names = {r.node_id: f"{r.node_id[:6]}({r.isp})" for r in relays}
         config = OverlayConfig()
         say(f"\nevery prompt below travels as S-IDA cloves: split into {config.max_cloves}, any {config.k} rebuild; "
@@ -104,12 +101,12 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             for i, prompt in enumerate(PROMPTS):
                 _ask(client, prompt, opts.max_tokens, say, names if i == 0 else None)
             _drill(mesh, client, opts.max_tokens, say)
+        relays = mesh.relays()  # the killed relays are out of the running set by now
         _burst(relays, workers, opts.max_tokens, say)
-        live = [r for r in relays if r.pid == 0 or process_alive(r.pid)]
         if no_containers:
             say(f"\n(no container jobs: {no_containers})")
         else:
-            demo_containers.container_jobs(opts.data_dir, live, workers, say)
+            demo_containers.container_jobs(opts.data_dir, relays, workers, say)
         _committee(opts, net, committee, relays, workers, say)
         gateway, url, key = demo_gateway.start_gateway(opts.data_dir, tuple(net.endpoints), opts.gateway_port, say)
         demo_gateway.gateway_round(url, key, workers[0].model, opts.max_tokens, say)
@@ -121,6 +118,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
                     f"group {st.group or '-'} ({st.members} peers, forwarded {st.forwarded}), "
                     f"prefix cache {st.cached_tokens_total}/{st.prompt_tokens_total} prompt tokens")
         if opts.serve:
+            remember_join(opts.data_dir, net.endpoints)
             say(f"\nmesh is up. In another shell: permamesh submit --prompt 'Hello', or any OpenAI client at "
                 f"{url}/v1; the dashboard is {url}/dashboard   (Ctrl-C here to stop)")
             threading.Event().wait()
@@ -129,6 +127,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     finally:
         if gateway is not None:
             demo_gateway.stop_gateway(gateway, opts.data_dir)
+        forget_join(opts.data_dir, net.endpoints)
         mesh.stop()
         committee.close()
         net.stop()
@@ -178,6 +177,10 @@ def _drill(mesh: EmbeddedMesh, client: OverlayClient, max_tokens: int, say) -> N
         _ask(client, "Say something kind about resilience.", max_tokens, say, None)
     except OverlayError as exc:
         say(f"  not delivered: {exc}")
+    gone = tuple(mesh.relay_children[i].node_id for i in victims)
+    took = mesh.wait_running(60.0, gone=gone)
+    say(f"  the committee's probes took the {len(gone)} killed relays out of the running set {took:.1f} s later; "
+        "no new path uses them")
 
 
 def _rate(tokens: int, seconds: float) -> float:
@@ -186,7 +189,6 @@ def _rate(tokens: int, seconds: float) -> float:
 
 def _burst(relays, workers, max_tokens: int, say) -> None:
     say(f"\n== a burst of {len(BURST)} concurrent requests, each through the overlay ==")
-    relays = [r for r in relays if r.pid == 0 or process_alive(r.pid)]
 
     def one(prompt: str):
         with OverlayClient(relays, workers) as c:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from permamesh.committee import txs
 from permamesh.committee.client import CommitteeClient
+from permamesh.committee.endpoints import EndpointError, parse_endpoint
 from permamesh.committee.errors import CommitteeError
 from permamesh.directory.errors import DirectoryError
 from permamesh.identity import NodeIdentity
@@ -93,10 +94,14 @@ def publish_validators(client: CommitteeClient, chain_id: str, partner: NodeIden
                        members: Sequence[NodeIdentity], endpoints: Sequence[str], timeout_s: float = 30.0) -> None:
     """Put the committee's own validators in the directory: the seed ``partner`` registers each
     member key as a validator node, then each member announces the address clients reach it at
-    (``http://HOST:PORT`` for CometBFT's RPC is published as ``tcp://HOST:PORT``; a reader maps
-    it back to the scheme it used itself). Lets a client that knows one validator find a second
-    one to check the directory against. Who calls it: the committee launchers' callers (the
-    demo, tests, benchmarks)."""
+    (``https://HOST:PORT?key=HEX`` for CometBFT's RPC, or the devnet's ``tcp://HOST:PORT?key=HEX``,
+    is published as ``tcp://HOST:PORT`` with the member's transport key; a reader maps it back
+    to the scheme it used itself, pinned to the key the member's row holds:
+    :meth:`~permamesh.directory.snapshot.Snapshot.validators`). An endpoint whose key is not
+    its member's is refused before anything is sent. Lets a client that knows one validator
+    find a second one to check the directory against. Who calls it: the committee launchers'
+    callers (the demo, tests, benchmarks)."""
+    addresses = [_member_address(member, endpoint) for member, endpoint in zip(members, endpoints)]
     nonce = client.next_nonce(partner.public.sign_key)
     regs = [txs.sign_tx(txs.RegisterNode(chain_id=chain_id, nonce=nonce + i, node_key=m.public.sign_key,
                                          kex_key=m.public.kex_key, role="validator", endpoint="",
@@ -107,8 +112,7 @@ def publish_validators(client: CommitteeClient, chain_id: str, partner: NodeIden
         raise DirectoryError(f"registering the validators failed: {problems[0]}")
     seq = time.time_ns() // 1000
     announces = []
-    for member, endpoint in zip(members, endpoints):
-        address = "tcp://" + endpoint.split("://", 1)[1].rstrip("/")
+    for member, address in zip(members, addresses):
         tx = txs.Announce(chain_id=chain_id, nonce=client.next_nonce(member.public.sign_key),
                           transport_key=member.transport.public_bytes, endpoint=address, model="", group="",
                           layers="", version=VERSION, seq=seq)
@@ -116,3 +120,18 @@ def publish_validators(client: CommitteeClient, chain_id: str, partner: NodeIden
     problems = [o.log for o in client.submit_many(announces, timeout_s) if not o.ok]
     if problems:
         raise DirectoryError(f"announcing the validators failed: {problems[0]}")
+
+
+def _member_address(member: NodeIdentity, endpoint: str) -> str:
+    """The ``tcp://HOST:PORT`` a member announces for ``endpoint``, once its key is checked:
+    ``https://`` must pin the member's node key, ``tcp://`` name its transport key."""
+    try:
+        ep = parse_endpoint(endpoint)
+    except EndpointError as exc:
+        raise DirectoryError(f"validator {member.node_id}: {exc}") from None
+    expected = {"https": member.public.sign_key, "tcp": member.transport.public_bytes}.get(ep.scheme)
+    if ep.key is not None and ep.key != expected:
+        what = "node key" if ep.scheme == "https" else "transport key"
+        raise DirectoryError(f"{endpoint} names key {ep.key.hex()[:16]}..., not validator {member.node_id}'s "
+                             f"{what} {expected.hex()[:16]}...")
+    return f"tcp://{ep.hostport}"

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from permamesh.committee.client import CommitteeClient
+from permamesh.committee.endpoints import EndpointError, parse_endpoint
 from permamesh.committee.errors import CommitteeError
 from permamesh.directory.errors import DirectoryError
 from permamesh.directory.relays import RelayRecord
@@ -38,13 +39,17 @@ CONFIRM_WAIT_S = 5.0  # how long a second validator may take to reach the answer
 
 
 def parse_join(value: str | Sequence[str]) -> list[str]:
-    """``--join`` values (comma-separated, repeatable) -> validator endpoints, checked."""
+    """``--join`` values (comma-separated, repeatable) -> validator endpoints, checked and in
+    canonical form: ``https://HOST:PORT?key=HEX`` (CometBFT RPC, pinned to the member's node
+    key) or ``tcp://HOST:PORT?key=HEX`` (devnet, its transport key); plain ``http://`` and
+    key-less ``tcp://`` only to this machine (:mod:`permamesh.committee.endpoints`)."""
     items = [value] if isinstance(value, str) else list(value)
-    endpoints = [p.strip() for item in items for p in item.split(",") if p.strip()]
-    for ep in endpoints:
-        if not ep.startswith(("tcp://", "http://", "https://")):
-            raise DirectoryError(f"--join {ep!r}: a validator address is http://HOST:PORT (CometBFT RPC) "
-                                 "or tcp://HOST:PORT (devnet)")
+    endpoints = []
+    for text in (p.strip() for item in items for p in item.split(",") if p.strip()):
+        try:
+            endpoints.append(str(parse_endpoint(text)))
+        except EndpointError as exc:
+            raise DirectoryError(f"--join {exc}") from None
     if not endpoints:
         raise DirectoryError("--join needs at least one validator address")
     return endpoints
@@ -166,7 +171,8 @@ class CommitteeDirectory:
         raise DirectoryError("; ".join(errors) or "no validator to ask")
 
     def _known(self, snap: Snapshot | None) -> list[str]:
-        """The validators to ask: the configured ones, then those the directory lists."""
+        """The validators to ask: the configured ones, then those the directory lists, in the
+        scheme of the first configured one and pinned to their keys (:meth:`Snapshot.validators`)."""
         scheme = self.endpoints[0].split("://", 1)[0]
         extra = snap.validators(scheme) if snap is not None else []
         return list(dict.fromkeys(self.endpoints + extra))

@@ -19,6 +19,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+from permamesh.committee.endpoints import is_loopback
 from permamesh.directory.errors import DirectoryError
 from permamesh.directory.relays import RelayRecord
 from permamesh.directory.workers import WorkerRecord
@@ -67,7 +68,7 @@ class Entry:
 
     def worker_record(self) -> WorkerRecord:
         layers = with_key(self.layers, self.transport_key) if self.layers else ""
-        return WorkerRecord(self.node_id, self.link, self.node_key.hex(), self.model, 0, self.group, layers)
+        return WorkerRecord(self.node_id, self.link, self.node_key.hex(), self.model, self.group, layers)
 
     def relay_record(self) -> RelayRecord:
         return RelayRecord(self.node_id, self.link, self.node_key.hex(), self.kex_key.hex(), self.isp or "?",
@@ -90,10 +91,25 @@ class Snapshot:
         return [e for e in self.entries if e.role == role and e.running and e.reachable and not e.excluded]
 
     def validators(self, scheme: str = "tcp") -> list[str]:
-        """The addresses of the committee's validators that published one, in ``scheme``
-        (validators publish ``tcp://HOST:PORT``; a CometBFT RPC reader asks for ``http``)."""
-        return [f"{scheme}://{e.endpoint.removeprefix('tcp://')}" for e in self.entries
-                if e.role == "validator" and e.endpoint and not e.excluded]
+        """The addresses of the committee's validators that published one, for a reader that
+        used ``scheme``, each pinned to the key its row holds. Validators publish
+        ``tcp://HOST:PORT``; it becomes ``tcp://HOST:PORT?key=<transport key>`` for a devnet
+        reader (``tcp``), ``https://HOST:PORT?key=<node key>`` for a CometBFT RPC reader
+        (``https``; ``http`` too, except that a loopback validator stays plain ``http://``
+        for local tooling, :mod:`permamesh.committee.endpoints`)."""
+        out = []
+        for e in self.entries:
+            if e.role != "validator" or not e.endpoint or e.excluded:
+                continue
+            hostport = e.endpoint.removeprefix("tcp://")
+            if scheme == "tcp":
+                if e.transport_key:
+                    out.append(with_key(e.endpoint, e.transport_key))
+            elif scheme == "http" and is_loopback(hostport.rpartition(":")[0]):
+                out.append(f"http://{hostport}")
+            else:
+                out.append(f"https://{hostport}?key={e.node_key.hex()}")
+        return out
 
     def by_id(self) -> dict[str, Entry]:
         return {e.node_id: e for e in self.entries}

@@ -1,7 +1,7 @@
 """The gateway's way into the mesh: generation jobs through the anonymous overlay (or direct).
 
 :class:`MeshBackend` is blocking (the server calls it from worker threads). For each job it
-finds the workers serving the requested model in the local registry, picks one as the entry
+finds the workers serving the requested model in the committee's directory, picks one as the entry
 worker, and sends the job like any client would:
 
 - ``via="overlay"`` (the default): S-IDA cloves over onion paths through an
@@ -11,7 +11,7 @@ worker, and sends the job like any client would:
   stream as the worker produces them (not anonymous: the worker sees the gateway's address).
 
 Overlay clients are pooled (one per concurrent job, each with its own session paths) and
-rebuilt when the registry's relays or workers change.
+rebuilt when the directory's relays or workers change.
 
 Who calls it: :mod:`permamesh.gateway.server`.
 """
@@ -28,21 +28,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from permamesh.gateway.errors import ApiError
-from permamesh.directory.workers import discover
 from permamesh.wire import GenerateRequest, GenerateResult, TokenChunk
 
 log = logging.getLogger(__name__)
 
-REFRESH_S = 30.0  # a pooled overlay client older than this is rebuilt from the registry
-REGISTRY_S = 1.0  # the worker registry is re-read at most this often
+REFRESH_S = 30.0  # a pooled overlay client older than this is rebuilt from the directory
+REGISTRY_S = 1.0  # the directory's workers are re-read at most this often
 
 
 class MeshBackend:
     def __init__(self, data_dir: Path, via: str = "overlay", timeout_s: float = 300.0, rng: random.Random | None = None,
                  directory=None) -> None:
         """``directory``: a started :class:`~permamesh.directory.committee.CommitteeDirectory`
-        (``permamesh gateway --join``): workers and relays come from the committee; without
-        it, from the local registry under ``data_dir``."""
+        (``permamesh gateway --join``): workers and relays come from the committee's directory."""
         if via not in ("overlay", "direct"):
             raise ValueError(f"via must be overlay or direct, not {via!r}")
         self.data_dir, self.via, self.timeout_s = Path(data_dir), via, timeout_s
@@ -66,7 +64,7 @@ class MeshBackend:
         now = time.monotonic()
         with self._lock:
             if self._registry is None or now - self._registry[0] > REGISTRY_S:
-                found = self.directory.workers() if self.directory is not None else discover(self.data_dir)
+                found = self.directory.workers() if self.directory is not None else []
                 self._registry = (now, found)
             return self._registry[1]
 
@@ -121,7 +119,6 @@ class MeshBackend:
 
     # ------------------------------------------------------------------ the overlay client pool
     def _take(self):
-        from permamesh.directory.relays import discover_relays
         from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
         now = time.monotonic()
@@ -131,10 +128,10 @@ class MeshBackend:
                 if now - built < REFRESH_S:
                     return client
                 client.close()
-        relays = self.directory.relays() if self.directory is not None else discover_relays(self.data_dir)
+        relays = self.directory.relays() if self.directory is not None else []
         config = OverlayConfig(answer_timeout_s=self.timeout_s)
         if len(relays) < config.n * config.hops:
-            raise ApiError(503, f"the overlay needs {config.n * config.hops} relays and the registry has "
+            raise ApiError(503, f"the overlay needs {config.n * config.hops} relays and the directory has "
                                 f"{len(relays)}; start relays (`permamesh relay`) or run the gateway with --direct",
                            code="mesh_unavailable")
         client = OverlayClient(relays, self._workers(), config, random.Random(self.rng.getrandbits(64)))

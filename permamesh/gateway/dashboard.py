@@ -3,9 +3,10 @@
 :meth:`MeshView.snapshot` joins what this machine knows with what the committee knows:
 
 - **nodes**: the committee's registry (signed profiles: location, ISP, grid, role, the
-  verification reputation, excluded or not) joined with the local registries (workers with
-  their model and container side, relays, processes with metrics endpoints) and the health
-  monitor's last verdict; a node known only locally is listed without a map position;
+  verification reputation, excluded or not) joined with its directory (each node's advertised
+  endpoint, model and container side, and whether the members' probes find it running), the
+  metrics endpoints of processes on this machine, and the health monitor's last verdict; a
+  node with no health verdict shows the committee's: ``running`` or ``down``;
 - **reputation over epochs**: each node's reputation at every closed epoch (the ledger's
   per-epoch payout rows carry it);
 - **replication across failure domains**: for each model, its replicas' shares per grid, ISP,
@@ -27,7 +28,6 @@ from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
 
-from permamesh.directory.workers import discover
 from permamesh.ops.metrics import discover_metrics
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,21 @@ def _cents(value) -> float:
 
 
 class MeshView:
-    def __init__(self, data_dir: Path, committee=None, health=None) -> None:
-        """``committee``: a CommitteeClient or None; ``health``: () -> the monitor's last result."""
-        self.data_dir, self.committee, self.health = Path(data_dir), committee, health
+    def __init__(self, data_dir: Path, committee=None, health=None, directory=None) -> None:
+        """``committee``: a CommitteeClient or None; ``health``: () -> the monitor's last result;
+        ``directory``: the gateway's CommitteeDirectory (endpoints and the running set)."""
+        self.data_dir, self.committee, self.health, self.directory = Path(data_dir), committee, health, directory
 
     def snapshot(self) -> dict:
         from permamesh.committee.trust import node_id_of
-        from permamesh.directory.relays import discover_relays
 
-        workers, relays = discover(self.data_dir), discover_relays(self.data_dir)
+        entries = []
+        if self.directory is not None:
+            try:
+                entries = list(self.directory.snapshot().entries)
+            except Exception as exc:  # noqa: BLE001 - the page still shows the registry
+                log.warning("directory unreadable for the dashboard: %s", exc)
+        workers = [e.worker_record() for e in entries if e.role == "worker" and e.running]
         metrics = discover_metrics(self.data_dir)
         registry, payouts_rows, why = [], [], ""
         if self.committee is None:
@@ -73,19 +79,23 @@ class MeshView:
                           "partner": row.get("partner", "")[:16], "reputation": None if rep is None else rep / PPM,
                           "excluded": bool(row.get("excluded")), "models": list(p.get("models", [])),
                           "registered": True, "local": False}
-        for w in workers:
-            node = nodes.setdefault(w.node_id, {"id": w.node_id, "role": "worker", "registered": False})
-            node.update(local=True, model=w.model, endpoint=w.endpoint, containers=bool(w.layers))
-        for r in relays:
-            node = nodes.setdefault(r.node_id, {"id": r.node_id, "role": "relay", "registered": False,
-                                                "isp": r.isp, "grid": r.grid})
-            node.update(local=True, endpoint=r.endpoint, location=r.location)
+        for e in entries:
+            node = nodes.setdefault(e.node_id, {"id": e.node_id, "role": e.role, "registered": True,
+                                                "isp": e.isp, "grid": e.grid})
+            node.update(running=e.running, endpoint=e.endpoint, location=e.location, rtt_us=e.rtt_us)
+            if e.role == "worker":
+                node.update(model=e.model, containers=bool(e.layers))
         for m in metrics:
             node = nodes.setdefault(m.node_id, {"id": m.node_id, "role": m.role, "registered": False})
             node.update(local=True, metrics=m.url)
         for nid, node in nodes.items():
             h = health.get(nid)
-            node["health"] = h["status"] if h else ("unknown" if node.get("local") else "remote")
+            if h:
+                node["health"] = h["status"]
+            elif "running" in node:
+                node["health"] = "running" if node["running"] else "down"
+            else:
+                node["health"] = "unknown"
             node["alerts"] = h.get("alerts", []) if h else []
         counts: dict[str, int] = defaultdict(int)
         for node in nodes.values():

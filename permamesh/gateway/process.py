@@ -32,8 +32,8 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
                    help="committee validator (repeatable): each API key's jobs are admitted by its credit on the "
                         "ledger and paid to the worker by a signed receipt")
     p.add_argument("--join", action="append", default=None, metavar="VALIDATOR",
-                   help="find workers and relays in the committee's directory (http://HOST:PORT CometBFT RPC or "
-                        "tcp://HOST:PORT devnet; comma-separated or repeatable); also the committee for credit unless "
+                   help="find workers and relays in the committee's directory: a validator's address (comma-separated or "
+                        "repeatable; default: $PERMAMESH_JOIN, else DATA_DIR/join); also the committee for credit unless "
                         "--committee is given")
     p.add_argument("--chain-id", default=None, help="the committee's chain id, which receipts are signed for "
                    "(default: asked of the committee)")
@@ -49,12 +49,12 @@ def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct
     from permamesh.gateway.dashboard import MeshView
     from permamesh.ops.health import HealthMonitor
 
-    directory = None
-    if join:
-        from permamesh.directory.committee import CommitteeDirectory
+    from permamesh.directory.committee import CommitteeDirectory
+    from permamesh.directory.join import resolve_join
 
-        directory = CommitteeDirectory(list(join), Path(data_dir) / "directory" / "gateway.json").start()
-        committee = committee or tuple(join)
+    join = resolve_join(join or committee, data_dir, required="the gateway")
+    directory = CommitteeDirectory(list(join), Path(data_dir) / "directory" / "gateway.json").start()
+    committee = committee or tuple(join)
     client = None
     if committee:
         from permamesh.committee.client import CommitteeClient
@@ -62,7 +62,7 @@ def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct
 
         client = SharedCommittee(CommitteeClient(list(committee), timeout_s=10.0))
     monitor = HealthMonitor(data_dir)
-    view = MeshView(data_dir, client, monitor.check)
+    view = MeshView(data_dir, client, monitor.check, directory)
     return Gateway(GatewayConfig(data_dir, host, port), MeshBackend(data_dir, "direct" if direct else "overlay",
                                                                      timeout_s, directory=directory),
                    KeyRing(data_dir, open_access), Credit(client, chain_id), view.snapshot, monitor.check)
@@ -75,13 +75,12 @@ def run_gateway_from_args(args: argparse.Namespace, data_dir: Path) -> int:
     if args.new_key:
         print(KeyRing(data_dir).new_key(args.new_key))
         return 0
-    from permamesh.directory.committee import parse_join
+    from permamesh.directory.join import resolve_join
 
     gateway = build_gateway(data_dir, args.host, args.port, args.direct, tuple(args.committee or ()), args.chain_id,
-                            args.open, args.timeout, tuple(parse_join(args.join)) if args.join else ())
+                            args.open, args.timeout, resolve_join(args.join, data_dir, required="the gateway"))
     node_id = f"gateway-{args.port or os.getpid()}"
     serve_until_signalled(gateway, node_id,
-                          lambda url: register_metrics(data_dir, MetricsRecord(node_id, "gateway", url + "/metrics",
-                                                                               os.getpid())),
+                          lambda url: register_metrics(data_dir, MetricsRecord(node_id, "gateway", url + "/metrics")),
                           lambda: unregister_metrics(data_dir, node_id))
     return 0

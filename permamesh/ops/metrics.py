@@ -6,7 +6,11 @@ the process collector (CPU seconds, resident memory, open files, start time: wha
 health checks read), and serves it over HTTP at ``/metrics`` (``--metrics-port``; 0 = any
 free port). :class:`Exporter` does both and records the endpoint in
 ``DATA_DIR/run/metrics/<node id>.json`` (:func:`discover_metrics` lists them: the health
-checks and the dashboard scrape every process found there).
+checks and the dashboard scrape every process found there). These records tell local
+operators' tools where to scrape; they never select a node for work, and nothing judges a
+process alive by them: a record whose endpoint does not answer is a node that is down (a
+process killed without its clean exit leaves its record, and the health check reports it
+down until its launcher or an operator removes it).
 
 Most figures already live in a component's own counters, so instead of instrumenting hot
 paths twice, a component hands :class:`Gauges` a function returning its figures, read at
@@ -19,6 +23,7 @@ Who calls it: :mod:`permamesh.workers.process`, :mod:`permamesh.overlay.relaypro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -33,7 +38,6 @@ from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, ma
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from permamesh.directory.workers import read_records, write_record
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +197,6 @@ class MetricsRecord:
     node_id: str
     role: str  # worker, relay, validator, gateway
     url: str  # http://host:port/metrics
-    pid: int
 
 
 def _metrics_dir(data_dir) -> Path:
@@ -201,7 +204,12 @@ def _metrics_dir(data_dir) -> Path:
 
 
 def register_metrics(data_dir, record: MetricsRecord) -> None:
-    write_record(_metrics_dir(data_dir), record)
+    """Write ``record`` atomically: a temporary file of this process renamed into place."""
+    directory = _metrics_dir(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{record.node_id}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"node_id": record.node_id, "role": record.role, "url": record.url}))
+    os.replace(tmp, directory / f"{record.node_id}.json")
 
 
 def unregister_metrics(data_dir, node_id: str) -> None:
@@ -209,8 +217,20 @@ def unregister_metrics(data_dir, node_id: str) -> None:
 
 
 def discover_metrics(data_dir) -> list[MetricsRecord]:
-    """The metrics endpoints of live processes registered under ``data_dir``."""
-    return read_records(_metrics_dir(data_dir), MetricsRecord, what="metrics record")
+    """Every metrics endpoint recorded under ``data_dir``, sorted by node id (unreadable
+    records skipped with a warning)."""
+    directory, found = _metrics_dir(data_dir), []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            fields = json.loads(path.read_text())
+            record = MetricsRecord(str(fields["node_id"]), str(fields["role"]), str(fields["url"]))
+            if path.stem != record.node_id:
+                raise ValueError(f"file name does not match node id {record.node_id}")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("ignoring unreadable metrics record %s: %s", path, exc)
+            continue
+        found.append(record)
+    return found
 
 
 class Exporter:
@@ -220,7 +240,7 @@ class Exporter:
                  port: int = 0) -> None:
         self.server = serve(registry, host, port)
         self.data_dir, self.node_id = data_dir, node_id
-        register_metrics(data_dir, MetricsRecord(node_id, role, self.server.url, os.getpid()))
+        register_metrics(data_dir, MetricsRecord(node_id, role, self.server.url))
 
     @property
     def url(self) -> str:

@@ -1,10 +1,11 @@
-"""``permamesh relay``: run one relay, register it locally, stop cleanly on signals.
+"""``permamesh relay``: run one relay in a mesh joined through its committee; stop cleanly on signals.
 
 The process prints one line ``READY <endpoint> <node_id>`` on stdout once it serves (the
 embedded mesh waits for that line instead of sleeping); everything else goes to the log on
-stderr. It finds next hops in the local relay directory (:mod:`.directory`) and entry workers
-in the local worker registry (:mod:`permamesh.directory.workers`), each re-read at most once a second.
-SIGINT and SIGTERM stop it: the socket closes and its directory record is removed.
+stderr. It reads the committee's directory (``--join``, required) for next hops and entry
+workers, refreshed on a thread and looked up through :class:`CachedLookup`, and publishes its
+signed descriptor there once it serves. Its ISP, grid and location are what its partner
+registered (``permamesh register``), not flags of its own. SIGINT and SIGTERM stop it.
 
 Who calls it: :mod:`permamesh.cli` wires :func:`add_relay_arguments` and
 :func:`run_relay_from_args` into ``permamesh relay`` (the CLI adds ``--data-dir`` and
@@ -16,20 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
-import os
 from pathlib import Path
 
+from permamesh.directory.announce import advertised, announce
+from permamesh.directory.committee import CommitteeDirectory
 from permamesh.identity import NodeIdentity
 from permamesh.directory.workers import default_data_dir
-from permamesh.directory.relays import (
-    CachedLookup,
-    RelayRecord,
-    register_relay,
-    relay_endpoints,
-    unregister_relay,
-    worker_endpoints,
-)
+from permamesh.directory.relays import CachedLookup
 from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.relay import DEFAULT_EPOCH_S, RelayConfig, RelayServer
 from permamesh.transport import serve_until_signalled
@@ -42,33 +36,29 @@ __all__ = ["RelayOptions", "add_relay_arguments", "run_relay", "run_relay_from_a
 @dataclasses.dataclass(frozen=True)
 class RelayOptions:
     data_dir: Path
+    join: tuple[str, ...]  # committee validators: next hops and entry workers come from its directory
     name: str = "relay"  # key file name under <data_dir>/keys
     host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port
-    isp: str = "local"  # network operator, for path diversity
-    grid: str = "local"  # power grid, for path diversity
-    location: str = "local"  # site (city or building), for path diversity
-    bandwidth: float = 1e7  # advertised forwarding rate, bytes/s
     rate_per_s: float = 1000.0  # frames per second per upstream peer
     burst: int = 2000  # frames an upstream peer may send at once
     epoch_s: float = DEFAULT_EPOCH_S  # seconds per replay-guard epoch (clients must agree)
     fail_after: int = 0  # drills: drop everything after this many cells (0 = never)
-    directory_refresh_s: float = 10.0  # seconds between re-reads of the local registries (misses re-read sooner)
+    directory_refresh_s: float = 10.0  # seconds between lookups in the directory copy (misses look sooner)
     metrics_port: int | None = 0  # Prometheus /metrics on this port (0 = any free); None = no metrics
-    join: tuple[str, ...] = ()  # committee validators: next hops and entry workers come from its directory
     advertise: str | None = None  # HOST:PORT others reach this relay at (default: the bound address)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise OverlayError(f"relay port {self.port} is not in 0..65535")
-        if not all(isinstance(v, str) and v for v in (self.isp, self.grid, self.location)):
-            raise OverlayError("relay --isp, --grid and --location must be non-empty")
-        if not (math.isfinite(self.bandwidth) and self.bandwidth > 0):
-            raise OverlayError(f"relay bandwidth must be finite and > 0, got {self.bandwidth}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise OverlayError(f"relay metrics port {self.metrics_port} is not in 0..65535 (or -1 for none)")
         if not (self.directory_refresh_s >= 0):
             raise OverlayError("directory refresh period must be >= 0")
+        if not self.join:
+            raise OverlayError("a relay needs the committee's directory (next hops and entry workers come from it): "
+                               "pass --join VALIDATOR, or set $PERMAMESH_JOIN (its partner registers it first: "
+                               "permamesh register)")
 
     def relay_config(self) -> RelayConfig:
         return RelayConfig(host=self.host, port=self.port, rate_per_s=self.rate_per_s, burst=self.burst,
@@ -80,19 +70,12 @@ def run_relay(opts: RelayOptions) -> int:
     data_dir = Path(opts.data_dir)
     config = opts.relay_config()  # checks the limits before any key file is touched
     identity = NodeIdentity.load_or_create(data_dir / "keys", opts.name)
-    if opts.join:
-        from permamesh.directory.committee import CommitteeDirectory
-
-        # read once now (a wrong committee address fails here, with the reason), then refreshed
-        # on a thread so the relay's loop never waits on the committee
-        directory = CommitteeDirectory(list(opts.join), data_dir / "directory" / f"{opts.name}.json").start()
-        relays = CachedLookup(directory.relay_endpoints, opts.directory_refresh_s)
-        workers = CachedLookup(directory.worker_endpoints, opts.directory_refresh_s)
-    else:
-        relays = CachedLookup(lambda: relay_endpoints(data_dir), opts.directory_refresh_s)
-        workers = CachedLookup(lambda: worker_endpoints(data_dir), opts.directory_refresh_s)
+    # read once now (a wrong committee address fails here, with the reason), then refreshed
+    # on a thread so the relay's loop never waits on the committee
+    directory = CommitteeDirectory(list(opts.join), data_dir / "directory" / f"{opts.name}.json").start()
+    relays = CachedLookup(directory.relay_endpoints, opts.directory_refresh_s)
+    workers = CachedLookup(directory.worker_endpoints, opts.directory_refresh_s)
     server = RelayServer(identity, config, relays, workers)
-    public = identity.public
     exporter = None
     if opts.metrics_port is not None:
         from permamesh.ops.metrics import Exporter, Gauges, new_registry
@@ -101,20 +84,11 @@ def run_relay(opts: RelayOptions) -> int:
         Gauges(lambda: relay_figures(server), registry)
         exporter = Exporter(registry, data_dir, identity.node_id, "relay", opts.host, opts.metrics_port)
     try:
-        if opts.join:
-            from permamesh.directory.announce import advertised, announce
-
-            serve_until_signalled(server, identity.node_id,
-                                  lambda endpoint: announce(identity, opts.join, advertised(endpoint, opts.advertise)),
-                                  lambda: None)
-            return 0
-        serve_until_signalled(
-            server, identity.node_id,
-            lambda endpoint: register_relay(data_dir, RelayRecord(
-                identity.node_id, endpoint, public.sign_key.hex(), public.kex_key.hex(), opts.isp,
-                opts.grid, opts.location, bandwidth=opts.bandwidth, pid=os.getpid())),
-            lambda: unregister_relay(data_dir, identity.node_id))
+        serve_until_signalled(server, identity.node_id,
+                              lambda endpoint: announce(identity, opts.join, advertised(endpoint, opts.advertise)),
+                              lambda: None)
     finally:
+        directory.close()
         if exporter is not None:
             exporter.close()
     return 0
@@ -140,24 +114,20 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run an overlay relay: peel one onion layer of each cell and pass it on (to the next relay, "
         "to an entry worker, or back to an attached client). The relay never sees a whole prompt or "
-        "answer. Prints 'READY <endpoint> <node_id>' once serving and registers itself in "
-        "DATA_DIR/run/relays/ so local clients and relays find it; SIGINT/SIGTERM stop it.")
+        "answer. Joins a mesh through its committee (--join): its partner registers it first "
+        "(permamesh register: ISP, grid and location come from there); prints 'READY <endpoint> <node_id>' "
+        "once serving and publishes its signed descriptor; SIGINT/SIGTERM stop it.")
     add = parser.add_argument
     add("--name", default="relay", help="identity name: keys live in DATA_DIR/keys/NAME.ed25519|.x25519 (default: relay)")
     add("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     add("--port", type=int, default=0, help="TCP port to bind, 0 = any free port (default: 0)")
-    add("--isp", default="local", help="network operator of this machine; clients never put two relays of one ISP on a path (default: local)")
-    add("--grid", default="local", help="power grid this machine draws from; one per path (default: local)")
-    add("--location", default="local", help="site (city or building); one per path (default: local). "
-        "Relays of one local mesh need distinct --isp/--grid/--location values or no path can be built")
-    add("--bandwidth", type=float, default=1e7, metavar="BYTES_PER_S", help="advertised forwarding rate, weights path choice (bytes/s, default: 1e7)")
     add("--rate", type=float, default=1000.0, dest="rate_per_s", metavar="PER_S", help="frames per second each upstream connection may send on average (default: 1000)")
     add("--burst", type=int, default=2000, help="frames an upstream connection may send at once; more are dropped (count, default: 2000)")
     add("--epoch-s", type=float, default=DEFAULT_EPOCH_S, metavar="SECONDS", help=f"seconds per replay-guard epoch; clients must use the same (default: {DEFAULT_EPOCH_S:g})")
     add("--metrics-port", type=int, default=0, help="Prometheus text metrics at http://HOST:PORT/metrics (0 = any "
         "free port, recorded in DATA_DIR/run/metrics; -1 = none; default: 0)")
     add("--join", action="append", default=None, metavar="VALIDATOR",
-        help="join a mesh through its committee (http://HOST:PORT CometBFT RPC or tcp://HOST:PORT devnet; comma-separated "
+        help="required: join a mesh through its committee (a validator's address; comma-separated "
              "or repeatable): next hops and entry workers come from the committee's directory, and the relay publishes "
              "its signed descriptor there (its partner must have registered it)")
     add("--advertise", default=None, metavar="HOST:PORT",
@@ -167,11 +137,11 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_relay_from_args(args: argparse.Namespace) -> int:
     """``permamesh relay``: build :class:`RelayOptions` from parsed ``args`` and run the relay."""
-    from permamesh.directory.committee import parse_join
+    from permamesh.directory.join import resolve_join
 
-    data_dir = getattr(args, "data_dir", None) or default_data_dir()
-    opts = RelayOptions(Path(data_dir).expanduser(), args.name, args.host, args.port, args.isp, args.grid,
-                        args.location, args.bandwidth, args.rate_per_s, args.burst, args.epoch_s,
+    data_dir = Path(getattr(args, "data_dir", None) or default_data_dir()).expanduser()
+    join = resolve_join(args.join, None)  # none: RelayOptions says how to give one, after the other checks
+    opts = RelayOptions(data_dir, join, args.name, args.host, args.port, args.rate_per_s, args.burst, args.epoch_s,
                         args.fail_after, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                        join=tuple(parse_join(args.join)) if args.join else (), advertise=args.advertise)
+                        advertise=args.advertise)
     return run_relay(opts)

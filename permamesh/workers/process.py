@@ -1,26 +1,25 @@
-"""``permamesh worker``: load a model, serve it, register locally, stop cleanly on signals.
+"""``permamesh worker``: load a model, serve it, join the mesh, stop cleanly on signals.
 
 The process prints one line ``READY <endpoint> <node_id>`` on stdout once it serves (the
 embedded mesh waits for that line instead of sleeping); everything else goes to the log on
-stderr. SIGINT and SIGTERM stop it: queued requests are answered ``shutting_down``, the
-socket closes, and its local registry record is removed.
+stderr. With ``--join`` it reads the committee's directory (group peers, relays for overlay
+replies, layer holders) and publishes its signed descriptor there once it serves; without it
+the worker serves direct clients only (no group, no overlay). SIGINT and SIGTERM stop it:
+queued requests are answered ``shutting_down`` and the socket closes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
 from pathlib import Path
 
-from permamesh.committee.client import CommitteeClient
 from permamesh.directory.announce import advertised, announce
 from permamesh.directory.committee import CommitteeDirectory
+from permamesh.directory.groupsalt import SaltDuty, group_salt
 from permamesh.identity import NodeIdentity
-from permamesh.directory.relays import CachedLookup, relay_endpoints
+from permamesh.directory.relays import CachedLookup
 from permamesh.transport import serve_until_signalled, split_endpoint
-from permamesh.directory.workers import WorkerRecord, discover, register, unregister
 from permamesh.routing.blocks import BlockHasher
 from permamesh.workers import models
 from permamesh.workers.engine import Engine
@@ -62,31 +61,6 @@ class WorkerOptions:
     advertise: str | None = None  # HOST:PORT peers reach this worker at (default: the bound address)
 
 
-def group_salt(data_dir: Path, group: str) -> bytes:
-    """The group's block-hash salt: 32 random bytes in ``<data_dir>/keys/group-<name>.salt``,
-    made once (0600) and shared by every worker using this data directory. Created with a
-    hard link, so concurrent starters agree on one value."""
-    keys = Path(data_dir) / "keys"
-    keys.mkdir(parents=True, exist_ok=True, mode=0o700)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in group)
-    path = keys / f"group-{safe}.salt"
-    if not path.exists():
-        tmp = keys / f".{safe}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32))
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    salt = path.read_bytes()
-    if len(salt) != 32:
-        raise WorkerError(f"{path} is corrupt (expected 32 bytes); delete it to make a new salt")
-    return salt
-
-
 def run_worker(opts: WorkerOptions) -> int:
     if opts.threads:
         import torch
@@ -101,26 +75,23 @@ def run_worker(opts: WorkerOptions) -> int:
         log.warning("serving %s but announcing %r (--claim)", loaded.name, opts.claim)
         loaded.name = opts.claim
     group_name = loaded.name if opts.group is None else opts.group
-    if not group_name:
-        salt = b""
-    elif directory is not None:
-        salt = committee_group_salt(directory, group_name)
-    else:
-        salt = group_salt(opts.data_dir, group_name)
-    hasher = BlockHasher(opts.block_size, salt)
-    cache = PrefixKVCache(hasher, opts.prefix_cache_mb * 2**20) if opts.prefix_cache_mb > 0 else None
-    server = WorkerServer(Engine(loaded, prefix_cache=cache), identity, ServerConfig(opts.host, opts.port, opts.max_queue,
-                                                                                     max_active=opts.max_active))
-    records = (lambda: directory.workers()) if directory is not None else (lambda: discover(opts.data_dir))
-    relays = directory.relay_endpoints if directory is not None else (lambda: relay_endpoints(opts.data_dir))
+    if group_name and directory is None:
+        if opts.group:
+            raise WorkerError(f"--group {opts.group!r} needs --join: group peers come from the committee's directory")
+        log.info("no --join: serving direct clients only (no group, no overlay)")
+        group_name = ""
+    server = WorkerServer(Engine(loaded), identity, ServerConfig(opts.host, opts.port, opts.max_queue,
+                                                                 max_active=opts.max_active))
+    records = (lambda: directory.workers()) if directory is not None else list
+    relays = directory.relay_endpoints if directory is not None else dict
     server.inbox = Inbox(server, CachedLookup(relays))  # overlay traffic
+    reputation = lambda worker: 1.0  # noqa: E731 - no committee: every member counts as trusted
     if group_name:
         def peers() -> list[Peer]:
             return [Peer(r.node_id, r.endpoint, bytes.fromhex(r.sign_key))
                     for r in records() if r.group == group_name and r.model == loaded.name
                     and r.node_id != identity.node_id]
 
-        reputation = lambda worker: 1.0  # noqa: E731 - no committee: every member counts as trusted
         committee = opts.committee or opts.join
         if committee:
             from permamesh.committee.trust import TrustView
@@ -128,9 +99,19 @@ def run_worker(opts: WorkerOptions) -> int:
             trust = TrustView(list(committee)).start()
             reputation = trust.reputation
             log.info("routing reads reputation from the committee at %s", ", ".join(committee))
-        server.group = GroupLink(server, GroupConfig(group_name, salt, opts.block_size, opts.policy,
-                                                                 measure_full_tree=opts.measure_sync), peers,
-                                 reputation)
+
+    def install_group(salt: bytes) -> None:
+        """The salt-keyed parts: the prefix cache and the group link. Called on the server's
+        loop before it reads any request (with the group's salt once it is known)."""
+        if opts.prefix_cache_mb > 0:
+            server.engine.prefix_cache = PrefixKVCache(BlockHasher(opts.block_size, salt), opts.prefix_cache_mb * 2**20)
+        if group_name:
+            server.group = GroupLink(server, GroupConfig(group_name, salt, opts.block_size, opts.policy,
+                                                         measure_full_tree=opts.measure_sync), peers, reputation)
+            server.group.start()  # serve() started before the salt was known; it still closes the link
+
+    if not group_name:
+        install_group(b"")
 
     layers = ""
     if opts.containers:
@@ -144,7 +125,7 @@ def run_worker(opts: WorkerOptions) -> int:
         exporter = Exporter(server.telemetry.registry, opts.data_dir, identity.node_id, "worker", opts.host,
                             opts.metrics_port)
     try:
-        _serve(server, identity, opts, loaded.name, group_name, layers)
+        _serve(server, identity, opts, loaded.name, group_name, layers, directory, install_group)
     finally:
         if exporter is not None:
             exporter.close()
@@ -156,20 +137,14 @@ def _join(opts: WorkerOptions) -> CommitteeDirectory:
     return CommitteeDirectory(list(opts.join), opts.data_dir / "directory" / f"{opts.name}.json").start()
 
 
-def committee_group_salt(directory: CommitteeDirectory, group: str) -> bytes:
-    """The group's block-hash salt, the same on every host: derived from the committee's chain
-    id and the group name (members on different machines must hash prompts identically)."""
-    import hashlib
-
-    with CommitteeClient(directory.endpoints, directory.timeout_s) as client:
-        chain_id = client.query("/status")["chain_id"]
-    return hashlib.sha256(b"permamesh group salt v1\0" + chain_id.encode() + b"\0" + group.encode()).digest()
-
-
 def _serve(server: WorkerServer, identity: NodeIdentity, opts: WorkerOptions, model: str, group_name: str,
-           layers: str) -> None:
+           layers: str, directory: CommitteeDirectory | None, install_group) -> None:
     if opts.join:
+        duties: list[SaltDuty] = []
+
         def publish(endpoint: str) -> None:
+            """Announce, then learn the group's salt (sealed to this worker on the committee's
+            ledger: the ledger seals only to announced members), then build what it keys."""
             layer_address = ""
             if layers:  # the layer server has its own port, reached at the advertised host
                 host = opts.advertise.rpartition(":")[0] if opts.advertise else None
@@ -177,14 +152,18 @@ def _serve(server: WorkerServer, identity: NodeIdentity, opts: WorkerOptions, mo
                 layer_address = advertised(layers, f"{host}:{port}" if host else None)
             announce(identity, opts.join, advertised(endpoint, opts.advertise), model=model, group=group_name,
                      layers=layer_address)
+            if group_name:
+                salt = group_salt(directory, identity, group_name, timeout_s=60.0)
+                install_group(salt)
+                duties.append(SaltDuty(directory, identity, group_name, salt).start())
 
-        serve_until_signalled(server, identity.node_id, publish, lambda: None)
+        def stop_duties() -> None:
+            for duty in duties:
+                duty.stop()
+
+        serve_until_signalled(server, identity.node_id, publish, stop_duties)
         return
-    serve_until_signalled(
-        server, identity.node_id,
-        lambda endpoint: register(opts.data_dir, WorkerRecord(identity.node_id, endpoint, identity.public.sign_key.hex(),
-                                                              model, os.getpid(), group_name, layers)),
-        lambda: unregister(opts.data_dir, identity.node_id))
+    serve_until_signalled(server, identity.node_id, lambda endpoint: None, lambda: None)
 
 
 def _start_containers(server: WorkerServer, opts: WorkerOptions, records) -> str:

@@ -4,7 +4,8 @@ A node's RPC is an untrusted peer: good answers parse into their dataclasses, an
 else (not JSON, not JSON-RPC, a field missing or of the wrong type, bad hex or base64, a body
 too large, a wrong id) is a ProtocolError that says why; never a KeyError or a crash. A node
 that stops answering is RPCUnreachable, and the CommitteeClient fails over from a node that
-answers garbage to one that answers well.
+answers garbage to one that answers well. Over TLS the node is pinned to its key: one that
+holds another key is refused after the handshake and never sees a request.
 """
 
 from __future__ import annotations
@@ -12,17 +13,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import ssl
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from permamesh.committee.client import CommitteeClient
-from permamesh.committee.cometbft import answers
+from permamesh.committee.cometbft import answers, tls
 from permamesh.committee.cometbft.rpc import CometRPC, RPCError, RPCUnreachable
 from permamesh.committee.errors import CommitteeError, ProtocolError
+from permamesh.identity import NodeIdentity
 
 HASH = "AB" * 32
 STATUS = {"node_info": {"id": "527513ee8d924c457ddbb4cd6657d3cc92823527", "network": "permamesh-x",
@@ -45,9 +52,10 @@ GOOD = {"status": STATUS, "block": BLOCK, "block_results": RESULTS, "abci_query"
 
 class FakeNode:
     """An HTTP server on 127.0.0.1 answering each JSON-RPC request with ``answer(request)``:
-    a result object (wrapped as JSON-RPC), or raw ``bytes`` sent as the body."""
+    a result object (wrapped as JSON-RPC), or raw ``bytes`` sent as the body. Given an
+    ``identity``, it serves TLS with that identity's key, as a CometNet validator does."""
 
-    def __init__(self, answer, drop_idle: bool = False) -> None:
+    def __init__(self, answer, drop_idle: bool = False, identity: NodeIdentity | None = None) -> None:
         self.answer, self.requests = answer, []
         node = self
 
@@ -74,6 +82,9 @@ class FakeNode:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if identity is not None:
+            self.server.socket = server_context(identity).wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://127.0.0.1:{self.server.server_address[1]}?key={identity.public.sign_key.hex()}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
 
@@ -88,12 +99,24 @@ class FakeNode:
         self.server.server_close()
 
 
+def server_context(identity: NodeIdentity) -> ssl.SSLContext:
+    """A TLS server context holding ``identity``'s key and its certificate (:mod:`...tls`)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        cert, key = Path(scratch) / "cert.pem", Path(scratch) / "key.pem"
+        cert.write_bytes(tls.certificate(identity))
+        key.write_bytes(ed25519.Ed25519PrivateKey.from_private_bytes(identity.signing.private_bytes()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 @pytest.fixture
 def fake():
     nodes = []
 
-    def make(answer, drop_idle: bool = False) -> FakeNode:
-        nodes.append(FakeNode(answer, drop_idle))
+    def make(answer, drop_idle: bool = False, identity: NodeIdentity | None = None) -> FakeNode:
+        nodes.append(FakeNode(answer, drop_idle, identity))
         return nodes[-1]
 
     yield make
@@ -210,14 +233,34 @@ def test_a_silent_or_absent_node_is_unreachable():
         port = silent.getsockname()[1]
     with CometRPC(f"http://127.0.0.1:{port}", timeout_s=1.0) as rpc, pytest.raises(RPCUnreachable):
         rpc.status()  # nothing listens there any more
-    with pytest.raises(CommitteeError, match="http://HOST:PORT"):
+    with pytest.raises(CommitteeError, match=r"https://HOST:PORT\?key=HEX"):
         CometRPC("tcp://127.0.0.1:1")
 
 
-def test_a_kept_alive_connection_the_node_closed_is_reopened_once(fake):
-    node = fake(honest, drop_idle=True)
+@pytest.mark.parametrize("identity", [None, NodeIdentity.generate()], ids=["http", "tls"])
+def test_a_kept_alive_connection_the_node_closed_is_reopened_once(fake, identity):
+    node = fake(honest, drop_idle=True, identity=identity)
     with CometRPC(node.url) as rpc:
         assert [rpc.status().height for _ in range(3)] == [7, 7, 7]
+
+
+def test_a_tls_node_holding_another_key_than_the_pin_gets_no_request(fake):
+    member, mallory = NodeIdentity.generate(), NodeIdentity.generate()
+    node = fake(honest, identity=member)
+    with CometRPC(node.url) as rpc:
+        assert [rpc.status().height for _ in range(3)] == [7, 7, 7]
+        assert rpc._conn.sock.version() == "TLSv1.3"
+    impostor = fake(honest, identity=mallory)  # a node at the address, with a key of its own
+    pinned = f"{impostor.url.partition('?')[0]}?key={member.public.sign_key.hex()}"
+    with CometRPC(pinned) as rpc, pytest.raises(tls.PinMismatch, match="not the pinned key"):
+        rpc.status()
+    with CommitteeClient([pinned, node.url], timeout_s=5.0) as client:  # fails over to the member
+        assert client.status().height == 7
+    assert impostor.requests == []  # refused after the handshake, before any request
+    plain = fake(honest)  # no TLS there: the handshake fails, and says so
+    with CometRPC(f"https://127.0.0.1:{plain.server.server_address[1]}?key={member.public.sign_key.hex()}",
+                  timeout_s=2.0) as rpc, pytest.raises(RPCUnreachable, match="TLS"):
+        rpc.status()
 
 
 PARSERS = [answers.parse_status, answers.parse_broadcast, answers.parse_tx, answers.parse_query,

@@ -15,9 +15,7 @@ from permamesh.containers.build import build_image
 from permamesh.containers.errors import ContainerError
 from permamesh.containers.images import load_layout
 from permamesh.containers.jobs import ImageSeed, run_over_overlay, run_request
-from permamesh.directory.workers import discover
 from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
-from permamesh.directory.relays import discover_relays
 from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
 from .conftest import installed_runtimes
@@ -31,17 +29,17 @@ def mesh_home(home, tmp_path):
     build_image(None, home / "images", "hello", ["/bin/sh", "/app/hello.sh"], layers=busybox_layers(tmp_path))
     args = ("--containers", "--prefix-cache-mb", "0", "--group", "", "--container-jobs", "2")
     with EmbeddedMesh(MeshConfig(home, workers=3, model="tiny-random", device="cpu", relays=12,
-                                 worker_args=args, threads_per_worker=1)):
-        yield home
+                                 worker_args=args, threads_per_worker=1)) as mesh:
+        yield home, mesh
 
 
 def test_jobs_cross_the_overlay_to_the_worker_holding_the_layers(mesh_home):
-    home = mesh_home
+    home, mesh = mesh_home
     image, blobs = load_layout(home / "images", "hello")
-    workers = discover(home)
+    workers = mesh.workers()
     assert len(workers) == 3 and all(w.layers for w in workers)
     config = OverlayConfig(ack_timeout_s=1.0, answer_grace_s=2.0, answer_timeout_s=120.0)
-    with OverlayClient(discover_relays(home), workers, config, random.Random(3)) as client, \
+    with OverlayClient(mesh.relays(), workers, config, random.Random(3)) as client, \
             ImageSeed(blobs, image) as seed:
         first = run_over_overlay(client, run_request(blobs, image, sources=[seed.endpoint]), workers[0].node_id)
         assert first.exit_code == 0 and first.stdout == b"hello from permamesh\n"
@@ -58,10 +56,10 @@ def test_jobs_cross_the_overlay_to_the_worker_holding_the_layers(mesh_home):
 
 
 def test_bad_jobs_are_refused_with_the_reason(mesh_home):
-    home = mesh_home
+    home, mesh = mesh_home
     image, blobs = load_layout(home / "images", "hello")
     config = OverlayConfig(ack_timeout_s=1.0, answer_timeout_s=60.0)
-    with OverlayClient(discover_relays(home), discover(home), config, random.Random(4)) as client:
+    with OverlayClient(mesh.relays(), mesh.workers(), config, random.Random(4)) as client:
         req = run_request(blobs, image)
         forged = type(req)(req.request_id, req.manifest, req.config.replace(b"hello", b"jello"))
         with pytest.raises(ContainerError, match="bad_request: bad image: config does not match"):

@@ -20,13 +20,13 @@ from permamesh.client import Client
 from permamesh.committee.client import CommitteeClient
 from permamesh.committee.errors import CommitteeError
 from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
+from permamesh.committee.endpoints import parse_endpoint
 from permamesh.committee.genesis import LedgerRules
-from permamesh.demo.committee import register_nodes
 from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
-from permamesh.directory.announce import publish_validators
-from permamesh.directory.committee import CommitteeDirectory
+from permamesh.directory.committee import CommitteeDirectory, parse_join
 from permamesh.directory.errors import DirectoryError
-from permamesh.ops.procs import spawn, stop_all, wait_ready
+from permamesh.directory.snapshot import parse_directory
+from permamesh.identity import NodeIdentity
 
 from tests.conftest import wait_for
 
@@ -38,31 +38,22 @@ def joined(tmp_path_factory):
     base = tmp_path_factory.mktemp("join")
     devnet = Devnet(DevnetConfig(base / "committee", rules=LedgerRules(blocks_per_epoch=50, probe_blocks=8)))
     devnet.start()
-    mesh = probers = committee = None
+    mesh = committee = None
     try:
-        committee = CommitteeClient(devnet.endpoints)
-        probers = None
-        nodes_dir = base / "nodes"  # the nodes' keys and state: never read by the client
-        register_nodes(devnet, committee, nodes_dir, [f"mesh-worker-{i}" for i in range(WORKERS)],
-                       [f"mesh-relay-{i}" for i in range(RELAYS)], "tiny-random", lambda *_: None)
-        chain_id = committee.query("/status")["chain_id"]
-        publish_validators(committee, chain_id, devnet.partner, [devnet.identity(i) for i in range(4)],
-                           devnet.endpoints)
-        join = ("--join", devnet.endpoints[0])
-        mesh = EmbeddedMesh(MeshConfig(nodes_dir, workers=WORKERS, model="tiny-random", device="cpu",
-                                       relays=RELAYS, worker_args=join + ("--prefix-cache-mb", "64"),
-                                       relay_args=join))
+        # the nodes' keys and state live under nodes/, never read by the client; the mesh
+        # enrolls them (the seed partner registers them, the members are published in the
+        # directory and probe), starts each with --join and nothing else, and waits until the
+        # committee counts every one running
+        mesh = EmbeddedMesh(MeshConfig(base / "nodes", workers=WORKERS, model="tiny-random", device="cpu",
+                                       relays=RELAYS, worker_args=("--prefix-cache-mb", "64"), committee=devnet,
+                                       start_timeout_s=120.0))
         mesh.start()
-        probers = [spawn(f"prober-{i}", [sys.executable, "-m", "permamesh.committee.liveness",
-                                         "--keys", str(devnet.vdir(i) / "keys"), "--endpoint", ep,
-                                         "--timeout", "0.5"], base / "logs")
-                   for i, ep in enumerate(devnet.endpoints)]
-        wait_ready(probers, 60)
+        assert all(join == str(parse_endpoint(join)) and parse_endpoint(join).key for join in mesh.join)
+        committee = CommitteeClient(devnet.endpoints)
         running = lambda: sum(n["running"] for n in committee.query("/directory")["nodes"])  # noqa: E731
         wait_for(lambda: running() == WORKERS + RELAYS, 60, "every joined node in the running set")
         yield devnet, mesh, committee, base / "client"
     finally:
-        stop_all(probers or [])
         if mesh is not None:
             mesh.stop()
         if committee is not None:
@@ -108,6 +99,13 @@ def test_the_directory_copy_on_disk_serves_while_the_committee_is_unreachable(jo
     offline = CommitteeDirectory([devnet.endpoints[0]], path, client=dark)
     assert offline.snapshot(0.0).height >= first.height
     assert len(offline.workers()) == WORKERS
+
+
+def test_a_validator_named_with_another_key_is_refused_with_the_reason(joined):
+    devnet = joined[0]
+    wrong = f"{parse_endpoint(devnet.endpoints[0]).address}?key={NodeIdentity.generate().transport.public_bytes.hex()}"
+    with pytest.raises(DirectoryError, match="does not hold the transport key"):
+        CommitteeDirectory([wrong], timeout_s=5.0).snapshot()
 
 
 def test_a_killed_worker_leaves_the_running_set(joined):
@@ -168,3 +166,36 @@ def test_a_loopback_address_is_never_published_to_a_remote_committee():
     with pytest.raises(DirectoryError, match="--advertise"):
         advertised("tcp://0.0.0.0:5600", None)
     assert advertised("tcp://0.0.0.0:5600?key=" + "ab" * 32, "node.example.org:7000") == "tcp://node.example.org:7000"
+
+
+def test_join_takes_pinned_validator_addresses_and_says_what_is_wrong():
+    key = "AB" * 32
+    assert parse_join([f"https://10.1.2.3:26657?key={key}, tcp://10.1.2.4:5600?key={key}"]) == [
+        f"https://10.1.2.3:26657?key={key.lower()}", f"tcp://10.1.2.4:5600?key={key.lower()}"]
+    assert parse_join("http://127.0.0.1:26657") == ["http://127.0.0.1:26657"]  # local tooling
+    with pytest.raises(DirectoryError, match="the key must be 64 hex characters"):
+        parse_join("https://10.1.2.3:26657?key=abc")
+    with pytest.raises(DirectoryError, match=r"only to this machine.*https://HOST:PORT\?key=HEX"):
+        parse_join("http://10.1.2.3:26657")
+    with pytest.raises(DirectoryError, match="needs the validator's key"):
+        parse_join("https://10.1.2.3:26657")
+    with pytest.raises(DirectoryError, match="CurveZMQ"):
+        parse_join("tcp://10.1.2.4:5600")
+
+
+def test_the_directory_lists_its_validators_pinned_to_the_keys_their_rows_hold():
+    local, remote = NodeIdentity.generate(), NodeIdentity.generate()
+
+    def row(ident: NodeIdentity, endpoint: str) -> dict:
+        return {"node": ident.public.sign_key.hex(), "kex_key": ident.public.kex_key.hex(), "role": "validator",
+                "transport_key": ident.transport.public_bytes.hex(), "endpoint": endpoint}
+
+    rows = [row(local, "tcp://127.0.0.1:26657"), row(remote, "tcp://10.1.2.3:26657")]
+    order = sorted([local, remote], key=lambda i: i.public.sign_key)  # entries come sorted by node key
+    snap = parse_directory({"height": 1, "app_hash": "00", "nodes": rows})
+    host = {local.node_id: "127.0.0.1:26657", remote.node_id: "10.1.2.3:26657"}
+    assert snap.validators("tcp") == [f"tcp://{host[i.node_id]}?key={i.transport.public_bytes.hex()}" for i in order]
+    assert snap.validators("https") == [f"https://{host[i.node_id]}?key={i.public.sign_key.hex()}" for i in order]
+    # a plain-HTTP reader (local tooling) keeps plain links on this machine only
+    assert snap.validators("http") == [f"http://{host[i.node_id]}" if i is local else
+                                       f"https://{host[i.node_id]}?key={i.public.sign_key.hex()}" for i in order]

@@ -1,6 +1,7 @@
 """One mesh for the gateway tests (module scope: it takes ~30 s to start): a 1-validator
-devnet committee with the workers and relays registered (signed profiles, as the demo does),
-12 relay processes and 2 worker processes (tiny-random, the same seeded weights, so greedy
+CometBFT committee the workers and relays join through (registered by its seed partner,
+signed descriptors, counted running by the member's probes, as in the demo), 12 relay
+processes and 2 worker processes (tiny-random, the same seeded weights, so greedy
 answers agree across workers), and a gateway on its own thread with an API key."""
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import os
 
 import pytest
 
-from permamesh.demo import committee as demo_committee
 from permamesh.committee.client import CommitteeClient
 from permamesh.committee.cometbft.network import CometNet, CometNetConfig
 from permamesh.committee.genesis import LedgerRules
@@ -47,11 +47,9 @@ def stack(tmp_path_factory):
     devnet.start()
     committee = CommitteeClient(devnet.endpoints, timeout_s=10.0)
     mesh = EmbeddedMesh(MeshConfig(home, workers=WORKERS, model="tiny-random", device="cpu", relays=RELAYS,
-                                   threads_per_worker=1, worker_args=("--prefix-cache-mb", "8")))
+                                   threads_per_worker=1, worker_args=("--prefix-cache-mb", "8"), committee=devnet))
     thread = None
     try:
-        demo_committee.register_nodes(devnet, committee, home, [f"mesh-worker-{i}" for i in range(WORKERS)],
-                                      [f"mesh-relay-{i}" for i in range(RELAYS)], "tiny-random", lambda _: None)
         mesh.start()
         key = KeyRing(home).new_key("alice")
         gateway = build_gateway(home, committee=tuple(devnet.endpoints), timeout_s=60.0)

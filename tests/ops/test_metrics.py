@@ -13,10 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
-from permamesh.directory.workers import discover
 from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
 from permamesh.ops.metrics import Figure, Gauges, discover_metrics, new_registry, serve
-from permamesh.directory.relays import discover_relays
 from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
 
@@ -42,9 +40,10 @@ def value(families, name: str, sample: str = "", **labels) -> float:
 def test_every_process_serves_valid_prometheus_text(home):
     devnet = Devnet(DevnetConfig(home / "devnet", validators=1))
     with devnet, EmbeddedMesh(MeshConfig(home, workers=1, model="tiny-random", device="cpu", relays=12,
-                                         threads_per_worker=1, worker_args=("--prefix-cache-mb", "8"))):
+                                         threads_per_worker=1, worker_args=("--prefix-cache-mb", "8"),
+                                         committee=devnet)) as mesh:
         config = OverlayConfig(ack_timeout_s=1.0, answer_timeout_s=60.0)
-        with OverlayClient(discover_relays(home), discover(home), config, random.Random(1)) as client:
+        with OverlayClient(mesh.relays(), mesh.workers(), config, random.Random(1)) as client:
             for _ in range(2):
                 client.generate("the same prompt, twice, for the prefix cache" * 3, max_tokens=3)
         records = {r.node_id: r for r in discover_metrics(home)}

@@ -1,12 +1,13 @@
 """End to end through the overlay in one process: real relays (RelayThread) on loopback zmq
 sockets, a real tiny-random worker with its inbox, and the OverlayClient. Relay processes
 and SIGKILL drills are covered by tests/overlay/test_overlay_mesh.py and the overlay benchmark; here
-"dead" relays are RelayConfig(drop_all=True): they read every frame and forward nothing."""
+"dead" relays are RelayConfig(drop_all=True): they read every frame and forward nothing. The
+in-process nodes find each other in an in-memory table standing in for the committee's
+directory (joining through a committee is tested in tests/directory/test_join.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import time
 
@@ -14,9 +15,9 @@ import pytest
 
 from permamesh.client.blocking import Client
 from permamesh.identity import NodeIdentity
-from permamesh.directory.workers import WorkerRecord, register
-from permamesh.demo.mesh import relay_placement
-from permamesh.directory.relays import CachedLookup, RelayRecord, relay_endpoints, register_relay, worker_endpoints
+from permamesh.directory.workers import WorkerRecord
+from permamesh.demo.enroll import relay_placement
+from permamesh.directory.relays import CachedLookup, RelayRecord
 from permamesh.overlay.envelope import encode_envelope
 from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.messages import CloveDrop
@@ -33,18 +34,19 @@ from tests.conftest import wait_for
 FAST = OverlayConfig(ack_timeout_s=0.5, answer_grace_s=1.0, answer_timeout_s=30.0)
 
 
-def _start_relays(home, count: int, dead: set[int]) -> tuple[list[RelayThread], list[RelayRecord]]:
+def _start_relays(links: dict, count: int, dead: set[int]) -> tuple[list[RelayThread], list[RelayRecord]]:
+    """``links``: the directory stand-in, node id bytes -> endpoint (relays and workers)."""
     threads, records = [], []
     for i in range(count):
         identity = NodeIdentity.generate()
         server = RelayServer(identity, RelayConfig(drop_all=i in dead),
-                             CachedLookup(lambda: relay_endpoints(home), 0.0), CachedLookup(lambda: worker_endpoints(home), 0.0))
+                             CachedLookup(lambda: links, 0.0), CachedLookup(lambda: links, 0.0))
         thread = RelayThread(server)
         endpoint = thread.start()
         isp, grid, location = relay_placement(i)
         record = RelayRecord(identity.node_id, endpoint, identity.public.sign_key.hex(), identity.public.kex_key.hex(),
-                             isp, grid, location, pid=os.getpid())
-        register_relay(home, record)
+                             isp, grid, location)
+        links[record.node_id_bytes] = endpoint
         threads.append(thread)
         records.append(record)
     return threads, records
@@ -54,13 +56,14 @@ def _start_relays(home, count: int, dead: set[int]) -> tuple[list[RelayThread], 
 def overlay(home, tiny_loaded, request):
     """(relay records, worker record, worker server); ``request.param`` = indices of dead relays."""
     dead = getattr(request, "param", set())
-    relay_threads, records = _start_relays(home, 16, dead)
+    links: dict[bytes, str] = {}
+    relay_threads, records = _start_relays(links, 16, dead)
     server = WorkerServer(Engine(tiny_loaded), NodeIdentity.generate())
-    server.inbox = Inbox(server, CachedLookup(lambda: relay_endpoints(home), 0.0))
+    server.inbox = Inbox(server, CachedLookup(lambda: links, 0.0))
     worker_thread = ServerThread(server)
     endpoint = worker_thread.start()
-    record = WorkerRecord(server.worker_id, endpoint, server.identity.public.sign_key.hex(), server.engine.loaded.name, os.getpid())
-    register(home, record)
+    record = WorkerRecord(server.worker_id, endpoint, server.identity.public.sign_key.hex(), server.engine.loaded.name)
+    links[server.worker_id.encode("ascii")] = endpoint
     yield records, record, server
     worker_thread.stop()
     for thread in relay_threads:

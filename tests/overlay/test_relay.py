@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,14 +21,8 @@ from hypothesis import strategies as st
 
 from permamesh.identity import NodeIdentity
 from permamesh.overlay.cells import MAX_CELL_BYTES
-from permamesh.directory.relays import (
-    CachedLookup,
-    RelayRecord,
-    discover_relays,
-    register_relay,
-    relay_endpoints,
-    unregister_relay,
-)
+from permamesh.directory.relays import CachedLookup, RelayRecord
+from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.messages import CloveDrop, RelayAttach, RelayCell, RelayDelivery
 from permamesh.overlay.onion import HopInfo, build_forward
 from permamesh.overlay.relay import RelayConfig, RelayServer, RelayThread, current_epoch
@@ -321,55 +314,33 @@ def test_a_second_key_cannot_take_over_an_attached_client_id():
         assert dict(net.stats(0).dropped_by_reason) == {"attach_conflict": 1}
 
 
-def test_the_directory_lists_live_relays_and_forgets_dead_ones(tmp_path, caplog):
+def test_a_relay_record_gives_the_hop_and_descriptor_and_lookups_reload_on_a_miss():
     ident = NodeIdentity.generate()
     pub = ident.public
     record = RelayRecord(ident.node_id, "tcp://127.0.0.1:7400", pub.sign_key.hex(), pub.kex_key.hex(),
-                         "isp-a", "grid-a", "site-a", pid=os.getpid())
-    register_relay(tmp_path, record)
-    dead = RelayRecord("f" * 16, "tcp://127.0.0.1:7401", pub.sign_key.hex(), pub.kex_key.hex(), "b", "b", "b",
-                       pid=2**22 + 12345)
-    register_relay(tmp_path, dead)
-    (tmp_path / "run" / "relays" / f"{'e' * 16}.json").write_text("{not json")
-    assert discover_relays(tmp_path) == [record]
-    assert not (tmp_path / "run" / "relays" / f"{'f' * 16}.json").exists()
-    assert "ignoring unreadable relay record" in caplog.text
+                         "isp-a", "grid-a", "site-a")
     assert record.hop() == HopInfo.from_identity(pub)
     assert record.descriptor().address == record.endpoint and record.descriptor().node_id == record.hop().node_id
+    with pytest.raises(OverlayError, match="sign_key"):
+        RelayRecord(ident.node_id, "tcp://127.0.0.1:7400", "zz", pub.kex_key.hex(), "a", "b", "c")
+    table: dict[bytes, str] = {record.node_id_bytes: record.endpoint}
     loads = []
-    lookup = CachedLookup(lambda: loads.append(1) or relay_endpoints(tmp_path), max_age_s=60.0)
-    assert lookup() == {ident.node_id.encode("ascii"): record.endpoint} and lookup() is lookup()
+    lookup = CachedLookup(lambda: loads.append(1) or dict(table), max_age_s=60.0, miss_interval_s=0.0)
+    assert lookup() == {record.node_id_bytes: record.endpoint} and lookup() is lookup()
     assert len(loads) == 1
-    unregister_relay(tmp_path, ident.node_id)
-    assert discover_relays(tmp_path) == []
+    table[b"f" * 16] = "tcp://127.0.0.1:7401"  # a relay that joined after the last load
+    assert lookup()[b"f" * 16] == "tcp://127.0.0.1:7401" and len(loads) == 2
 
 
-RELAY_MAIN = """
-import argparse, logging, sys
-from permamesh.overlay.relayproc import add_relay_arguments, run_relay_from_args
-parser = argparse.ArgumentParser()
-parser.add_argument("--data-dir")
-add_relay_arguments(parser)
-logging.basicConfig(level="INFO", stream=sys.stderr)
-sys.exit(run_relay_from_args(parser.parse_args()))
-"""
-
-
-def test_the_relay_process_prints_ready_registers_and_unregisters_on_sigterm(tmp_path):
-    cmd = [sys.executable, "-c", RELAY_MAIN, "--data-dir", str(tmp_path), "--name", "r1", "--isp", "isp-a"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
-        line = proc.stdout.readline().decode().split()  # blocks until READY (or the process exits)
-        assert len(line) == 3 and line[0] == "READY", proc.stderr.read().decode()[-2000:]
-        [record] = discover_relays(tmp_path)
-        assert (record.endpoint, record.node_id, record.isp, record.pid) == (line[1], line[2], "isp-a", proc.pid)
-        assert record.node_id == NodeIdentity.load_or_create(tmp_path / "keys", "r1").node_id
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT_S * 2) == 0
-        assert discover_relays(tmp_path) == []
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+def test_the_relay_process_refuses_to_start_without_a_committee_or_with_an_unreachable_one(tmp_path):
+    """Joining through a real committee is tested in tests/directory/test_join.py."""
+    env = {k: v for k, v in os.environ.items() if k != "PERMAMESH_JOIN"}
+    base = [sys.executable, "-m", "permamesh", "relay", "--data-dir", str(tmp_path), "--name", "r1"]
+    alone = subprocess.run(base, capture_output=True, text=True, timeout=TIMEOUT_S * 10, env=env)
+    assert alone.returncode == 2 and "needs the committee's directory" in alone.stderr and "--join" in alone.stderr
+    started = time.monotonic()
+    lost = subprocess.run(base + ["--join", "tcp://127.0.0.1:9"], capture_output=True, text=True,
+                          timeout=TIMEOUT_S * 10, env=env)
+    assert lost.returncode == 2 and "cannot read the directory from tcp://127.0.0.1:9" in lost.stderr
+    assert time.monotonic() - started < 30  # a clear error, not a hang
+    assert not (tmp_path / "run" / "relays").exists()

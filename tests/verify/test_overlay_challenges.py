@@ -6,14 +6,13 @@ the registered name does not."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 
 import pytest
 
 from permamesh.identity import NodeIdentity
-from permamesh.directory.workers import WorkerRecord, register
-from permamesh.directory.relays import CachedLookup, relay_endpoints
+from permamesh.directory.workers import WorkerRecord
+from permamesh.directory.relays import CachedLookup
 from permamesh.overlay.sender import OverlayClient, OverlayConfig
 from permamesh.verify.challenges import ChallengePool
 from permamesh.verify.profile import TrafficProfile
@@ -28,18 +27,20 @@ from tests.verify.test_verifier import peaked_tiny
 
 @pytest.fixture
 def mesh(home):
-    threads, records = _start_relays(home, 12, set())
+    """In-process relays and workers find each other in an in-memory table standing in for
+    the committee's directory (joining through a committee: tests/directory/test_join.py)."""
+    links: dict[bytes, str] = {}
+    threads, records = _start_relays(links, 12, set())
     workers = []
 
     def worker(seed: int) -> WorkerRecord:
         loaded = peaked_tiny(seed)
         loaded.name = "tiny-random"  # an impostor (seed != 0) claims the registered name too
         server = WorkerServer(Engine(loaded), NodeIdentity.generate())
-        server.inbox = Inbox(server, CachedLookup(lambda: relay_endpoints(home), 0.0))
+        server.inbox = Inbox(server, CachedLookup(lambda: links, 0.0))
         thread = ServerThread(server)
-        record = WorkerRecord(server.worker_id, thread.start(), server.identity.public.sign_key.hex(), loaded.name,
-                              os.getpid())
-        register(home, record)
+        record = WorkerRecord(server.worker_id, thread.start(), server.identity.public.sign_key.hex(), loaded.name)
+        links[server.worker_id.encode("ascii")] = record.endpoint
         workers.append(thread)
         return record
 

@@ -11,7 +11,6 @@ import pytest
 
 from permamesh.client.blocking import Client
 from permamesh.identity import NodeIdentity
-from permamesh.directory.workers import discover
 from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
 from permamesh.verify import zoo
 from permamesh.verify.verifier import Verifier
@@ -53,8 +52,8 @@ def test_a_worker_process_posing_as_smollm2_scores_zero(home, verifier):
     mesh = EmbeddedMesh(MeshConfig(home, workers=1, model="tiny-random", device="cpu",
                                    worker_args=("--claim", "smollm2-135m")))
     with mesh:
-        (record,) = discover(home)
-        assert record.model == "smollm2-135m"  # it registers under the name it claims
+        (record,) = mesh.workers()
+        assert record.model == "smollm2-135m"  # it announces the name it claims
         with Client([record.endpoint]) as client:
             pairs = [ask(client, q, 0.0, i) for i, q in enumerate(QUESTIONS)]
     assert all(result.model == "smollm2-135m" for _, result in pairs)

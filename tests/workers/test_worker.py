@@ -11,7 +11,6 @@ import pytest
 
 from permamesh.client.blocking import Client, ClientError
 from permamesh.identity import NodeIdentity
-from permamesh.directory.workers import WorkerRecord, register
 from permamesh.transport import DealerClient
 from permamesh.wire import (
     Accepted,
@@ -268,12 +267,12 @@ def test_client_moves_on_from_a_dead_worker(worker, tmp_path):
 
 
 def test_client_drops_replies_signed_by_an_unexpected_key(tiny_loaded, home):
-    """The registry pins worker A's key; a server answering with key B is not believed."""
+    """The directory pins worker A's key; a server answering with key B is not believed."""
     thread, endpoint = _serve(Engine(tiny_loaded))
     try:
         impostor_pin = NodeIdentity.generate()
-        register(home, WorkerRecord(impostor_pin.node_id, endpoint, impostor_pin.public.sign_key.hex(), "tiny-random", 1))
-        with Client(data_dir=home, accept_timeout_s=0.5) as client, pytest.raises(ClientError) as err:
+        with Client([endpoint], pins={endpoint: impostor_pin.public.sign_key}, accept_timeout_s=0.5) as client, \
+                pytest.raises(ClientError) as err:
             client.generate("x", max_tokens=2)
         assert err.value.code == "no_answer"
     finally:

@@ -11,6 +11,11 @@
 - ``vI/``: one validator (:mod:`.layout`), its ports chosen once and kept;
 - ``logs/``: ``app-I.log`` and ``cometbft-I.log``.
 
+Every node serves its RPC over TLS (``CometNetConfig.tls``, on by default): the key is the
+member's own identity key (``vI/keys/validator.ed25519``), the certificate ``vI/rpc_cert.pem``
+(:mod:`.tls`), and :attr:`CometNet.endpoints` are ``https://HOST:PORT?key=HEX`` pinned to each
+member's node key, the form ``permamesh validator --cometbft N`` prints and ``--join`` takes.
+
 Then it starts every app (waiting for its ``READY`` line), then every CometBFT node, and waits
 until every node's RPC answers and the chain has committed a block. Each node advertises its
 own host (``CometNetConfig.hosts``; 127.0.0.1 for all by default), so the same tooling runs
@@ -31,9 +36,10 @@ import time
 from pathlib import Path
 
 from permamesh.committee import txs
-from permamesh.committee.cometbft import drill, layout
+from permamesh.committee.cometbft import drill, layout, tls
 from permamesh.committee.cometbft.binary import find_cometbft
 from permamesh.committee.cometbft.rpc import CometRPC
+from permamesh.committee.endpoints import rpc_endpoint
 from permamesh.committee.errors import CommitteeError
 from permamesh.committee.genesis import Genesis, LedgerRules
 from permamesh.identity import NodeIdentity
@@ -51,6 +57,7 @@ class CometNetConfig:
     rules: LedgerRules = LedgerRules()
     hosts: tuple[str, ...] = ()  # advertised IP per validator; () = 127.0.0.1 for every one
     abci_host: str = "127.0.0.1"  # where each app listens for its own node (not advertised)
+    tls: bool = True  # RPC over TLS pinned to each member's key; False: plain HTTP (loopback tooling only)
     # consensus timeouts (ms): fast local defaults (blocks every ~0.4 s on loopback)
     timeout_propose_ms: int = 1000
     timeout_propose_delta_ms: int = 200
@@ -103,6 +110,13 @@ class CometNet:
     def identity(self, i: int) -> NodeIdentity:
         return NodeIdentity.load_or_create(self.vdir(i) / "keys", "validator")
 
+    def key_file(self, i: int) -> Path:
+        """Validator ``i``'s identity key: it signs the ledger's txs and is its RPC's TLS key."""
+        return (self.vdir(i) / "keys" / "validator.ed25519").absolute()
+
+    def cert_file(self, i: int) -> Path:
+        return (self.vdir(i) / tls.CERT_NAME).absolute()
+
     @property
     def partner(self) -> NodeIdentity:
         """The seed partner of this network (tier 3: may vouch and register nodes)."""
@@ -134,8 +148,11 @@ class CometNet:
         for i, record in enumerate(self.records):
             (self.cometbft_home(i) / "config" / "genesis.json").write_text(text)
             peers = [f"{r.node_id}@{r.host}:{r.p2p_port}" for j, r in enumerate(self.records) if j != i]
+            if cfg.tls:
+                tls.write_certificate(self.identity(i), self.cert_file(i))
             layout.configure(self.cometbft_home(i), self._settings(i, record, peers))
-        self.endpoints = [f"http://{r.host}:{r.rpc_port}" for r in self.records]
+        self.endpoints = [rpc_endpoint(r.host, r.rpc_port, self.identity(i).public.sign_key if cfg.tls else None)
+                          for i, r in enumerate(self.records)]
 
     def _record(self, i: int, old: layout.NodeRecord | None, fresh) -> layout.NodeRecord:
         """Validator ``i``'s ports (kept from ``old``, else the next three of ``fresh``),
@@ -156,7 +173,9 @@ class CometNet:
         return {
             "": {"proxy_app": f"tcp://{c.abci_host}:{r.abci_port}", "abci": "socket",
                  "moniker": f"v{i}", "log_level": c.log_level},
-            "rpc": {"laddr": f"tcp://{r.host}:{r.rpc_port}", "pprof_laddr": "", "grpc_laddr": ""},
+            "rpc": {"laddr": f"tcp://{r.host}:{r.rpc_port}", "pprof_laddr": "", "grpc_laddr": "",
+                    "tls_cert_file": str(self.cert_file(i)) if c.tls else "",
+                    "tls_key_file": str(self.key_file(i)) if c.tls else ""},
             "p2p": {"laddr": f"tcp://{r.host}:{r.p2p_port}", "external_address": f"{r.host}:{r.p2p_port}",
                     "persistent_peers": ",".join(peers), "addr_book_strict": False,
                     "allow_duplicate_ip": True, "flush_throttle_timeout": ms(c.flush_throttle_ms)},
@@ -223,6 +242,8 @@ class CometNet:
                     try:
                         if rpcs[i].status().height >= min_height:
                             waiting.discard(i)
+                    except tls.PinMismatch:
+                        raise
                     except CommitteeError:
                         pass
                 if waiting and time.monotonic() > deadline:

@@ -1,4 +1,9 @@
-"""CometRPC: CometBFT v0.38's JSON-RPC over HTTP, from one thread, one kept-alive connection.
+"""CometRPC: CometBFT v0.38's JSON-RPC over HTTPS, from one thread, one kept-alive connection.
+
+The endpoint is ``https://HOST:PORT?key=HEX``: TLS 1.3, and the node must hold the pinned
+Ed25519 key (:mod:`.tls`; a mismatch is a :class:`~.tls.PinMismatch`, raised before any
+request is sent). Plain ``http://HOST:PORT`` is accepted only for a loopback host (local
+tooling); :mod:`permamesh.committee.endpoints` refuses the rest, saying what to write.
 
 Requests are JSON-RPC 2.0 POSTs to the endpoint's root, encoded as CometBFT's ``libs/json``
 expects them: 64-bit integers as decimal strings, ``tx`` and ``hash`` (``[]byte``) as
@@ -25,9 +30,11 @@ import http.client
 import itertools
 import json
 import logging
-import urllib.parse
+import ssl
 
 from permamesh.committee.cometbft import answers as a
+from permamesh.committee.cometbft.tls import PinnedHTTPSConnection
+from permamesh.committee.endpoints import parse_endpoint
 from permamesh.committee.errors import CommitteeError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -55,16 +62,21 @@ def _error_of(method: str, error: object) -> RPCError:
                     str(f.value.get("data") or "")[:500])
 
 
+# a kept-alive connection the node closed while idle shows as one of these on the next request
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ssl.SSLEOFError,
+          ssl.SSLZeroReturnError)
+
+
 class CometRPC:
-    """One CometBFT node's RPC at ``endpoint`` (``http://HOST:PORT`` or ``https://...``)."""
+    """One CometBFT node's RPC at ``endpoint`` (``https://HOST:PORT?key=HEX``, or
+    ``http://127.0.0.1:PORT`` on this machine)."""
 
     def __init__(self, endpoint: str, timeout_s: float = 10.0) -> None:
-        url = urllib.parse.urlsplit(endpoint)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise CommitteeError(f"not a CometBFT RPC endpoint (http://HOST:PORT): {endpoint!r}")
+        ep = parse_endpoint(endpoint)
+        if ep.scheme not in ("http", "https"):
+            raise CommitteeError(f"not a CometBFT RPC endpoint (https://HOST:PORT?key=HEX): {endpoint!r}")
         self.endpoint, self.timeout_s = endpoint, timeout_s
-        self._host, self._port = url.hostname, url.port
-        self._https, self._path = url.scheme == "https", url.path or "/"
+        self._host, self._port, self._pin, self._path = ep.host, ep.port, ep.key, "/"
         self._conn: http.client.HTTPConnection | None = None
         self._ids = itertools.count(1)
 
@@ -73,8 +85,10 @@ class CometRPC:
     def _connection(self, timeout_s: float) -> tuple[http.client.HTTPConnection, bool]:
         reused = self._conn is not None
         if self._conn is None:
-            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self._conn = kind(self._host, self._port, timeout=timeout_s)
+            if self._pin is not None:
+                self._conn = PinnedHTTPSConnection(self._host, self._port, self._pin, timeout_s)
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
         self._conn.timeout = timeout_s
         if self._conn.sock is not None:
             self._conn.sock.settimeout(timeout_s)
@@ -95,14 +109,18 @@ class CometRPC:
                 if resp.will_close:
                     self.close()
                 return resp.status, data
-            except ProtocolError:
+            except CommitteeError:  # a malformed answer, or the node holds another key (PinMismatch)
                 self.close()
                 raise
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            except _STALE as exc:
                 self.close()  # a kept-alive connection the node closed while idle: once more
                 if reused and attempt == 0:
                     continue
                 raise RPCUnreachable(f"{self.endpoint}: {exc.__class__.__name__}: {exc}") from None
+            except ssl.SSLError as exc:  # mostly a failed handshake: no TLS there, or no TLS 1.3
+                self.close()
+                raise RPCUnreachable(f"{self.endpoint}: TLS failed ({exc.__class__.__name__}: {exc}); does "
+                                     "the node's RPC serve TLS 1.3 ([rpc] tls_cert_file)?") from None
             except (OSError, http.client.HTTPException) as exc:  # refused, timeout, bad status line
                 self.close()
                 raise RPCUnreachable(f"{self.endpoint}: {exc.__class__.__name__}: {exc}") from None

@@ -1,7 +1,8 @@
 """``permamesh validator --cometbft N``: run a CometNet in the foreground until Ctrl-C.
 
 Starts (or restarts: keys, genesis and ports are kept under ``home``) an N-validator
-:class:`~permamesh.committee.cometbft.network.CometNet`, prints each validator's RPC endpoint,
+:class:`~permamesh.committee.cometbft.network.CometNet`, prints each validator's RPC endpoint
+(``https://HOST:PORT?key=HEX``, pinned to the member's node key: what nodes pass to ``--join``),
 then one line per committed block (height, txs, app hash after it) as the first validator
 that answers reports it. SIGINT or SIGTERM stops every process.
 
@@ -60,6 +61,8 @@ def run_cometnet(home: Path, validators: int, data_dir: Path) -> int:
     with CometNet(CometNetConfig(home, validators, data_dir=data_dir)) as net:
         for i, endpoint in enumerate(net.endpoints):
             print(f"validator {i}: {endpoint}  (home {net.vdir(i)}, chain {net.chain_id})")
+        print(f"nodes join with --join {net.endpoints[0]} (any validator's line; the key pins its "
+              "RPC's TLS certificate)")
         print("cometbft network running; Ctrl-C stops it", flush=True)
         follow_blocks(net.endpoints, done)
     return 0

@@ -8,6 +8,10 @@ each and waits for their READY lines. Ports are chosen once and kept, so a valid
 with SIGKILL and restarted (:meth:`Devnet.restart`) rejoins at the same address, replays its
 own block store and catches up from its peers.
 
+Every validator's ROUTER is a CurveZMQ server with its transport key, so
+:attr:`Devnet.endpoints` (and each peer list in ``node.json``) are ``tcp://127.0.0.1:PORT?key=HEX``:
+clients and peers authenticate the validator, and nobody on the path reads the traffic.
+
 Who calls it: ``permamesh demo``, ``permamesh validator --engine devnet --devnet N``, the
 committee benchmark and tests.
 """
@@ -22,6 +26,7 @@ import sys
 from pathlib import Path
 
 from permamesh.committee.devnet.chain import DevnetGenesis
+from permamesh.committee.endpoints import devnet_endpoint
 from permamesh.committee.errors import CommitteeError
 from permamesh.committee.genesis import Genesis, LedgerRules
 from permamesh.identity import NodeIdentity
@@ -33,9 +38,16 @@ CHAIN_ID = "permamesh-devnet"
 
 
 def devnet_endpoints(home: Path) -> list[str]:
-    """The validator endpoints of the devnet under ``home`` (from each ``v*/node.json``)."""
-    endpoints = [f"tcp://127.0.0.1:{json.loads(p.read_text())['port']}"
-                 for p in sorted(Path(home).glob("v*/node.json"))]
+    """The validator endpoints of the devnet under ``home``, naming their transport keys (from
+    each ``v*/node.json``)."""
+    endpoints = []
+    for path in sorted(Path(home).glob("v*/node.json")):
+        try:
+            config = json.loads(path.read_text())
+            key = bytes.fromhex(config["transport_key"]) if config.get("transport_key") else None
+            endpoints.append(devnet_endpoint("127.0.0.1", config["port"], key))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CommitteeError(f"cannot read {path}: {exc}") from None
     if not endpoints:
         raise CommitteeError(f"no devnet under {home} (start one with `permamesh validator "
                              "--devnet 4`, or pass --endpoint)")
@@ -89,12 +101,13 @@ class Devnet:
         if tuple(sorted(genesis.validators)) != keys:
             raise CommitteeError(f"{genesis_path} names other validators than {self.home}")
         ports = [self._port(i) for i in range(self.config.validators)]
-        self.endpoints = [f"tcp://127.0.0.1:{p}" for p in ports]
+        transport = [ident.transport.public_bytes for ident in idents]
+        self.endpoints = [devnet_endpoint("127.0.0.1", p, key) for p, key in zip(ports, transport)]
         for i, ident in enumerate(idents):
             peers = [[idents[j].public.sign_key.hex(), self.endpoints[j]]
                      for j in range(len(idents)) if j != i]
-            config = {"genesis": str(genesis_path), "port": ports[i], "peers": peers,
-                      "byzantine": "equivocate" if i in self.config.byzantine else ""}
+            config = {"genesis": str(genesis_path), "port": ports[i], "transport_key": transport[i].hex(),
+                      "peers": peers, "byzantine": "equivocate" if i in self.config.byzantine else ""}
             (self.vdir(i) / "node.json").write_text(json.dumps(config, indent=1))
 
     def _port(self, i: int) -> int:

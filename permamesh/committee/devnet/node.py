@@ -1,7 +1,9 @@
 """DevnetNode: one validator of the embedded devnet, on one asyncio loop with zmq sockets.
 
-The loop owns a ROUTER socket (peers' and clients' frames in, replies to clients out) and a
-DEALER to each other validator (consensus, gossip and catch-up out). It feeds every peer
+The loop owns a ROUTER socket (peers' and clients' frames in, replies to clients out), a
+CurveZMQ server with the validator's transport key (``NodeIdentity.transport``): its endpoint
+is ``tcp://HOST:PORT?key=HEX``, and a client or peer that does not name that key never
+completes the handshake. It also owns a DEALER to each other validator (consensus, gossip and catch-up out). It feeds every peer
 message to its :class:`Tendermint`, carries out the actions it returns (send, set a timer,
 apply a decided block through :class:`Chain`), keeps the mempool (``CheckTx`` on entry,
 ``CheckTx`` RECHECK of what is left after each block), answers clients' ``SubmitTx`` (after
@@ -45,8 +47,8 @@ from permamesh.committee.devnet.tendermint import (Broadcast, Decide, Misbehavio
                                                    ScheduleTimeout, Tendermint, TimeoutConfig)
 from permamesh.committee.devnet.votes import Proposal, Vote, sign_proposal, sign_vote, verify_commit
 from permamesh.committee.errors import CommitteeError, ProtocolError
-from permamesh.identity import NodeIdentity
-from permamesh.transport import OPEN_SOCKETS, AsyncDealer, TransportError
+from permamesh.identity import KeyExchangeKey, NodeIdentity
+from permamesh.transport import OPEN_SOCKETS, AsyncDealer, TransportError, with_key
 from permamesh.wire.codec import MAX_FRAME_BYTES, Message, WireError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -61,17 +63,22 @@ STATUS_SPAN = 1000  # app hashes per status answer
 class PeerRouter:
     """The node's ROUTER: bounded queues per peer and sends that never wait.
 
-    Like :class:`permamesh.transport.RouterServer`, plus high-water marks set before binding
-    (zmq copies them into each accepted connection) and ``ROUTER_MANDATORY``, so a send to a
-    peer whose queue is full, or who left, fails at once: the frame is dropped and counted.
-    Only the event-loop thread that created it may use it."""
+    Like :class:`permamesh.transport.RouterServer` (a CurveZMQ server when given
+    ``secret_key``), plus high-water marks set before binding (zmq copies them into each
+    accepted connection) and ``ROUTER_MANDATORY``, so a send to a peer whose queue is full, or
+    who left, fails at once: the frame is dropped and counted. Only the event-loop thread that
+    created it may use it."""
 
-    def __init__(self, host: str, port: int, hwm: int = ROUTER_HWM) -> None:
+    def __init__(self, host: str, port: int, hwm: int = ROUTER_HWM,
+                 secret_key: KeyExchangeKey | None = None) -> None:
         self._sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         OPEN_SOCKETS.add(self._sock)
         for option, value in ((zmq.LINGER, 0), (zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024),
                               (zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.ROUTER_MANDATORY, 1)):
             self._sock.setsockopt(option, value)
+        if secret_key is not None:
+            self._sock.curve_server = True
+            self._sock.curve_secretkey = secret_key.private_bytes()
         try:
             if port:
                 self._sock.bind(f"tcp://{host}:{port}")
@@ -80,7 +87,8 @@ class PeerRouter:
         except zmq.ZMQError as exc:
             self._sock.close(0)
             raise TransportError(f"cannot bind tcp://{host}:{port}: {exc}") from None
-        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint: str = with_key(self._sock.getsockopt_string(zmq.LAST_ENDPOINT),
+                                      secret_key.public_bytes if secret_key is not None else None)
         self.dropped = 0  # frames not sent: the peer's queue was full, or the peer had gone
 
     async def recv(self) -> tuple[bytes, bytes | None]:
@@ -108,7 +116,7 @@ class PeerRouter:
 class NodeOptions:
     host: str = "127.0.0.1"
     port: int = 0
-    peers: tuple[tuple[bytes, str], ...] = ()  # (validator key, endpoint) of the others
+    peers: tuple[tuple[bytes, str], ...] = ()  # (validator key, endpoint naming its transport key) of the others
     timeouts: TimeoutConfig = TimeoutConfig()
     timeout_commit_s: float = 0.05  # pause after a commit before the next height starts
     empty_interval_s: float = 0.25  # the pause when the mempool is empty (a tx cuts it short)
@@ -138,7 +146,7 @@ class DevnetNode:
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self.chain.handshake()
-        self._router = PeerRouter(self.options.host, self.options.port)
+        self._router = PeerRouter(self.options.host, self.options.port, secret_key=self.ident.transport)
         self.endpoint = self._router.endpoint
         self._dealers = {key: AsyncDealer(ep) for key, ep in self.options.peers}
         recv = asyncio.create_task(self._recv_loop())
