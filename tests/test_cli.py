@@ -212,8 +212,11 @@ def test_the_gateway_process_serves_keys_metrics_and_stops_on_sigterm(home):
     assert alone.returncode == 2 and "the gateway needs the committee's directory: pass --join" in alone.stderr
     devnet = Devnet(DevnetConfig(home / "committee", validators=1))
     devnet.start()
-    proc = subprocess.Popen([*CMD, "gateway", "--port", "0", "--join", devnet.endpoints[0]], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    unregistered = run("gateway", "--port", "0", "--join", devnet.endpoints[0])
+    assert unregistered.returncode == 2 and "permamesh register --role gateway" in unregistered.stderr
+    assert "--unlisted" in unregistered.stderr
+    proc = subprocess.Popen([*CMD, "gateway", "--port", "0", "--join", devnet.endpoints[0], "--unlisted"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         ready = proc.stdout.readline().split()
         assert ready[0] == "READY" and ready[1].startswith("http://127.0.0.1:")

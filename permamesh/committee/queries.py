@@ -3,7 +3,7 @@
 | path | data | answer |
 |---|---|---|
 | ``/status`` | | chain id, height, app hash, current epoch and probe period, members |
-| ``/registry`` | | every node: partner, role, endpoint, profile, reputation, descriptor, liveness |
+| ``/registry`` | | every node: partner, role, endpoint, profile, reputation, descriptor, liveness, physics |
 | ``/node`` | node key (32 bytes or hex) | one node, as in ``/registry`` |
 | ``/directory`` | | height, app hash, period, and every node as a client dials it (below) |
 | ``/reputation`` | | node -> reputation ppm, excluded, epochs, window |
@@ -26,6 +26,19 @@ strings and seq 0 until it announces, and again if its partner changes its role)
 ``app_hash`` name the committed state the answer reflects, so a reader can check it against
 another validator's app hash at that height; ``period`` is ``height // probe_blocks``.
 
+``physics`` in ``/registry`` and ``/node`` says whether the members' own round trips allow the
+node's claimed location (:func:`permamesh.scheduler.physics.check_location`): ``possible``,
+``probes`` (distinct probe places), ``insufficient`` (possible, but fewer than 3 probes),
+``why``, ``worst_violation_km`` (0.1 km) and ``member`` (hex key of the member whose round trip
+refutes the claim most, null if none; ``why`` names it by its first 16 hex digits). It is null
+when no located member measured the node. The probes: in the two periods the ledger keeps
+(``p - 1`` and the current ``p``, the window that decides ``running``), each member's most
+recent round trip to the node, placed where the member is registered. A member is a probe only
+if a seed partner registered it as a ``validator`` with a location: a (0, 0) profile claims
+none, and an unknown probe place proves nothing. The node's own claim is checked whatever it
+is, (0, 0) included. Float math, so it lives here and never in ledger state; it reads
+committed rows only, in key order, so every validator answers alike.
+
 Who calls it: :meth:`LedgerApp.query` (CometBFT's ``abci_query`` RPC, or the devnet's query
 socket); readers are routing (``/trusted``), the scheduler and admission (``/registry``,
 ``/account``), every node and client (``/directory``), dashboards and
@@ -40,8 +53,11 @@ import json
 from permamesh.committee import groupshares, txs
 from permamesh.committee.errors import TxError
 from permamesh.committee.ledger import (ACCOUNT, CAND, DESC, EPOCH, LIVE, NODE, NONCE, PARTNER,
-                                        PAYOUT, REP, Ledger, is_running, unpack)
+                                        PAYOUT, PROBE, REP, Ledger, is_running, unpack)
 from permamesh.identity import PublicIdentity
+from permamesh.scheduler.physics import check_location
+
+Probe = tuple[bytes, tuple[float, float], int]  # (member key, its registered (lat, lon), rtt_us)
 
 _NO_DESCRIPTOR = {"transport_key": "", "endpoint": "", "model": "", "group": "", "layers": "",
                   "version": "", "seq": 0}
@@ -86,12 +102,57 @@ def _liveness(ledger: Ledger, key: bytes, period: int) -> dict:
             "seen_period": -1 if live is None else live["period"]}
 
 
-def _node(ledger: Ledger, key: bytes, row: dict) -> dict:
+def _located_members(ledger: Ledger) -> dict[bytes, tuple[float, float]]:
+    """member key -> (lat, lon) of each member a seed partner registered as a located validator."""
+    out = {}
+    for member in sorted(ledger.members):
+        row = ledger.read(NODE, member, committed=True)
+        if (row is None or row["role"] != "validator"
+                or bytes(row["partner"]) not in ledger.genesis.seed_partners):
+            continue
+        lat_e6, lon_e6 = row["profile"]["lat_e6"], row["profile"]["lon_e6"]
+        if lat_e6 or lon_e6:  # (0, 0) claims no location
+            out[member] = (lat_e6 / 1e6, lon_e6 / 1e6)
+    return out
+
+
+def _probes(ledger: Ledger) -> dict[bytes, list[Probe]]:
+    """node key -> each located member's most recent round trip to it in periods p - 1 and p,
+    sorted by member key."""
+    located, period = _located_members(ledger), ledger.period_of(ledger.store.height)
+    newest: dict[bytes, dict[bytes, tuple[int, int]]] = {}  # node -> member -> (period, rtt_us)
+    for key, raw in ledger.store.scan(PROBE, committed=True):
+        reported, member = int.from_bytes(key[:8], "big"), key[8:]
+        if reported < period - 1 or member not in located:
+            continue
+        for node_key, rtt_us in unpack(raw):
+            seen = newest.setdefault(bytes(node_key), {})
+            if reported >= seen.get(member, (-1, 0))[0]:
+                seen[member] = (reported, rtt_us)
+    return {node: [(m, located[m], rtt) for m, (_, rtt) in sorted(by_member.items())]
+            for node, by_member in newest.items()}
+
+
+def _physics(row: dict, probes: list[Probe]) -> dict | None:
+    """The ``physics`` verdict on one node's claimed location (module docstring), or None."""
+    if not probes:
+        return None
+    claim = (row["profile"]["lat_e6"] / 1e6, row["profile"]["lon_e6"] / 1e6)
+    verdict = check_location(claim, [(place, rtt / 1000) for _, place, rtt in probes],
+                             names=[f"member {m.hex()[:16]}" for m, _, _ in probes])
+    return {"possible": verdict.possible, "probes": verdict.probes,
+            "insufficient": verdict.insufficient, "why": verdict.why,
+            "worst_violation_km": round(verdict.worst_violation_km, 1),
+            "member": probes[verdict.worst_probe][0].hex() if verdict.worst_probe >= 0 else None}
+
+
+def _node(ledger: Ledger, key: bytes, row: dict, probes: dict[bytes, list[Probe]]) -> dict:
     rep = ledger.read(REP, key, committed=True) or {}
     period = ledger.period_of(ledger.store.height)
     return (_plain(row) | {"node": key.hex(), "reputation_ppm": rep.get("reputation_ppm"),
                            "excluded": rep.get("excluded"), "epochs": rep.get("epochs"),
-                           "descriptor": _descriptor(ledger, key, row)}
+                           "descriptor": _descriptor(ledger, key, row),
+                           "physics": _physics(row, probes.get(key, []))}
             | _liveness(ledger, key, period))
 
 
@@ -125,13 +186,14 @@ def answer(ledger: Ledger, path: str, data: bytes) -> bytes:
                  "period": ledger.period_of(store.height),
                  "probe_blocks": ledger.rules.probe_blocks}
     elif path == "/registry":
-        value = [_node(ledger, key, row) for key, row in _rows(ledger, NODE)]
+        probes = _probes(ledger)
+        value = [_node(ledger, key, row, probes) for key, row in _rows(ledger, NODE)]
     elif path == "/node":
         key = _key(data)
         row = ledger.read(NODE, key, committed=True)
         if row is None:
             raise TxError(txs.UNKNOWN, "node not registered")
-        value = _node(ledger, key, row)
+        value = _node(ledger, key, row, _probes(ledger))
     elif path == "/directory":
         period = ledger.period_of(store.height)
         value = {"height": store.height, "app_hash": store.app_hash.hex(), "period": period,

@@ -55,7 +55,7 @@ CODE_NAMES = {OK: "ok", MALFORMED: "malformed", WRONG_CHAIN: "wrong_chain",
               STALE: "stale_epoch"}
 CODESPACE = "permamesh"
 
-ROLES = ("worker", "relay", "validator")
+ROLES = ("worker", "relay", "validator", "gateway")
 
 
 @struct

@@ -24,7 +24,7 @@ from permamesh.identity import NodeIdentity, PublicIdentity
 
 log = logging.getLogger(__name__)
 
-ROLES = ("worker", "relay", "validator")
+ROLES = ("worker", "relay", "validator", "gateway")
 
 
 def add_keys_arguments(p: argparse.ArgumentParser) -> None:

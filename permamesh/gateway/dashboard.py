@@ -3,17 +3,19 @@
 :meth:`MeshView.snapshot` joins what this machine knows with what the committee knows:
 
 - **nodes**: the committee's registry (signed profiles: location, ISP, grid, role, the
-  verification reputation, excluded or not) joined with its directory (each node's advertised
-  endpoint, model and container side, and whether the members' probes find it running), the
-  metrics endpoints of processes on this machine, and the health monitor's last verdict; a
-  node with no health verdict shows the committee's: ``running`` or ``down``;
+  verification reputation, excluded or not, the ``physics`` verdict on the claimed location)
+  joined with its directory (each node's advertised endpoint, model and container side, and
+  whether the members' probes find it running), the metrics endpoints of processes on this
+  machine, and the health monitor's last verdict; a node with no health verdict shows the
+  committee's: ``running`` or ``down``;
 - **reputation over epochs**: each node's reputation at every closed epoch (the ledger's
   per-epoch payout rows carry it);
 - **replication across failure domains**: for each model, its replicas' shares per grid, ISP,
   location, software version and continent (the scheduler's ``domain_shares``, with the most
   any one domain holds); for each image layer held by container workers, its holders;
 - **payouts**: each partner's monthly payment with every "why" (the scheduler's
-  ``registry_payments``, from the committee's registry).
+  ``rows_payments``, from the committee's registry; a node whose claimed location is impossible
+  earns nothing, and says why).
 
 Without a committee there are no positions, reputations or payouts; the page says so.
 
@@ -78,7 +80,7 @@ class MeshView:
                           "lon": p.get("lon_e6", 0) / 1e6, "isp": p.get("isp", ""), "grid": p.get("grid", ""),
                           "partner": row.get("partner", "")[:16], "reputation": None if rep is None else rep / PPM,
                           "excluded": bool(row.get("excluded")), "models": list(p.get("models", [])),
-                          "registered": True, "local": False}
+                          "physics": row.get("physics"), "registered": True, "local": False}
         for e in entries:
             node = nodes.setdefault(e.node_id, {"id": e.node_id, "role": e.role, "registered": True,
                                                 "isp": e.isp, "grid": e.grid})
@@ -153,12 +155,11 @@ class MeshView:
         if not registry:
             return []
         from permamesh.committee.trust import node_id_of
-        from permamesh.scheduler.payments import monthly_payments
-        from permamesh.scheduler.profile import from_registry
+        from permamesh.scheduler.payouts import rows_payments
         from permamesh.scheduler.weights import load_weights
 
         try:
-            payments = monthly_payments(from_registry(registry), load_weights())
+            payments = rows_payments(registry, load_weights())
         except Exception as exc:  # noqa: BLE001
             log.warning("payouts not computed: %s", exc)
             return []

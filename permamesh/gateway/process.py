@@ -4,7 +4,11 @@ Builds the backend (overlay by default, ``--direct`` for streamed tokens straigh
 workers), the key ring, the credit (``--committee ENDPOINT``: admission and receipts on the
 ledger), the dashboard's view and the health monitor, then serves until SIGINT or SIGTERM,
 printing ``READY <url> gateway`` once it listens and recording its metrics endpoint
-(``<url>/metrics``) in ``DATA_DIR/run/metrics``.
+(``<url>/metrics``) in ``DATA_DIR/run/metrics``. Workers and relays come from the committee's
+directory (``--join``). Unless ``--unlisted``, the gateway has a descriptor there too: its
+partner registers its key (``permamesh register --role gateway``), and once it listens it
+announces its advertised address, signed; members probe it over HTTP
+(:mod:`permamesh.directory.presence`).
 
 Who calls it: :mod:`permamesh.cli`.
 """
@@ -35,6 +39,12 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
                    help="find workers and relays in the committee's directory: a validator's address (comma-separated or "
                         "repeatable; default: $PERMAMESH_JOIN, else DATA_DIR/join); also the committee for credit unless "
                         "--committee is given")
+    p.add_argument("--name", default="gateway", help="identity name: keys in DATA_DIR/keys/NAME.* (default: gateway)")
+    p.add_argument("--advertise", default=None, metavar="HOST:PORT",
+                   help="where clients reach this gateway (needed when --host is 0.0.0.0; default: the bound address)")
+    p.add_argument("--unlisted", action="store_true",
+                   help="publish no descriptor in the committee's directory (a private gateway; its partner need "
+                        "not register it)")
     p.add_argument("--chain-id", default=None, help="the committee's chain id, which receipts are signed for "
                    "(default: asked of the committee)")
     p.add_argument("--new-key", metavar="NAME", default=None, help="make an API key for NAME, print it once, and exit")
@@ -45,7 +55,9 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct: bool = False,
                   committee: tuple[str, ...] = (), chain_id: str | None = None, open_access: bool = False,
-                  timeout_s: float = 300.0, join: tuple[str, ...] = ()) -> Gateway:
+                  timeout_s: float = 300.0, join: tuple[str, ...] = (), identity=None) -> Gateway:
+    """``identity``: the key of the gateway's directory descriptor (it then answers members'
+    presence probes); None for an unlisted gateway."""
     from permamesh.gateway.dashboard import MeshView
     from permamesh.ops.health import HealthMonitor
 
@@ -63,7 +75,7 @@ def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct
         client = SharedCommittee(CommitteeClient(list(committee), timeout_s=10.0))
     monitor = HealthMonitor(data_dir)
     view = MeshView(data_dir, client, monitor.check, directory)
-    return Gateway(GatewayConfig(data_dir, host, port), MeshBackend(data_dir, "direct" if direct else "overlay",
+    return Gateway(GatewayConfig(data_dir, host, port, identity=identity), MeshBackend(data_dir, "direct" if direct else "overlay",
                                                                      timeout_s, directory=directory),
                    KeyRing(data_dir, open_access), Credit(client, chain_id), view.snapshot, monitor.check)
 
@@ -75,12 +87,25 @@ def run_gateway_from_args(args: argparse.Namespace, data_dir: Path) -> int:
     if args.new_key:
         print(KeyRing(data_dir).new_key(args.new_key))
         return 0
+    from permamesh.directory.announce import advertised, announce
+    from permamesh.directory.errors import DirectoryError
     from permamesh.directory.join import resolve_join
+    from permamesh.identity import NodeIdentity
 
+    join = resolve_join(args.join, data_dir, required="the gateway")
+    identity = None if args.unlisted else NodeIdentity.load_or_create(data_dir / "keys", args.name)
     gateway = build_gateway(data_dir, args.host, args.port, args.direct, tuple(args.committee or ()), args.chain_id,
-                            args.open, args.timeout, resolve_join(args.join, data_dir, required="the gateway"))
-    node_id = f"gateway-{args.port or os.getpid()}"
-    serve_until_signalled(gateway, node_id,
-                          lambda url: register_metrics(data_dir, MetricsRecord(node_id, "gateway", url + "/metrics")),
-                          lambda: unregister_metrics(data_dir, node_id))
+                            args.open, args.timeout, join, identity)
+    node_id = identity.node_id if identity is not None else f"gateway-{args.port or os.getpid()}"
+
+    def ready(url: str) -> None:
+        register_metrics(data_dir, MetricsRecord(node_id, "gateway", url + "/metrics"))
+        if identity is not None:
+            try:
+                announce(identity, join, advertised("tcp://" + url.removeprefix("http://"), args.advertise))
+            except DirectoryError as exc:
+                raise DirectoryError(f"{exc} (its partner registers it with `permamesh register --role gateway`; "
+                                     "or run it --unlisted)") from None
+
+    serve_until_signalled(gateway, node_id, ready, lambda: unregister_metrics(data_dir, node_id))
     return 0

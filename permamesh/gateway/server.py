@@ -8,7 +8,9 @@ Routes:
   shape ``{"error": {"message", "type", "param", "code"}}`` and the matching HTTP status;
 - ``GET /dashboard`` (the page) and ``GET /api/mesh`` (what it shows, as JSON);
 - ``GET /api/health`` (the health checks of every node) and ``GET /healthz`` (the gateway's own);
-- ``GET /metrics``: Prometheus text (requests by route and status, latency, tokens, refusals).
+- ``GET /metrics``: Prometheus text (requests by route and status, latency, tokens, refusals);
+- ``GET /api/presence?challenge=HEX`` (a gateway with a descriptor): its key's signature over
+  the challenge, what committee members' probes check (:mod:`permamesh.directory.presence`).
 
 Every job enters the mesh through :class:`~permamesh.gateway.backend.MeshBackend` from a
 thread pool, so the event loop only parses, checks and writes. Each request is authorized
@@ -39,10 +41,12 @@ from aiohttp import web
 from prometheus_client import Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from permamesh.directory.presence import PresenceError, parse_challenge, presence_answer
 from permamesh.gateway import openai_api as oa
 from permamesh.gateway.accounts import Credit, KeyRing
 from permamesh.gateway.backend import MeshBackend
 from permamesh.gateway.errors import ApiError, GatewayError
+from permamesh.identity import NodeIdentity
 from permamesh.ops.metrics import histogram, new_registry
 from permamesh.transport import ServingThread
 
@@ -60,6 +64,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port
     threads: int = 16  # jobs in flight at once (each waits on the mesh in a thread)
+    identity: NodeIdentity | None = None  # the key of its directory descriptor (None: an unlisted gateway)
 
 
 class Gateway:
@@ -92,6 +97,7 @@ class Gateway:
             web.get("/healthz", self.healthz),
             web.get("/api/mesh", self.api_mesh),
             web.get("/api/health", self.api_health),
+            web.get("/api/presence", self.api_presence),
             web.get("/dashboard", self.dashboard),
             web.get("/", self.root),
         ])
@@ -282,6 +288,15 @@ class Gateway:
 
     async def api_health(self, request: web.Request) -> web.Response:
         return web.json_response(await self._view("health", self.health) if self.health else {"nodes": []})
+
+    async def api_presence(self, request: web.Request) -> web.Response:
+        if self.config.identity is None:
+            raise ApiError(404, "this gateway has no directory descriptor (it runs unlisted)", code="not_found")
+        try:
+            challenge = parse_challenge(request.query.get("challenge"))
+        except PresenceError as exc:
+            raise ApiError(400, str(exc), param="challenge", code="bad_request") from None
+        return web.json_response(presence_answer(self.config.identity, challenge))
 
     async def dashboard(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "dashboard.html")

@@ -11,17 +11,20 @@ The check is one-sided. A node can always add delay, never remove it, so a far-a
 pretend to be farther still but never nearer. One probe that contradicts a claim proves it
 false; probes that do not contradict it prove nothing alone, so we call a claim "possible"
 with confidence only when at least :data:`MIN_PROBES` (3) distinct probe locations agree
-(otherwise the verdict says the probes are insufficient). Which probes to use, and checks
-on the other side (a node that is much slower than its claimed neighbours suggests), are
-future work (``docs/placement.md`` section 5).
+(otherwise the verdict says the probes are insufficient). Probes may be named (``names``, e.g.
+"member 1a2b..."), so a refutation says whose round trip refuted it; the verdict's
+``worst_probe`` is the index of that measurement. The probes the mesh uses are the committee
+members' own liveness round trips (``docs/placement.md`` section 4); the check on the other side
+(a node much slower than its claimed neighbours) is future work.
 
 :func:`triangulate` asks whether any point on Earth satisfies every probe at once (a grid
 search, conservative: a cell is kept when some point within it might satisfy all probes), so
 mutually inconsistent measurements (a node, or a relay in front of it, "near" two distant
 probes) show up even without a claim.
 
-Who calls it: the scheduler before it trusts a registry profile's coordinates, the
-committee's attestation step (later), tests. Pure: no clock, no network.
+Who calls it: the committee's query layer (:mod:`permamesh.committee.queries`: the ``physics``
+verdict of every ``/registry`` row, from the members' round trips), which the scheduler then
+reads (:func:`permamesh.scheduler.profile.refuted`); tests. Pure: no clock, no network.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class PhysicsVerdict:
     worst_violation_km: float  # how far beyond light's reach from the worst probe; 0.0 if none
     probes: int = 0  # distinct probe locations
     insufficient: bool = False  # possible, but fewer than MIN_PROBES distinct probes
+    worst_probe: int = -1  # index of the measurement that refutes the claim most; -1 if none
 
 
 @dataclass(frozen=True)
@@ -95,23 +99,27 @@ def reach_km(rtt_ms: float, fibre_km_per_ms: float = FIBRE_KM_PER_MS,
 
 def check_location(claimed: Point, measurements: Sequence[Measurement],
                    fibre_km_per_ms: float = FIBRE_KM_PER_MS,
-                   slack_ms: float = SLACK_MS) -> PhysicsVerdict:
-    """Is ``claimed`` consistent with every probe's RTT? See the module docstring."""
+                   slack_ms: float = SLACK_MS, names: Sequence[str] = ()) -> PhysicsVerdict:
+    """Is ``claimed`` consistent with every probe's RTT? See the module docstring. ``names``,
+    if given, names each measurement's probe in the verdict's ``why`` (one per measurement)."""
     claim = _point(claimed, "claimed location")
     checked = _checked(measurements)
+    if names and len(names) != len(checked):
+        raise SchedulerError(f"{len(names)} probe names for {len(checked)} measurements")
     probes = len({(round(p[0], 3), round(p[1], 3)) for p, _ in checked})
-    worst, worst_text = 0.0, ""
-    for probe, rtt in checked:
+    worst, worst_text, worst_probe = 0.0, "", -1
+    for i, (probe, rtt) in enumerate(checked):
         km, reach = haversine_km(claim, probe), reach_km(rtt, fibre_km_per_ms, slack_ms)
         if km - reach > worst:
-            worst = km - reach
-            worst_text = (f"impossible: the probe at ({probe[0]:.3f}, {probe[1]:.3f}) got an "
+            worst, worst_probe = km - reach, i
+            who = f"{names[i]}'s probe" if names else "the probe"
+            worst_text = (f"impossible: {who} at ({probe[0]:.3f}, {probe[1]:.3f}) got an "
                           f"answer in {rtt:g} ms, so the node is within {reach:.0f} km of it "
                           f"(light in fibre at {fibre_km_per_ms:g} km/ms, {slack_ms:g} ms "
                           f"slack), but the claim is {km:.0f} km away: {worst:.0f} km too far")
     if worst > 0:
-        log.info("physics: claim (%.3f, %.3f) refuted by %.0f km", *claim, worst)
-        return PhysicsVerdict(False, worst_text, worst, probes, False)  # one probe suffices
+        log.debug("physics: claim (%.3f, %.3f) refuted by %.0f km", *claim, worst)
+        return PhysicsVerdict(False, worst_text, worst, probes, False, worst_probe)  # one suffices
     if probes < MIN_PROBES:
         return PhysicsVerdict(True, f"insufficient probes: none of {probes} distinct probe "
                               f"location(s) contradicts the claim, but at least {MIN_PROBES} are "

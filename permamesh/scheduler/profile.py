@@ -3,7 +3,12 @@
 A :class:`NodeProfile` is plain data: what a partner claims about one node (from the
 committee's ``/registry``, see :func:`from_registry_row`) plus three figures the committee
 measures over a period (``link_mbps``, ``uptime``, ``executions``). Nothing here checks a claim;
-:mod:`~permamesh.scheduler.physics` tests claimed coordinates against round-trip times.
+:mod:`~permamesh.scheduler.physics` tests claimed coordinates against round-trip times, and the
+committee's ``/registry`` carries that verdict per node (its ``physics`` field). A row whose
+claimed location the members' round trips refute (:func:`refuted`) is left out by
+:func:`from_registry`, as an excluded one is: its location and continent, hence its failure
+domains and its distance to every peer, are known to be false, so neither placement nor
+payment may count on them (``docs/placement.md`` 4.6).
 
 Location rule (``docs/placement.md`` section 1): two nodes are at the same location when their
 coordinates round to the same 3 decimals of a degree (:func:`location_key`, about 100 m), or
@@ -210,12 +215,24 @@ def from_registry_row(row: Mapping, *, link_mbps: float = 100.0, uptime: float =
         **ints, **strs)
 
 
+def refuted(row: Mapping) -> str | None:
+    """Why a ``/registry`` row's claimed location is impossible (its ``physics`` verdict says a
+    member's round trip refutes it), or None: possible, insufficient or not measured."""
+    physics = row.get("physics") if isinstance(row, Mapping) else None
+    if isinstance(physics, Mapping) and physics.get("possible") is False:
+        return str(physics.get("why") or "impossible")
+    return None
+
+
 def from_registry(rows: Iterable[Mapping]) -> tuple[NodeProfile, ...]:
-    """Profiles of every row not excluded by the committee, sorted by node id."""
+    """Profiles of every row neither excluded by the committee nor :func:`refuted`, by node id."""
     out = []
     for row in rows:
         if isinstance(row, Mapping) and row.get("excluded"):
             log.info("registry: skipping excluded node %s", row.get("node"))
+            continue
+        if refuted(row):
+            log.info("registry: skipping node %s: its claimed location is impossible", row.get("node"))
             continue
         out.append(from_registry_row(row))
     return tuple(sorted(out, key=lambda n: n.node_id))

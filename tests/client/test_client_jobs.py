@@ -1,6 +1,8 @@
 """permamesh.Client and AsyncClient on a real mesh: a worker process (tiny-random) that also runs
-containers, 12 relay processes, a busybox image in DATA_DIR/images. Generation and container
-jobs, direct and anonymous, sync and async; and the README's client example, run as is."""
+containers, 12 relay processes, joined through the mesh's own committee, a busybox image in
+DATA_DIR/images. Generation and container jobs, direct and anonymous, sync and async; and the
+README's client example, run as is. The clients find the mesh as a user's would after
+`permamesh demo --serve`: through DATA_DIR/join, which names the committee."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from permamesh import AsyncClient, Client
 from permamesh.client.blocking import ClientError
 from permamesh.containers.build import build_image
 from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
+from permamesh.directory.join import forget_join, remember_join
 
 from tests.containers.conftest import installed_runtimes
 from tests.containers.test_mesh import busybox_layers
@@ -29,8 +32,10 @@ def mesh_home(home, tmp_path):
         pytest.skip("neither runc nor bwrap installed (apt-get install -y runc bubblewrap)")
     build_image(None, home / "images", "bb", ["/bin/sh"], layers=busybox_layers(tmp_path)[:1])
     with EmbeddedMesh(MeshConfig(home, workers=1, model="tiny-random", device="cpu", relays=12, threads_per_worker=1,
-                                 worker_args=("--containers", "--prefix-cache-mb", "0"))):
+                                 worker_args=("--containers", "--prefix-cache-mb", "0"))) as mesh:
+        remember_join(home, mesh.join)
         yield home
+        forget_join(home, mesh.join)
 
 
 def test_sync_and_async_clients_run_both_kinds_of_jobs(mesh_home):

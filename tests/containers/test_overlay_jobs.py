@@ -67,7 +67,8 @@ def test_bad_jobs_are_refused_with_the_reason(mesh_home):
         with pytest.raises(ContainerError, match="run_failed: layer .* is on no peer and the job gave no source"):
             run_over_overlay(client, run_request(blobs, image))  # nobody holds it, no source
     blobs.close()
-    cli = subprocess.run([sys.executable, "-m", "permamesh", "run", "--data-dir", str(home), "hello", "--",
+    cli = subprocess.run([sys.executable, "-m", "permamesh", "run", "--data-dir", str(home), "--join",
+                          ",".join(mesh.join), "hello", "--",
                           "/bin/sh", "-c", "echo from the cli; exit 7"], capture_output=True, text=True, timeout=180)
     assert cli.returncode == 7, cli.stderr
     assert cli.stdout == "from the cli\n" and "via the overlay" in cli.stderr
