@@ -174,6 +174,9 @@ class Ledger:
             raise TxError(txs.UNAUTHORIZED, "that node is registered by another partner")
         if tx.role == "validator" and tx.node_key not in self.members:
             raise TxError(txs.UNAUTHORIZED, "validator nodes must be committee members (genesis)")
+        if tx.role == "validator" and sender not in self.genesis.seed_partners:
+            raise TxError(txs.UNAUTHORIZED, "only a seed partner registers committee members (their location "
+                                            "is where the physics check's probes stand)")
         row = {"partner": sender, "kex": tx.kex_key, "role": tx.role, "endpoint": tx.endpoint,
                "profile": dataclasses.asdict(tx.profile) | {"models": list(tx.profile.models)},
                "registered": epoch if old is None else old["registered"]}

@@ -49,13 +49,14 @@ def _known(client: CommitteeClient) -> dict[str, str]:
 
 
 def register_nodes(net, client: CommitteeClient, data_dir: Path, workers: Sequence[str], relays: Sequence[str],
-                   model: str, say=lambda _: None) -> None:
-    """Register the named workers and relays (keys under ``data_dir/keys``) as ``net``'s seed
-    partner, pipelined; nodes already registered are left as they are."""
+                   model: str, say=lambda _: None, gateways: Sequence[str] = ()) -> None:
+    """Register the named workers, relays and gateways (keys under ``data_dir/keys``) as
+    ``net``'s seed partner, pipelined; nodes already registered are left as they are."""
     partner, known = net.partner, _known(client)
     nonce = client.next_nonce(partner.public.sign_key)
     raw = []
-    for i, (name, role) in enumerate([(w, "worker") for w in workers] + [(r, "relay") for r in relays]):
+    named = [(w, "worker") for w in workers] + [(r, "relay") for r in relays] + [(g, "gateway") for g in gateways]
+    for i, (name, role) in enumerate(named):
         ident = NodeIdentity.load_or_create(Path(data_dir) / "keys", name)
         if ident.node_id in known:
             continue
@@ -73,8 +74,7 @@ def register_nodes(net, client: CommitteeClient, data_dir: Path, workers: Sequen
     failed = [o.log for o in outcomes if not o.ok]
     if failed:
         raise EnrollError(f"registering nodes failed: {failed[0]}")
-    say(f"committee: registered {len(raw)} nodes ({len(workers)} workers, {len(relays)} relays asked; signed "
-        f"profiles) by height {max(o.height for o in outcomes)}")
+    say(f"committee: registered {len(raw)} nodes (signed profiles) by height {max(o.height for o in outcomes)}")
 
 
 def publish_validators(net, client: CommitteeClient) -> None:

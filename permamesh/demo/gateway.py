@@ -16,22 +16,30 @@ import json
 import logging
 from pathlib import Path
 
+from permamesh.demo import enroll
+from permamesh.directory.announce import advertised, announce
 from permamesh.gateway.accounts import KeyRing
 from permamesh.gateway.errors import GatewayError
 from permamesh.gateway.openai_api import post_chat
 from permamesh.gateway.process import build_gateway
 from permamesh.gateway.server import GatewayThread
+from permamesh.identity import NodeIdentity
 from permamesh.ops.metrics import MetricsRecord, register_metrics, unregister_metrics
 
-GATEWAY_ID = "demo-gateway"
+GATEWAY_NAME = "demo-gateway"  # its key's name under DATA_DIR/keys
 
 log = logging.getLogger(__name__)
 
 
-def start_gateway(data_dir: Path, committee: tuple[str, ...], port: int, say) -> tuple[GatewayThread, str, str]:
+def start_gateway(data_dir: Path, net, client, port: int, say) -> tuple[GatewayThread, str, str]:
+    """The demo's gateway, with a descriptor in the committee's directory like any node: the
+    seed partner registers its key, and it announces its address once it listens."""
     key = KeyRing(data_dir).new_key("demo")
+    identity = NodeIdentity.load_or_create(Path(data_dir) / "keys", GATEWAY_NAME)
+    enroll.register_nodes(net, client, data_dir, [], [], "", gateways=[GATEWAY_NAME])
     for attempt in (port, 0) if port else (0,):
-        thread = GatewayThread(build_gateway(data_dir, port=attempt, committee=committee, timeout_s=120.0))
+        thread = GatewayThread(build_gateway(data_dir, port=attempt, committee=tuple(net.endpoints), timeout_s=120.0,
+                                             identity=identity))
         try:
             url = thread.start()
             break
@@ -39,7 +47,8 @@ def start_gateway(data_dir: Path, committee: tuple[str, ...], port: int, say) ->
             log.info("gateway on port %d: %s; trying any free port", attempt, exc)
     else:  # pragma: no cover - port 0 always binds on loopback
         raise GatewayError("the gateway could not listen")
-    register_metrics(data_dir, MetricsRecord(GATEWAY_ID, "gateway", url + "/metrics"))
+    announce(identity, net.endpoints, advertised("tcp://" + url.removeprefix("http://"), None))
+    register_metrics(data_dir, MetricsRecord(identity.node_id, "gateway", url + "/metrics"))
     say(f"\n== the OpenAI-compatible gateway: {url}/v1 (dashboard {url}/dashboard, metrics {url}/metrics) ==")
     say(f"  api key: {key}   (made for this demo; `permamesh gateway --new-key NAME` makes more)")
     say(f'  from openai import OpenAI; client = OpenAI(base_url="{url}/v1", api_key="{key}")')
@@ -47,7 +56,7 @@ def start_gateway(data_dir: Path, committee: tuple[str, ...], port: int, say) ->
 
 
 def stop_gateway(thread: GatewayThread, data_dir: Path) -> None:
-    unregister_metrics(data_dir, GATEWAY_ID)
+    unregister_metrics(data_dir, NodeIdentity.load_or_create(Path(data_dir) / "keys", GATEWAY_NAME).node_id)
     thread.stop()
 
 

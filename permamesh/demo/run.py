@@ -108,7 +108,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         else:
             demo_containers.container_jobs(opts.data_dir, relays, workers, say)
         _committee(opts, net, committee, relays, workers, say)
-        gateway, url, key = demo_gateway.start_gateway(opts.data_dir, tuple(net.endpoints), opts.gateway_port, say)
+        gateway, url, key = demo_gateway.start_gateway(opts.data_dir, net, committee, opts.gateway_port, say)
         demo_gateway.gateway_round(url, key, workers[0].model, opts.max_tokens, say)
         with Client(endpoints) as direct:
             say("\n== worker status ==")
