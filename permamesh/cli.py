@@ -68,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a committee validator (repeatable): routing in the group then reads each member's reputation "
                         "from the committee's ledger; unregistered or excluded members get no forwarded traffic")
     w.add_argument("--join", action="append", default=None, metavar="VALIDATOR",
-                   help="join a mesh through its committee: a validator address (http://HOST:PORT for CometBFT's RPC, "
-                        "tcp://HOST:PORT for the devnet; comma-separated or repeatable). Group peers, relays and the "
-                        "group salt then come from the committee's directory, and the worker publishes its signed "
-                        "descriptor there (its partner must have registered it)")
+                   help="join a mesh through its committee: a validator address, https://HOST:PORT?key=HEX (CometBFT) "
+                        "or tcp://HOST:PORT?key=HEX (devnet), comma-separated or repeatable. Group peers, relays and "
+                        "the group's sealed salt then come from the committee, and the worker publishes its signed "
+                        "descriptor there (its partner must have registered it). Without it the worker serves "
+                        "direct clients only")
     w.add_argument("--advertise", default=None, metavar="HOST:PORT",
                    help="with --join: where peers reach this worker (needed when --host is 0.0.0.0; default: the bound address)")
     w.add_argument("--group", default=None, help="worker group to route within (default: the model name; '' = serve alone)")
@@ -108,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", action="store_true", help="send --prompt as raw text, without the chat template")
     s.add_argument("--worker", action="append", default=None, metavar="ENDPOINT", help="worker address tcp://HOST:PORT[?key=HEX] (repeatable; default: the committee's directory)")
     s.add_argument("--join", action="append", default=None, metavar="VALIDATOR",
-                   help="find workers and relays in the committee's directory: a validator address (comma-separated or "
-                        "repeatable; default: $PERMAMESH_JOIN, else DATA_DIR/join written by `permamesh demo --serve`); "
+                   help="find workers and relays in the committee's directory: a validator address, "
+                        "https://HOST:PORT?key=HEX or tcp://HOST:PORT?key=HEX (comma-separated or repeatable; default: $PERMAMESH_JOIN, else DATA_DIR/join written by `permamesh demo --serve`); "
                         "the one thing a new host needs")
     s.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (count, default: 128)")
     s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0)")

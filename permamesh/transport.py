@@ -12,9 +12,10 @@ bytes of :attr:`permamesh.identity.NodeIdentity.transport`) speaks only CurveZMQ
 advertises an endpoint that names its public key: ``tcp://HOST:PORT?key=<64 hex>``. A client
 given such an endpoint encrypts the link with a fresh ephemeral key and authenticates the server
 by that key (a server holding another key never completes the handshake, so the client hears
-nothing; a :class:`DealerClient` with ``watch_handshake`` hears that it failed). The endpoint string travels wherever addresses travel today (registry records, the
-committee's descriptors, READY lines), so whoever trusts the address trusts the key.
-Endpoints without a key are plain TCP (tests; the committee client allows them to loopback only).
+nothing; a :class:`DealerClient` with ``watch_handshake`` hears that it failed). The endpoint
+string travels wherever addresses travel today (registry records, the committee's
+descriptors, READY lines), so whoever trusts the address trusts the key. Endpoints without a
+key are plain TCP (tests; the committee client allows them to loopback only).
 
 Every socket sets ``LINGER=0`` and ``MAXMSGSIZE`` (zmq drops larger frames before we see
 them) and is recorded in :data:`OPEN_SOCKETS` until closed, so tests can fail on leaks.

@@ -157,7 +157,7 @@ def test_the_demo_runs_then_serves_the_openai_client_and_the_dashboard(home, tmp
                 {"gateway": "1", "relay": "16", "validator": "4", "worker": "2"}
             rows = [r["text"] for r in dom.find("tr", "node-row") if r["attrs"]["data-role"] == "worker"]
             assert len(rows) == 2 and all("0.80" in w and "up" in w for w in rows)  # the epoch's result
-            assert re.search(r"a month for \d+ of 18 nodes", dom.by_id("payouts")["text"])
+            assert re.search(r"a month for \d+ of 19 nodes", dom.by_id("payouts")["text"])  # workers, relays, the gateway
         proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the demo: it stops everything
         rest = proc.stdout.read()
         assert proc.wait(60) == 0

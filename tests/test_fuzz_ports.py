@@ -37,8 +37,7 @@ RELAYS = 3
 ZMQ_PORTS = ["worker", "relay", "validator"] + (["layers"] if CONTAINERS else [])
 METRICS_PORTS = ["metrics:worker", *(f"metrics:relay-{i}" for i in range(RELAYS)), "metrics:validator",
                  "metrics:gateway"]
-# the devnet validator speaks plain ZMTP (its endpoint names no key): no plaintext attack there
-CASES = ([(p, a) for p in ZMQ_PORTS for a in fuzzzmq.ZMQ_ATTACKS if (p, a) != ("validator", "plaintext")]
+CASES = ([(p, a) for p in ZMQ_PORTS for a in fuzzzmq.ZMQ_ATTACKS]
          + [(p, a) for p in ["gateway", *METRICS_PORTS] for a in fuzzhttp.HTTP_ATTACKS])
 STALLED_METRICS = pytest.param("metrics:worker", "stalled_during", id="metrics:worker-stalled_during")
 # (found by this harness: 4 stalled connections used to hold every slot of a metrics server;

@@ -4,7 +4,8 @@
 announced node (its advertised endpoint, authenticated by its transport key), sends a signed
 ``StatusRequest`` and times the first signed answer that comes back from the node's own key
 (workers answer with their status, relays with a signed refusal: either proves the node holds
-its keys and serves). The reachable nodes and their round trips go into one signed
+its keys and serves); a gateway, which speaks HTTP, signs a fresh challenge on its own port
+(:mod:`permamesh.directory.presence`). The reachable nodes and their round trips go into one signed
 ``Liveness`` transaction per probe period; the ledger marks a node running when more than 2/3
 of the members found it up (docs/committee.md). Probes run concurrently, each bounded by
 ``timeout_s``, so one dead node costs one timeout, not a round.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from permamesh.committee import txs
 from permamesh.committee.client import CommitteeClient
 from permamesh.committee.errors import CommitteeError
+from permamesh.directory.presence import probe_http
 from permamesh.identity import NodeIdentity
 from permamesh.transport import DealerClient, TransportError, with_key
 from permamesh.wire import StatusRequest, WireError, decode, encode
@@ -73,13 +75,20 @@ def up_nodes(directory: dict, identity: NodeIdentity, config: ProbeConfig) -> li
             key, tkey = bytes.fromhex(row["node"]), bytes.fromhex(row.get("transport_key") or "")
         except (KeyError, TypeError, ValueError):
             continue
-        if row.get("endpoint") and len(tkey) == 32 and row.get("role") in ("worker", "relay", "gateway"):
-            targets.append((key, with_key(row["endpoint"], tkey)))
+        if row.get("endpoint") and len(tkey) == 32 and row.get("role") in ("worker", "relay"):
+            targets.append((key, with_key(row["endpoint"], tkey), False))
+        elif row.get("endpoint") and row.get("role") == "gateway":  # HTTP: a signed presence answer
+            targets.append((key, row["endpoint"], True))
     if not targets:
         return []
+
+    def probe(target: tuple[bytes, str, bool]) -> int | None:
+        key, link, http = target
+        return probe_http(link, key, config.timeout_s) if http else probe_node(link, key, identity, config.timeout_s)
+
     with concurrent.futures.ThreadPoolExecutor(min(config.parallel, len(targets)), "probe") as pool:
-        rtts = list(pool.map(lambda t: probe_node(t[1], t[0], identity, config.timeout_s), targets))
-    return sorted((key, rtt) for (key, _), rtt in zip(targets, rtts) if rtt is not None)
+        rtts = list(pool.map(probe, targets))
+    return sorted((key, rtt) for (key, _, _), rtt in zip(targets, rtts) if rtt is not None)
 
 
 class Prober:
@@ -142,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m permamesh.committee.liveness", description=main.__doc__)
     p.add_argument("--keys", type=Path, required=True, help="the member's key directory")
     p.add_argument("--name", default="validator", help="the member's key name (default: validator)")
-    p.add_argument("--endpoint", action="append", required=True, help="the committee to report to (repeatable)")
+    p.add_argument("--endpoint", action="append", required=True,
+                   help="the committee to report to, as nodes --join it: https://HOST:PORT?key=HEX or "
+                        "tcp://HOST:PORT?key=HEX (repeatable)")
     p.add_argument("--interval", type=float, default=0.25, help="seconds between looks at the ledger's probe period "
                    "(each new period is probed and reported once; default: 0.25)")
     p.add_argument("--timeout", type=float, default=1.0, help="seconds a node may take to answer (default: 1)")

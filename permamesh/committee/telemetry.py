@@ -11,7 +11,7 @@ scrape only reads the latest snapshot (a list swapped whole, never mutated).
 
 The status is a :class:`~permamesh.committee.client.CommitteeStatus`, the same under either
 engine, so the figures read the same from a devnet validator (``tcp://``) or a CometBFT node's
-RPC (``http://``; misbehaviour is 0 there: CometBFT keeps evidence in its blocks).
+RPC (``https://``, pinned; misbehaviour is 0 there: CometBFT keeps evidence in its blocks).
 
 Who calls it: :mod:`permamesh.committee.validator` (devnet engine).
 """

@@ -144,7 +144,13 @@ def _cometbft(address: str, home: Path, metrics=None, max_frame_bytes: int | Non
             "socket can drive consensus. Use tcp://127.0.0.1:PORT or unix:///PATH, or pass "
             "--abci-allow-remote (and firewall the port to CometBFT's host)")
     app = ledger_app(home / "ledger.sqlite")  # a LedgerApp; corrupt only in a drill (drill.py)
-    exporter = _exporter(metrics, f"ledger-{home.name}",
+    if (home / "keys" / "validator.ed25519").exists():  # a CometNet member: its metrics under its node id
+        from permamesh.identity import NodeIdentity
+
+        node_id = NodeIdentity.load_or_create(home / "keys", "validator").node_id
+    else:
+        node_id = f"ledger-{home.name}"
+    exporter = _exporter(metrics, node_id,
                          lambda: [Figure("permamesh_chain_height", "Last committed height", app.store.height)])
     try:
         with ABCIServerThread(app, address, config=ServerConfig(max_frame_bytes, allow_remote=allow_remote)) as server:

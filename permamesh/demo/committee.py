@@ -82,7 +82,8 @@ def recent_blocks(net: Committee, client: CommitteeClient, say, count: int = 5) 
 
 
 def _reputations(client: CommitteeClient) -> dict[str, dict]:
-    return {node_id_of(row["node"]): row for row in client.query("/registry")}
+    """The workers' registry rows by node id (what verification scores)."""
+    return {node_id_of(row["node"]): row for row in client.query("/registry") if row["role"] == "worker"}
 
 
 def verification_epoch(client: CommitteeClient, devnet: Committee, overlay, reference, pool,

@@ -5,10 +5,11 @@ address, joined by a bridge; root needed) and runs :func:`inside` in the last on
 client's host. From there it starts, each on its own host with its own data directory:
 a CometBFT committee (one validator per host, listening on that host's address), every
 member's liveness prober beside its validator, workers and relays started with nothing but
-``--join http://VALIDATOR:PORT`` (the partner registers their public keys first, as
+``--join https://VALIDATOR:PORT?key=HEX`` (the partner registers their public keys first, as
 ``permamesh register`` does). No node reads another's files or PIDs: peers, relays, entry
-workers and the group salt come from the committee's directory, and every link between
-nodes is CurveZMQ to the key the directory names.
+workers and the group salt come from the committee's directory, every link between nodes is
+CurveZMQ to the key the directory names, and every link to a validator is TLS 1.3 pinned to
+the member's node key (the validators' RPC answers nothing else).
 
 The client host then measures: how soon each worker serves its first job after its READY
 line (the join time, model load excluded), overlay jobs delivered, a direct job whose prompt
@@ -158,10 +159,8 @@ def _start(plan: HostsPlan, net, wrap, addrs, base: Path, join: str, nodes: list
         if node["role"] == "worker":
             argv = [sys.executable, "-m", "permamesh", "worker", *common, "--model", plan.model, "--device", "cpu",
                     "--threads", "1", "--prefix-cache-mb", "64"]
-        else:
-            k = nodes.index(node)
-            argv = [sys.executable, "-m", "permamesh", "relay", *common, "--isp", f"isp-{k % 8}",
-                    "--grid", f"grid-{k % 4}", "--location", f"site-{k}"]
+        else:  # its ISP, grid and location are the ones its registration claims (_register)
+            argv = [sys.executable, "-m", "permamesh", "relay", *common]
         node["child"] = spawn(node["name"], [*wrap[h], *argv], logs)
         children.append(node["child"])
     wait_ready(children, plan.start_timeout_s)

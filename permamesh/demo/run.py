@@ -169,6 +169,7 @@ def _drill(mesh: EmbeddedMesh, client: OverlayClient, max_tokens: int, say) -> N
     index = {child.node_id: i for i, child in enumerate(mesh.relay_children)}
     paths = client.last.paths if client.last is not None else ()
     victims = [index[path[len(path) // 2]] for path in paths[:3] if path[len(path) // 2] in index]
+    killed_at = time.monotonic()
     for i in victims:
         mesh.kill_relay(i)
     say(f"\n== drill: {len(victims)} relays killed (SIGKILL), one on each of 3 of the session's paths; "
@@ -178,9 +179,9 @@ def _drill(mesh: EmbeddedMesh, client: OverlayClient, max_tokens: int, say) -> N
     except OverlayError as exc:
         say(f"  not delivered: {exc}")
     gone = tuple(mesh.relay_children[i].node_id for i in victims)
-    took = mesh.wait_running(60.0, gone=gone)
-    say(f"  the committee's probes took the {len(gone)} killed relays out of the running set {took:.1f} s later; "
-        "no new path uses them")
+    mesh.wait_running(60.0, gone=gone)
+    say(f"  the committee's probes took the {len(gone)} killed relays out of the running set within "
+        f"{time.monotonic() - killed_at:.1f} s of the kill; no new path uses them")
 
 
 def _rate(tokens: int, seconds: float) -> float:

@@ -73,6 +73,7 @@ class CommitteeDirectory:
             self._snapshot = self._load_cache(cache_path)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._warned_alone = False
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ background refresh
@@ -180,7 +181,9 @@ class CommitteeDirectory:
     def _confirmed(self, snap: Snapshot, others: list[str]) -> Snapshot:
         """``snap`` if another validator's app hash after ``snap.height`` matches it."""
         if not others:
-            log.warning("only one validator known (%s): the directory is not cross-checked", snap.source)
+            if not self._warned_alone:  # once per directory: a one-validator committee says so at every refresh
+                log.warning("only one validator known (%s): the directory is not cross-checked", snap.source)
+                self._warned_alone = True
             return snap
         problems = []
         for other in others:

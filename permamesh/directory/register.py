@@ -42,7 +42,8 @@ def show_keys(data_dir: Path, name: str) -> int:
 
 def add_register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--join", action="append", required=True, metavar="VALIDATOR",
-                   help="the committee: a validator address (http://HOST:PORT or tcp://HOST:PORT; repeatable)")
+                   help="the committee: a validator address, https://HOST:PORT?key=HEX or tcp://HOST:PORT?key=HEX "
+                        "(repeatable)")
     p.add_argument("--partner", default="partner", help="the partner's identity name under DATA_DIR/keys (default: partner)")
     p.add_argument("--node-key", required=True, help="the node's Ed25519 public key, 64 hex chars (from `permamesh keys`)")
     p.add_argument("--kex-key", required=True, help="the node's X25519 public key, 64 hex chars (from `permamesh keys`)")

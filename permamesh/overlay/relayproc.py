@@ -127,9 +127,10 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
     add("--metrics-port", type=int, default=0, help="Prometheus text metrics at http://HOST:PORT/metrics (0 = any "
         "free port, recorded in DATA_DIR/run/metrics; -1 = none; default: 0)")
     add("--join", action="append", default=None, metavar="VALIDATOR",
-        help="required: join a mesh through its committee (a validator's address; comma-separated "
-             "or repeatable): next hops and entry workers come from the committee's directory, and the relay publishes "
-             "its signed descriptor there (its partner must have registered it)")
+        help="required: join a mesh through its committee (a validator's address, https://HOST:PORT?key=HEX or "
+             "tcp://HOST:PORT?key=HEX; comma-separated or repeatable; default: $PERMAMESH_JOIN): next hops "
+             "and entry workers come from the committee's directory, and the relay publishes its signed "
+             "descriptor there (its partner must have registered it)")
     add("--advertise", default=None, metavar="HOST:PORT",
         help="with --join: where others reach this relay (needed when --host is 0.0.0.0; default: the bound address)")
     add("--fail-after", type=int, default=0, metavar="CELLS", help="failure drills: silently drop every cell after this many (count, default: 0 = never)")

@@ -49,8 +49,10 @@ def _refused(row: Mapping) -> NodePay:
 
 
 def rows_payments(rows: Iterable[Mapping], weights: Weights) -> dict[str, Payment]:
-    """Monthly payments over ``/registry`` rows; refuted locations are paid nothing (module doc)."""
-    rows = list(rows)
+    """Monthly payments over ``/registry`` rows; refuted locations are paid nothing (module doc).
+    Committee members' own nodes (role ``validator``) are not partners' service nodes: no
+    partner is paid for them."""
+    rows = [r for r in rows if not (isinstance(r, Mapping) and r.get("role") == "validator")]
     payments = monthly_payments(from_registry(rows), weights)
     refused: dict[str, list[NodePay]] = defaultdict(list)
     for row in rows:

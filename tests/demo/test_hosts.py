@@ -2,8 +2,8 @@
 directory (root needed; skipped, saying why, where namespaces cannot be made).
 
 A 4-validator CometBFT committee on hosts 0-3, 2 workers and 12 relays spread over hosts 0-5,
-started with nothing but ``--join http://VALIDATOR:PORT``, and a client on host 6 that knows
-only that address. A capture of the bridge runs the whole time.
+started with nothing but ``--join https://VALIDATOR:PORT?key=HEX``, and a client on host 6
+that knows only that address. A capture of the bridge runs the whole time.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def test_overlay_jobs_arrive_with_a_relay_host_killed(across):
     assert report["relay_kill_relays"] >= 1 and report["relay_kill_delivered"] == RELAY_KILL_JOBS
 
 
-def test_no_prompt_crosses_the_bridge_in_clear(across):
+def test_no_prompt_and_no_committee_call_crosses_the_bridge_in_clear(across):
     _, capture = across
     assert capture.complete, "the capture missed frames: an absence would prove nothing"
-    assert capture.contains(b"/directory")  # control: the committee's JSON-RPC (public data) is seen in clear
+    assert capture.contains(b"CURVE")  # control: the links' ZMTP greetings name their mechanism in clear
     assert not capture.contains(MARKER.encode())  # the direct job's prompt went over CurveZMQ only
+    assert not capture.contains(b"/directory")  # the committee's JSON-RPC went over TLS only

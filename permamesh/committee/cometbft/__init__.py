@@ -11,10 +11,12 @@ This package starts such validators as a network and talks to their RPC.
 | ``network.py`` | ``CometNetConfig``, ``CometNet``: N app + node pairs, start, kill, stop, restart (``Devnet``'s API) | the runner, tests |
 | ``drill.py`` | the corrupt-app drill hook (an env var the validator process reads) | ``validator._cometbft`` |
 | ``answers.py`` | RPC answers checked field by field into frozen dataclasses | ``rpc`` |
-| ``rpc.py`` | ``CometRPC``: JSON-RPC over HTTP, one kept-alive connection per node | ``link``, ``network``, ``runner`` |
+| ``tls.py`` | the RPC's TLS: a certificate for the member's identity key; a client connection pinned to that key (``PinMismatch``) | ``rpc``, ``network``, ``committee.validator`` |
+| ``rpc.py`` | ``CometRPC``: JSON-RPC over HTTPS pinned to the node's key (plain HTTP to loopback only), one kept-alive connection per node | ``link``, ``network``, ``runner`` |
 | ``link.py`` | ``CometLink``: submit (broadcast, then wait for the commit), query, status, as the ``CommitteeClient`` expects | ``committee.client`` |
 | ``runner.py`` | ``permamesh validator --cometbft N``: run a network, print blocks | ``committee.validator`` |
 
-Dependencies point one way: ``link`` -> ``rpc`` -> ``answers``; ``network`` -> ``layout``,
-``binary``, ``rpc``; nothing here imports the devnet.
+Dependencies point one way: ``link`` -> ``rpc`` -> ``answers``, ``tls``; ``network`` -> ``layout``,
+``binary``, ``rpc``, ``tls``; endpoints are judged by :mod:`permamesh.committee.endpoints`;
+nothing here imports the devnet.
 """

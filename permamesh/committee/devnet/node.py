@@ -3,11 +3,12 @@
 The loop owns a ROUTER socket (peers' and clients' frames in, replies to clients out), a
 CurveZMQ server with the validator's transport key (``NodeIdentity.transport``): its endpoint
 is ``tcp://HOST:PORT?key=HEX``, and a client or peer that does not name that key never
-completes the handshake. It also owns a DEALER to each other validator (consensus, gossip and catch-up out). It feeds every peer
-message to its :class:`Tendermint`, carries out the actions it returns (send, set a timer,
-apply a decided block through :class:`Chain`), keeps the mempool (``CheckTx`` on entry,
-``CheckTx`` RECHECK of what is left after each block), answers clients' ``SubmitTx`` (after
-commit when asked), ``QueryMsg`` (``Query``) and ``StatusMsg``.
+completes the handshake. It also owns a DEALER to each other validator (consensus, gossip and
+catch-up out, each to the key its peer entry names). It feeds every peer message to its
+:class:`Tendermint`, carries out the actions it returns (send, set a timer, apply a decided
+block through :class:`Chain`), keeps the mempool (``CheckTx`` on entry, ``CheckTx`` RECHECK of
+what is left after each block), answers clients' ``SubmitTx`` (after commit when asked),
+``QueryMsg`` (``Query``) and ``StatusMsg``.
 
 Catch-up: a consensus message from a height above ours means we fell behind (we were down,
 or missed a decision), so we ask that peer for the blocks we lack; each arrives with its
@@ -116,7 +117,7 @@ class PeerRouter:
 class NodeOptions:
     host: str = "127.0.0.1"
     port: int = 0
-    peers: tuple[tuple[bytes, str], ...] = ()  # (validator key, endpoint naming its transport key) of the others
+    peers: tuple[tuple[bytes, str], ...] = ()  # the others: (validator key, endpoint with its transport key)
     timeouts: TimeoutConfig = TimeoutConfig()
     timeout_commit_s: float = 0.05  # pause after a commit before the next height starts
     empty_interval_s: float = 0.25  # the pause when the mempool is empty (a tx cuts it short)
