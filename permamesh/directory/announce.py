@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from permamesh.committee import txs
 from permamesh.committee.client import CommitteeClient
+from permamesh.committee.endpoints import is_loopback
 from permamesh.committee.endpoints import EndpointError, parse_endpoint
 from permamesh.committee.errors import CommitteeError
 from permamesh.directory.errors import DirectoryError
@@ -47,24 +48,12 @@ def advertised(bound: str, advertise: str | None) -> str:
     return f"tcp://{host}:{port}"
 
 
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_reachable(endpoint: str, committee: Sequence[str]) -> None:
     """Refuse to publish a loopback address to a committee that is not itself on loopback:
     nodes on other hosts could never reach it."""
     host = endpoint.removeprefix("tcp://").rpartition(":")[0]
-    remote = [c for c in committee if not _loopback(c.split("://", 1)[-1].rpartition(":")[0])]
-    if _loopback(host) and remote:
+    remote = [c for c in committee if not is_loopback(c.split("://", 1)[-1].rpartition(":")[0])]
+    if is_loopback(host) and remote:
         raise DirectoryError(f"this node would publish {endpoint}, which peers on other hosts cannot reach "
                              f"(the committee is at {remote[0]}): bind a routable --host, or give --advertise HOST:PORT")
 
