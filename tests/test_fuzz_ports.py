@@ -1,22 +1,23 @@
 """Every port of a running mesh under attack (permamesh/bench/fuzz.py), one test per port and
-attack: a worker (with containers where a runtime exists, so its layer server too), 3 relays,
-a 1-validator devnet, a gateway on a thread and every /metrics endpoint. After each attack
-every process is alive, the port still serves a real request, and its processes' memory grew
-by at most fuzz.RSS_BUDGET_MIB. Randomness is seeded (PERMAMESH_FUZZ_SEED, printed); the last
-test prints the table of all rows."""
+attack (fuzzzmq, fuzzhttp, and fuzzoverlay's real onion cells and cloves): a worker (with
+containers where a runtime exists, so its layer server too), 3 relays, a 1-validator devnet, a
+gateway on a thread and every /metrics endpoint. After each attack every process is alive, none
+logged a traceback, the port still serves a real request (the validator: commits, app hashes
+agree), and its processes' memory grew by at most fuzz.RSS_BUDGET_MIB. Randomness is seeded
+(PERMAMESH_FUZZ_SEED, printed); the last test prints the table of all rows. CometBFT's ports:
+test_fuzz_comet.py; signed consensus messages against four validators: test_fuzz_devnet.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
-import time
 
 import pytest
 
-from permamesh.bench import fuzz, fuzzhttp, fuzzzmq
+from permamesh.bench import fuzz, fuzzdevnet, fuzzhttp, fuzzoverlay, fuzzzmq
 from permamesh.client import Client
-from permamesh.committee.client import CommitteeClient
 from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
 from permamesh.committee.devnet.messages import StatusMsg
 from permamesh.containers.transfer import HoldingsRequest, ask_holdings
@@ -37,7 +38,9 @@ RELAYS = 3
 ZMQ_PORTS = ["worker", "relay", "validator"] + (["layers"] if CONTAINERS else [])
 METRICS_PORTS = ["metrics:worker", *(f"metrics:relay-{i}" for i in range(RELAYS)), "metrics:validator",
                  "metrics:gateway"]
-CASES = ([(p, a) for p in ZMQ_PORTS for a in fuzzzmq.ZMQ_ATTACKS]
+OVERLAY_CASES = [("relay", "onion_mutated"), ("relay", "onion_replay"), ("relay", "onion_junk_inside"),
+                 ("worker", "clove_mutated"), ("worker", "clove_duplicates")]  # fuzzoverlay: real cells and cloves
+CASES = ([(p, a) for p in ZMQ_PORTS for a in fuzzzmq.ZMQ_ATTACKS] + OVERLAY_CASES
          + [(p, a) for p in ["gateway", *METRICS_PORTS] for a in fuzzhttp.HTTP_ATTACKS])
 STALLED_METRICS = pytest.param("metrics:worker", "stalled_during", id="metrics:worker-stalled_during")
 # (found by this harness: 4 stalled connections used to hold every slot of a metrics server;
@@ -54,8 +57,12 @@ def no_leaks():
 
 
 class Stack:
-    def __init__(self, home, ports: dict[str, fuzz.Port], pids: list[int]) -> None:
-        self.home, self.ports, self.pids = home, ports, pids
+    def __init__(self, home, ports: dict[str, fuzz.Port], pids: list[int], overlay: dict, logs: tuple) -> None:
+        self.home, self.ports, self.pids, self.overlay, self.logs = home, ports, pids, overlay, logs
+
+    def tracebacks(self) -> int:
+        """Tracebacks in the processes' logs (the mesh's and the devnet's) so far."""
+        return sum(fuzz.log_errors(d) for d in self.logs)
 
 
 def _generates(endpoint: str) -> bool:
@@ -71,14 +78,9 @@ def _overlay_generates(mesh) -> bool:
 
 
 def _commits(endpoints: list[str]) -> bool:
-    with CommitteeClient(endpoints, timeout_s=5.0) as committee:
-        start = committee.status().height
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            if committee.status().height > start:
-                return True
-            time.sleep(0.1)
-    return False
+    """Every validator commits past its height, and all agree on the app hashes of the last
+    few heights (one validator here; tests/test_fuzz_devnet.py runs four)."""
+    return fuzzdevnet.committee_agrees(endpoints, wait_s=10.0)[0]
 
 
 def _signed(msg):
@@ -149,7 +151,11 @@ def stack(tmp_path_factory):
         ports = {**_zmq_ports(mesh, worker, started[worker.node_id], relay_pids, devnet),
                  **_http_ports(home, url, started)}
         pids = [c.proc.pid for c in mesh.children] + relay_pids + [devnet.children[0].proc.pid, os.getpid()]
-        yield Stack(home, ports, pids)
+        metrics = {r.node_id: r.url for r in discover_metrics(home)}
+        path = tuple(mesh.relays()[:RELAYS])  # relays()[0] is the relay port: the path's first hop
+        overlay = fuzzoverlay.overlay_attacks(fuzzoverlay.OverlayTarget(
+            path, worker, metrics[path[0].node_id], metrics[worker.node_id]))
+        yield Stack(home, ports, pids, overlay, (mesh.log_dir, devnet.home / "logs"))
     finally:
         if thread is not None:
             thread.stop()
@@ -170,11 +176,15 @@ def stack(tmp_path_factory):
                                               STALLED_METRICS])
 def test_port_survives_attack(stack, port, attack):
     target = stack.ports[port]
-    fn = fuzzzmq.ZMQ_ATTACKS.get(attack) or fuzzhttp.HTTP_ATTACKS.get(attack) or fuzzhttp.attack_http_stalled_during
+    fn = (stack.overlay.get(port, {}).get(attack) or fuzzzmq.ZMQ_ATTACKS.get(attack)
+          or fuzzhttp.HTTP_ATTACKS.get(attack) or fuzzhttp.attack_http_stalled_during)
     if port == "gateway" and attack == "bad_json":
         fn = lambda p, rng: fuzzhttp.attack_http_bad_json(  # noqa: E731
             p, rng, ("/v1/chat/completions", "/v1/completions"))
+    errors = stack.tracebacks()
     row = fuzz.run_attack(target, attack, fn, random.Random(f"{SEED}:{port}:{attack}"), stack.pids)
+    if stack.tracebacks() > errors:
+        row = dataclasses.replace(row, note=f"a traceback was logged (see {stack.logs})")
     ROWS.append(row)
     assert row.ok, (f"seed {SEED}: {port} under {attack}: alive={row.alive} serves={row.serves} "
                     f"rss_growth={row.rss_growth_mib} MiB (budget {fuzz.RSS_BUDGET_MIB}) {row.note}")

@@ -1,18 +1,22 @@
 """Port fuzzing: attacks on the ports of a running mesh, and the checks made after each one.
 
 A :class:`Port` is plain data: a name, an endpoint (``tcp://H:P?key=HEX`` for a CurveZMQ
-ROUTER, ``http://H:P/path`` for HTTP), the pids of the processes behind it, factories of
+ROUTER, ``http://H:P/path`` for HTTP, ``https://H:P?key=HEX`` for CometBFT's RPC, ``tcp://H:P``
+for the ABCI socket and CometBFT's p2p port), the pids of the processes behind it, factories of
 valid frames, and ``serves``, a real request that must still succeed. An attack is a function
-``(port, rng) -> frames sent``; it raises :class:`FuzzViolation` when the port does something
-it must never do (answers a plaintext peer, a replayed job runs twice, a 5xx on bad input).
+``(port, rng) -> frames sent`` (or ``(frames sent, what it found)``); it raises
+:class:`FuzzViolation` when the port does something it must never do (answers a plaintext
+peer, a replayed job runs twice, a 5xx on bad input).
 :func:`run_attack` runs one attack and then checks every process of the mesh alive, the port
 still serving, and the resident memory of the port's processes grown by at most
 :data:`RSS_BUDGET_MIB`, giving one :class:`Row`. Every count and wait is bounded; all traffic
 goes to the endpoints given (loopback in the tests); randomness comes only from ``rng``.
 
-The attacks themselves: :mod:`~permamesh.bench.fuzzzmq` and :mod:`~permamesh.bench.fuzzhttp`.
+The attacks themselves: :mod:`~permamesh.bench.fuzzzmq`, :mod:`~permamesh.bench.fuzzhttp`,
+:mod:`~permamesh.bench.fuzzcomet` (the ABCI socket, CometBFT's RPC and p2p ports).
 
-Who calls it: ``tests/test_fuzz_ports.py`` (in ``make test``), which starts the mesh.
+Who calls it: ``tests/test_fuzz_ports.py`` and ``tests/test_fuzz_comet.py`` (in ``make test``),
+which start the mesh and the CometBFT network.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 
 import psutil
@@ -63,6 +68,8 @@ class Row:
     serves: bool
     rss_growth_mib: float
     note: str = ""  # the violation or the attack's own error
+    seconds: float = 0.0  # wall time of the attack and its checks
+    found: str = ""  # what the attack observed (answers seen, refusals), for the table
 
     @property
     def ok(self) -> bool:
@@ -95,13 +102,16 @@ def alive(pids: Sequence[int]) -> bool:
     return True
 
 
-def run_attack(port: Port, attack: str, fn: Callable[[Port, random.Random], int], rng: random.Random,
-               mesh_pids: Sequence[int]) -> Row:
+Attack = Callable[[Port, random.Random], "int | tuple[int, str]"]
+
+
+def run_attack(port: Port, attack: str, fn: Attack, rng: random.Random, mesh_pids: Sequence[int]) -> Row:
     """Run one attack on ``port``, then check the mesh (``mesh_pids``) and the port."""
-    before = rss_mib(port.pids)
-    note, frames = "", 0
+    before, started = rss_mib(port.pids), time.monotonic()
+    note, frames, found = "", 0, ""
     try:
-        frames = fn(port, rng)
+        got = fn(port, rng)
+        frames, found = got if isinstance(got, tuple) else (got, "")
     except FuzzViolation as exc:
         note = str(exc)[:200]
     except Exception as exc:  # the attack itself broke: say so in the row rather than hide it
@@ -113,12 +123,28 @@ def run_attack(port: Port, attack: str, fn: Callable[[Port, random.Random], int]
         log.warning("%s no longer serves after %s: %s", port.name, attack, exc)
         serves = False
     growth = rss_mib(port.pids) - before
-    return Row(port.name, attack, frames, is_alive, serves, round(growth, 1), note)
+    return Row(port.name, attack, frames, is_alive, serves, round(growth, 1), note,
+               round(time.monotonic() - started, 1), found)
+
+
+def log_errors(log_dir, markers: Sequence[str] = ("Traceback", "panic:")) -> int:
+    """Occurrences of ``markers`` in the ``*.log`` files under ``log_dir``; by default the
+    starts of tracebacks and Go panics: bad input from a peer must be an expected outcome
+    (refused, counted), never an exception a node only survives because a catch-all logged it."""
+    from pathlib import Path
+
+    count = 0
+    for path in sorted(Path(log_dir).glob("*.log")):
+        text = path.read_text(errors="replace")
+        count += sum(text.count(marker) for marker in markers)
+    return count
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    lines = [f"{'port':<24} {'attack':<17} {'frames':>6} {'alive':>5} {'serves':>6} {'rss_mib':>8}  note"]
+    lines = [f"{'port':<24} {'attack':<17} {'frames':>6} {'alive':>5} {'serves':>6} {'rss_mib':>8} "
+             f"{'secs':>5}  found / note"]
     for r in rows:
         lines.append(f"{r.port:<24} {r.attack:<17} {r.frames:>6} {str(r.alive):>5} {str(r.serves):>6} "
-                     f"{r.rss_growth_mib:>8.1f}  {r.note}")
+                     f"{r.rss_growth_mib:>8.1f} {r.seconds:>5.1f}  {r.found}{' | ' if r.found and r.note else ''}"
+                     f"{r.note}")
     return "\n".join(lines)

@@ -57,7 +57,7 @@ def mutate(frame: bytes, rng: random.Random) -> bytes:
     return bytes(data)
 
 
-def _odd_values(value: object) -> list[object]:
+def odd_values(value: object) -> list[object]:
     """Huge, empty, malformed or wrongly typed stand-ins for a field's ``value``."""
     wrong_type = [None, 1, "x", b"x", 1.5, (1, 2)]
     if isinstance(value, bool):
@@ -82,7 +82,7 @@ def resigned_mutants(frame: bytes, rng: random.Random, limit: int = RESIGNED) ->
     msg = decode(frame).msg
     out = []
     for field in dataclasses.fields(msg):
-        for odd in _odd_values(getattr(msg, field.name)):
+        for odd in odd_values(getattr(msg, field.name)):
             mutant = copy.copy(msg)
             object.__setattr__(mutant, field.name, odd)
             try:

@@ -22,6 +22,7 @@ Who calls it: ``permamesh demo``, the benchmarks and the end-to-end tests.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -133,19 +134,42 @@ class EmbeddedMesh:
 
     def wait_running(self, timeout_s: float = 60.0, gone: tuple[str, ...] = (), also: tuple[str, ...] = ()) -> float:
         """Wait until the committee counts every live node of the mesh running, and the node ids
-        in ``also`` (nodes the caller runs itself), but not those in ``gone``; returns the
+        in ``also`` (nodes the caller runs itself), but not those in ``gone``; then until every
+        live node's own copy of the directory is at least that recent (each node keeps its last
+        checked copy in its data directory: the launcher reads its children's copies, as it
+        reads their READY lines, so nothing is left to a node's next refresh). Returns the
         seconds it took."""
         started = time.monotonic()
         while True:
-            want = {c.node_id for c in self.children + self.relay_children if c.node_id and c.alive()} | set(also)
-            running = {row["node_id"] for row in self.committee.query("/directory")["nodes"] if row["running"]}
+            live = [c for c in self.children + self.relay_children if c.node_id and c.alive()]
+            want = {c.node_id for c in live} | set(also)
+            answer = self.committee.query("/directory")
+            running = {row["node_id"] for row in answer["nodes"] if row["running"]}
             if want <= running and not running & set(gone):
-                return time.monotonic() - started
-            if time.monotonic() - started > timeout_s:
-                raise MeshError(f"after {timeout_s:g} s the committee counts {len(want & running)} of the mesh's "
-                                f"{len(want)} nodes running" + (f" and {len(running & set(gone))} gone ones still"
+                break
+            self._check_deadline(started, timeout_s, f"the committee counts {len(want & running)} of the mesh's "
+                                 f"{len(want)} nodes running" + (f" and {len(running & set(gone))} gone ones still"
                                                                  if gone else ""))
             time.sleep(0.1)  # polling the committee's committed state; bounded by timeout_s
+        height = answer["height"]
+        while (behind := [c.name for c in live if c.alive() and self._copy_height(c) < height]):
+            self._check_deadline(started, timeout_s, f"{', '.join(behind)} still read a directory older than "
+                                 f"height {height}")
+            time.sleep(0.1)  # each node refreshes its copy every few seconds; bounded by timeout_s
+        return time.monotonic() - started
+
+    @staticmethod
+    def _check_deadline(started: float, timeout_s: float, what: str) -> None:
+        if time.monotonic() - started > timeout_s:
+            raise MeshError(f"after {timeout_s:g} s {what}")
+
+    def _copy_height(self, child: Child) -> int:
+        """The height of the directory copy ``child`` keeps on disk (-1 if none yet)."""
+        path = Path(self.config.data_dir) / "directory" / f"mesh-{child.name}.json"
+        try:
+            return int(json.loads(path.read_text())["snapshot"]["height"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1
 
     def _spawn(self, name: str, threads: int) -> None:
         cfg = self.config

@@ -23,7 +23,7 @@ from typing import Any
 
 from permamesh.gateway.errors import ApiError
 from permamesh.wire import ChatMessage, GenerateRequest, GenerateResult, WireError
-from permamesh.wire.messages import MAX_NEW_TOKENS, MAX_STOP_STRINGS, ROLES
+from permamesh.wire.messages import MAX_NEW_TOKENS, MAX_STOP_STRINGS, MIN_TEMPERATURE, ROLES
 
 DEFAULT_MAX_TOKENS = 128
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "response_format", "logit_bias", "audio",
@@ -47,6 +47,15 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     if not low <= value <= high:
         raise ApiError(400, f"'{name}' must be between {low:g} and {high:g}, got {value}", param=name)
     return float(value)
+
+
+def _temperature(body: dict) -> float:
+    """0 (greedy) or in [MIN_TEMPERATURE, 2]: a positive value below float32's range is a 400."""
+    value = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise ApiError(400, f"'temperature' {value:g} is below float32's range: use 0 (greedy) or at least "
+                            f"{MIN_TEMPERATURE:.3g}", param="temperature")
+    return value
 
 
 def _int(body: dict, name: str, default: int | None, low: int, high: int) -> int | None:
@@ -120,7 +129,7 @@ def _common(body: Any) -> tuple[str, dict[str, Any], bool, bool]:
     logprobs = body.get("logprobs", False)
     fields = {
         "max_tokens": max_tokens,
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+        "temperature": _temperature(body),
         "top_p": max(_number(body, "top_p", 1.0, 0.0, 1.0), 1e-6),  # 0 keeps only the likeliest token
         "seed": _int(body, "seed", None, 0, 2**63 - 1),
         "stop": stops,

@@ -19,9 +19,12 @@ request ids (:data:`~permamesh.wire.codec.MAX_REQUEST_ID_CHARS`), error codes
 :data:`MAX_ERROR_CHARS` when built and refused above it when decoded. Replies echo request ids,
 so an unbounded one would make the reply itself unsendable.
 
-Sampling parameters: ``temperature`` is 0 (greedy) or in (0, 10]; the engine samples in a way
-that is exact for any such value, so a temperature far below ~1e-3 behaves as greedy (ties
-shared) rather than overflowing. ``top_p`` is in (0, 1]; the likeliest token is always kept.
+Sampling parameters: ``temperature`` is 0 (greedy) or in [:data:`MIN_TEMPERATURE`, 10]; a
+positive value below float32's normal range (1e-300, 5e-324, 1e-45) is refused here, at build
+and at decode, with the bound in the message, rather than reaching a sampler. The engine
+samples in a way that is exact for any allowed value, so a temperature far below ~1e-3
+behaves as greedy (ties shared) rather than overflowing. ``top_p`` is in (0, 1]; the likeliest
+token is always kept.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ MAX_NEW_TOKENS = 8192
 MAX_STOP_STRINGS = 8
 ROLES = ("system", "user", "assistant")
 MAX_TEMPERATURE = 10.0
+MIN_TEMPERATURE = 2.0**-126  # float32's smallest normal (~1.18e-38): the least positive temperature
 MAX_CODE_CHARS = 32  # ErrorReply.code: a short machine-readable word
 MAX_NAME_CHARS = 128  # worker ids, model names, devices, group names
 MAX_ERROR_CHARS = 4096  # ErrorReply.message: human-readable, cut to this when built
@@ -80,6 +84,9 @@ class GenerateRequest(Message):
         _require(1 <= self.max_tokens <= MAX_NEW_TOKENS, f"max_tokens must be in 1..{MAX_NEW_TOKENS}")
         _require(math.isfinite(self.temperature) and 0.0 <= self.temperature <= MAX_TEMPERATURE,
                  f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
+        _require(self.temperature == 0.0 or self.temperature >= MIN_TEMPERATURE,
+                 f"temperature {self.temperature:g} is below float32's range: use 0 (greedy) or at least "
+                 f"{MIN_TEMPERATURE:.3g}")
         _require(math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
         _require(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
         _require(len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings")

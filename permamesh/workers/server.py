@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import threading
 import time
 from collections import OrderedDict
 from typing import Callable, Sequence
@@ -63,6 +62,8 @@ from permamesh.workers.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
+REJECT_LOG_S = 10.0  # seconds between log lines about rejected frames
+
 REPLAY_WINDOW = 65_536  # recent (signer, request id) pairs remembered: a replayed request is refused
 
 
@@ -90,6 +91,7 @@ class WorkerServer:
         self._sinks: dict[bytes, Callable[[Message], None]] = {}  # local peers (overlay jobs)
         self._seen_requests: OrderedDict[tuple[bytes | None, str], None] = OrderedDict()  # replay window
         self._rejected = 0
+        self._reject_logged_at, self._reject_unlogged = float("-inf"), 0
         self.dropped_replies = 0  # messages the send loop could not encode or send
         self._started = time.monotonic()
         self._stopping = False
@@ -150,6 +152,17 @@ class WorkerServer:
             if reply is not None:
                 self.send(peer, reply)
 
+    def _log_rejected(self, peer: bytes, exc: Exception) -> None:
+        """At most one log line per REJECT_LOG_S for rejected frames (a peer sending junk must
+        not grow the log without bound); the count is in the status and the metrics."""
+        now = time.monotonic()
+        if now - self._reject_logged_at < REJECT_LOG_S:
+            self._reject_unlogged += 1
+            return
+        more = f" ({self._reject_unlogged} more rejected since the last line)" if self._reject_unlogged else ""
+        log.warning("rejected frame from %s: %s%s", peer.hex()[:16], exc, more)
+        self._reject_logged_at, self._reject_unlogged = now, 0
+
     def _handle(self, peer: bytes, frame: bytes | None) -> Message | None:
         try:
             if frame is None:
@@ -157,7 +170,7 @@ class WorkerServer:
             received = decode(frame)
         except WireError as exc:
             self._rejected += 1
-            log.warning("rejected frame from %s: %s", peer.hex()[:16], exc)
+            self._log_rejected(peer, exc)
             return ErrorReply("", "bad_frame", str(exc))
         msg = received.msg
         if isinstance(msg, StatusRequest):

@@ -27,6 +27,8 @@ def test_a_chat_body_becomes_a_request():
     ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ({"model": "m", "messages": []}, "messages"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 1e-300}, "temperature"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 5e-324}, "temperature"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 9}, "stop"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),

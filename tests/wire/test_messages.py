@@ -26,7 +26,7 @@ from permamesh.wire import (
     known_tags,
 )
 from permamesh.wire import codec
-from permamesh.wire.messages import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_STOP_STRINGS
+from permamesh.wire.messages import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_STOP_STRINGS, MIN_TEMPERATURE
 
 ALICE = NodeIdentity.generate()
 
@@ -139,7 +139,7 @@ def test_any_token_chunk_with_finite_numbers_round_trips(request_id, text, index
 @given(
     prompt=st.text(max_size=300),
     max_tokens=st.integers(min_value=1, max_value=MAX_NEW_TOKENS),
-    temperature=st.floats(min_value=0.0, max_value=10.0),
+    temperature=st.just(0.0) | st.floats(min_value=MIN_TEMPERATURE, max_value=10.0),  # the valid ones only
     top_p=st.floats(min_value=0.0, max_value=1.0, exclude_min=True),
     seed=st.none() | st.integers(min_value=0, max_value=2**63 - 1),
     stop=st.lists(st.text(min_size=1, max_size=256), max_size=MAX_STOP_STRINGS),
@@ -168,6 +168,13 @@ BAD_REQUESTS = [
      {"prompt": "hi", "max_tokens": MAX_NEW_TOKENS + 1}, "max_tokens"),
     ("negative_temperature", dict(prompt="hi", temperature=-0.01), {"prompt": "hi", "temperature": -0.01}, "temperature"),
     ("huge_temperature", dict(prompt="hi", temperature=10.5), {"prompt": "hi", "temperature": 10.5}, "temperature"),
+    # below float32's range: these passed and ended in a RuntimeError in the sampler (issue 19)
+    ("temperature_1e-300", dict(prompt="hi", temperature=1e-300), {"prompt": "hi", "temperature": 1e-300},
+     "below float32's range"),
+    ("temperature_5e-324", dict(prompt="hi", temperature=5e-324), {"prompt": "hi", "temperature": 5e-324},
+     "below float32's range"),
+    ("temperature_float32_subnormal", dict(prompt="hi", temperature=1e-45), {"prompt": "hi", "temperature": 1e-45},
+     "below float32's range"),
     ("top_p_zero", dict(prompt="hi", top_p=0.0), {"prompt": "hi", "top_p": 0.0}, "top_p"),
     ("top_p_over_one", dict(prompt="hi", top_p=1.01), {"prompt": "hi", "top_p": 1.01}, "top_p"),
     ("too_many_stop_strings", dict(prompt="hi", stop=tuple("abcdefghi")),
@@ -209,6 +216,7 @@ def test_the_limits_themselves_are_allowed():
     msg = GenerateRequest(**edge)
     assert decode(encode(msg, ALICE)).msg == msg
     assert GenerateRequest(request_id="r", prompt="hi", max_tokens=1, temperature=0.0).max_tokens == 1
+    assert GenerateRequest(request_id="r", prompt="hi", temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])

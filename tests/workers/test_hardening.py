@@ -19,6 +19,7 @@ from permamesh.identity import NodeIdentity
 from permamesh.transport import DealerClient
 from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, StatusReply, StatusRequest, encode
 from permamesh.wire import codec
+from permamesh.wire.messages import MIN_TEMPERATURE
 from permamesh.workers.engine import Engine, SamplingParams
 from permamesh.workers.server import ServerThread, WorkerServer
 
@@ -119,7 +120,8 @@ def worker(tiny_loaded):
     thread.stop()
 
 
-@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-8])
+# (1e-300, 5e-324 and 1e-45 are now refused when the request is built or decoded: tests/wire)
+@pytest.mark.parametrize("temperature", [MIN_TEMPERATURE, 1e-30, 1e-8])
 def test_a_vanishing_temperature_answers_like_greedy(worker, temperature):
     with DealerClient(worker) as sock:
         greedy = _answer(sock, _job(temperature=0.0, max_tokens=8))
@@ -175,3 +177,17 @@ def test_a_replayed_direct_request_runs_once(worker):
     assert isinstance(first, GenerateResult)
     assert all(isinstance(r, ErrorReply) and r.code == "duplicate" for r in refusals)
     assert isinstance(status, StatusReply) and status.served == 1
+
+
+def test_a_stream_of_junk_frames_logs_one_line_per_window_not_one_per_frame(tiny_loaded, caplog):
+    """A peer sending junk must not grow the worker's log without bound; the count stays exact."""
+    import logging
+
+    from permamesh.workers.engine import Engine
+    from permamesh.workers.server import WorkerServer
+
+    server = WorkerServer(Engine(tiny_loaded), NodeIdentity.generate())
+    with caplog.at_level(logging.WARNING, logger="permamesh.workers.server"):
+        replies = [server._handle(b"p" * 16, b"junk %d" % i) for i in range(500)]
+    assert all(r.code == "bad_frame" for r in replies) and server._rejected == 500
+    assert len([r for r in caplog.records if "rejected frame" in r.message]) == 1

@@ -97,16 +97,28 @@ class PeerRouter:
         return parts[0], (parts[1] if len(parts) == 2 else None)
 
     def send(self, peer: bytes, frame: bytes) -> bool:
-        """Queue ``frame`` to ``peer`` without waiting; False (and counted) when it was dropped."""
+        """Queue ``frame`` to ``peer`` without waiting; False (and counted) when it was dropped.
+
+        On a ``zmq.asyncio`` socket a NOBLOCK send does not raise: it returns a Future that
+        already holds the outcome (EAGAIN: queue full; EHOSTUNREACH: peer gone). We read it,
+        so the drop is counted and no failed Future is left for asyncio to log with a traceback
+        (found by tests/test_fuzz_ports.py: one traceback per reply to a peer that had left)."""
         try:
-            self._sock.send_multipart([peer, frame], flags=zmq.NOBLOCK)
+            sent = self._sock.send_multipart([peer, frame], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            return self._outcome(peer, exc)
+        if not sent.done():  # queued behind an earlier send: its outcome comes later
+            sent.add_done_callback(lambda f: self._outcome(peer, None if f.cancelled() else f.exception()))
             return True
-        except zmq.ZMQError as exc:  # EAGAIN: queue full; EHOSTUNREACH: peer gone
-            self.dropped += 1
-            if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, ...: a line, not a flood
-                log.info("dropped a reply to %s (%s); %d dropped so far", peer.hex()[:16], exc,
-                         self.dropped)
-            return False
+        return self._outcome(peer, None if sent.cancelled() else sent.exception())
+
+    def _outcome(self, peer: bytes, exc: BaseException | None) -> bool:
+        if exc is None:
+            return True
+        self.dropped += 1
+        if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, ...: a line, not a flood
+            log.info("dropped a reply to %s (%s); %d dropped so far", peer.hex()[:16], exc, self.dropped)
+        return False
 
     def close(self) -> None:
         if not self._sock.closed:
