@@ -92,6 +92,7 @@ def run(quick: bool = False, seed: int = 0, real: RealMesh | None = None,
     if real_rows is None:  # the name overlayreal.run_real uses
         real_rows = measured.pop("real_mesh", None)
     overhead = measured.pop("overhead", None)
+    streaming = measured.pop("streaming", None)
     if real_rows is not None:
         real_rows = [_check_row(row) for row in real_rows]
     report = {
@@ -104,6 +105,7 @@ def run(quick: bool = False, seed: int = 0, real: RealMesh | None = None,
         "delivery": {"sim": delivery, "real_mesh": real_rows},
         "codecs": codecs,
         "overhead": dict(overhead) if overhead is not None else None,
+        "streaming": streaming,
         "anonymity": anonymity,
         "real_mesh_info": measured or None,
     }

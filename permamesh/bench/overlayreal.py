@@ -13,6 +13,9 @@ processes, the entry worker's inbox, acks and answers over reply blocks):
   a stale directory would), and ``requests`` requests are sent per scheme (single-path onion,
   and S-IDA (4,3), (5,3), (6,3) with targeted resends). A request counts as delivered when its
   answer comes back. One mesh serves every p, so relays start once.
+- **streaming** (with every relay up, before the failures): time to first token and to the
+  whole answer through the overlay vs direct, 1 and 8 clients at once
+  (:mod:`~permamesh.bench.overlaystream`).
 
 The entry worker runs in this process (a real :class:`WorkerServer` with tiny-random, on a
 real socket, registered in the local registry the relays read), so no model process has to
@@ -39,6 +42,7 @@ from permamesh.demo import enroll
 from permamesh.demo.mesh import EmbeddedMesh, MeshConfig
 from permamesh.directory.announce import advertised, announce
 from permamesh.directory.relays import CachedLookup
+from permamesh.bench.overlaystream import StreamBenchConfig, measure_streaming, stream_delivery
 from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.sender import OverlayClient, OverlayConfig
 
@@ -54,13 +58,14 @@ class RealOverlayConfig:
     schemes: tuple[tuple[int, int], ...] = SCHEMES
     requests: int = 100  # per scheme and failure rate
     overhead_pairs: int = 60
+    stream_requests: int = 40  # timed streaming pairs per client thread
     ack_timeout_s: float = 0.3  # loopback: the worker acks within milliseconds
     seed: int = 0
 
 
 def quick_config(seed: int = 0) -> RealOverlayConfig:
     return RealOverlayConfig(relays=20, failure_rates=(0.03, 0.10), schemes=((1, 1), (4, 3)), requests=15,
-                             overhead_pairs=10, seed=seed)
+                             overhead_pairs=10, stream_requests=8, seed=seed)
 
 
 class _EntryWorker:
@@ -126,6 +131,12 @@ def measure_delivery(mesh: _Mesh, cfg: RealOverlayConfig, say: Callable[[str], N
                          "mean_attempts": statistics.fmean(clove_counts) if clove_counts else None,
                          "wall_s": round(time.monotonic() - started, 2)})
             say(f"  real mesh: {dead}/{cfg.relays} relays dead, ({n},{k}): delivered {ok}/{cfg.requests}")
+        streamed = stream_delivery(relays, mesh.worker_record, cfg.stream_requests, cfg.ack_timeout_s, cfg.seed)
+        rows.append({"scheme": "stream", "rule": "stream", "n": 4, "k": 3, "failure_rate": p, "dead_relays": dead,
+                     "relays": cfg.relays, "requests": streamed["streams"],
+                     "delivery_rate": streamed["in_order"] / max(1, streamed["streams"]), **streamed})
+        say(f"  real mesh: {dead}/{cfg.relays} relays dead, streamed (4,3): {streamed['in_order']}/{streamed['streams']} "
+            f"complete and in order")
     return rows
 
 
@@ -170,7 +181,9 @@ def run_real(cfg: RealOverlayConfig, say: Callable[[str], None] = print) -> dict
     say(f"  real mesh: starting {cfg.relays} relay processes and an entry worker...")
     with _Mesh(cfg.relays) as mesh:
         overhead = measure_overhead(mesh, cfg, say)
-        return {"real_mesh": measure_delivery(mesh, cfg, say), "overhead": overhead}
+        streaming = measure_streaming(mesh.mesh.relays(), mesh.worker_record, mesh.worker.endpoint,
+                                      StreamBenchConfig(requests=cfg.stream_requests, seed=cfg.seed), say)
+        return {"real_mesh": measure_delivery(mesh, cfg, say), "overhead": overhead, "streaming": streaming}
 
 
 class _Mesh:

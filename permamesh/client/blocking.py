@@ -9,8 +9,10 @@ and async (:class:`permamesh.client.aio.AsyncClient`).
 ...     print(job.exit_code, job.stdout)
 
 ``Client(anonymous=True)`` sends every job through the anonymous overlay (S-IDA cloves over
-onion paths, as ``permamesh submit`` does): the answer then arrives whole, so ``on_text``
-sees it once. Otherwise jobs go straight to a worker and answers stream.
+onion paths, as ``permamesh submit`` does): the answer streams back in chunks over reply
+blocks (``docs/paths.md`` section 9), so ``on_text`` sees each chunk in order as it is
+rebuilt, and the pieces always join to the checked result's text. Otherwise jobs go straight
+to a worker and answers stream token by token.
 
 :meth:`Client.generate` blocks and returns a :class:`GenerateResult`; pass ``on_text`` to
 see the answer as it streams. :meth:`Client.events` yields every message of one job
@@ -260,16 +262,14 @@ class Client:
         params = {k: v for k, v in params.items() if k != "model"}
         for attempt in range(1 + OVERLAY_RESUBMITS):
             try:
-                result = self._overlay_client(self.timeout_s).generate(prompt, messages=chat, **params)
+                result = self._overlay_client(self.timeout_s).generate(prompt, messages=chat, on_text=on_text, **params)
                 break
-            except NotDelivered as exc:  # its relays are avoided now: the next try takes fresh paths
+            except NotDelivered as exc:  # never after text streamed: only before the job started
                 if attempt == OVERLAY_RESUBMITS:
                     raise ClientError("not_delivered", str(exc)) from None
                 log.warning("overlay: %s; sending it again over fresh paths", exc)
             except OverlayError as exc:
                 raise ClientError("not_delivered", str(exc)) from None
-        if on_text is not None and result.text:
-            on_text(result.text)
         return result
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """``permamesh submit``: one prompt to a running mesh, the answer on stdout.
 
 Through the anonymous overlay when the committee's directory (``--join``, ``$PERMAMESH_JOIN``
-or ``DATA_DIR/join``) lists enough running relays (the answer arrives whole), else (or with
+or ``DATA_DIR/join``) lists enough running relays (the answer streams back in chunks over the reply paths), else (or with
 ``--direct`` / ``--worker``) straight to a worker with :class:`permamesh.Client`, streamed as
 it is produced.
 
@@ -56,13 +56,14 @@ def _submit_overlay(args: argparse.Namespace, data_dir: Path, messages: list, pa
         print(f"only {len(relays)} relays running in the committee's directory (the overlay needs "
               f"{config.n * config.hops}); sending directly", file=sys.stderr)
         return None
+    stream = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
     with OverlayClient(relays, workers, dataclasses.replace(config, answer_timeout_s=args.timeout)) as client:
-        result = client.generate(args.prompt if args.raw else None, messages=messages, **params)
+        result = client.generate(args.prompt if args.raw else None, messages=messages, on_text=stream, **params)
         d = client.last
     if args.json:
         print(json.dumps(result.to_fields(), indent=2))
         return 0
-    print(result.text)
+    print()  # the text was streamed as the chunks arrived
     if args.logprobs:
         print("logprobs:", " ".join(f"{lp:.3f}" for lp in result.logprobs))
     print(f"[worker {result.worker_id}] via the overlay: {d.cloves_sent} cloves, {d.paths_failed} paths failed, "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -213,10 +214,21 @@ class CommitteeDirectory:
     # ------------------------------------------------------------------ the copy on disk
     @staticmethod
     def _save_cache(path: Path, snap: Snapshot) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"snapshot": _to_json(snap)}))
-        os.replace(tmp, path)
+        """Write the copy atomically: a temporary file of its own (several directories of one
+        process may share ``path``: each client of an AsyncClient has one) renamed into place.
+        A copy that cannot be written is logged; the directory read still counts."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps({"snapshot": _to_json(snap)}))
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            log.warning("cannot keep the directory copy %s: %s", path, exc)
 
     @staticmethod
     def _load_cache(path: Path) -> Snapshot | None:

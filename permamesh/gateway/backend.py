@@ -5,8 +5,9 @@ finds the workers serving the requested model in the committee's directory, pick
 worker, and sends the job like any client would:
 
 - ``via="overlay"`` (the default): S-IDA cloves over onion paths through an
-  :class:`~permamesh.overlay.sender.OverlayClient`; the answer comes back whole, as
-  cloves, so a streamed answer is cut into word-sized deltas after it arrived;
+  :class:`~permamesh.overlay.sender.OverlayClient`; the answer streams back in chunks over
+  reply blocks (``docs/paths.md`` section 9), each handed to ``on_text`` (an SSE delta) as
+  soon as the overlay rebuilds it, the tail with the checked final answer;
 - ``via="direct"``: straight to a worker with :class:`permamesh.Client`, whose token chunks
   stream as the worker produces them (not anonymous: the worker sees the gateway's address).
 
@@ -87,7 +88,7 @@ class MeshBackend:
         client = self._take()
         ok = False
         try:
-            result = client.submit(req, entry)
+            result = client.submit(req, entry, on_text=on_text)  # chunks as the overlay rebuilds them
             ok = True
         except Exception as exc:  # OverlayError: not delivered, or the worker refused
             raise _mesh_error(exc) from None
@@ -95,8 +96,6 @@ class MeshBackend:
             self._give(client, ok)
         if not fields.get("logprobs"):
             result = dataclasses.replace(result, logprobs=())
-        if on_text is not None and result.text:
-            on_text(result.text)
         return result
 
     def _direct(self, entries: list, model: str, fields: dict, on_text) -> GenerateResult:

@@ -1,15 +1,20 @@
 """What rides inside onion cells between clients and entry workers (binary, versioned).
 
 Forward, a proxy's exit payload is an *envelope*: one encoded clove plus the reply blocks the
-entry worker answers it with (an ack block, then an answer block; both built by the client over
-the reverse of the clove's path). Back, each sealed reply carries one *reply item*: an
-acknowledgement of one clove, or one clove of the answer.
+entry worker answers it with (an ack block, an answer block, then up to
+:data:`MAX_CHUNK_BLOCKS` *chunk blocks* for a streamed answer; all built by the client over the
+reverse of the clove's path). Back, each sealed reply carries one *reply item*: an
+acknowledgement of one clove, one clove of the answer, or one clove of a streamed chunk
+(``docs/paths.md`` section 9).
 
 Layouts (big-endian):
 
-- envelope: ``version (1) | block count (1) | clove length (4) | clove | blocks (577 each)``
+- envelope: ``version (1) | block count (1) | clove length (4) | clove | blocks (577 each)``;
+  block count 0 (no reply), or 2 + the chunk blocks (ack, answer, chunk 0, chunk 1, ...)
 - ack item: ``b"A" | message id (16) | clove index (1) | status (1)``
 - answer item: ``b"C" | encoded clove``
+- chunk item: ``b"S" | chunk sequence number (2) | encoded clove``; the clove's message id is
+  :func:`chunk_message_id` of the request's id and the sequence number
 
 Who calls it: the overlay client (:mod:`~permamesh.overlay.sender`) builds envelopes
 and reads reply items; the entry worker's inbox (:mod:`permamesh.workers.inbox`) reads
@@ -18,6 +23,7 @@ envelopes and builds reply items. Every parse is strict and raises :class:`Overl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import struct
 from dataclasses import dataclass
@@ -29,10 +35,12 @@ from permamesh.overlay.reply import REPLY_BLOCK_BYTES, ReplyBlock
 log = logging.getLogger(__name__)
 
 VERSION = 1
-MAX_BLOCKS = 2  # an ack block and an answer block
+MAX_CHUNK_BLOCKS = 16  # chunk blocks per envelope, at most (a streamed answer's chunks per path)
+MAX_BLOCKS = 2 + MAX_CHUNK_BLOCKS  # an ack block, an answer block, the chunk blocks
 MESSAGE_ID_BYTES = 16
 _HEAD = struct.Struct(">BBI")
 _ACK = struct.Struct(">c16sBB")
+_SEQ = struct.Struct(">H")
 
 # ack status: what the entry worker knows of the message when a clove arrives
 HELD = 0  # kept; fewer than k valid cloves so far
@@ -46,13 +54,19 @@ class Envelope:
     clove: Clove
     ack_block: ReplyBlock | None
     answer_block: ReplyBlock | None
+    chunk_blocks: tuple[ReplyBlock, ...] = ()  # for a streamed answer's chunks, used in order
 
 
-def encode_envelope(clove: Clove, ack_block: ReplyBlock | None, answer_block: ReplyBlock | None) -> bytes:
+def encode_envelope(clove: Clove, ack_block: ReplyBlock | None, answer_block: ReplyBlock | None,
+                    chunk_blocks: tuple[ReplyBlock, ...] = ()) -> bytes:
     if (ack_block is None) != (answer_block is None):
         raise OverlayError("an envelope carries both reply blocks or neither")
+    if chunk_blocks and ack_block is None:
+        raise OverlayError("chunk blocks ride only with an ack and an answer block")
+    if len(chunk_blocks) > MAX_CHUNK_BLOCKS:
+        raise OverlayError(f"an envelope carries at most {MAX_CHUNK_BLOCKS} chunk blocks")
     body = encode_clove(clove)
-    blocks = [b.to_bytes() for b in (ack_block, answer_block) if b is not None]
+    blocks = [b.to_bytes() for b in (ack_block, answer_block, *chunk_blocks) if b is not None]
     return _HEAD.pack(VERSION, len(blocks), len(body)) + body + b"".join(blocks)
 
 
@@ -61,14 +75,16 @@ def decode_envelope(data: object) -> Envelope:
     version, count, length = _HEAD.unpack_from(data)
     if version != VERSION:
         raise OverlayError(f"envelope rejected: version {version}, expected {VERSION}")
-    if count not in (0, MAX_BLOCKS):
-        raise OverlayError(f"envelope rejected: {count} reply blocks, expected 0 or {MAX_BLOCKS}")
+    if count != 0 and not 2 <= count <= MAX_BLOCKS:
+        raise OverlayError(f"envelope rejected: {count} reply blocks, expected 0 or 2..{MAX_BLOCKS}")
     if len(data) != _HEAD.size + length + count * REPLY_BLOCK_BYTES:
         raise OverlayError(f"envelope rejected: {len(data)} bytes do not match its lengths")
     clove = decode_clove(data[_HEAD.size:_HEAD.size + length])
     at = _HEAD.size + length
     blocks = [ReplyBlock.from_bytes(data[at + i * REPLY_BLOCK_BYTES:at + (i + 1) * REPLY_BLOCK_BYTES]) for i in range(count)]
-    return Envelope(clove, *(blocks or (None, None)))
+    if not blocks:
+        return Envelope(clove, None, None)
+    return Envelope(clove, blocks[0], blocks[1], tuple(blocks[2:]))
 
 
 @dataclass(frozen=True)
@@ -88,8 +104,29 @@ def encode_answer_item(clove: Clove) -> bytes:
     return b"C" + encode_clove(clove)
 
 
-def decode_reply_item(data: object) -> Ack | Clove:
-    """An opened reply's content: an :class:`Ack` or an answer :class:`Clove`."""
+@dataclass(frozen=True)
+class ChunkClove:
+    """One clove of chunk ``seq`` of a streamed answer."""
+
+    seq: int  # the chunk's place in the answer, from 0
+    clove: Clove
+
+
+def chunk_message_id(message_id: bytes, seq: int) -> bytes:
+    """The message id of chunk ``seq`` of the answer to ``message_id`` (both ends derive it)."""
+    return hashlib.blake2b(message_id + _SEQ.pack(seq), digest_size=MESSAGE_ID_BYTES,
+                           person=b"pm-chunk").digest()
+
+
+def encode_chunk_item(seq: int, clove: Clove) -> bytes:
+    if not 0 <= seq < 1 << 16:
+        raise OverlayError(f"chunk sequence number {seq} out of range")
+    return b"S" + _SEQ.pack(seq) + encode_clove(clove)
+
+
+def decode_reply_item(data: object) -> Ack | Clove | ChunkClove:
+    """An opened reply's content: an :class:`Ack`, an answer :class:`Clove` or a
+    :class:`ChunkClove`."""
     data = require_bytes(data, "reply item", 1, 1 + MAX_CLOVE_BYTES)
     if data[:1] == b"A":
         if len(data) != _ACK.size:
@@ -100,4 +137,9 @@ def decode_reply_item(data: object) -> Ack | Clove:
         return Ack(mid, index, status)
     if data[:1] == b"C":
         return decode_clove(data[1:])
+    if data[:1] == b"S":
+        if len(data) < 1 + _SEQ.size:
+            raise OverlayError("chunk item rejected: truncated")
+        (seq,) = _SEQ.unpack_from(data, 1)
+        return ChunkClove(seq, decode_clove(data[1 + _SEQ.size:]))
     raise OverlayError(f"reply item rejected: unknown kind {data[:1]!r}")

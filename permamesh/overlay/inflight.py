@@ -3,9 +3,18 @@
 :class:`InFlight` carries out the rules of ``docs/paths.md`` section 6 for one request of an
 :class:`~permamesh.overlay.sender.OverlayClient` (whose module docstring lists them in
 order): the first n cloves over the session's path set with their prepared kits, per-path
-ack timeouts, replacement cloves over fresh paths, the answer rebuilt from any k answer
-cloves and checked against the entry worker's key, and the paths it stopped waiting for
-handed to the client's late evidence. :class:`Delivery` is what the last request did.
+ack timeouts, replacement cloves over fresh paths, a generation job's streamed chunks
+released in order (:class:`~permamesh.overlay.stream.ChunkReassembly`, section 9), the
+answer rebuilt from any k answer cloves and checked against the entry worker's key, and the
+paths it stopped waiting for handed to the client's late evidence.
+
+A chunk still short of k cloves ``stream_repair_s`` after its first clove came lost some on
+a dead path: one more clove goes over a fresh path, and the entry worker sends spare cloves
+of its recent chunks over it (and later chunks too), so the stream goes on. A stream that
+began and then falls silent for ``stream_idle_s`` while chunk blocks are left
+gets one probe (a further clove over a fresh path, which a live entry worker acknowledges);
+silence for another ``stream_idle_s`` ends the request with an :class:`OverlayError` saying how
+much was streamed, never with a silently truncated answer. :class:`Delivery` is what the last request did.
 
 Who calls it: :meth:`OverlayClient.submit <permamesh.overlay.sender.OverlayClient.submit>` only.
 """
@@ -16,12 +25,12 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from permamesh.directory.workers import WorkerRecord
 from permamesh.directory.relays import RelayRecord
-from permamesh.overlay.envelope import STARTED, Ack, decode_reply_item, encode_envelope
+from permamesh.overlay.envelope import MAX_CHUNK_BLOCKS, STARTED, Ack, ChunkClove, decode_reply_item, encode_envelope
 from permamesh.identity import NodeIdentity
 from permamesh.overlay.errors import NotDelivered, OverlayError
 from permamesh.overlay.late import LateEvidence
@@ -31,6 +40,7 @@ from permamesh.overlay.prepared import KitPreparer, PathKit, prepare_kit
 from permamesh.overlay.relay import DEFAULT_EPOCH_S
 from permamesh.overlay.reply import ReplyKeys, open_reply
 from permamesh.overlay.sida import Rebuilder, split
+from permamesh.overlay.stream import ChunkReassembly
 from permamesh.transport import DealerClient, poll_readable
 from permamesh.wire import ErrorReply, GenerateResult, Message, WireError, decode, encode
 
@@ -53,10 +63,15 @@ class OverlayConfig:
     epoch_s: float = DEFAULT_EPOCH_S  # replay-guard epoch length (relays use the same)
     keep_paths: bool = True  # a session's requests share its path set (docs/paths.md 5); else fresh per request
     prepare: bool = True  # between requests, do the X25519 work of the next request's paths
+    stream_blocks: int = 12  # chunk reply blocks per path for a streamed answer (0: answers come whole)
+    stream_idle_s: float = 10.0  # a begun stream silent this long gets a probe; twice: the entry is gone
+    stream_repair_s: float = 0.3  # a chunk short of k cloves this long: one more clove over a fresh path
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.n <= self.max_cloves <= 255:
             raise OverlayError("overlay needs 1 <= k <= n <= max_cloves <= 255")
+        if not 0 <= self.stream_blocks <= MAX_CHUNK_BLOCKS or self.stream_idle_s <= 0:
+            raise OverlayError(f"overlay needs 0 <= stream_blocks <= {MAX_CHUNK_BLOCKS} and stream_idle_s > 0")
 
 
 @dataclasses.dataclass
@@ -112,7 +127,8 @@ class InFlight:
     """The state of one request on the client (see the module docstring for the rules)."""
 
     def __init__(self, client: Sender, worker: WorkerRecord, req: Message, session: str,
-                 results: tuple[type[Message], ...] = (GenerateResult, ErrorReply)) -> None:
+                 results: tuple[type[Message], ...] = (GenerateResult, ErrorReply),
+                 on_text: Callable[[str], None] | None = None) -> None:
         self.c, self.worker, self.req, self.session, self.results = client, worker, req, session, results
         self.mid = os.urandom(16)
         cfg = client.config
@@ -123,6 +139,10 @@ class InFlight:
         self.answers = Rebuilder()
         self.started = False
         self.first_answer_at: float | None = None
+        self.stream = ChunkReassembly(self.mid, bytes.fromhex(worker.sign_key), on_text)
+        self.heard_at = 0.0  # when the last reply of this request came
+        self.probed = False  # a probe went out since the stream last spoke
+        self.repaired_at = 0.0  # when the last repair clove went out
 
     def run(self) -> Message:
         cfg, t0 = self.c.config, time.monotonic()
@@ -131,7 +151,7 @@ class InFlight:
         kits = self.c.preparer.take(keys) if self.c.preparer is not None else [None] * len(paths)
         epoch = self.c.epoch()
         for relays, kit in zip(paths, kits):
-            self._send_kit(relays, kit or prepare_kit([r.hop() for r in relays], self.c.client_id, epoch), depth=0)
+            self._send_kit(relays, kit or self._kit(relays, epoch), depth=0)
         deadline = t0 + cfg.answer_timeout_s
         while True:
             now = time.monotonic()
@@ -150,6 +170,8 @@ class InFlight:
                                            tuple(p.acked for p in self.paths))
                     if isinstance(result, ErrorReply):
                         raise OverlayError(f"the entry worker refused the request: {result.code}: {result.message}")
+                    if isinstance(result, GenerateResult):
+                        self.stream.finish(result.text)
                     return result
 
     def _hold_unheard(self) -> None:
@@ -175,15 +197,20 @@ class InFlight:
                 return 0
         epoch = self.c.epoch()
         for relays in drawn:
-            self._send_kit(relays, prepare_kit([r.hop() for r in relays], self.c.client_id, epoch), depth)
+            self._send_kit(relays, self._kit(relays, epoch), depth)
         return len(drawn)
+
+    def _kit(self, relays: tuple[RelayRecord, ...], epoch: int) -> PathKit:
+        return prepare_kit([r.hop() for r in relays], self.c.client_id, epoch, chunks=self.c.config.stream_blocks)
 
     def _send_kit(self, relays: tuple[RelayRecord, ...], kit: PathKit, depth: int) -> None:
         index = len(self.paths)
         (ack_block, ack_keys), (answer_block, answer_keys) = kit.ack, kit.answer
         self.replies[ack_keys.reply_id] = (ack_keys, index)
         self.replies[answer_keys.reply_id] = (answer_keys, index)
-        envelope = encode_envelope(self.cloves[index], ack_block, answer_block)
+        for _, chunk_keys in kit.chunks:
+            self.replies[chunk_keys.reply_id] = (chunk_keys, index)
+        envelope = encode_envelope(self.cloves[index], ack_block, answer_block, tuple(b for b, _ in kit.chunks))
         _, cell = build_forward([r.hop() for r in relays], self.worker.node_id.encode("ascii"), envelope,
                                 epoch=kit.epoch, secrets=kit.forward)
         self.paths.append(_Path(relays, index, depth, time.monotonic()))
@@ -205,10 +232,32 @@ class InFlight:
                 raise NotDelivered(
                     f"request not delivered: {acked} of {cfg.k} cloves acknowledged after {len(self.paths)} cloves "
                     f"over {len(self.paths)} paths ({sum(p.failed for p in self.paths)} failed)")
+        self._check_stream(now)
         if self.first_answer_at is not None and now - self.first_answer_at > cfg.answer_grace_s:
             self.first_answer_at = now  # some answer cloves were lost on the way back: ask again
             if self._send_new(1, 1) == 0:
                 raise OverlayError("the answer was lost on the way back and no fresh path is left")
+
+    def _check_stream(self, now: float) -> None:
+        """The rule for an entry worker that falls silent mid-stream (module docstring)."""
+        cfg, stream = self.c.config, self.stream
+        stalled = stream.stalled_since()
+        if (stalled is not None and self.first_answer_at is None and now - stalled >= cfg.stream_repair_s
+                and now - self.repaired_at >= max(cfg.stream_repair_s, cfg.ack_timeout_s)):
+            self.repaired_at = now  # a chunk lost cloves on a dead path: a fresh path brings spares
+            log.info("chunk cloves were lost on the way back; repairing over a fresh path")
+            self._send_new(1, 1)
+        if (stream.rebuilt == 0 or self.first_answer_at is not None or now - self.heard_at < cfg.stream_idle_s
+                or stream.highest + 1 >= cfg.stream_blocks):  # not begun, ending, talking, or out of blocks
+            return
+        if not self.probed:
+            self.probed, self.heard_at = True, now
+            log.info("the stream went silent after %d chunks; probing the entry worker", stream.rebuilt)
+            self._send_new(1, 1)
+            return
+        raise OverlayError(
+            f"the entry worker went silent mid-stream: {stream.rebuilt} chunks ({len(stream.text)} characters) "
+            f"arrived, then nothing for {2 * cfg.stream_idle_s:g} s, not even an ack of a probe; the answer is incomplete")
 
     # ------------------------------------------------------------------ receiving
     def _on_frame(self, frame: bytes) -> Message | None:
@@ -229,10 +278,17 @@ class InFlight:
             log.info("dropped a reply on path %d: %s", index, exc)
             return None
         path = self.paths[index]
+        if isinstance(item, ChunkClove):
+            if not path.failed:
+                path.acked, self.started = True, True
+            self.heard_at, self.probed = time.monotonic(), False
+            self.stream.add(item)
+            return None
         if isinstance(item, Ack):
             if item.message_id == self.mid and not path.failed:
                 path.acked = True
                 self.started = self.started or item.status >= STARTED
+                self.heard_at, self.probed = time.monotonic(), False
             return None
         if item.message_id != self.mid:
             return None

@@ -2,7 +2,7 @@
 
 Most of what a client spends before its first clove can leave is X25519: one agreement per
 hop for the forward onion and one per hop for each of the two reply blocks (ack and answer),
-36 for four paths of three relays. None of it depends on the request, so it can be done
+36 for four paths of three relays, and one per hop for each chunk block of a streamed answer. None of it depends on the request, so it can be done
 before the request exists, the way Tor builds circuits before a user asks for one:
 
 - :func:`prepare_kit` does it for one path: the forward hops' key agreements and the two
@@ -49,11 +49,13 @@ class PathKit:
     forward: tuple[HopSecret, ...] = dataclasses.field(repr=False)  # one per hop of ``path``
     ack: tuple[ReplyBlock, ReplyKeys] = dataclasses.field(repr=False)  # over the reversed path
     answer: tuple[ReplyBlock, ReplyKeys] = dataclasses.field(repr=False)
+    chunks: tuple[tuple[ReplyBlock, ReplyKeys], ...] = dataclasses.field(default=(), repr=False)  # streamed chunks
 
 
 def prepare_kit(hops: Sequence[HopInfo], client_id: bytes, epoch: int,
-                rng: cells.Rng = cells.default_rng) -> PathKit:
-    """The kit for one clove over ``hops``: replies come back over the reversed path."""
+                rng: cells.Rng = cells.default_rng, chunks: int = 0) -> PathKit:
+    """The kit for one clove over ``hops`` with ``chunks`` chunk blocks: replies come back
+    over the reversed path."""
     back = list(reversed(hops))
     return PathKit(
         path=tuple(h.node_id for h in hops),
@@ -61,6 +63,7 @@ def prepare_kit(hops: Sequence[HopInfo], client_id: bytes, epoch: int,
         forward=tuple(cells.client_secret(h, rng) for h in hops),
         ack=build_reply_block(back, client_id, epoch=epoch, rng=rng),
         answer=build_reply_block(back, client_id, epoch=epoch, rng=rng),
+        chunks=tuple(build_reply_block(back, client_id, epoch=epoch, rng=rng) for _ in range(chunks)),
     )
 
 
@@ -76,8 +79,8 @@ class KitPreparer:
     thread.
     """
 
-    def __init__(self, draw: Draw, client_id: bytes, epoch: Callable[[], int]) -> None:
-        self._draw, self._client_id, self._epoch = draw, client_id, epoch
+    def __init__(self, draw: Draw, client_id: bytes, epoch: Callable[[], int], chunks: int = 0) -> None:
+        self._draw, self._client_id, self._epoch, self._chunks = draw, client_id, epoch, chunks
         self._cond = threading.Condition()
         self._ready: dict[PathKey, PathKit] | None = None
         self._wanted = True  # a set should be built (the client is idle)
@@ -131,7 +134,7 @@ class KitPreparer:
             kits: dict[PathKey, PathKit] | None = None
             try:
                 epoch = self._epoch()
-                made = [prepare_kit(hops, self._client_id, epoch) for hops in self._draw()]
+                made = [prepare_kit(hops, self._client_id, epoch, chunks=self._chunks) for hops in self._draw()]
                 kits = {kit.path: kit for kit in made}
             except OverlayError as exc:  # e.g. too few relays right now: requests build their own
                 log.info("no path set prepared: %s", exc)

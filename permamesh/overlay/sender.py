@@ -15,7 +15,9 @@ One request (:meth:`OverlayClient.generate`):
    the next unused clove goes over a fresh path (at most ``resends`` rounds deep, at most
    ``max_cloves`` cloves in all). That is the rule of ``docs/paths.md``.
 4. The answer comes back as cloves (any ``k`` rebuild), signed by the entry worker, whose key
-   is pinned from the registry. If some answer cloves came but fewer than ``k`` within
+   is pinned from the registry; before it, a generation job's text streams back in chunks
+   over each path's chunk blocks (``stream_blocks`` per path), released in order to
+   ``on_text`` (:mod:`~permamesh.overlay.stream`). If some answer cloves came but fewer than ``k`` within
    ``answer_grace_s``, another clove goes out over a fresh path, and the worker answers it from
    its cache. A clove's ack may be left out when its path carries an answer clove soon enough:
    an answer clove proves its path works just as well.
@@ -42,7 +44,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from permamesh.identity import NodeIdentity
 from permamesh.directory.workers import WorkerRecord
@@ -78,7 +80,7 @@ class OverlayClient:
         self.sessions = SessionPaths(self.selector)
         self._select_lock = threading.Lock()  # selector and sessions are shared with the preparer thread
         self._next_session = ""  # the session the preparer prepares for: the last one used
-        self.preparer = (KitPreparer(self._draw_next, self.client_id, self.epoch)
+        self.preparer = (KitPreparer(self._draw_next, self.client_id, self.epoch, config.stream_blocks)
                          if config.prepare and config.keep_paths else None)
         self.late = LateEvidence(config.ack_timeout_s, self.path_failed)  # paths a request stopped waiting for
 
@@ -136,26 +138,33 @@ class OverlayClient:
     # ------------------------------------------------------------------ one request
     def generate(self, prompt: str | None = None, *, messages: Sequence[dict] = (), max_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-                 logprobs: bool = False, session: str = "", entry: str | None = None) -> GenerateResult:
+                 logprobs: bool = False, session: str = "", entry: str | None = None,
+                 on_text: Callable[[str], None] | None = None) -> GenerateResult:
+        """Run one generation job; ``on_text`` gets the answer's text in order, chunk by chunk
+        as it is generated (``docs/paths.md`` section 9), the last piece once the signed result
+        is checked, so the pieces always join to ``result.text``."""
         req = GenerateRequest(os.urandom(16).hex(), prompt=prompt,
                               messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages),
                               max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               stop=tuple(stop), logprobs=True, session=session)  # always: see submit()
-        result = self.submit(req, entry)
+        result = self.submit(req, entry, on_text=on_text)
         # the caller gets the log-probs only if it asked for them
         return result if logprobs else dataclasses.replace(result, logprobs=())
 
     def submit(self, req: Message, entry: str | None = None,
-               results: tuple[type[Message], ...] = (GenerateResult, ErrorReply)) -> Message:
+               results: tuple[type[Message], ...] = (GenerateResult, ErrorReply),
+               on_text: Callable[[str], None] | None = None) -> Message:
         """Send a ready request (validators send their challenges this way) and return the
         entry worker's answer as it came: one of ``results`` (a container job's
         :class:`~permamesh.containers.messages.RunRequest` expects its ``RunResult``). Every
         generation request should ask for log-probs, so the committee's challenges, which need
-        them, look like any other request."""
+        them, look like any other request. Every request carries ``stream_blocks`` chunk blocks
+        per path whether or not ``on_text`` is given, so streamed and unstreamed jobs (and
+        challenges) look alike to the entry worker and the relays."""
         worker = self._entry(entry)
         self.settle_paths()
         try:
-            return InFlight(self, worker, req, getattr(req, "session", ""), results).run()
+            return InFlight(self, worker, req, getattr(req, "session", ""), results, on_text).run()
         finally:
             if self.preparer is not None:
                 self.preparer.refill()

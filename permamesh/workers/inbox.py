@@ -14,6 +14,13 @@ this worker, is split into ``answer_cloves`` cloves (any ``k`` rebuild, the requ
 block carries one; blocks that arrive later (the client resending over fresh paths) get the
 next cloves of the same split, from a bounded cache of recent answers.
 
+A generation request whose envelopes carry chunk blocks is streamed (``docs/paths.md``
+section 9): the job runs with ``stream=True``, its :class:`TokenChunk` messages go to
+a :class:`~permamesh.overlay.stream.StreamOut` and each chunk, signed and split (any k
+rebuild), goes out as one clove over the next chunk block of every path held; a path's first
+chunk clove also stands for its ack. Streaming stops when fewer than k paths have a chunk
+block left; the final answer still goes over the answer blocks and holds the whole text.
+
 Each clove is taken once: a second clove with the same message id and index (a replayed
 envelope, or a proxy that duplicates) is dropped and counted (``duplicate``), never acked nor
 answered. At most ``max_cloves_per_message`` cloves of one message and ``max_held_cloves`` in
@@ -39,13 +46,16 @@ import time
 from typing import Callable, Mapping
 
 from permamesh.containers.messages import RunRequest, RunResult
-from permamesh.overlay.envelope import ANSWERED, HELD, STARTED, Ack, Envelope, decode_envelope, encode_ack, encode_answer_item
+from permamesh.overlay.envelope import (
+    ANSWERED, HELD, STARTED, Ack, Envelope, decode_envelope, encode_ack, encode_answer_item,
+)
 from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.messages import RelayCell
 from permamesh.overlay.reply import ReplyBlock, seal_reply
 from permamesh.overlay.sida import Rebuilder, RebuilderConfig, split
+from permamesh.overlay.stream import Lane, StreamConfig, StreamOut
 from permamesh.transport import AsyncDealer
-from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, Message, WireError, decode, encode
+from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, Message, TokenChunk, WireError, decode, encode
 from permamesh.workers.host import WorkerHost
 
 
@@ -64,6 +74,7 @@ class InboxConfig:
     max_cloves_per_message: int = 32  # distinct cloves (and answer blocks) held per message id
     max_held_cloves: int = 16_384  # distinct cloves held for all messages (pending or answered)
     prune_every_s: float = 1.0  # how often message ids no longer held are forgotten
+    stream: StreamConfig = StreamConfig()  # when a streamed answer's chunks leave
 
 
 @dataclasses.dataclass
@@ -73,6 +84,11 @@ class _Job:
     blocks: list[ReplyBlock]  # answer blocks waiting for the answer
     cloves: list | None = None  # the answer's cloves once it is ready
     next_clove: int = 0
+    stream: StreamOut | None = None  # a streamed job's chunks out (docs/paths.md 9)
+
+    def stop_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.stop()
 
 
 class Inbox:
@@ -82,6 +98,7 @@ class Inbox:
         self.rebuilder = Rebuilder(RebuilderConfig(ttl_s=config.rebuild_ttl_s))
         self.jobs: collections.OrderedDict[bytes, _Job] = collections.OrderedDict()
         self.waiting: dict[bytes, list[ReplyBlock]] = {}  # message id -> answer blocks before rebuild
+        self.waiting_lanes: dict[bytes, list[Lane]] = {}  # message id -> chunk blocks before rebuild
         self.dealers: dict[str, AsyncDealer] = {}
         self.pending_acks: dict[bytes, asyncio.TimerHandle] = {}  # answer block alpha -> its ack
         self.counts: collections.Counter[str] = collections.Counter()
@@ -120,14 +137,21 @@ class Inbox:
             status = HELD if message is None else STARTED
         if env.ack_block is not None and not (status == ANSWERED and env.answer_block is not None):
             self._ack(env, status)
+        lane = Lane(env.answer_block.header[:32], list(env.chunk_blocks)) if env.chunk_blocks else None
         if job is None and status == HELD:
             if env.answer_block is not None:
                 self.waiting.setdefault(mid, []).append(env.answer_block)
+            if lane is not None:
+                self.waiting_lanes.setdefault(mid, []).append(lane)
             return
         if job is None:
+            if lane is not None:
+                self.waiting_lanes.setdefault(mid, []).append(lane)
             job = self._start(mid, message, now, clove.k)
             if job is None:
                 return
+        elif lane is not None and job.stream is not None:
+            job.stream.add_lane(lane)  # a late path: later chunks use it too
         if env.answer_block is not None:
             job.blocks.append(env.answer_block)
         self._flush(job)
@@ -152,6 +176,7 @@ class Inbox:
 
     def _forget(self, mid: bytes) -> None:
         self.waiting.pop(mid, None)
+        self.waiting_lanes.pop(mid, None)
         self.held -= len(self.taken.pop(mid, ()))
 
     def _ack(self, env: Envelope, status: int) -> None:
@@ -182,16 +207,23 @@ class Inbox:
             log.info("a rebuilt overlay message is not a valid frame: %s", exc)
             return None
         req = received.msg
+        lanes = self.waiting_lanes.pop(mid, [])
         if isinstance(req, GenerateRequest):
-            req = dataclasses.replace(req, stream=False)
+            req = dataclasses.replace(req, stream=bool(lanes))
         elif not isinstance(req, RunRequest):
             self.counts["bad_request"] += 1
             log.info("a rebuilt overlay message is a %s, not a request", req.TAG)
             return None
+        else:
+            lanes = []  # container jobs answer whole (docs/paths.md 9)
         job = _Job(now, k, self.waiting.pop(mid, []))
+        if lanes:
+            job.stream = StreamOut(mid, req.request_id, k, lanes, lambda chunk: encode(chunk, self.server.identity),
+                                   self._seal_chunk, self.counts, self.config.stream)
         self.jobs[mid] = job
         while len(self.jobs) > self.config.max_jobs:
-            old, _ = self.jobs.popitem(last=False)
+            old, old_job = self.jobs.popitem(last=False)
+            old_job.stop_stream()
             self._forget(old)
         peer = SINK_PREFIX + mid
         self.server.add_sink(peer, lambda msg: self._on_answer(mid, peer, msg))
@@ -203,16 +235,29 @@ class Inbox:
 
     # ------------------------------------------------------------------ answers out
     def _on_answer(self, mid: bytes, peer: bytes, msg: Message) -> None:
+        if isinstance(msg, TokenChunk):
+            job = self.jobs.get(mid)
+            if job is not None and job.stream is not None:
+                job.stream.on_tokens(msg, time.monotonic())
+            return
         if not isinstance(msg, (GenerateResult, RunResult, ErrorReply)):
             return  # Accepted, Progress: the client learns progress from acks
         self.server.remove_sink(peer)
         job = self.jobs.get(mid)
         if job is None:
             return
+        job.stop_stream()  # the answer holds the whole text
         frame = encode(msg, self.server.identity)
         job.cloves = split(frame, n=max(self.config.answer_cloves, job.k), k=job.k, message_id=mid)
         self.counts["answers"] += 1
         self._flush(job)
+
+    def _seal_chunk(self, ack_key: bytes, block: ReplyBlock, item: bytes) -> None:
+        pending = self.pending_acks.pop(ack_key, None)
+        if pending is not None:  # a chunk clove proves its path as well as an ack
+            pending.cancel()
+            self.counts["acks_saved"] += 1
+        self._seal(block, item)
 
     def _flush(self, job: _Job) -> None:
         if job.cloves is None:
@@ -255,6 +300,7 @@ class Inbox:
             if now - job.created <= self.config.answer_ttl_s:
                 break
             self.jobs.popitem(last=False)
+            job.stop_stream()
             self.server.remove_sink(SINK_PREFIX + mid)
             self._forget(mid)
         if now >= self.next_prune:
@@ -264,6 +310,8 @@ class Inbox:
 
     def close(self) -> None:
         self.closed = True
+        for job in self.jobs.values():
+            job.stop_stream()
         for pending in self.pending_acks.values():
             pending.cancel()
         self.pending_acks.clear()

@@ -1,0 +1,138 @@
+"""A streamed answer end to end through the overlay in one process: real relays (RelayThread)
+on loopback, a real tiny-random worker with its inbox, the OverlayClient and
+``Client(anonymous=True)``. Chunks come back over each path's chunk blocks before the final
+answer exists, in order, and join to its text; dead relays (drop_all) cost nothing; an entry
+worker that stops mid-stream ends the request with a clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+
+import pytest
+
+from permamesh.directory.relays import CachedLookup
+from permamesh.directory.workers import WorkerRecord
+from permamesh.identity import NodeIdentity
+from permamesh.overlay.errors import OverlayError
+from permamesh.overlay.sender import OverlayClient
+from permamesh.workers.engine import Engine
+from permamesh.workers.inbox import Inbox
+from permamesh.workers.server import ServerThread, WorkerServer
+from tests.overlay.test_overlay_e2e import FAST, _start_relays
+
+STREAM = dataclasses.replace(FAST, stream_idle_s=1.0)
+
+
+@pytest.fixture
+def mesh(home, tiny_loaded, request):
+    """(relay records, worker record, worker server, worker thread, relay threads);
+    ``request.param`` = indices of dead relays."""
+    dead = getattr(request, "param", set())
+    links: dict[bytes, str] = {}
+    relay_threads, records = _start_relays(links, 16, dead)
+    server = WorkerServer(Engine(tiny_loaded), NodeIdentity.generate())
+    server.inbox = Inbox(server, CachedLookup(lambda: links, 0.0))
+    worker_thread = ServerThread(server)
+    endpoint = worker_thread.start()
+    record = WorkerRecord(server.worker_id, endpoint, server.identity.public.sign_key.hex(), server.engine.loaded.name)
+    links[server.worker_id.encode("ascii")] = endpoint
+    yield records, record, server, worker_thread, relay_threads
+    worker_thread.stop()
+    for thread in relay_threads:
+        thread.stop()
+
+
+class Pieces:
+    """``on_text``: records each piece and how many final answers the entry had made by then."""
+
+    def __init__(self, server: WorkerServer) -> None:
+        self.server, self.texts, self.answers_then = server, [], []
+
+    def __call__(self, text: str) -> None:
+        self.texts.append(text)
+        self.answers_then.append(self.server.inbox.counts["answers"])
+
+
+def test_chunks_arrive_in_order_before_the_answer_and_join_to_its_text(mesh):
+    records, worker, server, *_ = mesh
+    pieces = Pieces(server)
+    with OverlayClient(records, [worker], STREAM, random.Random(1)) as client:
+        result = client.generate("tell me a story", max_tokens=24, on_text=pieces)
+    assert "".join(pieces.texts) == result.text and result.completion_tokens == 24
+    assert len(pieces.texts) >= 2
+    assert pieces.answers_then[0] == 0  # the first chunk came before the entry had the answer
+    assert server.inbox.counts["chunks"] >= 2 and server.inbox.counts["answers"] == 1
+    assert client.last.paths_failed == 0
+
+
+def test_a_streamed_answer_equals_the_unstreamed_one(mesh):
+    records, worker, server, *_ = mesh
+    whole = dataclasses.replace(STREAM, stream_blocks=0)
+    with OverlayClient(records, [worker], whole, random.Random(2)) as client:
+        plain = client.generate("same answer?", max_tokens=10)
+    assert server.inbox.counts["chunks"] == 0
+    pieces = Pieces(server)
+    with OverlayClient(records, [worker], STREAM, random.Random(3)) as client:
+        streamed = client.generate("same answer?", max_tokens=10, on_text=pieces)
+    assert streamed.token_ids == plain.token_ids and "".join(pieces.texts) == plain.text
+
+
+def test_the_anonymous_client_streams_through_on_text(mesh):
+    records, worker, server, *_ = mesh
+    from permamesh.client.blocking import Client
+
+    pieces = Pieces(server)
+    with Client([worker.endpoint]) as client:  # its overlay client, made here from the same records
+        client.anonymous = True
+        client._overlay = OverlayClient(records, [worker], STREAM, random.Random(4))
+        result = client.generate("hello", max_tokens=16, on_text=pieces)
+    assert "".join(pieces.texts) == result.text and len(pieces.texts) >= 2
+    assert pieces.answers_then[0] == 0
+
+
+@pytest.mark.parametrize("mesh", [{0, 5, 10}], indirect=True)
+def test_streams_complete_in_order_despite_dead_relays(mesh):
+    records, worker, server, *_ = mesh
+    with OverlayClient(records, [worker], STREAM, random.Random(7)) as client:
+        for i in range(5):
+            pieces = Pieces(server)
+            result = client.generate(f"question {i}", max_tokens=12, on_text=pieces)
+            assert "".join(pieces.texts) == result.text and result.completion_tokens == 12
+
+
+def test_a_relay_that_dies_mid_stream_loses_nothing(mesh):
+    records, worker, server, _, relay_threads = mesh
+    by_id = {r.node_id_bytes: t for r, t in zip(records, relay_threads)}
+    pieces: list[str] = []
+    with OverlayClient(records, [worker], STREAM, random.Random(11)) as client:
+        client.generate("warm up the paths", max_tokens=2)
+        victims = [path[1].node_id for path in client.sessions.peek("")[:2]]  # the middle relays of two paths
+
+        def on_text(text: str) -> None:
+            pieces.append(text)
+            if len(pieces) == 1:  # the stream has begun: two reply paths die under it
+                for node_id in victims:
+                    threading.Thread(target=by_id[node_id].stop, daemon=True).start()
+
+        result = client.generate("a longer answer, please", max_tokens=48, on_text=on_text)
+    assert "".join(pieces) == result.text and result.completion_tokens == 48
+    assert len(pieces) >= 2
+
+
+def test_an_entry_worker_stopped_mid_stream_gives_a_clear_error(mesh):
+    records, worker, server, worker_thread, _ = mesh
+    stopped = threading.Event()
+    pieces: list[str] = []
+
+    def on_text(text: str) -> None:
+        pieces.append(text)
+        if not stopped.is_set():  # the first chunk is in: the entry worker goes away
+            stopped.set()
+            threading.Thread(target=worker_thread.stop, daemon=True).start()
+
+    with OverlayClient(records, [worker], STREAM, random.Random(9)) as client:
+        with pytest.raises(OverlayError, match="silent mid-stream|refused"):
+            client.generate("a long answer, please", max_tokens=400, on_text=on_text)
+    assert stopped.is_set() and pieces  # some text came, and then an error, not a short answer

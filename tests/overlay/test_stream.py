@@ -1,0 +1,141 @@
+"""A streamed answer's pieces without a network: the envelope carries chunk blocks, the entry
+worker's ChunkBuffer cuts chunks by size and by time, and the client's ChunkReassembly
+rebuilds each chunk from any k cloves, releases them strictly in order, and fills in from the
+final answer what no chunk carried, refusing an answer that contradicts its chunks or chunks
+signed by anyone but the entry worker (mallory)."""
+
+from __future__ import annotations
+
+import pytest
+
+from permamesh.identity import NodeIdentity
+from permamesh.overlay.envelope import (
+    MAX_CHUNK_BLOCKS, ChunkClove, chunk_message_id, decode_envelope, decode_reply_item, encode_chunk_item,
+    encode_envelope,
+)
+from permamesh.overlay.errors import OverlayError
+from permamesh.overlay.onion import HopInfo
+from permamesh.overlay.reply import build_reply_block
+from permamesh.overlay.sida import split
+from permamesh.overlay.stream import ChunkBuffer, ChunkReassembly, StreamConfig
+from permamesh.wire import TokenChunk, encode
+
+RELAYS = [HopInfo.from_identity(NodeIdentity.generate().public) for _ in range(3)]
+CLIENT_ID = b"c" * 16
+ENTRY = NodeIdentity.generate()
+MID = b"m" * 16
+
+
+def _block():
+    return build_reply_block(RELAYS, CLIENT_ID)[0]
+
+
+def _chunk_cloves(seq: int, text: str, signer: NodeIdentity = ENTRY, n: int = 4, k: int = 3) -> list[ChunkClove]:
+    frame = encode(TokenChunk("r", seq, text, (seq,)), signer)
+    return [ChunkClove(seq, c) for c in split(frame, n=n, k=k, message_id=chunk_message_id(MID, seq))]
+
+
+def _reassembly() -> tuple[ChunkReassembly, list[str]]:
+    seen: list[str] = []
+    return ChunkReassembly(MID, bytes.fromhex(ENTRY.public.sign_key.hex()), seen.append), seen
+
+
+def test_an_envelope_carries_its_chunk_blocks_in_order():
+    clove = split(b"a request", n=4, k=3)[0]
+    ack, answer, chunks = _block(), _block(), tuple(_block() for _ in range(5))
+    env = decode_envelope(encode_envelope(clove, ack, answer, chunks))
+    assert env.ack_block == ack and env.answer_block == answer and env.chunk_blocks == chunks
+    assert decode_envelope(encode_envelope(clove, ack, answer)).chunk_blocks == ()
+    with pytest.raises(OverlayError):
+        encode_envelope(clove, ack, answer, tuple(_block() for _ in range(MAX_CHUNK_BLOCKS + 1)))
+    with pytest.raises(OverlayError):
+        encode_envelope(clove, None, None, chunks)
+
+
+def test_a_chunk_item_round_trips_and_names_its_number():
+    clove = _chunk_cloves(7, "seven")[0].clove
+    item = decode_reply_item(encode_chunk_item(7, clove))
+    assert item == ChunkClove(7, clove)
+    with pytest.raises(OverlayError):
+        decode_reply_item(b"S\x00")
+
+
+def test_chunks_grow_so_a_bounded_number_of_blocks_covers_a_long_answer():
+    config = StreamConfig(first_tokens=1, chunk_tokens=4, interval_s=0.05, growth=1.5, max_interval_s=1.0)
+    sizes = [config.tokens(s) for s in range(12)]
+    assert sizes[0] == 1 and sizes[1] == 4 and sizes == sorted(sizes) and sum(sizes) > 500
+    assert config.wait_s(0) == 0 and config.wait_s(1) == 0.05 and config.wait_s(30) == 1.0
+    with pytest.raises(OverlayError):
+        StreamConfig(growth=0.5)
+
+
+def test_the_buffer_cuts_the_first_chunk_at_once_and_later_ones_by_size_or_time():
+    buf = ChunkBuffer("r", StreamConfig(first_tokens=1, chunk_tokens=3, interval_s=0.1, growth=1.0))
+    assert buf.add(TokenChunk("r", 0, "a", (1,)), now=0.0)  # the first token is due at once
+    assert buf.take() == (0, TokenChunk("r", 0, "a", (1,)))
+    assert not buf.add(TokenChunk("r", 1, "b", (2,)), now=1.0)
+    assert buf.due_in(1.05) == pytest.approx(0.05)  # due by time 0.1 s after its first token
+    assert not buf.add(TokenChunk("r", 2, "", (3,)), now=1.06)  # text held back (a stop string?)
+    assert buf.add(TokenChunk("r", 3, "cd", (4, 5)), now=1.07)  # 4 tokens >= 3: due by size
+    assert buf.take() == (1, TokenChunk("r", 1, "bcd", (2, 3, 4, 5)))
+    assert buf.take() is None and buf.due_in(2.0) is None
+
+
+def test_chunks_are_released_in_order_from_any_k_cloves():
+    stream, seen = _reassembly()
+    first, second, third = _chunk_cloves(0, "Hel"), _chunk_cloves(1, "lo, "), _chunk_cloves(2, "world")
+    for item in third[1:]:  # chunk 2 rebuilds first: held back
+        stream.add(item)
+    for item in second[:1] + second[2:]:  # any three of four
+        stream.add(item)
+    assert seen == [] and stream.rebuilt == 2
+    for item in first[:3]:
+        stream.add(item)
+    assert seen == ["Hel", "lo, ", "world"] and stream.next_seq == 3
+    stream.finish("Hello, world")
+    assert seen == ["Hel", "lo, ", "world"]  # nothing left over
+
+
+def test_a_chunk_that_never_rebuilds_is_filled_in_from_the_final_answer():
+    stream, seen = _reassembly()
+    for item in _chunk_cloves(0, "one "):
+        stream.add(item)
+    for item in _chunk_cloves(1, "two ")[:2]:  # only two cloves: a dead reply path too many
+        stream.add(item)
+    for item in _chunk_cloves(2, "three"):
+        stream.add(item)
+    assert seen == ["one "]
+    stream.finish("one two three four")
+    assert "".join(seen) == "one two three four"
+
+
+def test_an_answer_that_contradicts_its_chunks_is_refused():
+    stream, _ = _reassembly()
+    for item in _chunk_cloves(0, "yes"):
+        stream.add(item)
+    with pytest.raises(OverlayError, match="contradicts"):
+        stream.finish("no")
+
+
+def test_mallory_cannot_slip_in_a_chunk():
+    stream, seen = _reassembly()
+    mallory = NodeIdentity.generate()
+    for item in _chunk_cloves(0, "forged", signer=mallory):  # not the entry worker's key
+        stream.add(item)
+    wrong_id = [ChunkClove(1, item.clove) for item in _chunk_cloves(0, "moved")]  # renumbered
+    for item in wrong_id:
+        stream.add(item)
+    assert seen == [] and stream.rebuilt == 0 and stream.dropped >= 2
+
+
+def test_a_chunk_short_of_k_cloves_shows_as_a_stall_until_it_rebuilds():
+    stream, seen = _reassembly()
+    cloves = _chunk_cloves(0, "late")
+    assert stream.stalled_since() is None
+    stream.add(cloves[0])
+    stream.add(cloves[1])
+    assert stream.stalled_since() is not None and seen == []
+    stream.add(cloves[3])  # a spare over a fresh path
+    assert stream.stalled_since() is None and seen == ["late"]
+    stream.add(cloves[2])  # the last one, late: nothing more
+    assert seen == ["late"] and stream.stalled_since() is None
