@@ -161,12 +161,21 @@ def _start(plan: HostsPlan, net, wrap, addrs, base: Path, join: str, nodes: list
                     "--threads", "1", "--prefix-cache-mb", "64"]
         else:  # its ISP, grid and location are the ones its registration claims (_register)
             argv = [sys.executable, "-m", "permamesh", "relay", *common]
+        node["spawned_at"] = time.monotonic()
         node["child"] = spawn(node["name"], [*wrap[h], *argv], logs)
         children.append(node["child"])
     wait_ready(children, plan.start_timeout_s)
     for node in nodes:
         node["ready_at"] = time.monotonic()
     return children
+
+
+def _model_load_s(child) -> float:
+    """The seconds a worker's log says its model took to load (0 if it does not say)."""
+    import re
+
+    found = re.findall(r"model \S+ ready on \S+ in ([0-9.]+) s", child.log_tail(400))
+    return float(found[-1]) if found else 0.0
 
 
 def _running(committee) -> dict[str, bool]:
@@ -189,16 +198,22 @@ def _measure(plan: HostsPlan, committee, join: str, children, nodes, wrap, addrs
     out: dict = {}
     workers = [n for n in nodes if n["role"] == "worker"]
     ids = {n["node_id"] for n in nodes}
-    _wait(lambda: all(_running(committee).get(i) for i in ids), 60.0, "every node in the running set")
     directory = CommitteeDirectory([join], base / "client" / "directory.json", timeout_s=5.0)
-    join_s = []
-    for w in workers:  # the first job each worker serves, pinned to it through the directory's link
-        link = next(r.endpoint for r in directory.workers() if r.node_id == w["node_id"])
+    join_s, after_ready_s, model_s = [], [], []
+    for w in workers:  # the first job each worker serves once a client finds it running, pinned to its link
+        _wait(lambda: any(r.node_id == w["node_id"] for r in directory.snapshot(0.0).running("worker")), 60.0,
+              f"{w['name']} in the directory's running set")
+        link = next(e.link for e in directory.snapshot().running("worker") if e.node_id == w["node_id"])
         with Client([link], data_dir=base / "client", timeout_s=60.0) as client:
             client.generate("hello", max_tokens=2)
-        join_s.append(time.monotonic() - w["ready_at"])
-    out["join_s"] = join_s
-    say(f"joined: {len(nodes)} nodes running; each worker served its first job {max(join_s):.1f} s after READY at most")
+        served = time.monotonic()
+        model_s.append(_model_load_s(w["child"]))
+        join_s.append(served - w["spawned_at"] - model_s[-1])
+        after_ready_s.append(served - w["ready_at"])
+    out |= {"join_s": join_s, "model_load_s": model_s, "ready_to_first_job_s": after_ready_s}
+    _wait(lambda: all(_running(committee).get(i) for i in ids), 60.0, "every node in the running set")
+    say(f"joined: {len(nodes)} nodes running; each worker served its first job at most {max(join_s):.1f} s after its "
+        f"process started, model load ({max(model_s):.1f} s) excluded; {max(after_ready_s):.1f} s after READY")
     with Client(data_dir=base / "client", join=join, timeout_s=60.0) as client:
         direct = client.generate(f"Remember the word {MARKER}.", max_tokens=4)
     out["direct_worker"] = direct.worker_id

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.server
 import subprocess
+import uuid
 import threading
 import urllib.request
 
@@ -80,11 +81,12 @@ def test_rootfs_is_read_only_and_tmp_stays_inside(busybox_rootfs, runtime):
 
 
 def test_a_job_that_runs_too_long_is_killed_and_leaves_nothing(busybox_rootfs, runtime):
-    result = run(busybox_rootfs, ["sleep", "30"], limits=Limits(timeout_s=1.0),
+    token = f"permamesh-test-{uuid.uuid4().hex}"  # names this job's processes only (other runs may sleep too)
+    result = run(busybox_rootfs, ["sh", "-c", f"sleep 30; echo {token}"], limits=Limits(timeout_s=1.0),
                  runtime=runtime)
     assert result.timed_out and result.exit_code != 0
     assert result.duration_s < 10
-    jobs = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "30"]]
+    jobs = [p for p in psutil.process_iter(["cmdline"]) if token in " ".join(p.info["cmdline"] or [])]
     assert jobs == []
     if runtime == "runc":
         listed = subprocess.run(["runc", "list", "-q"], capture_output=True, text=True)
