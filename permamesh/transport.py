@@ -193,6 +193,7 @@ class HandshakeFailed(TransportError):
     reverse)."""
 
 
+WATCHED_SEND_S = 5.0  # a handshake-watching client's send gives up after this long (module doc)
 _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -213,6 +214,7 @@ class DealerClient:
         try:
             if watch_handshake:
                 self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+                self._sock.setsockopt(zmq.SNDTIMEO, int(WATCHED_SEND_S * 1000))
             _connect(self._sock, endpoint)
         except (zmq.ZMQError, TransportError) as exc:
             self._close_monitor()
@@ -224,7 +226,17 @@ class DealerClient:
             self._poller.register(self._monitor, zmq.POLLIN)
 
     def send(self, frame: bytes) -> None:
-        self._sock.send(frame)
+        """Queue ``frame``. With ``watch_handshake`` a send that no connection takes within
+        ``WATCHED_SEND_S`` (the server refused the handshake, so zmq holds no pipe to queue on)
+        raises :class:`HandshakeFailed` or :class:`TransportError` instead of blocking for good."""
+        try:
+            self._sock.send(frame)
+        except zmq.Again:
+            if self._monitor is not None:
+                self._read_events()
+            if self._handshake is False:
+                raise HandshakeFailed(f"{self.endpoint}: the server refused the handshake") from None
+            raise TransportError(f"{self.endpoint}: no connection took the frame within {WATCHED_SEND_S:g} s") from None
 
     def send_parts(self, parts: list[bytes]) -> None:
         """Send raw multipart frames (tests use it to play a misbehaving peer)."""

@@ -93,7 +93,8 @@ def check_demo_output(stdout: str) -> None:
     assert "committee: 4 validators" in stdout and "16 relays and 2 workers joined" in stdout
     assert "16 relays at reputation 0.50..0.50 (floor 0.3), 2 workers" in stdout
     assert "killed relays out of the running set" in stdout
-    assert "4 reports, 2 workers scored" in stdout
+    epoch = stdout[stdout.find("== the committee: one verification epoch =="):][:3000]
+    assert "4 reports, 2 workers scored" in stdout, epoch
     assert "(code 0); balance now -" in stdout  # a job paid by its receipt
     assert "refused before it runs: out of credit" in stdout
     assert stdout.count("reputation 0.5 -> 0.80") == 2  # honest credit 1.0; the liar ignored

@@ -35,7 +35,7 @@ from permamesh.committee.devnet import messages as m
 from permamesh.committee.endpoints import parse_endpoint
 from permamesh.committee.errors import CommitteeError
 from permamesh.identity import NodeIdentity
-from permamesh.transport import DealerClient, HandshakeFailed
+from permamesh.transport import DealerClient, HandshakeFailed, TransportError
 from permamesh.wire.codec import Message, WireError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,17 @@ class _DevnetLink:
         self.sock = DealerClient(endpoint, watch_handshake=True)
 
     def _recv(self, timeout_s: float) -> bytes | None:
+        return self._refused_on_failure(lambda: self.sock.recv(timeout_s))
+
+    def _send(self, frame: bytes) -> None:
         try:
-            return self.sock.recv(timeout_s)
+            self._refused_on_failure(lambda: self.sock.send(frame))
+        except TransportError as exc:
+            raise CommitteeError(str(exc)) from None
+
+    def _refused_on_failure(self, step):
+        try:
+            return step()
         except HandshakeFailed:
             if self._keyed:
                 raise CommitteeError("the CurveZMQ handshake failed: the validator there does not hold the "
@@ -95,7 +104,7 @@ class _DevnetLink:
 
     def _ask(self, make, expect: type[Message], timeout_s: float):
         ref = next(self._refs)
-        self.sock.send(encode(make(ref), self._ident))
+        self._send(encode(make(ref), self._ident))
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             frame = self._recv(left)
@@ -118,7 +127,7 @@ class _DevnetLink:
         for tx in raw_txs:
             ref = next(self._refs)
             refs[ref] = len(refs)
-            self.sock.send(encode(m.SubmitTx(tx, True, ref), self._ident))
+            self._send(encode(m.SubmitTx(tx, True, ref), self._ident))
         out: list = [None] * len(raw_txs)
         deadline, missing = time.monotonic() + timeout_s, len(raw_txs)
         while missing and (left := deadline - time.monotonic()) > 0:
