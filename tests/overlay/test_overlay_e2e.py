@@ -7,6 +7,7 @@ directory (joining through a committee is tested in tests/directory/test_join.py
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -52,22 +53,31 @@ def _start_relays(links: dict, count: int, dead: set[int]) -> tuple[list[RelayTh
     return threads, records
 
 
-@pytest.fixture
-def overlay(home, tiny_loaded, request):
-    """(relay records, worker record, worker server); ``request.param`` = indices of dead relays."""
-    dead = getattr(request, "param", set())
+@contextlib.contextmanager
+def overlay_mesh(loaded, dead: set[int]):
+    """16 in-process relays (``dead`` drop everything) and an entry worker serving ``loaded``:
+    (relay records, worker record, worker server, worker thread, relay threads)."""
     links: dict[bytes, str] = {}
     relay_threads, records = _start_relays(links, 16, dead)
-    server = WorkerServer(Engine(tiny_loaded), NodeIdentity.generate())
+    server = WorkerServer(Engine(loaded), NodeIdentity.generate())
     server.inbox = Inbox(server, CachedLookup(lambda: links, 0.0))
     worker_thread = ServerThread(server)
     endpoint = worker_thread.start()
     record = WorkerRecord(server.worker_id, endpoint, server.identity.public.sign_key.hex(), server.engine.loaded.name)
     links[server.worker_id.encode("ascii")] = endpoint
-    yield records, record, server
-    worker_thread.stop()
-    for thread in relay_threads:
-        thread.stop()
+    try:
+        yield records, record, server, worker_thread, relay_threads
+    finally:
+        worker_thread.stop()
+        for thread in relay_threads:
+            thread.stop()
+
+
+@pytest.fixture
+def overlay(home, tiny_loaded, request):
+    """(relay records, worker record, worker server); ``request.param`` = indices of dead relays."""
+    with overlay_mesh(tiny_loaded, getattr(request, "param", set())) as (records, record, server, _, _):
+        yield records, record, server
 
 
 def test_an_answer_through_the_overlay_equals_the_direct_one(overlay):

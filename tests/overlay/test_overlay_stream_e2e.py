@@ -12,15 +12,10 @@ import threading
 
 import pytest
 
-from permamesh.directory.relays import CachedLookup
-from permamesh.directory.workers import WorkerRecord
-from permamesh.identity import NodeIdentity
 from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.sender import OverlayClient
-from permamesh.workers.engine import Engine
-from permamesh.workers.inbox import Inbox
-from permamesh.workers.server import ServerThread, WorkerServer
-from tests.overlay.test_overlay_e2e import FAST, _start_relays
+from permamesh.workers.server import WorkerServer
+from tests.overlay.test_overlay_e2e import FAST, overlay_mesh
 
 STREAM = dataclasses.replace(FAST, stream_idle_s=1.0)
 
@@ -29,19 +24,8 @@ STREAM = dataclasses.replace(FAST, stream_idle_s=1.0)
 def mesh(home, tiny_loaded, request):
     """(relay records, worker record, worker server, worker thread, relay threads);
     ``request.param`` = indices of dead relays."""
-    dead = getattr(request, "param", set())
-    links: dict[bytes, str] = {}
-    relay_threads, records = _start_relays(links, 16, dead)
-    server = WorkerServer(Engine(tiny_loaded), NodeIdentity.generate())
-    server.inbox = Inbox(server, CachedLookup(lambda: links, 0.0))
-    worker_thread = ServerThread(server)
-    endpoint = worker_thread.start()
-    record = WorkerRecord(server.worker_id, endpoint, server.identity.public.sign_key.hex(), server.engine.loaded.name)
-    links[server.worker_id.encode("ascii")] = endpoint
-    yield records, record, server, worker_thread, relay_threads
-    worker_thread.stop()
-    for thread in relay_threads:
-        thread.stop()
+    with overlay_mesh(tiny_loaded, getattr(request, "param", set())) as parts:
+        yield parts
 
 
 class Pieces:

@@ -16,29 +16,11 @@ from permamesh.overlay.sida import split
 from permamesh.overlay.stream import ChunkReassembly, StreamConfig
 from permamesh.wire import GenerateRequest, GenerateResult, TokenChunk, encode
 from permamesh.workers.inbox import SINK_PREFIX, Inbox, InboxConfig
+from tests.workers.test_inbox_hardening import Host
 
 RELAYS = [HopInfo.from_identity(NodeIdentity.generate().public) for _ in range(3)]
 CLIENT = NodeIdentity.generate()
 EVERY_TOKEN = StreamConfig(first_tokens=1, chunk_tokens=1, growth=1.0, interval_s=10.0)
-
-
-class Host:
-    """The part of a worker the inbox calls: it records the jobs it is asked to run."""
-
-    def __init__(self) -> None:
-        self.identity = NodeIdentity.generate()
-        self.jobs: list = []
-        self.sinks: dict = {}
-
-    def add_sink(self, peer, fn) -> None:
-        self.sinks[peer] = fn
-
-    def remove_sink(self, peer) -> None:
-        self.sinks.pop(peer, None)
-
-    def dispatch(self, peer, request):
-        self.jobs.append((peer, request))
-        return None
 
 
 def _block():
