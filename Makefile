@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.permamesh-setup
 
-.PHONY: setup tools demo test test-slow test-all clean proto
+.PHONY: setup tools llamacpp demo test test-slow test-all clean proto
 
 # CometBFT, the committee's consensus engine: one pinned version (permamesh/committee/cometbft/
 # binary.py pins the same one), built from its Go module into the repository's tool directory.
@@ -18,7 +18,18 @@ TOOLS_BIN        := $(CURDIR)/.tools/bin
 COMETBFT         := $(TOOLS_BIN)/cometbft
 GO               ?= go
 
-setup: $(STAMP) tools
+setup: $(STAMP) tools llamacpp
+
+# llama.cpp for GGUF models on CPU (llama-cpp-python has no Linux wheel): built from source once
+# into .cache/wheels (5-13 min on 2 cores, progress shown), checked by decoding with SmolLM2, and
+# reused on later runs (`make clean` keeps the wheel). Best effort: if the build or the check
+# fails, setup goes on and `permamesh worker --backend auto` serves with torch (a failed build is
+# not retried by later runs: `make llamacpp LLAMA_RETRY=1`).
+LLAMA_WHEELS := .cache/wheels
+
+llamacpp: $(STAMP)
+	@$(PY) -m permamesh.workers.llamabuild --cache '$(LLAMA_WHEELS)' $(if $(LLAMA_RETRY),--retry) || \
+	  echo "warning: llama.cpp is unavailable (why: above); workers serve with torch"
 
 # Skips the build when .tools/bin/cometbft is there and reports the pinned version.
 tools:

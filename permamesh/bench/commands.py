@@ -89,10 +89,23 @@ def add_bench_parser(sub, common: Callable[[argparse.ArgumentParser], None],
                                      "failure detection; a loopback echo measures what CurveZMQ adds per link.")
     _common(hb)
     add_hosts_bench_arguments(hb)
+    from permamesh.bench.engine import add_engine_bench_arguments
+
+    eb = bsub.add_parser("engine", help="one worker's prefill and decode tok/s at 1, 4 and 8 concurrent requests, "
+                         "per engine backend, beside the memory-bandwidth ceiling",
+                         description="A real worker process per backend (torch; llama.cpp where installed) and "
+                                     "concurrent clients on loopback: prefill tok/s, total and decode tok/s, "
+                                     "prefix-cache hits, and the bandwidth ceiling measured on this machine.")
+    _common(eb)
+    add_engine_bench_arguments(eb)
 
 
 def run_bench(args: argparse.Namespace, data_dir: Path) -> int:
     """Run the benchmark ``args.bench`` names (the CLI's ``permamesh bench ...``)."""
+    if args.bench == "engine":
+        from permamesh.bench.engine import run_from_args as run_engine
+
+        return run_engine(args, data_dir)
     if args.bench == "gateway":
         from permamesh.bench.gateway import run_from_args as run_gateway
 

@@ -1,17 +1,21 @@
-"""One request's decoding state, advanced a step at a time so requests can interleave.
+"""One request's decoding state between engine steps; the same for every backend.
 
-A :class:`Decoding` is created by :meth:`permamesh.workers.engine.Engine.start`. The executor
-calls :meth:`Decoding.prefill` once (the longest cached prefix comes from the prefix KV cache,
-the rest runs through the model, and the first token is sampled and released), then
-:meth:`Decoding.step` once per decode step until it returns True, then
-:meth:`Decoding.finish`, which stores the prompt's and answer's KV in the prefix cache and
-returns the :class:`~permamesh.workers.engine.Completion`. Each request has its own KV cache,
-stop scanner and random generator, so interleaving steps of several requests gives every one
-exactly the tokens it would get alone (tested at temperature 0 and with seeds).
+A :class:`Decoding` is created by an engine's ``start`` (:class:`permamesh.workers.engine.Engine`
+or :class:`permamesh.workers.llamacpp.LlamaEngine`), which also fills ``cached_tokens`` (the
+prompt prefix whose KV the engine reused) and ``seq`` (the engine's own handle on the request's
+KV). Each engine step asks every active decoding what to feed (:meth:`Decoding.next_tokens`: a
+chunk of the prompt while prefilling, else the last sampled token), runs one forward over all
+of them, then reports back (:meth:`Decoding.fed`) and, where the fed tokens end at a position
+that needs a next token, hands it the logits (:meth:`Decoding.take`), which samples, streams and
+decides whether the answer is done. The engine's ``finish`` then calls :meth:`Decoding.complete`.
 
-Timing: ``prefill_s`` and ``ttft_s`` are wall seconds from the start of :meth:`prefill`;
-``compute_s`` counts only the seconds spent inside this request's own calls, so measured decode
-rates are not diluted by the steps of other requests in between.
+Each request has its own stop scanner and random generator, and sampling reads only its own
+logits, so sharing steps with other requests gives every one the tokens it would get alone
+(greedy, and sampled with a seed), up to float rounding of the batched forward.
+
+Timing: ``ttft_s`` is wall seconds from the start to the first token; ``prefill_s`` and
+``decode_s`` are the seconds of the engine steps this request took part in while prefilling
+and while decoding (a step shared with others counts whole: it is what this request waited).
 """
 
 from __future__ import annotations
@@ -19,104 +23,89 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
-from permamesh.workers.sampling import Completion, ModelCalls, SamplingParams, Step
+from permamesh.workers.sampling import Completion, SamplingParams, Sampler, Step
 from permamesh.workers.stops import StopScanner
-
 
 log = logging.getLogger(__name__)
 
 
 class Decoding:
-    """The state of one request between steps; driven by a single thread."""
+    """The state of one request between steps; driven by the engine thread only."""
 
-    def __init__(self, engine: ModelCalls, prompt_ids: tuple[int, ...], params: SamplingParams,
+    def __init__(self, sampler: Sampler, prompt_ids: tuple[int, ...], params: SamplingParams,
                  on_step: Callable[[Step], None] | None) -> None:
         import torch
 
-        self.engine, self.prompt_ids, self.params, self.on_step = engine, prompt_ids, params, on_step
+        self.sampler, self.prompt_ids, self.params, self.on_step = sampler, prompt_ids, params, on_step
         self.gen = torch.Generator(device="cpu")
         self.gen.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self.scanner = StopScanner(params.stop)
-        self.ids: list[int] = []
-        self.fed: list[int] = []  # answer tokens whose KV is in the cache (the last sampled one is not)
+        self.seq: object = None  # the engine's handle on this request's KV
+        self.ids: list[int] = []  # sampled answer tokens (EOS excluded)
+        self.fed: list[int] = []  # answer tokens whose KV is held (the last sampled one is not)
         self.lps: list[float] = []
         self.finish_reason = "length"
-        self.cached_tokens = 0
-        self.prefill_s = self.ttft_s = self.compute_s = 0.0
-        self.decode_s = 0.0  # compute seconds of decode steps only
-        self._logits = self._cache = None
-        self._started = 0.0
-        self._done = False
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.prefilled = 0  # prompt tokens whose KV is held (cached ones included)
+        self.prefill_s = self.decode_s = self.ttft_s = 0.0
+        self.started = time.monotonic()
+        self.done = False
 
     @property
-    def done(self) -> bool:
-        return self._done
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt_ids)
 
-    def prefill(self) -> bool:
-        """Prefill the uncached part of the prompt and release the first token; True if done."""
-        import torch
+    @property
+    def length(self) -> int:
+        """Positions whose KV is held."""
+        return self.prefilled + len(self.fed)
 
-        engine = self.engine
-        self._started = t0 = time.monotonic()
-        with torch.inference_mode():
-            matched, past = engine.prefix_cache.lookup(list(self.prompt_ids)) if engine.prefix_cache is not None else (0, None)
-            self.cached_tokens = matched
-            self._logits, self._cache = engine.prefill_ids(self.prompt_ids[matched:], past)
-        self.prefill_s = time.monotonic() - t0
-        done = self._emit(0)
-        self.ttft_s = time.monotonic() - t0
-        self.compute_s += self.ttft_s
-        return done
+    def next_tokens(self, budget: int) -> list[int]:
+        """What to feed in the next step, at positions ``length`` onwards: up to ``budget``
+        prompt tokens while prefilling, else the last sampled token."""
+        if self.prefilling:
+            return list(self.prompt_ids[self.prefilled: self.prefilled + max(budget, 0)])
+        return [self.ids[-1]] if self.ids and not self.done else []
 
-    def step(self) -> bool:
-        """Feed the last token, sample the next and release it; True when the answer is done."""
-        import torch
+    def fed_tokens(self, count: int, seconds: float) -> bool:
+        """``count`` tokens from :meth:`next_tokens` went through a step of ``seconds``; True
+        when the step's logits at the last of them are wanted (a next token is due)."""
+        if self.prefilling:
+            self.prefilled += count
+            self.prefill_s += seconds
+            return not self.prefilling
+        self.fed.append(self.ids[-1])
+        self.decode_s += seconds
+        return True
 
-        if self._done:
-            return True
-        t0 = time.monotonic()
-        token = self.ids[-1]
-        with torch.inference_mode():
-            self._logits, self._cache = self.engine.decode_token(token, self._cache)
-        self.fed.append(token)
-        done = self._emit(len(self.ids))
-        spent = time.monotonic() - t0
-        self.compute_s += spent
-        self.decode_s += spent
-        return done
-
-    def _emit(self, index: int) -> bool:
-        token, logprob = self.engine.sample(self._logits, self.params, self.gen)
-        if token in self.engine.tokenizer.eos_ids:
-            self.finish_reason, self._done = "stop", True
+    def take(self, logits) -> bool:
+        """Sample the next token from ``logits`` (the model's, for the position after the last
+        fed token), stream it; True when the answer is done."""
+        token, logprob = self.sampler.sample(logits, self.params, self.gen)
+        if not self.ids:
+            self.ttft_s = time.monotonic() - self.started
+        if token in self.sampler.tokenizer.eos_ids:
+            self.finish_reason, self.done = "stop", True
             return True
         self.ids.append(token)
         if self.params.logprobs:
             self.lps.append(logprob)
-        new_text = self.scanner.feed(self.engine.tokenizer.decode(self.ids))
+        new_text = self.scanner.feed(self.sampler.tokenizer.decode(self.ids))
         if self.on_step is not None:
-
-            self.on_step(Step(index, new_text, token, logprob if self.params.logprobs else None))
+            self.on_step(Step(len(self.ids) - 1, new_text, token, logprob if self.params.logprobs else None))
         if self.scanner.stopped:
-            self.finish_reason, self._done = "stop", True
+            self.finish_reason, self.done = "stop", True
         elif len(self.ids) >= self.params.max_tokens:
-            self._done = True
-        return self._done
+            self.done = True
+        return self.done
 
-    def finish(self) -> Completion:
-        """Release held-back text, keep the KV for later prompts, and describe the answer."""
-        import torch
-
-
-        tail = self.scanner.finish(self.engine.tokenizer.decode(self.ids))
+    def complete(self) -> Completion:
+        """Release held-back text and describe the answer (the engine keeps or frees the KV)."""
+        tail = self.scanner.finish(self.sampler.tokenizer.decode(self.ids))
         if tail and self.on_step is not None:
             self.on_step(Step(len(self.ids), tail, -1, None))
-        if self.engine.prefix_cache is not None:
-            with torch.inference_mode():
-                self.engine.store_prefix([*self.prompt_ids, *self.fed], self._cache)
-        self._cache = self._logits = None  # free the KV now; the prefix cache holds its own blocks
         return Completion(
             text=self.scanner.final_text or "",
             token_ids=tuple(self.ids),
@@ -125,13 +114,29 @@ class Decoding:
             prompt_tokens=len(self.prompt_ids),
             prefill_s=self.prefill_s,
             ttft_s=self.ttft_s,
-            total_s=time.monotonic() - self._started,
+            total_s=time.monotonic() - self.started,
             cached_tokens=self.cached_tokens,
-            compute_s=self.compute_s,
+            compute_s=self.prefill_s + self.decode_s,
             decode_s=self.decode_s,
         )
 
-    def abandon(self) -> None:
-        """Drop the KV without storing it (the request failed or was cancelled)."""
-        self._cache = self._logits = None
-        self._done = True
+
+def plan_step(runs: Sequence[Decoding], step_tokens: int) -> list[tuple[Decoding, list[int], bool]]:
+    """What one engine step feeds: ``(request, tokens, whether a next token is due after them)``.
+
+    Every decoding request's one token first (decoding never waits behind a prefill), then
+    chunks of the prompts still prefilling, in the order given (admission order), until
+    ``step_tokens`` tokens are planned: a long prompt takes several steps, and the others'
+    decoding goes on meanwhile (chunked prefill)."""
+    plan, budget = [], step_tokens
+    for run in runs:
+        if not run.done and not run.prefilling:
+            plan.append((run, run.next_tokens(1), True))
+    budget -= len(plan)
+    for run in runs:
+        if run.done or not run.prefilling or budget <= 0:
+            continue
+        tokens = run.next_tokens(budget)
+        budget -= len(tokens)
+        plan.append((run, tokens, run.prefilled + len(tokens) == len(run.prompt_ids)))
+    return [(run, tokens, due) for run, tokens, due in plan if tokens]

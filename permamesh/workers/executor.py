@@ -1,16 +1,21 @@
 """The engine thread and the local job queue of one worker.
 
-:class:`Executor` owns the model. Requests are scheduled per step (iteration-level scheduling,
-as in Orca and vLLM, without batching): a new job is admitted as soon as the current step ends,
-its prefill runs at once and its first token goes out, and then the active jobs take decode
-steps in turn. So a request's time to first token is its own prefill plus the prefills admitted
-before it, never another request's whole answer. At most ``max_active`` jobs decode at once; the
-rest wait in arrival order.
+:class:`Executor` owns the engine. Requests are scheduled per step with continuous batching (as
+in Orca, vLLM and llama.cpp's server): between two engine steps, waiting jobs are admitted while
+fewer than ``max_active`` are active (the engine looks up their cached prefix), and each step is
+one batched forward over every active job: the next token of each decoding job plus chunks of
+the prompts still prefilling. Jobs leave as soon as their answer is done. So a request's time to
+first token is its own (chunked) prefill, shared with the steps of the others, never another
+request's whole answer; jobs beyond ``max_active`` wait in arrival order.
 
 Everything it produces (token chunks, results, errors) leaves through ``post(peer, msg)``,
 which the server makes thread-safe (it hops onto the event loop). It also keeps the figures
 routing needs: how many jobs it holds, the seconds before a new job's prefill would start
-(``backlog_s``: prefills queued ahead plus one step), and measured prefill/decode rates.
+(``backlog_s``: prefills queued ahead, one step, and the wait for a free slot when all are
+taken), and measured rates: ``prefill_rate`` (uncached prompt tokens per second of the steps
+that prefilled them) and ``decode_rate`` (answer tokens per second one job sees, at the batch
+sizes it ran with: a job's decode time on this worker), plus ``throughput`` (tokens per
+second of all jobs together, over the last steps).
 
 Who calls it: :class:`permamesh.workers.server.WorkerServer` (``submit`` from the event-loop
 thread; ``start``/``stop`` around serving).
@@ -18,7 +23,6 @@ thread; ``start``/``stop`` around serving).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import queue
@@ -28,7 +32,7 @@ from typing import Callable
 
 from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, Message, TokenChunk
 from permamesh.workers.decoding import Decoding
-from permamesh.workers.engine import Completion, Engine, SamplingParams, Step
+from permamesh.workers.engine import Completion, Engine, SamplingParams, Step, StepReport
 from permamesh.workers.errors import WorkerError
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFILL_TOK_PER_S = 300.0  # a priori rates until the first request is measured
 DEFAULT_DECODE_TOK_PER_S = 20.0
 MIN_RATE_SAMPLE_TOKENS = 32  # prefills shorter than this do not update the prefill rate
-DEFAULT_MAX_ACTIVE = 4  # jobs decoding at once; each holds its own KV (1 = first come, first served)
+DEFAULT_MAX_ACTIVE = 8  # jobs in the batch at once (1 = first come, first served)
 
 Post = Callable[[bytes, Message], None]
 
@@ -70,7 +74,10 @@ class Executor:
         self._pending_prefill_s = 0.0  # estimated prefill seconds of jobs not yet admitted
         self.served = 0
         self.prefill_rate = 0.0  # tokens/s, moving average; 0 = not measured yet
-        self.decode_rate = 0.0  # tokens/s of one job's own decode compute
+        self.decode_rate = 0.0  # tokens/s one job sees while it decodes (at the batch sizes it ran with)
+        self.throughput = 0.0  # tokens/s of every job together over recent steps (prefill and decode)
+        self.steps = 0  # engine steps taken
+        self._slot_wait_s = 0.0  # seconds until an active job is expected to end, when all slots are taken
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._post: Post = lambda peer, msg: None
@@ -120,10 +127,12 @@ class Executor:
     @property
     def backlog_s(self) -> float:
         """Seconds before a job submitted now would start its prefill: the prefills queued ahead
-        of it, plus one decode step if something is running (admission waits for the step)."""
+        of it, plus one step if something is running (admission waits for the step), plus the
+        expected wait for a free slot when every slot is taken."""
         with self._lock:
             step = 1.0 / (self.decode_rate or DEFAULT_DECODE_TOK_PER_S) if self._active else 0.0
-            return max(0.0, self._pending_prefill_s) + step
+            full = len(self._active) >= self.max_active
+            return max(0.0, self._pending_prefill_s) + step + (self._slot_wait_s if full else 0.0)
 
     def holding(self) -> list[tuple[str, bytes, int]]:
         """(request_id, peer, position) of every job queued or active, in order."""
@@ -146,9 +155,8 @@ class Executor:
 
     # ---------------------------------------------------------------- engine thread
     def _loop(self) -> None:
-        """Admit waiting jobs (prefill, first token) whenever there is room, else give the next
-        active job one decode step; active jobs take steps in turn."""
-        active: collections.deque[tuple[Job, Decoding]] = collections.deque()
+        """Admit waiting jobs while there is room, then one batched step over the active ones."""
+        active: list[tuple[Job, Decoding]] = []
         while True:
             while len(active) < self.max_active:
                 try:
@@ -164,11 +172,9 @@ class Executor:
             if self._stopping.is_set():
                 self._shut(None, active)
                 return
-            job, run = active.popleft()
-            if self._advance(job, run, run.step):
-                active.append((job, run))
+            self._step(active)
 
-    def _admit(self, job: Job, active: collections.deque[tuple[Job, Decoding]]) -> None:
+    def _admit(self, job: Job, active: list[tuple[Job, Decoding]]) -> None:
         rid = job.request.request_id
         with self._lock:
             self._active.add(rid)
@@ -179,24 +185,38 @@ class Executor:
         except Exception as exc:  # noqa: BLE001 - reported to the client by _fail
             self._fail(job, None, exc)
             return
-        if self._advance(job, run, run.prefill):
-            active.append((job, run))
+        active.append((job, run))
 
-    def _advance(self, job: Job, run: Decoding, call: Callable[[], bool]) -> bool:
-        """Run one prefill or step of ``job``; True while it has more steps to take."""
+    def _step(self, active: list[tuple[Job, Decoding]]) -> None:
+        """One engine step over ``active``; answer the jobs it ended, keep the rest."""
         try:
-            if not call():
-                return True
-            reply: Message = self._result(job, run.finish())
-        except Exception as exc:  # noqa: BLE001 - a bad request or a torch failure ends only this job
-            self._fail(job, run, exc)
-            return False
-        self._finish(job, reply)
-        return False
+            report = self.engine.step([run for _, run in active])
+        except Exception as exc:  # noqa: BLE001 - a failed forward ends every job it carried
+            for job, run in active:
+                self._fail(job, run, exc)
+            active.clear()
+            return
+        self._observe_step(report)
+        failed = {id(run): exc for run, exc in report.failed}
+        still = []
+        for job, run in active:
+            if id(run) in failed:
+                self._fail(job, run, failed[id(run)])
+            elif run.done:
+                try:
+                    reply: Message = self._result(job, self.engine.finish(run))
+                except Exception as exc:  # noqa: BLE001 - e.g. cancelled while its tail streamed
+                    self._fail(job, run, exc)
+                    continue
+                self._finish(job, reply)
+            else:
+                still.append((job, run))
+        active[:] = still
+        self._note_slots(still)
 
     def _fail(self, job: Job, run: Decoding | None, exc: Exception) -> None:
         if run is not None:
-            run.abandon()
+            self.engine.abandon(run)
         rid = job.request.request_id
         if isinstance(exc, _Cancelled):
             reply: Message = ErrorReply(rid, "shutting_down", "worker stopped mid-request; resubmit")
@@ -207,7 +227,7 @@ class Executor:
             reply = ErrorReply(rid, "internal", f"{exc.__class__.__name__}: {exc}")
         self._finish(job, reply)
 
-    def _shut(self, job: Job | None, active: collections.deque[tuple[Job, Decoding]]) -> None:
+    def _shut(self, job: Job | None, active: list[tuple[Job, Decoding]]) -> None:
         """Stopping: the active jobs and ``job`` get shutting_down; queued ones stay for stop()."""
         for running, run in active:
             self._fail(running, run, _Cancelled())
@@ -260,6 +280,18 @@ class Executor:
             total_s=round(done.total_s, 6),
             cached_tokens=done.cached_tokens,
         )
+
+    def _observe_step(self, report: StepReport) -> None:
+        self.steps += 1
+        if report.seconds > 0:
+            rate = (report.prefill_tokens + report.decode_tokens) / report.seconds
+            self.throughput = rate if self.throughput == 0.0 else 0.9 * self.throughput + 0.1 * rate
+
+    def _note_slots(self, active: list[tuple[Job, Decoding]]) -> None:
+        """Expected seconds until the first active job ends (its tokens left at the decode rate)."""
+        left = min((run.params.max_tokens - len(run.ids) for _, run in active), default=0)
+        with self._lock:
+            self._slot_wait_s = max(left, 0) / (self.decode_rate or DEFAULT_DECODE_TOK_PER_S)
 
     def _observe(self, done: Completion) -> None:
         def ema(old: float, new: float) -> float:

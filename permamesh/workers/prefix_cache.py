@@ -94,6 +94,14 @@ class PrefixKVCache:
     def block_size(self) -> int:
         return self._hasher.block_size
 
+    @property
+    def hasher(self) -> BlockHasher:
+        return self._hasher
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._budget
+
     def lookup(self, token_ids: Sequence[int]) -> tuple[int, object | None]:
         """The longest cached full-block prefix of ``token_ids`` that leaves at least one token
         to prefill: ``(matched_tokens, new DynamicCache of exactly those tokens)`` or ``(0, None)``."""

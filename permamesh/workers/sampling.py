@@ -1,23 +1,24 @@
-"""What a generation job asks of the engine and what it gets back, plus the model calls a
-:class:`~permamesh.workers.decoding.Decoding` makes.
+"""What a generation job asks of an engine, what it gets back, and how tokens are picked.
 
 :class:`SamplingParams` comes from a request (:meth:`SamplingParams.of`); :class:`Step` is what
 one decode step releases to a streaming client; :class:`Completion` is the finished answer with
-its timings. :class:`ModelCalls` is the interface a decoding drives; the engine
-(:class:`permamesh.workers.engine.Engine`) implements it. Kept apart from both so that neither
-imports the other's module for its types.
+its timings; :class:`StepReport` is what one batched engine step did. :func:`sample_token` is
+the one sampling rule of every backend (its log-probabilities are the raw model's, as
+verification needs); :class:`Sampler` is what a :class:`~permamesh.workers.decoding.Decoding`
+asks of its engine. Kept apart from the engines and the decoding so that no one imports
+another's module for its types.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+import math
+from typing import Protocol
 
 from permamesh.wire.messages import GenerateRequest
-from permamesh.workers.prefix_cache import PrefixKVCache
 from permamesh.workers.tokenizer import Tokenizer
 
-__all__ = ["Completion", "ModelCalls", "SamplingParams", "Step"]
+__all__ = ["Completion", "SamplingParams", "Sampler", "Step", "StepReport", "sample_token"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,22 +60,57 @@ class Completion:
     decode_s: float = 0.0  # the decode part of compute_s
 
 
-class ModelCalls(Protocol):
-    """The model side of one request's decoding; called only from the engine thread.
+class Sampler(Protocol):
+    """What a :class:`~permamesh.workers.decoding.Decoding` needs to pick tokens: the tokenizer
+    (end-of-sequence ids, decoding for stop strings) and :func:`sample_token`."""
 
-    ``prefill_ids`` runs prompt tokens on top of a cache of the tokens before them (or None)
-    and returns the last position's logits with the new cache; ``decode_token`` does the same
-    for one token; ``sample`` picks the next token and its log-probability under the raw model;
-    ``store_prefix`` keeps a finished request's KV for later prompts.
-    """
-
-    prefix_cache: PrefixKVCache | None
     tokenizer: Tokenizer
-
-    def prefill_ids(self, prompt_ids: Sequence[int], past=None): ...
-
-    def decode_token(self, token: int, cache): ...
 
     def sample(self, logits, params: SamplingParams, gen) -> tuple[int, float]: ...
 
-    def store_prefix(self, token_ids: list[int], cache) -> None: ...
+
+def sample_token(logits, params: SamplingParams, gen) -> tuple[int, float]:
+    """Pick the next token from one position's logits (a 1-D tensor); return it with its
+    log-probability under the raw model (before temperature and top-p: what verification compares).
+
+    Never raises on finite parameters: the logits are shifted so their maximum is 0 before
+    dividing by the temperature (in float64), so no temperature, however small, overflows;
+    a tiny one simply concentrates all mass on the likeliest tokens (greedy, ties shared).
+    NaN logits count as impossible; if no logit is usable the choice falls back to argmax.
+    """
+    import torch
+
+    logits = logits.detach().cpu().float()
+    if params.temperature <= 0.0 and not bool(torch.isnan(logits).any()):
+        # greedy over usable logits: the same token and log-probability as the general path below
+        # (argmax keeps the first maximum either way), without its float64 copies of the vocabulary
+        token = int(torch.argmax(logits))
+        if not math.isfinite(float(logits[token])):  # only +inf/-inf left
+            return token, 0.0
+        logprob = float(torch.log_softmax(logits, dim=-1)[token])
+        return token, min(0.0, max(logprob, -1e30)) if math.isfinite(logprob) else -1e30
+    raw = logits.double()
+    raw = torch.where(torch.isnan(raw), torch.full_like(raw, -math.inf), raw)
+    top = float(raw.max())
+    if params.temperature <= 0.0 or not math.isfinite(top):  # greedy, or only +inf/-inf left
+        token = int(torch.argmax(raw))
+    else:
+        probs = torch.exp((raw - top) / params.temperature)  # in [0, 1]; the max is exactly 1
+        if params.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < params.top_p * float(sorted_p.sum())
+            keep[0] = True
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        token = int(torch.multinomial(probs, 1, generator=gen))
+    logprob = float(torch.log_softmax(raw.float(), dim=-1)[token]) if math.isfinite(top) else 0.0
+    return token, min(0.0, max(logprob, -1e30)) if math.isfinite(logprob) else -1e30  # always encodes
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """What one engine step did (the executor learns its rates from these)."""
+
+    prefill_tokens: int  # prompt tokens fed
+    decode_tokens: int  # answer tokens fed (one per decoding request)
+    seconds: float  # wall seconds of the step (forward and sampling)
+    failed: tuple = ()  # (Decoding, exception) of requests whose own part failed; they are over

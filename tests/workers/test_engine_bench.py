@@ -1,0 +1,27 @@
+"""``permamesh bench engine`` end to end on the tiny model: a real worker process, concurrent
+clients, every figure of the report present and sane, the JSON and the PNG written."""
+
+from __future__ import annotations
+
+import json
+
+from permamesh.bench.engine import EngineBench, plot_engine, run
+from permamesh.bench.stats import write_report
+
+
+def test_the_engine_bench_reports_every_level_with_its_ceiling(home, tmp_path):
+    bench = EngineBench(backends=("torch",), concurrency=(1, 3), prompt_tokens=40, max_tokens=6,
+                        max_active=4, model="tiny-random", data_dir=home)
+    report = run(bench, say=lambda line: None)
+    (torch,) = report["backends"]
+    assert [row["concurrency"] for row in torch["levels"]] == [1, 3]
+    for row in torch["levels"]:
+        assert row["prefill_tok_per_s"] > 0 and row["total_tok_per_s"] > 0
+        assert row["answer_tokens"] >= row["concurrency"]
+        assert row["prefix_cache"]["cached_tokens"] > 0  # the shared system prompt was reused
+        assert row["verification"]["credit_min"] > 0.9  # an honest fp32 worker scores as the reference
+    assert torch["one_request_ceiling_tok_per_s"] > 0
+    assert report["machine"]["memory_bandwidth_gb_s"] > 0 and len(report["machine"]["load_average_before"]) == 3
+    write_report(report, tmp_path / "engine.json", tmp_path / "engine.png", plot_engine)
+    assert json.loads((tmp_path / "engine.json").read_text())["summary"]["torch"]["total_tok_per_s_3"] > 0
+    assert (tmp_path / "engine.png").stat().st_size > 1000
