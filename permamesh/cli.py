@@ -58,9 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, default=0, help="TCP port to bind, 0 = any free port (default: 0)")
     w.add_argument("--name", default="worker", help="identity name: keys live in DATA_DIR/keys/NAME.ed25519|.x25519 (default: worker)")
     w.add_argument("--max-queue", type=int, default=256, help="requests waiting at most before queue_full replies (count, default: 256)")
-    w.add_argument("--max-active", type=int, default=4, help="requests decoding at once, their steps interleaved so a new "
-                   "request's first token never waits for a whole answer; 1 = one at a time (count, default: 4)")
-    w.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (count)")
+    w.add_argument("--backend", default="auto", choices=["auto", "torch", "llamacpp"],
+                   help="what computes answers: llamacpp (GGUF models on CPU; `make setup` builds it), torch (any "
+                        "model, GPU or CPU), or auto = llamacpp where it is installed and the model is a GGUF on a "
+                        "machine without GPU, else torch (default: auto)")
+    w.add_argument("--max-active", type=int, default=8, help="requests decoded together, one batched forward per "
+                   "step; a new request joins between steps; 1 = one at a time (count, default: 8)")
+    w.add_argument("--threads", type=int, default=0, help="CPU threads for the model (torch's or llama.cpp's), "
+                   "0 = the engine's default: every core (count)")
     w.add_argument("--seed", type=int, default=0, help="weight seed for tiny-random (default: 0)")
     w.add_argument("--claim", default=None, help="announce this model name whatever is served: lets any local model "
                    "pose as another, for verification drills (the committee's challenges must catch it)")
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                                             tuple(args.committee or ()), args.containers,
                                             args.layer_budget_mb, args.container_jobs, args.container_uid,
                                             None if args.metrics_port < 0 else args.metrics_port,
-                                            tuple(parse_join(args.join)) if args.join else (), args.advertise))
+                                            tuple(parse_join(args.join)) if args.join else (), args.advertise,
+                                            args.backend))
         if args.command == "keys":
             from permamesh.directory.register import show_keys
 

@@ -84,6 +84,13 @@ def test_bad_model_name_is_a_clear_error(home):
     assert out.returncode == 2 and "unknown model 'gpt-17'" in out.stderr
 
 
+def test_a_backend_that_cannot_serve_the_model_is_a_clear_error(home):
+    out = run("worker", "--model", "tiny-random", "--backend", "llamacpp")
+    assert out.returncode == 2 and "--backend llamacpp is unavailable" in out.stderr
+    out = run("worker", "--backend", "vllm")
+    assert out.returncode == 2 and "invalid choice: 'vllm'" in out.stderr
+
+
 def check_demo_output(stdout: str) -> None:
     """What `permamesh demo` must have printed (its whole run, up to "mesh is up")."""
     assert stdout.count("ttft") == 4 and "end-to-end latency" in stdout  # 3 prompts and the drill

@@ -252,15 +252,15 @@ class Ledger:
                               "not by its partner's")
             raise TxError(txs.UNKNOWN, f"node {sender.hex()[:16]} is not registered (its partner "
                           "registers it first)")
-        if node["role"] != "worker" and (tx.model or tx.group or tx.layers):
-            raise TxError(txs.INVALID, f"a {node['role']} serves no model, group or layers; "
+        if node["role"] != "worker" and (tx.model or tx.group or tx.layers or tx.engine):
+            raise TxError(txs.INVALID, f"a {node['role']} serves no model, engine, group or layers; "
                           "only workers announce them")
         old = self.read(DESC, sender, committed)
         if old is not None and tx.seq <= old["seq"]:
             raise TxError(txs.STALE, f"descriptor seq {tx.seq} is not above the last, {old['seq']}")
         row = {"role": node["role"], "transport_key": tx.transport_key, "endpoint": tx.endpoint,
                "model": tx.model, "group": tx.group, "layers": tx.layers, "version": tx.version,
-               "seq": tx.seq}
+               "seq": tx.seq, "engine": tx.engine}
         effects = [(DESC, sender, row)] + groupshares.membership(
             self, sender, node, row, self.group_of(sender, committed), committed)
         return effects, Applied(

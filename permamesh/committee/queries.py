@@ -19,7 +19,7 @@
 
 ``/directory`` nodes are sorted by key and flat: ``node``, ``node_id``, ``role``, ``partner``,
 ``kex_key`` and ``profile`` from the partner's registration; ``transport_key``, ``endpoint``,
-``model``, ``group``, ``layers``, ``version`` and ``seq`` from the node's own descriptor (empty
+``model``, ``engine``, ``group``, ``layers``, ``version`` and ``seq`` from the node's own descriptor (empty
 strings and seq 0 until it announces, and again if its partner changes its role);
 ``reputation_ppm`` and ``excluded``; ``running``, ``rtt_us`` (null until counted up) and
 ``seen_period`` (-1 until counted up) from the members' liveness reports. ``height`` and
@@ -60,7 +60,7 @@ from permamesh.scheduler.physics import check_location
 Probe = tuple[bytes, tuple[float, float], int]  # (member key, its registered (lat, lon), rtt_us)
 
 _NO_DESCRIPTOR = {"transport_key": "", "endpoint": "", "model": "", "group": "", "layers": "",
-                  "version": "", "seq": 0}
+                  "version": "", "seq": 0, "engine": ""}
 
 
 def _key(data: bytes) -> bytes:
@@ -164,7 +164,7 @@ def _directory_entry(ledger: Ledger, key: bytes, row: dict, period: int) -> dict
              "partner": bytes(row["partner"]).hex(), "kex_key": kex.hex(),
              "profile": _plain(row["profile"]), "reputation_ppm": rep.get("reputation_ppm"),
              "excluded": bool(rep.get("excluded"))}
-            | {name: desc[name] for name in _NO_DESCRIPTOR}
+            | {name: desc.get(name, empty) for name, empty in _NO_DESCRIPTOR.items()}
             | _liveness(ledger, key, period))
 
 

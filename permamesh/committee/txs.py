@@ -137,6 +137,7 @@ class Announce(Message):
     layers: str  # its layer server, tcp://HOST:PORT, or ""
     version: str  # its software version
     seq: int  # above the node's last accepted descriptor's (a later restart wins)
+    engine: str = ""  # what computes its answers ("torch", "llamacpp"; "" = torch): the committee scores with its tolerance
 
 
 @struct
@@ -253,6 +254,7 @@ _ENDPOINT = re.compile(
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _OCTET = re.compile(r"0|[1-9][0-9]{0,2}")
 _MODEL = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
+_ENGINE = re.compile(r"[a-z0-9._-]{1,32}")
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")  # a worker's default: its model
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
 _P = 2**255 - 19
@@ -326,7 +328,8 @@ def _check_announce(tx: Announce) -> None:
             raise TxError(INVALID, f"{name} {value[:64]!r} {problem}")
     for name, pattern, rule in (
             ("model", _MODEL, "1..128 printable ASCII characters without spaces"),
-            ("group", _GROUP, "1..128 of A-Z a-z 0-9 . _ : / @ + -, first a letter or digit")):
+            ("group", _GROUP, "1..128 of A-Z a-z 0-9 . _ : / @ + -, first a letter or digit"),
+            ("engine", _ENGINE, "1..32 of a-z 0-9 . _ -")):
         value = getattr(tx, name)
         if value and not pattern.fullmatch(value):
             raise TxError(INVALID, f"{name} {value[:64]!r}: \"\" or {rule}")

@@ -59,7 +59,7 @@ def check_reachable(endpoint: str, committee: Sequence[str]) -> None:
 
 
 def announce(identity: NodeIdentity, committee: Sequence[str], endpoint: str, *, model: str = "",
-             group: str = "", layers: str = "", timeout_s: float = 10.0) -> int:
+             group: str = "", layers: str = "", engine: str = "", timeout_s: float = 10.0) -> int:
     """Publish this node's descriptor; returns the height it was committed at."""
     check_reachable(endpoint, committee)
     try:
@@ -68,7 +68,7 @@ def announce(identity: NodeIdentity, committee: Sequence[str], endpoint: str, *,
             nonce = client.next_nonce(identity.public.sign_key)
             tx = txs.Announce(chain_id=chain_id, nonce=nonce, transport_key=identity.transport.public_bytes,
                               endpoint=endpoint, model=model, group=group, layers=layers, version=VERSION,
-                              seq=time.time_ns() // 1000)  # increases across restarts of this node
+                              seq=time.time_ns() // 1000, engine=engine)  # increases across restarts of this node
             outcome = client.submit(txs.sign_tx(tx, identity), timeout_s=timeout_s)
     except CommitteeError as exc:
         raise DirectoryError(f"cannot announce {identity.node_id} to the committee at "

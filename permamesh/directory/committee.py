@@ -245,7 +245,7 @@ def _to_json(snap: Snapshot) -> dict:
     """A snapshot in the ledger's ``/directory`` shape (what :func:`parse_directory` reads)."""
     nodes = [{"node": e.node_key.hex(), "node_id": e.node_id, "role": e.role, "kex_key": e.kex_key.hex(),
               "transport_key": e.transport_key.hex(), "endpoint": e.endpoint, "model": e.model,
-              "group": e.group, "layers": e.layers, "version": e.version,
+              "engine": e.engine, "group": e.group, "layers": e.layers, "version": e.version,
               "profile": {"isp": e.isp, "grid": e.grid, "datacenter": e.location},
               "reputation_ppm": int(e.reputation * 1e6), "excluded": e.excluded, "running": e.running,
               "rtt_us": e.rtt_us} for e in snap.entries]

@@ -56,6 +56,7 @@ class Entry:
     excluded: bool
     running: bool  # the committee's probes found it up, recently enough
     rtt_us: int | None
+    engine: str = ""  # what computes a worker's answers ("" = torch)
 
     @property
     def link(self) -> str:
@@ -68,7 +69,8 @@ class Entry:
 
     def worker_record(self) -> WorkerRecord:
         layers = with_key(self.layers, self.transport_key) if self.layers else ""
-        return WorkerRecord(self.node_id, self.link, self.node_key.hex(), self.model, self.group, layers)
+        return WorkerRecord(self.node_id, self.link, self.node_key.hex(), self.model, self.group, layers,
+                            self.engine or "torch")
 
     def relay_record(self) -> RelayRecord:
         return RelayRecord(self.node_id, self.link, self.node_key.hex(), self.kex_key.hex(), self.isp or "?",
@@ -168,7 +170,7 @@ def parse_entry(row: object) -> Entry:
                  _endpoint(row, "endpoint"), _text(row, "model"), _text(row, "group"), _endpoint(row, "layers"),
                  _text(row, "version"), _text(profile, "isp"), _text(profile, "grid"), location,
                  min(1.0, reputation), bool(row.get("excluded")), row.get("running") is True,
-                 None if rtt is None else _int(rtt, "rtt_us"))
+                 None if rtt is None else _int(rtt, "rtt_us"), _text(row, "engine"))
 
 
 def parse_directory(value: object, source: str = "") -> Snapshot:

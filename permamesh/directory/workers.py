@@ -31,3 +31,4 @@ class WorkerRecord:
     model: str
     group: str = ""  # the worker group it routes within ("" = none)
     layers: str = ""  # its layer server when it runs containers ("" = it runs none)
+    engine: str = "torch"  # what computes its answers (torch, llamacpp): verification's tolerance follows it

@@ -21,8 +21,7 @@ from permamesh.identity import NodeIdentity
 from permamesh.directory.relays import CachedLookup
 from permamesh.transport import serve_until_signalled, split_endpoint
 from permamesh.routing.blocks import BlockHasher
-from permamesh.workers import models
-from permamesh.workers.engine import Engine
+from permamesh.workers import backends, models
 from permamesh.workers.inbox import Inbox
 from permamesh.workers.group import GroupConfig, GroupLink, Peer
 from permamesh.workers.prefix_cache import PrefixKVCache
@@ -49,7 +48,7 @@ class WorkerOptions:
     block_size: int = 16  # tokens per block (prefix cache and routing tree)
     prefix_cache_mb: int = 1024  # KV cache budget in MiB, 0 = no prefix cache
     measure_sync: bool = False  # count full-tree broadcast bytes too (benchmarks)
-    max_active: int = 4  # requests decoding at once, steps interleaved (1 = one at a time)
+    max_active: int = 8  # requests decoded together, one batched forward per step (1 = one at a time)
     claim: str | None = None  # announce this model name instead (verification drills: an impostor)
     committee: tuple[str, ...] = ()  # committee validator endpoints: routing reads reputation there
     containers: bool = False  # also run container jobs (a layer server, routing by layers)
@@ -59,6 +58,7 @@ class WorkerOptions:
     metrics_port: int | None = 0  # Prometheus /metrics on this port (0 = any free); None = no metrics
     join: tuple[str, ...] = ()  # committee validators: peers, relays and the group salt come from its directory
     advertise: str | None = None  # HOST:PORT peers reach this worker at (default: the bound address)
+    backend: str = "auto"  # torch, llamacpp, or auto (llama.cpp for a GGUF on CPU where it is installed)
 
 
 def run_worker(opts: WorkerOptions) -> int:
@@ -68,7 +68,9 @@ def run_worker(opts: WorkerOptions) -> int:
         torch.set_num_threads(opts.threads)
     identity = NodeIdentity.load_or_create(opts.data_dir / "keys", opts.name)
     directory = _join(opts) if opts.join else None  # fails fast on a wrong committee address
-    loaded = models.load(opts.model, opts.model_path, opts.data_dir, opts.device, opts.seed)
+    engine = backends.load_engine(opts.backend, opts.model, opts.model_path, opts.data_dir, opts.device, opts.seed,
+                                  max_active=opts.max_active, threads=opts.threads)
+    loaded = engine.loaded
     if opts.model_path and opts.model == models.DEFAULT_MODEL:
         loaded.name = Path(opts.model_path).stem
     if opts.claim:  # lets any local model pose as another: what the committee must catch
@@ -80,7 +82,7 @@ def run_worker(opts: WorkerOptions) -> int:
             raise WorkerError(f"--group {opts.group!r} needs --join: group peers come from the committee's directory")
         log.info("no --join: serving direct clients only (no group, no overlay)")
         group_name = ""
-    server = WorkerServer(Engine(loaded), identity, ServerConfig(opts.host, opts.port, opts.max_queue,
+    server = WorkerServer(engine, identity, ServerConfig(opts.host, opts.port, opts.max_queue,
                                                                  max_active=opts.max_active))
     records = (lambda: directory.workers()) if directory is not None else list
     relays = directory.relay_endpoints if directory is not None else dict
@@ -151,7 +153,7 @@ def _serve(server: WorkerServer, identity: NodeIdentity, opts: WorkerOptions, mo
                 port = split_endpoint(layers)[0].rpartition(":")[2]
                 layer_address = advertised(layers, f"{host}:{port}" if host else None)
             announce(identity, opts.join, advertised(endpoint, opts.advertise), model=model, group=group_name,
-                     layers=layer_address)
+                     layers=layer_address, engine=server.engine.backend)
             if group_name:
                 salt = group_salt(directory, identity, group_name, timeout_s=60.0)
                 install_group(salt)

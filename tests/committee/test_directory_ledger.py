@@ -79,7 +79,7 @@ def test_a_registered_node_announces_itself_and_the_directory_lists_it(world):
     assert (before["endpoint"], before["transport_key"], before["seq"]) == ("", "", 0)
     worker_says = announce_tx(w.worker, seq=7, endpoint="tcp://10.0.0.5:7001",
                               model="HuggingFaceTB/SmolLM2-135M", group="HuggingFaceTB/SmolLM2-135M",
-                              layers="tcp://10.0.0.5:7002")
+                              layers="tcp://10.0.0.5:7002", engine="llamacpp")
     assert check(w.app, worker_says) == txs.OK
     assert block(w.app, [worker_says, announce_tx(w.relay, endpoint="tcp://[2001:db8::7]:9000")]) \
         == [txs.OK, txs.OK]
@@ -95,11 +95,11 @@ def test_a_registered_node_announces_itself_and_the_directory_lists_it(world):
         "transport_key": w.worker.ident.transport.public_bytes.hex(),
         "endpoint": "tcp://10.0.0.5:7001", "model": "HuggingFaceTB/SmolLM2-135M",
         "group": "HuggingFaceTB/SmolLM2-135M",
-        "layers": "tcp://10.0.0.5:7002", "version": "permamesh-0.1", "seq": 7,
+        "layers": "tcp://10.0.0.5:7002", "version": "permamesh-0.1", "seq": 7, "engine": "llamacpp",
         "reputation_ppm": w.c.genesis.reputation.initial_ppm, "excluded": False,
         "running": False, "rtt_us": None, "seen_period": -1}
     assert set(worker) == {"node", "node_id", "role", "partner", "kex_key", "transport_key",
-                           "endpoint", "model", "group", "layers", "version", "seq", "profile",
+                           "endpoint", "model", "engine", "group", "layers", "version", "seq", "profile",
                            "reputation_ppm", "excluded", "running", "rtt_us", "seen_period"}
     registry = {n["node"]: n for n in query(w.app, "/registry")}
     assert worker["profile"] == registry[w.worker.key.hex()]["profile"]
@@ -121,6 +121,7 @@ def test_a_descriptor_must_fit_the_role_its_partner_registered(world):
     assert check(w.app, serving) == txs.INVALID
     assert block(w.app, [serving]) == [txs.INVALID]
     assert block(w.app, [announce_tx(w.relay, seq=2, layers="tcp://10.0.0.9:1")]) == [txs.INVALID]
+    assert block(w.app, [announce_tx(w.relay, seq=3, engine="torch")]) == [txs.INVALID]
     assert w.entry(w.relay)["endpoint"] == ""
     # the partner turns its worker into a relay: the worker's old descriptor no longer applies
     assert block(w.app, [announce_tx(w.worker, model="m")]) == [txs.OK]
@@ -142,6 +143,7 @@ def test_refused_announces_change_no_descriptor(world):
         "same seq": (announce_tx(w.worker, seq=5, endpoint="tcp://10.9.9.9:1"), txs.STALE),
         "lower seq": (announce_tx(w.worker, seq=4, endpoint="tcp://10.9.9.9:1"), txs.STALE),
         "bad endpoint": (announce_tx(w.worker, seq=9, endpoint="tcp://0.0.0.0:7001"), txs.INVALID),
+        "bad engine": (announce_tx(w.worker, seq=9, engine="Llama CPP"), txs.INVALID),
     }
     directory = w.directory()["nodes"]
     descriptors = list(w.app.store.scan(DESC, committed=True))

@@ -70,6 +70,7 @@ def test_every_node_published_a_descriptor_with_its_transport_key(joined):
     assert len(workers) == WORKERS and len(snap.running("relay")) == RELAYS
     assert {w.link for w in workers} == set(mesh.endpoints)  # READY lines name the same key-bearing endpoints
     assert all(w.rtt_us and w.rtt_us > 0 for w in workers)
+    assert {w.worker_record().engine for w in workers} == {"torch"}  # tiny-random is no GGUF: torch serves it
 
 
 def test_a_client_that_knows_one_validator_gets_answers_direct_and_anonymous(joined):
@@ -98,6 +99,8 @@ def test_the_directory_copy_on_disk_serves_while_the_committee_is_unreachable(jo
 
     offline = CommitteeDirectory([devnet.endpoints[0]], path, client=dark)
     assert offline.snapshot(0.0).height >= first.height
+    assert {w.worker_record() for w in offline.snapshot(0.0).running("worker")} \
+        == {w.worker_record() for w in first.running("worker")}  # engines and all
     assert len(offline.workers()) == WORKERS
 
 
