@@ -1,9 +1,11 @@
-"""A real one-validator CometBFT network under attack (permamesh/bench/fuzzcomet.py), one test
-per port and attack: the app's ABCI socket (loopback, CometBFT holds its four connections), the
-node's RPC (TLS pinned to the member key) and its p2p port. After each attack both processes
-are alive, neither logged a traceback or a panic, the chain commits a new block, the app's last app hash equals the one in CometBFT's
-next header, and the two processes grew by at most fuzz.RSS_BUDGET_MIB. Seeded like
-test_fuzz_ports (PERMAMESH_FUZZ_SEED); the last test prints the table of rows."""
+"""A real four-validator CometBFT network under attack (permamesh/bench/fuzzcomet.py), one test
+per port and attack on validator 0: its app's ABCI socket (loopback, CometBFT holds its four
+connections), its node's RPC (TLS pinned to the member key) and its p2p port. After each attack
+all eight processes are alive, none logged a traceback or a panic, every validator commits a new
+block and every app's last app hash equals the one in the chain's next header (the honest
+validators' states agree), and validator 0's two processes grew by at most
+fuzz.RSS_BUDGET_MIB. Seeded like test_fuzz_ports (PERMAMESH_FUZZ_SEED); the last test prints
+the table of rows."""
 
 from __future__ import annotations
 
@@ -35,19 +37,20 @@ def comet(tmp_path_factory):
     except CometBFTMissing as exc:
         pytest.skip(f"CometBFT is not installed: {exc}")
     home = tmp_path_factory.mktemp("fuzz-comet")
-    net = CometNet(CometNetConfig(home / "net", validators=1, data_dir=home, log_level="*:error"))
+    net = CometNet(CometNetConfig(home / "net", validators=4, data_dir=home, log_level="*:error"))
     net.start()
     try:
-        record, rpc = net.records[0], net.endpoints[0]
-        pids = (net.apps[0].proc.pid, net.nodes[0].proc.pid)
+        record = net.records[0]
+        pids = (net.apps[0].proc.pid, net.nodes[0].proc.pid)  # the attacked validator's (RSS)
+        every_pid = tuple(p.proc.pid for p in (*net.apps, *net.nodes))
 
         def serves() -> bool:
-            return fuzzcomet.chain_healthy(rpc)
+            return fuzzcomet.network_agrees(list(net.endpoints))
 
         ports = {"abci": fuzz.Port("cometbft:abci", f"tcp://127.0.0.1:{record.abci_port}", pids, serves),
-                 "rpc": fuzz.Port("cometbft:rpc", rpc, pids, serves),
+                 "rpc": fuzz.Port("cometbft:rpc", net.endpoints[0], pids, serves),
                  "p2p": fuzz.Port("cometbft:p2p", f"tcp://{record.host}:{record.p2p_port}", pids, serves)}
-        yield ports, pids, net.home / "logs" / "app-0.log"
+        yield ports, every_pid, net.home / "logs" / "app-0.log"
     finally:
         net.stop()
 

@@ -8,9 +8,11 @@ pinned) and its p2p port; and the check made after each one (:func:`chain_health
 - RPC (``https://H:P?key=HEX``): :mod:`~permamesh.bench.fuzzrpc`.
 - p2p (``tcp://H:P``): random bytes and broken SecretConnection handshakes, held connections.
 
-:func:`chain_healthy` is the ports' ``serves``: the chain commits a new block, and the app's own
-last app hash (``abci_info``) equals the one CometBFT put in the next header, so no stranger
-moved the app's state past CometBFT's.
+:func:`chain_healthy` is a port's ``serves`` on one validator: the chain commits a new block, and
+the app's own last app hash (``abci_info``) equals the one CometBFT put in the next header, so no
+stranger moved the app's state past CometBFT's. :func:`network_agrees` is the same check on
+every validator of a network, with the attacked one first: all commit, and every app's state is
+the one the shared chain's headers record.
 
 Who calls it: ``tests/test_fuzz_comet.py`` through :data:`COMET_ATTACKS`.
 """
@@ -58,6 +60,14 @@ def chain_healthy(rpc_endpoint: str, wait_s: float = HEALTH_WAIT_S) -> bool:
                         info.last_block_height, info.last_block_app_hash.hex(), header.app_hash.hex())
             return False
     return True
+
+
+def network_agrees(rpc_endpoints: list[str], wait_s: float = HEALTH_WAIT_S) -> bool:
+    """True when every validator commits a new block and each app's last app hash equals the
+    one in its chain's next header. The headers are the network's consensus (a block commits only
+    with more than two thirds of the votes), so an app that an attack moved off the others' state
+    fails here whatever its node then does."""
+    return all(chain_healthy(endpoint, wait_s) for endpoint in rpc_endpoints)
 
 
 # ------------------------------------------------------------------------ ABCI socket
