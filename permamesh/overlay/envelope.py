@@ -9,8 +9,10 @@ acknowledgement of one clove, one clove of the answer, or one clove of a streame
 
 Layouts (big-endian):
 
-- envelope: ``version (1) | block count (1) | clove length (4) | clove | blocks (577 each)``;
-  block count 0 (no reply), or 2 + the chunk blocks (ack, answer, chunk 0, chunk 1, ...)
+- envelope: ``version (1) | flags (1) | block count (1) | clove length (4) | clove | blocks
+  (577 each)``; block count 0 (no reply), or 2 + the chunk blocks (ack, answer, chunk 0, chunk
+  1, ...); flags: :data:`EXTEND` (this path only extends a streamed answer: its chunk blocks
+  carry later chunks, not spare cloves of earlier ones), every other bit 0
 - ack item: ``b"A" | message id (16) | clove index (1) | status (1)``
 - answer item: ``b"C" | encoded clove``
 - chunk item: ``b"S" | chunk sequence number (2) | encoded clove``; the clove's message id is
@@ -34,11 +36,12 @@ from permamesh.overlay.reply import REPLY_BLOCK_BYTES, ReplyBlock
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
+EXTEND = 0x01  # flag: a path sent to give a long streamed answer more chunk blocks
 MAX_CHUNK_BLOCKS = 16  # chunk blocks per envelope, at most (a streamed answer's chunks per path)
 MAX_BLOCKS = 2 + MAX_CHUNK_BLOCKS  # an ack block, an answer block, the chunk blocks
 MESSAGE_ID_BYTES = 16
-_HEAD = struct.Struct(">BBI")
+_HEAD = struct.Struct(">BBBI")
 _ACK = struct.Struct(">c16sBB")
 _SEQ = struct.Struct(">H")
 
@@ -55,26 +58,31 @@ class Envelope:
     ack_block: ReplyBlock | None
     answer_block: ReplyBlock | None
     chunk_blocks: tuple[ReplyBlock, ...] = ()  # for a streamed answer's chunks, used in order
+    extend: bool = False  # the path extends a streamed answer (EXTEND): no spare cloves on its blocks
 
 
 def encode_envelope(clove: Clove, ack_block: ReplyBlock | None, answer_block: ReplyBlock | None,
-                    chunk_blocks: tuple[ReplyBlock, ...] = ()) -> bytes:
+                    chunk_blocks: tuple[ReplyBlock, ...] = (), extend: bool = False) -> bytes:
     if (ack_block is None) != (answer_block is None):
         raise OverlayError("an envelope carries both reply blocks or neither")
     if chunk_blocks and ack_block is None:
         raise OverlayError("chunk blocks ride only with an ack and an answer block")
     if len(chunk_blocks) > MAX_CHUNK_BLOCKS:
         raise OverlayError(f"an envelope carries at most {MAX_CHUNK_BLOCKS} chunk blocks")
+    if extend and not chunk_blocks:
+        raise OverlayError("only an envelope with chunk blocks extends a stream")
     body = encode_clove(clove)
     blocks = [b.to_bytes() for b in (ack_block, answer_block, *chunk_blocks) if b is not None]
-    return _HEAD.pack(VERSION, len(blocks), len(body)) + body + b"".join(blocks)
+    return _HEAD.pack(VERSION, EXTEND if extend else 0, len(blocks), len(body)) + body + b"".join(blocks)
 
 
 def decode_envelope(data: object) -> Envelope:
     data = require_bytes(data, "envelope", _HEAD.size, _HEAD.size + MAX_CLOVE_BYTES + MAX_BLOCKS * REPLY_BLOCK_BYTES)
-    version, count, length = _HEAD.unpack_from(data)
+    version, flags, count, length = _HEAD.unpack_from(data)
     if version != VERSION:
         raise OverlayError(f"envelope rejected: version {version}, expected {VERSION}")
+    if flags & ~EXTEND:
+        raise OverlayError(f"envelope rejected: unknown flags {flags:#04x}")
     if count != 0 and not 2 <= count <= MAX_BLOCKS:
         raise OverlayError(f"envelope rejected: {count} reply blocks, expected 0 or 2..{MAX_BLOCKS}")
     if len(data) != _HEAD.size + length + count * REPLY_BLOCK_BYTES:
@@ -82,9 +90,11 @@ def decode_envelope(data: object) -> Envelope:
     clove = decode_clove(data[_HEAD.size:_HEAD.size + length])
     at = _HEAD.size + length
     blocks = [ReplyBlock.from_bytes(data[at + i * REPLY_BLOCK_BYTES:at + (i + 1) * REPLY_BLOCK_BYTES]) for i in range(count)]
+    if flags and count <= 2:
+        raise OverlayError("envelope rejected: it extends a stream but carries no chunk blocks")
     if not blocks:
         return Envelope(clove, None, None)
-    return Envelope(clove, blocks[0], blocks[1], tuple(blocks[2:]))
+    return Envelope(clove, blocks[0], blocks[1], tuple(blocks[2:]), bool(flags & EXTEND))
 
 
 @dataclass(frozen=True)

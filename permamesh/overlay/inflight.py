@@ -14,7 +14,12 @@ of its recent chunks over it (and later chunks too), so the stream goes on. A st
 began and then falls silent for ``stream_idle_s`` while chunk blocks are left
 gets one probe (a further clove over a fresh path, which a live entry worker acknowledges);
 silence for another ``stream_idle_s`` ends the request with an :class:`OverlayError` saying how
-much was streamed, never with a silently truncated answer. :class:`Delivery` is what the last request did.
+much was streamed, never with a silently truncated answer. A long answer outgrows the chunk
+blocks of the first paths: when the chunks rebuilt come within ``stream_extend_ahead`` of the
+last one that k live paths still have blocks for, k more cloves go over fresh paths marked
+:data:`~permamesh.overlay.envelope.EXTEND`, each with ``stream_blocks`` new chunk blocks (as
+long as the split has k + 1 cloves left: one stays for a probe; after that the rest of the
+text comes with the final answer). :class:`Delivery` is what the last request did.
 
 Who calls it: :meth:`OverlayClient.submit <permamesh.overlay.sender.OverlayClient.submit>` only.
 """
@@ -31,6 +36,8 @@ from typing import Protocol
 from permamesh.directory.workers import WorkerRecord
 from permamesh.directory.relays import RelayRecord
 from permamesh.overlay.envelope import MAX_CHUNK_BLOCKS, STARTED, Ack, ChunkClove, decode_reply_item, encode_envelope
+
+REPAIR_SPARES = 8  # chunk blocks a repair path may spend on spare cloves (the entry's StreamConfig.keep_recent)
 from permamesh.identity import NodeIdentity
 from permamesh.overlay.errors import NotDelivered, OverlayError
 from permamesh.overlay.late import LateEvidence
@@ -54,7 +61,7 @@ __all__ = ["Delivery", "InFlight", "OverlayConfig", "Sender"]
 class OverlayConfig:
     n: int = 4  # cloves sent at once, one path each
     k: int = 3  # cloves that rebuild a message
-    max_cloves: int = 8  # cloves of the split; resends use the unused ones
+    max_cloves: int = 16  # cloves of the split; resends, repairs and stream extensions use the unused ones
     hops: int = 3  # relays per path
     resends: int = 3  # rounds of replacement paths at most
     ack_timeout_s: float = 1.0  # a path not acknowledged this long after sending has failed
@@ -66,12 +73,14 @@ class OverlayConfig:
     stream_blocks: int = 12  # chunk reply blocks per path for a streamed answer (0: answers come whole)
     stream_idle_s: float = 10.0  # a begun stream silent this long gets a probe; twice: the entry is gone
     stream_repair_s: float = 0.3  # a chunk short of k cloves this long: one more clove over a fresh path
+    stream_extend_ahead: int = 4  # chunks before the blocks run out when k extending paths go out
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.n <= self.max_cloves <= 255:
             raise OverlayError("overlay needs 1 <= k <= n <= max_cloves <= 255")
-        if not 0 <= self.stream_blocks <= MAX_CHUNK_BLOCKS or self.stream_idle_s <= 0:
-            raise OverlayError(f"overlay needs 0 <= stream_blocks <= {MAX_CHUNK_BLOCKS} and stream_idle_s > 0")
+        if not 0 <= self.stream_blocks <= MAX_CHUNK_BLOCKS or self.stream_idle_s <= 0 or self.stream_extend_ahead < 1:
+            raise OverlayError(f"overlay needs 0 <= stream_blocks <= {MAX_CHUNK_BLOCKS}, stream_idle_s > 0 "
+                               "and stream_extend_ahead >= 1")
 
 
 @dataclasses.dataclass
@@ -80,6 +89,7 @@ class _Path:
     clove: int  # index of the clove it carries
     depth: int  # 0 for the first n, r for a replacement in round r
     sent_at: float
+    chunk_end: int = 0  # chunks below this number its chunk blocks can carry (a conservative guess)
     acked: bool = False
     failed: bool = False
 
@@ -143,6 +153,8 @@ class InFlight:
         self.heard_at = 0.0  # when the last reply of this request came
         self.probed = False  # a probe went out since the stream last spoke
         self.repaired_at = 0.0  # when the last repair clove went out
+        self.extended_at = 0.0  # when the last extending paths went out
+        self.extensions = 0  # extending paths sent
 
     def run(self) -> Message:
         cfg, t0 = self.c.config, time.monotonic()
@@ -181,7 +193,7 @@ class InFlight:
                 self.c.late.hold(self.session, path.relays, path.sent_at, keys)
 
     # ------------------------------------------------------------------ sending
-    def _send_new(self, count: int, depth: int) -> int:
+    def _send_new(self, count: int, depth: int, extend: bool = False) -> int:
         cfg = self.c.config
         count = min(count, cfg.max_cloves - len(self.paths))
         if count <= 0:
@@ -197,23 +209,29 @@ class InFlight:
                 return 0
         epoch = self.c.epoch()
         for relays in drawn:
-            self._send_kit(relays, self._kit(relays, epoch), depth)
+            self._send_kit(relays, self._kit(relays, epoch), depth, extend)
         return len(drawn)
 
     def _kit(self, relays: tuple[RelayRecord, ...], epoch: int) -> PathKit:
         return prepare_kit([r.hop() for r in relays], self.c.client_id, epoch, chunks=self.c.config.stream_blocks)
 
-    def _send_kit(self, relays: tuple[RelayRecord, ...], kit: PathKit, depth: int) -> None:
+    def _send_kit(self, relays: tuple[RelayRecord, ...], kit: PathKit, depth: int, extend: bool = False) -> None:
         index = len(self.paths)
+        blocks, first = len(kit.chunks), self.stream.highest + 1  # the entry sends chunk >= first next
+        if depth == 0 and not extend:  # one of the first n: from chunk 0
+            end = blocks
+        else:  # a late path: from the entry's next chunk, after the spares a repair path carries
+            end = first + blocks - (0 if extend else min(blocks, REPAIR_SPARES))
         (ack_block, ack_keys), (answer_block, answer_keys) = kit.ack, kit.answer
         self.replies[ack_keys.reply_id] = (ack_keys, index)
         self.replies[answer_keys.reply_id] = (answer_keys, index)
         for _, chunk_keys in kit.chunks:
             self.replies[chunk_keys.reply_id] = (chunk_keys, index)
-        envelope = encode_envelope(self.cloves[index], ack_block, answer_block, tuple(b for b, _ in kit.chunks))
+        envelope = encode_envelope(self.cloves[index], ack_block, answer_block, tuple(b for b, _ in kit.chunks),
+                                   extend=extend and bool(kit.chunks))
         _, cell = build_forward([r.hop() for r in relays], self.worker.node_id.encode("ascii"), envelope,
                                 epoch=kit.epoch, secrets=kit.forward)
-        self.paths.append(_Path(relays, index, depth, time.monotonic()))
+        self.paths.append(_Path(relays, index, depth, time.monotonic(), end))
         self.c.guard(relays[0]).send(encode(RelayCell(cell), self.c.session))
 
     def _check_timeouts(self, now: float) -> None:
@@ -247,8 +265,16 @@ class InFlight:
             self.repaired_at = now  # a chunk lost cloves on a dead path: a fresh path brings spares
             log.info("chunk cloves were lost on the way back; repairing over a fresh path")
             self._send_new(1, 1)
+        capacity = self._chunk_capacity()
+        if (stream.rebuilt and self.first_answer_at is None and stream.highest + 1 + cfg.stream_extend_ahead >= capacity
+                and now - self.extended_at >= cfg.ack_timeout_s and len(self.paths) + cfg.k < cfg.max_cloves):
+            # (a clove stays in reserve for a probe, should the stream then fall silent)
+            self.extended_at = now  # a long answer: k more paths with fresh chunk blocks
+            sent = self._send_new(cfg.k, 0, extend=True)  # not a resend round
+            self.extensions += sent
+            log.debug("stream at chunk %d of %d: %d extending paths sent", stream.highest, capacity, sent)
         if (stream.rebuilt == 0 or self.first_answer_at is not None or now - self.heard_at < cfg.stream_idle_s
-                or stream.highest + 1 >= cfg.stream_blocks):  # not begun, ending, talking, or out of blocks
+                or stream.highest + 1 >= capacity):  # not begun, ending, talking, or out of blocks
             return
         if not self.probed:
             self.probed, self.heard_at = True, now
@@ -258,6 +284,12 @@ class InFlight:
         raise OverlayError(
             f"the entry worker went silent mid-stream: {stream.rebuilt} chunks ({len(stream.text)} characters) "
             f"arrived, then nothing for {2 * cfg.stream_idle_s:g} s, not even an ack of a probe; the answer is incomplete")
+
+    def _chunk_capacity(self) -> int:
+        """The chunk number from which fewer than k live paths have chunk blocks (by each
+        path's conservative guess): the entry worker stops streaming there."""
+        ends = sorted((p.chunk_end for p in self.paths if not p.failed), reverse=True)
+        return ends[self.c.config.k - 1] if len(ends) >= self.c.config.k else 0
 
     # ------------------------------------------------------------------ receiving
     def _on_frame(self, frame: bytes) -> Message | None:

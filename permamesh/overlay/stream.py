@@ -10,7 +10,9 @@ than k paths have a chunk block left, streaming stops and the rest of the text a
 the final answer, which goes over the answer blocks exactly as an unstreamed answer does.
 
 - :class:`StreamOut` (entry worker): one streamed job's paths (:class:`Lane`: a path's chunk
-  blocks), its tokens, its timer; it signs, splits and seals each chunk.
+  blocks), its tokens, its timer; it signs, splits and seals each chunk. A long answer gets
+  more lanes mid-stream: the client sends extending paths
+  (:data:`~permamesh.overlay.envelope.EXTEND`) before the blocks run out.
 - :class:`StreamConfig` / :class:`ChunkBuffer` (entry worker): chunk ``s`` leaves when it holds
   :meth:`StreamConfig.tokens` tokens or its first token has waited :meth:`StreamConfig.wait_s`,
   whichever comes first. Both thresholds grow geometrically, so a bounded number of blocks
@@ -136,7 +138,8 @@ class StreamOut:
     one spare clove of each of the ``keep_recent`` last chunks, so a chunk that lost a clove on
     a dead path rebuilds after all. :meth:`stop` ends it (the final answer carries the rest);
     it also stops itself when fewer than k lanes have a block left. ``counts`` gets
-    ``chunks``, ``chunks_repaired``, ``streams_exhausted`` and ``chunk_failed``."""
+    ``chunks``, ``chunks_repaired``, ``stream_extended`` (extending lanes taken),
+    ``streams_exhausted`` and ``chunk_failed``."""
 
     def __init__(self, message_id: bytes, request_id: str, k: int, lanes: list[Lane],
                  sign: Callable[[TokenChunk], bytes], seal: Seal, counts, config: StreamConfig = StreamConfig()) -> None:
@@ -150,13 +153,16 @@ class StreamOut:
     def active(self) -> bool:
         return self.buffer is not None
 
-    def add_lane(self, lane: Lane) -> None:
-        """A path whose clove came after the job started: it carries a spare clove of each
-        recent chunk now, and later chunks too."""
+    def add_lane(self, lane: Lane, repair: bool = True) -> None:
+        """A path whose clove came after the job started: it carries later chunks and, when
+        ``repair`` (a resend or repair path, not one that only extends the stream), first a
+        spare clove of each recent chunk."""
         if not self.active:
             return
+        if not repair:
+            self.counts["stream_extended"] += 1
         for seq, spare in self._spares.items():
-            if spare and lane.blocks:
+            if repair and spare and lane.blocks:
                 self.seal(lane.ack_key, lane.blocks.pop(0), encode_chunk_item(seq, spare.pop(0)))
                 self.counts["chunks_repaired"] += 1
         self.lanes.append(lane)

@@ -151,7 +151,7 @@ class Inbox:
             if job is None:
                 return
         elif lane is not None and job.stream is not None:
-            job.stream.add_lane(lane)  # a late path: later chunks use it too
+            job.stream.add_lane(lane, repair=not env.extend)  # a late path: later chunks use it too
         if env.answer_block is not None:
             job.blocks.append(env.answer_block)
         self._flush(job)

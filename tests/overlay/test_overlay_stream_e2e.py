@@ -14,6 +14,7 @@ import pytest
 
 from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.sender import OverlayClient
+from permamesh.overlay.stream import StreamConfig
 from permamesh.workers.server import WorkerServer
 from tests.overlay.test_overlay_e2e import FAST, overlay_mesh
 
@@ -103,6 +104,24 @@ def test_a_relay_that_dies_mid_stream_loses_nothing(mesh):
         result = client.generate("a longer answer, please", max_tokens=48, on_text=on_text)
     assert "".join(pieces) == result.text and result.completion_tokens == 48
     assert len(pieces) >= 2
+
+
+def test_a_long_answer_gets_more_chunk_blocks_over_extending_paths(mesh):
+    """Four chunk blocks per path would carry four chunks; the entry cuts a chunk every 0.1 s
+    of a longer answer, so the client sends extending paths (k at a time) before the blocks run
+    out, and the stream goes on over them."""
+    records, worker, server, *_ = mesh
+    server.inbox.config = dataclasses.replace(server.inbox.config, stream=StreamConfig(
+        chunk_tokens=10_000, interval_s=0.1, growth=1.0))  # chunks by time only
+    short = dataclasses.replace(STREAM, stream_blocks=4, stream_extend_ahead=2)
+    pieces = Pieces(server)
+    with OverlayClient(records, [worker], short, random.Random(12)) as client:
+        result = client.generate("a long answer, please", max_tokens=120, on_text=pieces)
+    assert "".join(pieces.texts) == result.text and result.completion_tokens == 120
+    counts = server.inbox.counts
+    assert counts["stream_extended"] >= short.k and counts["chunks"] > short.stream_blocks, counts
+    assert client.last.rounds == 0  # extending paths are not resends
+    assert len(pieces.texts) > short.stream_blocks
 
 
 def test_an_entry_worker_stopped_mid_stream_gives_a_clear_error(mesh):

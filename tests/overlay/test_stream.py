@@ -1,4 +1,5 @@
-"""A streamed answer's pieces without a network: the envelope carries chunk blocks, the entry
+"""A streamed answer's pieces without a network: the envelope carries chunk blocks (and says
+when its path only extends a stream), the entry
 worker's ChunkBuffer cuts chunks by size and by time, and the client's ChunkReassembly
 rebuilds each chunk from any k cloves, releases them strictly in order, and fills in from the
 final answer what no chunk carried, refusing an answer that contradicts its chunks or chunks
@@ -50,6 +51,24 @@ def test_an_envelope_carries_its_chunk_blocks_in_order():
         encode_envelope(clove, ack, answer, tuple(_block() for _ in range(MAX_CHUNK_BLOCKS + 1)))
     with pytest.raises(OverlayError):
         encode_envelope(clove, None, None, chunks)
+
+
+def test_an_extending_envelope_says_so_and_nothing_else_passes():
+    clove = split(b"a request", n=4, k=3)[0]
+    ack, answer, chunks = _block(), _block(), tuple(_block() for _ in range(3))
+    plain, extending = (encode_envelope(clove, ack, answer, chunks, extend=e) for e in (False, True))
+    assert not decode_envelope(plain).extend and decode_envelope(extending).extend
+    assert decode_envelope(extending).chunk_blocks == chunks
+    with pytest.raises(OverlayError, match="chunk blocks"):
+        encode_envelope(clove, ack, answer, (), extend=True)
+    flags_at = 1  # version, then flags
+    for flags in (0x02, 0x80, 0xFF):
+        bad = extending[:flags_at] + bytes([flags]) + extending[flags_at + 1:]
+        with pytest.raises(OverlayError, match="unknown flags"):
+            decode_envelope(bad)
+    bare = encode_envelope(clove, ack, answer)
+    with pytest.raises(OverlayError, match="no chunk blocks"):
+        decode_envelope(bare[:flags_at] + b"\x01" + bare[flags_at + 1:])
 
 
 def test_a_chunk_item_round_trips_and_names_its_number():
