@@ -10,6 +10,22 @@ its keys and serves); a gateway, which speaks HTTP, signs a fresh challenge on i
 of the members found it up (docs/committee.md). Probes run concurrently, each bounded by
 ``timeout_s``, so one dead node costs one timeout, not a round.
 
+When a member reports. The ledger takes one report per member and period, counted for that
+period and the next (:func:`~permamesh.committee.ledger.is_running`), so a member chooses when in
+the period to spend it. It reports at once when the directory shows a *newcomer* that answers:
+an announced node the committee does not count running (one that just announced, or restarted
+and announced again). Otherwise it reports once the period is half over, so a node announced in
+the first half is counted within a block or two of its announce rather than at the next period,
+and the report still lands half a period before the next one needs it (running nodes never drop
+out at a period's edge). A node announced in the second half is a newcomer at the next period's
+first look. A round for newcomers reports only if one of them answered, so one that does not
+answer yet (still busy starting) does not spend the report; after ``NEWCOMER_TRIES`` silent
+rounds under its current descriptor, or once a report found it down, it hurries no one and
+waits for the period's middle like every other node. A dead node leaves the running set as
+before: at the latest when the period after the last one that counted it ends. All of this is
+the members' timing: the ledger's rules and state stay as they were, deterministic and free of
+clocks.
+
 Nothing here reads a PID: a node is up when it answers over the network.
 
 Who calls it: ``permamesh validator`` (a member with ``--probe``), the committee network
@@ -34,10 +50,12 @@ from permamesh.wire import StatusRequest, WireError, decode, encode
 
 log = logging.getLogger(__name__)
 
+NEWCOMER_TRIES = 6  # silent rounds of a newcomer before it stops hurrying this member's report
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    interval_s: float = 0.25  # seconds between looks at the period: each new period is probed at once
+    interval_s: float = 0.25  # seconds between looks at the ledger (newcomers, the period's middle)
     timeout_s: float = 1.0  # a node silent this long is down for this round
     parallel: int = 16  # probes in flight at once
 
@@ -66,19 +84,31 @@ def probe_node(link: str, node_key: bytes, identity: NodeIdentity, timeout_s: fl
     return None
 
 
-def up_nodes(directory: dict, identity: NodeIdentity, config: ProbeConfig) -> list[tuple[bytes, int]]:
-    """Probe every announced node of a ``/directory`` answer: [(node key, rtt_us)] of those up,
-    sorted by key."""
+def probe_targets(directory: dict) -> list[tuple[bytes, str, bool, dict]]:
+    """The announced nodes of a ``/directory`` answer to probe: (node key, link, over HTTP, row)."""
     targets = []
     for row in directory.get("nodes", []):
         try:
             key, tkey = bytes.fromhex(row["node"]), bytes.fromhex(row.get("transport_key") or "")
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue
         if row.get("endpoint") and len(tkey) == 32 and row.get("role") in ("worker", "relay"):
-            targets.append((key, with_key(row["endpoint"], tkey), False))
+            targets.append((key, with_key(row["endpoint"], tkey), False, row))
         elif row.get("endpoint") and row.get("role") == "gateway":  # HTTP: a signed presence answer
-            targets.append((key, row["endpoint"], True))
+            targets.append((key, row["endpoint"], True, row))
+    return targets
+
+
+def descriptor_of(row: dict) -> tuple[bytes, int]:
+    """(node key, descriptor seq): a node that announces again is a new descriptor."""
+    seq = row.get("seq")
+    return bytes.fromhex(row["node"]), seq if isinstance(seq, int) else 0
+
+
+def up_nodes(directory: dict, identity: NodeIdentity, config: ProbeConfig) -> list[tuple[bytes, int]]:
+    """Probe every announced node of a ``/directory`` answer: [(node key, rtt_us)] of those up,
+    sorted by key."""
+    targets = [(key, link, http) for key, link, http, _ in probe_targets(directory)]
     if not targets:
         return []
 
@@ -92,34 +122,69 @@ def up_nodes(directory: dict, identity: NodeIdentity, config: ProbeConfig) -> li
 
 
 class Prober:
-    """One member's probe loop: every ``interval_s`` it looks at the ledger's period, and probes
-    and reports once for each new one."""
+    """One member's probe loop: every ``interval_s`` it looks at the ledger, and probes and
+    reports once per period, when the module's rule says (a newcomer, or the period's middle)."""
 
     def __init__(self, member: NodeIdentity, client: CommitteeClient, chain_id: str,
                  config: ProbeConfig = ProbeConfig()) -> None:
         self.member, self.client, self.chain_id, self.config = member, client, chain_id, config
         self.reported: dict[int, int] = {}  # period -> nodes reported up
+        self.misses: dict[tuple[bytes, int], int] = {}  # descriptor (key, seq) -> probes it did not answer
+        self._seen: tuple[int, dict] | None = None  # (height, /directory) last read
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def round(self) -> int | None:
-        """Probe and report if the ledger entered a period this member has not reported yet;
-        the period reported, or None. Checking is one small query, so callers poll often and
-        every period gets its report early (a report missed is a node's lost vote)."""
-        period = self.client.query("/status").get("period", 0)
+    def newcomers(self, directory: dict) -> list[dict]:
+        """Announced nodes not counted running that have not yet been silent ``NEWCOMER_TRIES``
+        times to this member as they are now described."""
+        return [row for _, _, _, row in probe_targets(directory)
+                if row.get("running") is not True and self.misses.get(descriptor_of(row), 0) < NEWCOMER_TRIES]
+
+    def round(self, force: bool = False) -> int | None:
+        """Probe and report if this period's report is due (``force``: if it is not spent yet);
+        the period reported, or None. Checking is one small query, plus the directory once per
+        new height while this period's report is open, so callers poll often."""
+        status = self.client.query("/status")
+        period, height = status.get("period", 0), status.get("height", 0)
         if period in self.reported:
             return None
-        directory = self.client.query("/directory")
-        period = directory.get("period", period)
+        if self._seen is None or self._seen[0] != height:
+            self._seen = (height, self.client.query("/directory"))
+        directory = self._seen[1]
+        period, height = directory.get("period", period), directory.get("height", height)
+        if period in self.reported:
+            return None
+        blocks = max(1, int(status.get("probe_blocks") or 1))
+        half_over = height + 1 - period * blocks >= blocks // 2  # the next block is in the period's second half
+        new = self.newcomers(directory)
+        if not (force or half_over or new):
+            return None
         up = up_nodes(directory, self.member, self.config)
+        seen_up = {key for key, _ in up}
+        answered = [row for row in new if descriptor_of(row)[0] in seen_up]
+        if not (force or half_over):
+            for row in new:
+                if descriptor_of(row)[0] not in seen_up:
+                    self.misses[descriptor_of(row)] = self.misses.get(descriptor_of(row), 0) + 1
+            if not answered:
+                return None  # no newcomer up yet: the report stays open for them (or the period's middle)
+        new = answered
         nonce = self.client.next_nonce(self.member.public.sign_key)
         tx = txs.Liveness(chain_id=self.chain_id, nonce=nonce, period=period,
                           up=tuple(txs.Seen(key, rtt) for key, rtt in up))
         outcome = self.client.submit(txs.sign_tx(tx, self.member))
         if not outcome.ok:
             log.warning("liveness report for period %d refused (%d): %s", period, outcome.code, outcome.log)
+        described = {descriptor_of(row) for _, _, _, row in probe_targets(directory)}
+        self.misses = {d: NEWCOMER_TRIES if d[0] not in seen_up else self.misses.get(d, 0)
+                       for d in described}  # reported down: they stop hurrying us
         self.reported = {p: n for p, n in self.reported.items() if p >= period - 1} | {period: len(up)}
-        log.debug("period %d: %d nodes up", period, len(up))
+        if new:
+            names = ", ".join(str(row.get("node_id") or row["node"][:16]) for row in new)
+            log.info("period %d: probed at once for %d newcomer(s) (%s): %d of %d nodes up, reported at height %d",
+                     period, len(new), names, len(up), len(described), outcome.height)
+        else:
+            log.debug("period %d: %d nodes up", period, len(up))
         return period
 
     def start(self) -> None:
@@ -154,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", action="append", required=True,
                    help="the committee to report to, as nodes --join it: https://HOST:PORT?key=HEX or "
                         "tcp://HOST:PORT?key=HEX (repeatable)")
-    p.add_argument("--interval", type=float, default=0.25, help="seconds between looks at the ledger's probe period "
-                   "(each new period is probed and reported once; default: 0.25)")
+    p.add_argument("--interval", type=float, default=0.25, help="seconds between looks at the ledger: newly "
+                   "announced nodes are probed at once, every node once per probe period (default: 0.25)")
     p.add_argument("--timeout", type=float, default=1.0, help="seconds a node may take to answer (default: 1)")
     args = p.parse_args(argv)
     if not (args.interval > 0 and args.timeout > 0):
@@ -165,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     with CommitteeClient(args.endpoint) as client:
         prober = Prober(member, client, client.query("/status")["chain_id"], ProbeConfig(args.interval, args.timeout))
         signal.signal(signal.SIGTERM, lambda *_: prober._stop.set())
-        prober.round()
+        prober.round(force=True)
         print(f"READY {args.endpoint[0]} {member.node_id}", flush=True)
         prober._run()
     return 0

@@ -11,11 +11,18 @@ workers and the group salt come from the committee's directory, every link betwe
 CurveZMQ to the key the directory names, and every link to a validator is TLS 1.3 pinned to
 the member's node key (the validators' RPC answers nothing else).
 
-The client host then measures: how soon each worker serves its first job after its READY
-line (the join time, model load excluded), overlay jobs delivered, a direct job whose prompt
-carries a marker (a caller capturing the bridge checks it never crosses in clear), a worker
-host killed (how soon its node leaves the running set; every job still answered), and a
-relay host killed (overlay jobs still delivered). The report is one JSON object.
+Every node but the last worker starts at once (the cold start of a whole mesh: 13 nodes and 4
+probers sharing the cores). Once they all run, the last worker joins that running mesh, as a
+partner's new node would: its join time is from its process start to the first job a client
+that found it in the directory gets from it, its model load excluded, and
+:func:`~permamesh.demo.jointime.join_timeline` splits it into phases (imports and keys,
+directory read, announce, group salt, the members' probe, the committee counting it running,
+the client's directory copy, the first job). The cold start's figure is reported beside it.
+
+The client host then measures overlay jobs delivered, a direct job whose prompt carries a
+marker (a caller capturing the bridge checks it never crosses in clear), a worker host killed
+(how soon its node leaves the running set; every job still answered), and a relay host killed
+(overlay jobs still delivered). The report is one JSON object.
 
 Who calls it: the CLI (``permamesh demo --hosts N``, ``permamesh bench hosts``) and
 ``tests/demo/test_hosts.py``.
@@ -111,8 +118,10 @@ def inside(plan: HostsPlan, namespaces: list[str], addrs: list[str], base: Path,
             publish_validators(committee, net.chain_id, net.partner, [net.identity(i) for i in range(plan.validators)],
                                net.endpoints)
             nodes = _register(plan, committee, net, base)
-            children += _start(plan, net, wrap, addrs, base, join, nodes)
-            report |= _measure(plan, committee, join, children, nodes, wrap, addrs, base, say)
+            joiner = [n for n in nodes if n["role"] == "worker"][-1]  # joins the running mesh later
+            children += _start(plan, net, wrap, addrs, base, join, [n for n in nodes if n is not joiner])
+            committee_pids = [c.proc.pid for c in (*net.apps, *net.nodes) if c is not None]
+            report |= _measure(plan, committee, join, children, nodes, joiner, wrap, addrs, base, say, committee_pids)
     finally:
         stop_all(children)
         net.stop()
@@ -145,29 +154,35 @@ def _register(plan: HostsPlan, committee, net, base: Path) -> list[dict]:
 
 
 def _start(plan: HostsPlan, net, wrap, addrs, base: Path, join: str, nodes: list[dict]) -> list:
+    """Start every member's prober and ``nodes`` at once; return once all printed READY."""
     from permamesh.ops.procs import spawn, wait_ready
 
     logs = base / "logs"
     probers = [spawn(f"prober-{i}", [*wrap[i], sys.executable, "-m", "permamesh.committee.liveness",
                                      "--keys", str(net.vdir(i) / "keys"), "--endpoint", net.endpoints[i],
                                      "--timeout", "0.5"], logs) for i in range(plan.validators)]
-    children = list(probers)
     for node in nodes:
-        h = node["host"]
-        common = ["--data-dir", node["data_dir"], "--name", node["name"], "--host", addrs[h], "--join", join,
-                  "--metrics-port", "-1"]
-        if node["role"] == "worker":
-            argv = [sys.executable, "-m", "permamesh", "worker", *common, "--model", plan.model, "--device", "cpu",
-                    "--threads", "1", "--prefix-cache-mb", "64"]
-        else:  # its ISP, grid and location are the ones its registration claims (_register)
-            argv = [sys.executable, "-m", "permamesh", "relay", *common]
-        node["spawned_at"] = time.monotonic()
-        node["child"] = spawn(node["name"], [*wrap[h], *argv], logs)
-        children.append(node["child"])
+        _spawn_node(plan, node, wrap, addrs, join, logs)
+    children = probers + [node["child"] for node in nodes]
     wait_ready(children, plan.start_timeout_s)
     for node in nodes:
         node["ready_at"] = time.monotonic()
     return children
+
+
+def _spawn_node(plan: HostsPlan, node: dict, wrap, addrs, join: str, logs: Path) -> None:
+    from permamesh.ops.procs import spawn
+
+    h = node["host"]
+    common = ["--data-dir", node["data_dir"], "--name", node["name"], "--host", addrs[h], "--join", join,
+              "--metrics-port", "-1"]
+    if node["role"] == "worker":
+        argv = [sys.executable, "-m", "permamesh", "worker", *common, "--model", plan.model, "--device", "cpu",
+                "--threads", "1", "--prefix-cache-mb", "64"]
+    else:  # its ISP, grid and location are the ones its registration claims (_register)
+        argv = [sys.executable, "-m", "permamesh", "relay", *common]
+    node["spawned_at"], node["spawned_wall"] = time.monotonic(), time.time()
+    node["child"] = spawn(node["name"], [*wrap[h], *argv], logs)
 
 
 def _model_load_s(child) -> float:
@@ -187,33 +202,74 @@ def _wait(cond, timeout_s: float, what: str) -> float:
     while not cond():
         if time.monotonic() - started > timeout_s:
             raise PermameshError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.1)  # polling the committee; bounded by timeout_s
+        time.sleep(0.05)  # polling the committee; bounded by timeout_s
     return time.monotonic() - started
 
 
-def _measure(plan: HostsPlan, committee, join: str, children, nodes, wrap, addrs, base: Path, say) -> dict:
+def _first_job(committee, directory, node: dict, base: Path) -> dict:
+    """Wait until the committee counts ``node`` running and the client's directory copy shows
+    it, then have it serve one job over its own link; when each happened (monotonic)."""
+    from permamesh.client.blocking import Client
+
+    seen: dict = {}
+
+    def found() -> bool:
+        if "counted" not in seen and _running(committee).get(node["node_id"]):
+            seen["counted"] = time.monotonic()
+        if any(r.node_id == node["node_id"] for r in directory.snapshot(0.0).running("worker")):
+            seen["copy"] = time.monotonic()
+            seen.setdefault("counted", seen["copy"])
+        return "copy" in seen
+
+    _wait(found, 60.0, f"{node['name']} in the directory's running set")
+    link = next(e.link for e in directory.snapshot().running("worker") if e.node_id == node["node_id"])
+    with Client([link], data_dir=base / "client", timeout_s=60.0) as client:
+        client.generate("hello", max_tokens=2)
+    return seen | {"served": time.monotonic()}
+
+
+def _measure(plan: HostsPlan, committee, join: str, children, nodes, joiner, wrap, addrs, base: Path, say,
+             committee_pids: list[int]) -> dict:
     from permamesh.client.blocking import Client, ClientError
+    from permamesh.demo.jointime import cpu_use, import_calibration, join_timeline
     from permamesh.directory.committee import CommitteeDirectory
+    from permamesh.ops.procs import wait_ready
 
     out: dict = {}
     workers = [n for n in nodes if n["role"] == "worker"]
     ids = {n["node_id"] for n in nodes}
     directory = CommitteeDirectory([join], base / "client" / "directory.json", timeout_s=5.0)
-    join_s, after_ready_s, model_s = [], [], []
-    for w in workers:  # the first job each worker serves once a client finds it running, pinned to its link
-        _wait(lambda: any(r.node_id == w["node_id"] for r in directory.snapshot(0.0).running("worker")), 60.0,
-              f"{w['name']} in the directory's running set")
-        link = next(e.link for e in directory.snapshot().running("worker") if e.node_id == w["node_id"])
-        with Client([link], data_dir=base / "client", timeout_s=60.0) as client:
-            client.generate("hello", max_tokens=2)
-        served = time.monotonic()
-        model_s.append(_model_load_s(w["child"]))
-        join_s.append(served - w["spawned_at"] - model_s[-1])
-        after_ready_s.append(served - w["ready_at"])
-    out |= {"join_s": join_s, "model_load_s": model_s, "ready_to_first_job_s": after_ready_s}
+    cold = []
+    for w in workers:  # the cold start: each worker started with the whole mesh, model load excluded
+        if w is joiner:
+            continue
+        seen = _first_job(committee, directory, w, base)
+        cold.append(seen["served"] - w["spawned_at"] - _model_load_s(w["child"]))
+    _wait(lambda: all(_running(committee).get(n["node_id"]) for n in nodes if n is not joiner), 60.0,
+          "every node in the running set")
+    say(f"cold start: {len(nodes) - 1} nodes started at once are running; a worker among them served its first "
+        f"job {max(cold):.1f} s after its process started, model load excluded")
+    out["idle_mesh_cpu"] = cpu_use(committee_pids + [c.proc.pid for c in children])  # what the joiner shares
+    out["import_calibration_s"] = import_calibration(wrap[joiner["host"]])
+    _spawn_node(plan, joiner, wrap, addrs, join, base / "logs")  # a new partner's worker joins the running mesh
+    children.append(joiner["child"])
+    wait_ready([joiner["child"]], plan.start_timeout_s)
+    joiner["ready_at"] = time.monotonic()
+    seen = _first_job(committee, directory, joiner, base)
+    model_s = _model_load_s(joiner["child"])
+    timeline = join_timeline(joiner, seen, base / "logs")
+    out |= {"join_s": [seen["served"] - joiner["spawned_at"] - model_s], "model_load_s": [model_s],
+            "ready_to_first_job_s": [seen["served"] - joiner["ready_at"]], "join_timeline": timeline,
+            "cold_start_join_s": cold}
     _wait(lambda: all(_running(committee).get(i) for i in ids), 60.0, "every node in the running set")
-    say(f"joined: {len(nodes)} nodes running; each worker served its first job at most {max(join_s):.1f} s after its "
-        f"process started, model load ({max(model_s):.1f} s) excluded; {max(after_ready_s):.1f} s after READY")
+    calib = out["import_calibration_s"]
+    say(f"joined: a new worker served its first job {out['join_s'][0]:.1f} s after its process started, model "
+        f"load ({model_s:.1f} s) excluded; {out['ready_to_first_job_s'][0]:.1f} s after READY; phases (s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in timeline["phases_s"].items())
+        + f"; just before, on its host: `permamesh worker --help` took {calib['cli_worker_help_s']:.2f} s, "
+        f"importing torch and transformers {calib['torch_transformers_s']:.2f} s; the idle mesh used "
+        f"{out['idle_mesh_cpu']['mesh_cores']:.2f} cores, the machine {out['idle_mesh_cpu']['machine_busy_cores']:.2f} "
+        f"of {out['idle_mesh_cpu']['cpus']}")
     with Client(data_dir=base / "client", join=join, timeout_s=60.0) as client:
         direct = client.generate(f"Remember the word {MARKER}.", max_tokens=4)
     out["direct_worker"] = direct.worker_id

@@ -82,7 +82,12 @@ class CommitteeDirectory:
         """Refresh on a daemon thread every ``refresh_s`` (and soon after :meth:`nudge`), so
         readers on an event loop never wait on the network. Reads the directory once first:
         a wrong committee address fails here, with the reason."""
-        self.snapshot(0.0)
+        started = time.monotonic()
+        snap = self.snapshot(0.0)
+        checked = ", ".join(e.split("?")[0] for e in snap.confirmed_by) or "none"
+        log.info("directory read at height %d from %s (checked by %s): %d nodes, %d running, in %.2f s", snap.height,
+                 snap.source.split("?")[0], checked, len(snap.entries), sum(e.running for e in snap.entries),
+                 time.monotonic() - started)
         self._thread = threading.Thread(target=self._run, name="directory", daemon=True)
         self._thread.start()
         return self
