@@ -43,6 +43,35 @@ class CacheStats:
     evicted_blocks: int  # blocks dropped so far (budget evictions and clear())
 
 
+class Lookups:
+    """What both prefix stores (this KV cache and llama.cpp's saved sequence states) do on a
+    lookup: match the prompt's full blocks, leaving a token to prefill, against the digests they
+    hold, and count hits, misses and tokens for :class:`CacheStats`."""
+
+    def __init__(self, hasher: BlockHasher) -> None:
+        self.hasher = hasher
+        self.hits = self.misses = self.hit_tokens = self.tokens = 0
+
+    def match(self, token_ids: Sequence[int], held) -> tuple[list[bytes], int]:
+        """(the digests of the prompt's usable blocks, how many lead blocks are in ``held``)."""
+        size = self.hasher.block_size
+        usable = max(len(token_ids) - 1, 0) // size
+        digests = self.hasher.chain(token_ids[: usable * size]) if usable else []
+        matched = 0
+        while matched < len(digests) and digests[matched] in held:
+            matched += 1
+        self.tokens += len(token_ids)
+        if matched:
+            self.hits += 1
+            self.hit_tokens += matched * size
+        else:
+            self.misses += 1
+        return digests, matched
+
+    def stats(self, blocks: int, bytes_used: int, budget: int, evicted: int) -> CacheStats:
+        return CacheStats(self.hits, self.misses, self.hit_tokens, self.tokens, blocks, bytes_used, budget, evicted)
+
+
 class _Block:
     """One cached block (mutable bookkeeping, private to the cache)."""
 
@@ -86,7 +115,7 @@ class PrefixKVCache:
         self._heap: list[tuple[int, bytes]] = []  # (last_used, digest) of leaves; stale entries skipped
         self._clock = 0
         self._bytes = 0
-        self._hits = self._misses = self._hit_tokens = self._lookup_tokens = self._evicted = 0
+        self._lookups, self._evicted = Lookups(hasher), 0
         self._inserted: dict[bytes, Chain] = {}  # pending insert events, keyed by their last digest
         self._evicted_chains: dict[bytes, Chain] = {}  # pending evict events, keyed by the evicted digest
 
@@ -108,17 +137,9 @@ class PrefixKVCache:
         from transformers import DynamicCache
 
         size = self.block_size
-        usable = max(len(token_ids) - 1, 0) // size
-        digests = self._hasher.chain(token_ids[: usable * size]) if usable else []
-        matched = 0
-        while matched < len(digests) and digests[matched] in self._blocks:
-            matched += 1
-        self._lookup_tokens += len(token_ids)
+        digests, matched = self._lookups.match(token_ids, self._blocks)
         if matched == 0:
-            self._misses += 1
             return 0, None
-        self._hits += 1
-        self._hit_tokens += matched * size
         self._clock += 1
         chain = [self._blocks[d] for d in digests[:matched]]
         for digest, block in zip(digests, chain):
@@ -186,8 +207,7 @@ class PrefixKVCache:
         return inserted, evicted
 
     def stats(self) -> CacheStats:
-        return CacheStats(self._hits, self._misses, self._hit_tokens, self._lookup_tokens,
-                          len(self._blocks), self._bytes, self._budget, self._evicted)
+        return self._lookups.stats(len(self._blocks), self._bytes, self._budget, self._evicted)
 
     def clear(self) -> None:
         """Drop every block (counted as evicted and reported as evicted chains); keep counters."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from permamesh.routing.blocks import BlockHasher
 from permamesh.workers.errors import WorkerError
-from permamesh.workers.prefix_cache import CacheStats
+from permamesh.workers.prefix_cache import CacheStats, Lookups
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class SeqStateStore:
         self._cover: dict[bytes, set[int]] = {}  # digest -> entries whose chain holds it
         self._ids = itertools.count()
         self._clock = self._bytes = 0
-        self._hits = self._misses = self._hit_tokens = self._lookup_tokens = self._evicted = 0
+        self._lookups, self._evicted = Lookups(hasher), 0
         self._inserted: dict[bytes, Chain] = {}
         self._evicted_chains: set[Chain] = set()
 
@@ -65,17 +65,9 @@ class SeqStateStore:
         """The longest covered full-block prefix that leaves a token to prefill:
         ``(matched_tokens, a state holding at least them)`` or ``(0, None)``."""
         size = self.block_size
-        usable = max(len(token_ids) - 1, 0) // size
-        digests = self._hasher.chain(token_ids[: usable * size]) if usable else []
-        matched = 0
-        while matched < len(digests) and digests[matched] in self._cover:
-            matched += 1
-        self._lookup_tokens += len(token_ids)
+        digests, matched = self._lookups.match(token_ids, self._cover)
         if matched == 0:
-            self._misses += 1
             return 0, None
-        self._hits += 1
-        self._hit_tokens += matched * size
         self._clock += 1
         best = min(self._cover[digests[matched - 1]], key=lambda e: len(self._entries[e].state))  # least to load
         self._entries[best].last_used = self._clock
@@ -126,9 +118,7 @@ class SeqStateStore:
         return sorted(set(inserted)), sorted(evicted)
 
     def stats(self) -> CacheStats:
-        blocks = len(self._cover)
-        return CacheStats(self._hits, self._misses, self._hit_tokens, self._lookup_tokens, blocks, self._bytes,
-                          self._budget, self._evicted)
+        return self._lookups.stats(len(self._cover), self._bytes, self._budget, self._evicted)
 
     def clear(self) -> None:
         for key in list(self._entries):
