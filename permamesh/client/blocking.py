@@ -127,7 +127,9 @@ class Client:
     def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str] | ChatMessage] = (),
                  on_text: Callable[[str], None] | None = None, **params) -> GenerateResult:
         """Run one job to completion. ``params``: max_tokens, temperature, top_p, seed, stop,
-        logprobs, model (see :class:`GenerateRequest`)."""
+        logprobs, top_logprobs, presence_penalty, frequency_penalty, grammar_kind and grammar
+        (a JSON schema or Lark grammar the answer is decoded under), model (see
+        :class:`GenerateRequest`)."""
         if self.anonymous:
             return self._generate_anonymously(prompt, messages, on_text, params)
         for msg in self.events(prompt, messages=messages, stream=on_text is not None, **params):
@@ -258,11 +260,20 @@ class Client:
     def _generate_anonymously(self, prompt, messages, on_text, params) -> GenerateResult:
         from permamesh.overlay.errors import NotDelivered, OverlayError
 
-        chat = [m if isinstance(m, Mapping) else {"role": m.role, "content": m.content} for m in messages]
-        params = {k: v for k, v in params.items() if k != "model"}
+        chat = tuple(m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages)
+        if "stop" in params:
+            params["stop"] = tuple(params["stop"] or ())
+        asked = bool(params.pop("logprobs", False))
+        # every field travels in the request (penalties, top log-probs, a grammar); log-probs are
+        # always asked of the worker, so this request looks like a committee challenge
+        req = GenerateRequest(uuid.uuid4().hex, prompt=prompt, messages=chat, logprobs=asked,
+                              **{k: v for k, v in params.items() if k != "model"})  # checked as asked
+        req = dataclasses.replace(req, logprobs=True)
         for attempt in range(1 + OVERLAY_RESUBMITS):
             try:
-                result = self._overlay_client(self.timeout_s).generate(prompt, messages=chat, on_text=on_text, **params)
+                result = self._overlay_client(self.timeout_s).submit(req, None, on_text=on_text)
+                if not asked:
+                    result = dataclasses.replace(result, logprobs=(), tokens=(), top_logprobs=())
                 break
             except NotDelivered as exc:  # never after text streamed: only before the job started
                 if attempt == OVERLAY_RESUBMITS:

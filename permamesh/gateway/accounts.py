@@ -7,9 +7,14 @@
   committee's ledger, so each key's credit is its own.
 - :class:`Credit`: with a committee, every job is admitted by the scheduler's
   :class:`~permamesh.scheduler.admission.Admission` (the account's available credit must
-  cover prompt bound + ``max_tokens``; else HTTP 429 ``insufficient_quota``, saying the
-  balance and the limit), and paid after its answer by a signed ``JobReceipt`` to the worker
-  that served it, for the tokens used. Receipts of one key are numbered by a local nonce
+  cover the prompt's estimated tokens + ``max_tokens``; else HTTP 429 ``insufficient_quota``,
+  saying the balance and the limit), and paid after its answer by a signed ``JobReceipt`` to
+  the worker that served it, for the tokens used (:func:`job_units`: a prompt token whose KV
+  came from the worker's prefix cache costs :data:`CACHED_SHARE` of one that was prefilled,
+  since caching saved the partner that compute). The gateway has no tokenizer, so admission
+  estimates the prompt at :data:`BYTES_PER_TOKEN` bytes a token (byte-level BPE on English
+  averages ~4) plus the chat template: a large prompt is no longer refused for credit it
+  would not use; the ledger checks the account again when the receipt is applied. Receipts of one key are numbered by a local nonce
   counter (seeded from ``/nonce``, one receipt of a key in flight at a time, resynced and
   retried once on a nonce refusal), so concurrent jobs of one key are all paid. Without a committee, jobs are only counted. Either way
   :meth:`Credit.usage` reports each key's requests and tokens (the dashboard shows them).
@@ -37,6 +42,22 @@ from permamesh.identity import NodeIdentity
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "pm-"
+BYTES_PER_TOKEN = 3  # admission's prompt estimate: bytes per token (byte-level BPE on text averages ~4)
+TEMPLATE_TOKENS = 64  # what a chat template may add around the messages
+CACHED_SHARE = (1, 4)  # a cached prompt token costs this fraction of a prefilled one
+
+
+def estimate_tokens(text: str) -> int:
+    """The prompt's tokens as admission counts them, before any worker tokenized it."""
+    return -(-len(text.encode()) // BYTES_PER_TOKEN) + TEMPLATE_TOKENS
+
+
+def job_units(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+    """Credit units one answered job costs: prefilled prompt tokens and answer tokens in full,
+    cached prompt tokens at :data:`CACHED_SHARE` (rounded up); at least 1."""
+    cached = max(0, min(cached_tokens, prompt_tokens))
+    num, den = CACHED_SHARE
+    return max(1, prompt_tokens - cached + -(-cached * num // den) + completion_tokens)
 
 
 def _digest(secret: str) -> str:
@@ -105,6 +126,10 @@ class KeyRing:
                 ident = self._identities[name] = NodeIdentity.load_or_create(self.data_dir / "keys", f"gateway-{name}")
             return ident
 
+    def names(self) -> list[str]:
+        """Every key's name (the dashboard lists each one's credit)."""
+        return sorted(set(self._load().values()))
+
     def authorize(self, header: str | None) -> Caller:
         """The caller named by an ``Authorization: Bearer <key>`` header, or 401."""
         secret = header[7:].strip() if header and header[:7].lower() == "bearer " else ""
@@ -151,21 +176,23 @@ class Credit:
             self._admission = Admission(committee.query, chain_id or committee.query("/status")["chain_id"])
         self._lock = threading.Lock()
         self._usage: dict[str, dict[str, int]] = defaultdict(lambda: {"requests": 0, "prompt_tokens": 0,
-                                                                     "completion_tokens": 0, "refused": 0,
+                                                                     "completion_tokens": 0, "refused": 0, "cached_tokens": 0,
                                                                      "units_paid": 0})
         self._workers: dict[str, bytes] = {}  # worker node id -> its key on the ledger
         self._nonces: dict[bytes, int] = {}  # account key -> the next nonce its receipt uses
         self._key_locks: dict[bytes, threading.Lock] = defaultdict(threading.Lock)  # one receipt in flight per key
 
-    def admit(self, caller: Caller, prompt_text: str, max_tokens: int) -> int:
-        """Units reserved for the job (0 without a committee); 429 when credit is short."""
+    def admit(self, caller: Caller, prompt_text: str, max_tokens: int, n: int = 1) -> int:
+        """Units reserved for ``n`` jobs of one request together (0 without a committee); 429
+        when credit is short."""
         if self._admission is None:
             return 0
         from permamesh.errors import PermameshError
-        from permamesh.scheduler.admission import OutOfCredit, prompt_bound
+        from permamesh.scheduler.admission import OutOfCredit
 
         try:
-            return self._admission.admit(caller.identity.public.sign_key, prompt_bound(prompt_text), max_tokens).cost
+            return self._admission.admit(caller.identity.public.sign_key, n * estimate_tokens(prompt_text),
+                                         n * max_tokens).cost
         except OutOfCredit as exc:
             with self._lock:
                 self._usage[caller.name]["refused"] += 1
@@ -174,12 +201,16 @@ class Credit:
             raise ApiError(503, f"the committee could not check the credit of key '{caller.name}': {exc}",
                            code="committee_unavailable") from None
 
-    def settle(self, caller: Caller, reserved: int, worker_id: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Count the job; with a committee, pay the worker with a signed receipt (blocking)."""
+    def settle(self, caller: Caller, reserved: int, worker_id: str, prompt_tokens: int, completion_tokens: int,
+               cached_tokens: int = 0) -> None:
+        """Count the job; with a committee, pay the worker with a signed receipt for
+        :func:`job_units` (blocking). ``reserved`` (admission's estimate) does not cap it: the
+        ledger refuses a receipt the account cannot cover."""
         with self._lock:
             use = self._usage[caller.name]
             use["requests"] += 1
             use["prompt_tokens"] += prompt_tokens
+            use["cached_tokens"] += cached_tokens
             use["completion_tokens"] += completion_tokens
         if self._admission is None:
             return
@@ -187,7 +218,7 @@ class Credit:
         if worker is None:
             log.warning("worker %s is not in the committee's registry; job of %s not paid", worker_id, caller.name)
             return
-        units = max(1, min(reserved, prompt_tokens + completion_tokens))
+        units = job_units(prompt_tokens, completion_tokens, cached_tokens)
         outcome = self._pay(caller.identity, worker, units)
         if outcome.code == 0:
             with self._lock:
@@ -241,6 +272,20 @@ class Credit:
     def close(self) -> None:
         if self.committee is not None:
             self.committee.close()
+
+    def remaining(self, keys: KeyRing) -> dict[str, dict]:
+        """Each key's account on the ledger: ``balance`` and ``available`` credit ({} without
+        a committee; a key whose account cannot be read shows its error)."""
+        if self._admission is None:
+            return {}
+        out = {}
+        for name in keys.names():
+            try:
+                account = self._admission.account(keys.identity(name).public.sign_key)
+                out[name] = {"balance": account.get("balance"), "available": account.get("available")}
+            except Exception as exc:  # noqa: BLE001 - one unreadable account must not blank the page
+                out[name] = {"error": str(exc)[:200]}
+        return out
 
     def account(self, caller: Caller) -> dict | None:
         return None if self._admission is None else self._admission.account(caller.identity.public.sign_key)

@@ -94,8 +94,8 @@ class MeshBackend:
             raise _mesh_error(exc) from None
         finally:
             self._give(client, ok)
-        if not fields.get("logprobs"):
-            result = dataclasses.replace(result, logprobs=())
+        if not fields.get("logprobs"):  # asked of the worker for verification's samples, not by the client
+            result = dataclasses.replace(result, logprobs=(), tokens=())
         return result
 
     def _direct(self, entries: list, model: str, fields: dict, on_text) -> GenerateResult:
@@ -156,6 +156,9 @@ class MeshBackend:
 
 def _mesh_error(exc: Exception) -> ApiError:
     text = str(exc)
+    if "context_length_exceeded" in text:
+        return ApiError(400, f"the prompt is longer than the model's context: {text}", code="context_length_exceeded",
+                        param="messages")
     for code, status in (("queue_full", 503), ("shutting_down", 503), ("model_mismatch", 404),
                          ("bad_request", 400)):
         if code in text:

@@ -6,16 +6,19 @@
   verification reputation, excluded or not, the ``physics`` verdict on the claimed location)
   joined with its directory (each node's advertised endpoint, model and container side, and
   whether the members' probes find it running), the metrics endpoints of processes on this
-  machine, and the health monitor's last verdict; a node with no health verdict shows the
-  committee's: ``running`` or ``down``;
+  machine, and the health monitor's verdict (which checks every node of the directory: a
+  node that does not answer is ``down``, whatever the committee last said), its measured
+  uptime (its answered share of the checks), and a worker's queue and decode rate; a node
+  with no health verdict shows the committee's: ``running`` or ``down``;
 - **reputation over epochs**: each node's reputation at every closed epoch (the ledger's
   per-epoch payout rows carry it);
 - **replication across failure domains**: for each model, its replicas' shares per grid, ISP,
   location, software version and continent (the scheduler's ``domain_shares``, with the most
   any one domain holds); for each image layer held by container workers, its holders;
 - **payouts**: each partner's monthly payment with every "why" (the scheduler's
-  ``rows_payments``, from the committee's registry; a node whose claimed location is impossible
-  earns nothing, and says why).
+  ``monthly_payments`` over the committee's registry, with each node's **measured** uptime
+  from the health checks, 0 for a node never seen answering; a node whose claimed location
+  is impossible earns nothing, and says why).
 
 Without a committee there are no positions, reputations or payouts; the page says so.
 
@@ -24,6 +27,7 @@ Who calls it: the gateway's ``/api/mesh`` handler (from a worker thread).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -43,10 +47,12 @@ def _cents(value) -> float:
 
 
 class MeshView:
-    def __init__(self, data_dir: Path, committee=None, health=None, directory=None) -> None:
+    def __init__(self, data_dir: Path, committee=None, health=None, directory=None, availability=None) -> None:
         """``committee``: a CommitteeClient or None; ``health``: () -> the monitor's last result;
-        ``directory``: the gateway's CommitteeDirectory (endpoints and the running set)."""
+        ``directory``: the gateway's CommitteeDirectory (endpoints and the running set);
+        ``availability``: () -> node id -> measured uptime in [0, 1] (the health monitor's)."""
         self.data_dir, self.committee, self.health, self.directory = Path(data_dir), committee, health, directory
+        self.availability = availability
 
     def snapshot(self) -> dict:
         from permamesh.committee.trust import node_id_of
@@ -99,6 +105,8 @@ class MeshView:
             else:
                 node["health"] = "unknown"
             node["alerts"] = h.get("alerts", []) if h else []
+            if h:
+                node.update({k: h[k] for k in ("availability", "queue", "decode_tok_s", "latency_ms") if k in h})
         counts: dict[str, int] = defaultdict(int)
         for node in nodes.values():
             counts[node["role"]] += 1
@@ -159,7 +167,10 @@ class MeshView:
         from permamesh.scheduler.weights import load_weights
 
         try:
-            payments = rows_payments(registry, load_weights())
+            weights = load_weights()
+            payments = rows_payments(registry, weights)
+            if self.availability is not None:
+                payments = self._measured(registry, payments, weights, self.availability())
         except Exception as exc:  # noqa: BLE001
             log.warning("payouts not computed: %s", exc)
             return []
@@ -168,3 +179,25 @@ class MeshView:
                  "nodes": [{"node": node_id_of(n.node_id), "location": n.location, "amount": _cents(n.amount),
                             "paid": n.paid, "why": list(n.why)} for n in pay.nodes]}
                 for partner, pay in sorted(payments.items())]
+
+    @staticmethod
+    def _measured(registry: list, payments: dict, weights, measured: dict[str, float]) -> dict:
+        """``payments`` recomputed with each node's measured uptime (0 for a node never seen
+        answering); nodes the registry rows refused (impossible locations) are kept as they are."""
+        from permamesh.committee.trust import node_id_of
+        from permamesh.scheduler.payments import monthly_payments
+        from permamesh.scheduler.profile import from_registry
+
+        profiles = [dataclasses.replace(p, uptime=min(1.0, max(0.0, measured.get(node_id_of(p.node_id), 0.0))))
+                    for p in from_registry([r for r in registry if r.get("role") != "validator"])]
+        fresh = monthly_payments(profiles, weights)
+        out = {}
+        for partner, pay in payments.items():
+            new = fresh.get(partner)
+            if new is None:
+                out[partner] = pay
+                continue
+            known = {n.node_id for n in new.nodes}
+            extra = tuple(n for n in pay.nodes if n.node_id not in known)
+            out[partner] = dataclasses.replace(new, nodes=tuple(sorted(new.nodes + extra, key=lambda n: n.node_id)))
+        return out

@@ -1,14 +1,23 @@
-"""The OpenAI HTTP API's shapes: request bodies in, completions, chunks and errors out.
+"""The OpenAI HTTP API's request bodies: checked field by field, turned into generation jobs.
 
-Pure (but for :func:`post_chat`, the client side used by the demo and the benchmark): :func:`parse_chat` and :func:`parse_completion` check a request body field
-by field (the types, ranges and names the OpenAI API documents) and return the
-:class:`GenerateRequest` fields, or raise :class:`ApiError` naming the bad parameter; the
-``*_response`` and ``*_chunk`` functions shape a :class:`GenerateResult` the way OpenAI
-clients parse it (ids, ``created``, ``choices``, ``finish_reason``, ``usage``).
+Pure (but for :func:`post_chat`, the client side used by the demo and the benchmark):
+:func:`parse_chat` and :func:`parse_completion` check a request body field by field (the types,
+ranges and names the OpenAI API documents) and return the :class:`GenerateRequest` fields, or
+raise :class:`ApiError` naming the bad parameter. :mod:`permamesh.gateway.responses` shapes
+the answers.
 
-Parameters we cannot honour are refused rather than ignored (``n`` > 1, ``tools``,
-``response_format`` other than text), so a client never gets a silently different answer;
-others that do not change the answer's form (``user``, ``metadata``, penalties) are accepted.
+Every parameter we accept has its effect; every other one is refused (HTTP 400,
+``code: unsupported_parameter``, ``param`` naming it), so a client never gets a silently
+different answer. Accepted: sampling (``temperature``, ``top_p``, ``seed``, ``stop``,
+``presence_penalty`` and ``frequency_penalty``, applied in the worker's sampler), ``n`` (that
+many jobs; with a seed, choice ``i`` samples with ``seed + i``), ``logprobs`` /
+``top_logprobs`` (chat) and ``logprobs`` (completions, 0-5 alternatives), ``echo``
+(completions: the prompt is put before the answer; with ``logprobs`` it is refused, since
+prompt log-probabilities are not computed), ``best_of`` only equal to ``n``, ``stream`` and
+``stream_options.include_usage``, ``user`` (an end-user id OpenAI uses for abuse reports; it
+does not change the answer and is not stored), and ``response_format``, ``tools``,
+``tool_choice`` and ``parallel_tool_calls`` (:mod:`permamesh.gateway.tools`: decoded under
+a grammar in the worker; one call per answer).
 
 Who calls it: :mod:`permamesh.gateway.server`.
 """
@@ -16,18 +25,24 @@ Who calls it: :mod:`permamesh.gateway.server`.
 from __future__ import annotations
 
 import math
-import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from permamesh.gateway import tools
 from permamesh.gateway.errors import ApiError
-from permamesh.wire import ChatMessage, GenerateRequest, GenerateResult, WireError
-from permamesh.wire.messages import MAX_NEW_TOKENS, MAX_STOP_STRINGS, MIN_TEMPERATURE, ROLES
+from permamesh.wire import ChatMessage, GenerateRequest, WireError
+from permamesh.wire.messages import (MAX_NEW_TOKENS, MAX_PENALTY, MAX_STOP_STRINGS, MAX_TOP_ENTRIES, MIN_TEMPERATURE,
+                                     ROLES)
 
 DEFAULT_MAX_TOKENS = 128
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "response_format", "logit_bias", "audio",
-               "prediction")
+MAX_N = 8  # choices per request (each one a job in the mesh)
+MAX_COMPLETION_LOGPROBS = 5  # the completions API's own bound
+COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
+                    "logprobs", "presence_penalty", "frequency_penalty", "n", "user"})
+CHAT_PARAMS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+                        "parallel_tool_calls"}
+COMPLETION_PARAMS = COMMON | {"prompt", "echo", "best_of", "suffix"}
+MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,13 @@ class Parsed:
     fields: dict[str, Any]  # GenerateRequest keyword arguments (no request_id)
     stream: bool
     include_usage: bool  # stream_options.include_usage
+    n: int = 1  # choices: jobs run for this request
+    echo: str = ""  # completions: text put before each choice's answer (echo=true)
+    functions: tuple[str, ...] = ()  # chat with tools: the functions an answer may call
+
+
+def _unsupported(name: str, why: str = "is not supported by this gateway") -> ApiError:
+    return ApiError(400, f"'{name}' {why}", param=name, code="unsupported_parameter")
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
@@ -92,21 +114,23 @@ def check_unicode(body: Any) -> None:
             stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
 
 
-def _common(body: Any) -> tuple[str, dict[str, Any], bool, bool]:
+def _refuse_unknown(body: dict, allowed: frozenset) -> None:
+    for name in sorted(str(k) for k in body):
+        if name not in allowed:
+            raise _unsupported(name)
+    if body.get("parallel_tool_calls") not in (None, True, False):
+        raise ApiError(400, "'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
+
+
+def _common(body: Any, allowed: frozenset) -> tuple[str, dict[str, Any], bool, bool, int]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     check_unicode(body)
-    for name in UNSUPPORTED:
-        value = body.get(name)
-        if value in (None, [], {}) or (name == "response_format" and value == {"type": "text"}) or \
-                (name == "tool_choice" and value == "none"):
-            continue
-        raise ApiError(400, f"'{name}' is not supported by this gateway", param=name, code="unsupported_parameter")
+    _refuse_unknown(body, allowed)
     model = body.get("model")
     if not isinstance(model, str) or not model or len(model) > 128:
         raise ApiError(400, "'model' is required: a model name from /v1/models", param="model")
-    if _int(body, "n", 1, 1, 128) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+    n = _int(body, "n", 1, 1, MAX_N)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _int({"max_tokens": limit}, "max_tokens", DEFAULT_MAX_TOKENS, 1, MAX_NEW_TOKENS)
     stop = body.get("stop")
@@ -121,25 +145,47 @@ def _common(body: Any) -> tuple[str, dict[str, Any], bool, bool]:
     if len(stops) > MAX_STOP_STRINGS or not all(0 < len(s) <= 256 for s in stops):
         raise ApiError(400, f"'stop': at most {MAX_STOP_STRINGS} strings of 1-256 characters", param="stop")
     stream = body.get("stream", False)
+    if stream is None:
+        stream = False
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", param="stream")
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    logprobs = body.get("logprobs", False)
+    if not isinstance(options, dict) or not set(options) <= {"include_usage", "include_obfuscation"} or \
+            options.get("include_obfuscation") not in (None, False):
+        raise ApiError(400, "'stream_options' must be an object with at most 'include_usage' (and "
+                            "'include_obfuscation': false: chunks are not padded here)", param="stream_options")
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or len(user) > 256):
+        raise ApiError(400, "'user' must be a string of at most 256 characters", param="user")
     fields = {
         "max_tokens": max_tokens,
         "temperature": _temperature(body),
         "top_p": max(_number(body, "top_p", 1.0, 0.0, 1.0), 1e-6),  # 0 keeps only the likeliest token
-        "seed": _int(body, "seed", None, 0, 2**63 - 1),
+        "seed": _int(body, "seed", None, 0, 2**63 - 1 - MAX_N),
         "stop": stops,
-        "logprobs": bool(logprobs) if isinstance(logprobs, (bool, int)) else False,
+        "presence_penalty": _number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
     }
-    return model, fields, stream, bool(options.get("include_usage"))
+    return model, fields, stream, bool(options.get("include_usage")), n
+
+
+def _top_budget(fields: dict, name: str) -> None:
+    if fields["top_logprobs"] * fields["max_tokens"] > MAX_TOP_ENTRIES:
+        raise ApiError(400, f"'{name}' x max_tokens must be at most {MAX_TOP_ENTRIES}", param=name)
 
 
 def parse_chat(body: Any) -> Parsed:
-    model, fields, stream, usage = _common(body)
+    model, fields, stream, usage, n = _common(body, CHAT_PARAMS)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise ApiError(400, "'logprobs' must be a boolean", param="logprobs")
+    top = _int(body, "top_logprobs", 0, 0, 20)
+    if top and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    fields.update(logprobs=bool(logprobs), top_logprobs=top)
+    _top_budget(fields, "top_logprobs")
+    kind, grammar, functions, prompt = tools.constraint_of(body)
+    fields.update(grammar_kind=kind, grammar=grammar)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
@@ -147,6 +193,18 @@ def parse_chat(body: Any) -> Parsed:
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+        for key in sorted(str(k) for k in m):
+            if key not in MESSAGE_KEYS or (key == "refusal" and m[key] is not None) or \
+                    (key == "tool_calls" and m.get("role") != "assistant" and m[key] not in (None, [])) or \
+                    (key == "tool_call_id" and m.get("role") != "tool" and m[key] is not None):
+                raise _unsupported(f"messages[{i}].{key}")
+        name = m.get("name")
+        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 64):
+            raise ApiError(400, f"messages[{i}].name must be a string of 1-64 characters", param=f"messages[{i}].name")
+        turn = tools.history(i, m)
+        if turn is not None:
+            messages.append(ChatMessage(*turn))
+            continue
         role = "system" if m.get("role") == "developer" else m.get("role")
         if role not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
@@ -159,18 +217,41 @@ def parse_chat(body: Any) -> Parsed:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
-        messages.append(ChatMessage(role, content))
-    return _checked(Parsed(model, {**fields, "messages": tuple(messages)}, stream, usage))
+        messages.append(ChatMessage(role, f"{name}: {content}" if name else content))  # who speaks, in the turn
+    if prompt:  # the functions described to the model, in the system turn
+        if messages[0].role == "system":
+            messages[0] = ChatMessage("system", f"{messages[0].content}\n\n{prompt}")
+        else:
+            messages.insert(0, ChatMessage("system", prompt))
+    return _checked(Parsed(model, {**fields, "messages": tuple(messages)}, stream, usage, n,
+                           functions=tuple(sorted(functions))))
 
 
 def parse_completion(body: Any) -> Parsed:
-    model, fields, stream, usage = _common(body)
+    model, fields, stream, usage, n = _common(body, COMPLETION_PARAMS)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = _int(body, "logprobs", 0, 0, MAX_COMPLETION_LOGPROBS)
+    fields.update(logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+    _top_budget(fields, "logprobs")
+    best_of = _int(body, "best_of", None, 1, MAX_N)
+    if best_of is not None and best_of != n:
+        raise _unsupported("best_of", f"is only supported equal to n ({n}): choices are not ranked here")
+    if body.get("suffix") not in (None, ""):
+        raise _unsupported("suffix", "is not supported: the models served here do not fill in the middle")
+    echo = body.get("echo", False)
+    if echo is None:
+        echo = False
+    if not isinstance(echo, bool):
+        raise ApiError(400, "'echo' must be a boolean", param="echo")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
-    return _checked(Parsed(model, {**fields, "prompt": prompt}, stream, usage))
+    if echo and fields["logprobs"]:
+        raise _unsupported("echo", "with 'logprobs' is not supported: prompt log-probabilities are not computed")
+    return _checked(Parsed(model, {**fields, "prompt": prompt}, stream, usage, n, prompt if echo else ""))
 
 
 def _checked(parsed: Parsed) -> Parsed:
@@ -182,56 +263,10 @@ def _checked(parsed: Parsed) -> Parsed:
     return parsed
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(result: GenerateResult) -> dict[str, Any]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
-
-
-def chat_response(result: GenerateResult, model: str, rid: str, created: int) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": f"permamesh-{result.worker_id[:8]}",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "logprobs": None, "finish_reason": result.finish_reason}],
-            "usage": usage(result)}
-
-
-def completion_response(result: GenerateResult, model: str, rid: str, created: int) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": f"permamesh-{result.worker_id[:8]}",
-            "choices": [{"index": 0, "text": result.text, "logprobs": None,
-                         "finish_reason": result.finish_reason}],
-            "usage": usage(result)}
-
-
-def chat_chunk(rid: str, created: int, model: str, delta: dict, finish: str | None = None,
-               use: dict | None = None) -> dict[str, Any]:
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-    if use is not None:
-        chunk["choices"], chunk["usage"] = [], use
-    return chunk
-
-
-def completion_chunk(rid: str, created: int, model: str, text: str, finish: str | None = None,
-                     use: dict | None = None) -> dict[str, Any]:
-    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-    if use is not None:
-        chunk["choices"], chunk["usage"] = [], use
-    return chunk
-
-
-_PIECE = re.compile(r"\s*\S+\s*|\s+")
-
-
-def pieces(text: str) -> list[str]:
-    """``text`` in word-sized deltas that join back to it exactly (answers that came whole)."""
-    return _PIECE.findall(text)
+def choice_fields(parsed: Parsed, index: int) -> dict[str, Any]:
+    """The job of choice ``index``: with a seed, each choice samples with its own."""
+    seed = parsed.fields.get("seed")
+    return parsed.fields if seed is None or index == 0 else {**parsed.fields, "seed": seed + index}
 
 
 def post_chat(base_url: str, key: str, body: dict, timeout_s: float = 300.0):

@@ -59,7 +59,7 @@ def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct
     """``identity``: the key of the gateway's directory descriptor (it then answers members'
     presence probes); None for an unlisted gateway."""
     from permamesh.gateway.dashboard import MeshView
-    from permamesh.ops.health import HealthMonitor
+    from permamesh.ops.health import HealthMonitor, directory_targets
 
     from permamesh.directory.committee import CommitteeDirectory
     from permamesh.directory.join import resolve_join
@@ -74,10 +74,20 @@ def build_gateway(data_dir: Path, host: str = "127.0.0.1", port: int = 0, direct
 
         client = SharedCommittee(CommitteeClient(list(committee), timeout_s=10.0))
     monitor = HealthMonitor(data_dir)
-    view = MeshView(data_dir, client, monitor.check, directory)
+
+    def health() -> dict:
+        """The local metrics endpoints and every node of the committee's directory."""
+        try:
+            targets = directory_targets(directory.snapshot())
+        except Exception as exc:  # noqa: BLE001 - the local nodes are still checked
+            log.warning("directory unreadable for the health checks: %s", exc)
+            targets = []
+        return monitor.check(targets)
+
+    view = MeshView(data_dir, client, health, directory, monitor.availability)
     return Gateway(GatewayConfig(data_dir, host, port, identity=identity), MeshBackend(data_dir, "direct" if direct else "overlay",
                                                                      timeout_s, directory=directory),
-                   KeyRing(data_dir, open_access), Credit(client, chain_id), view.snapshot, monitor.check)
+                   KeyRing(data_dir, open_access), Credit(client, chain_id), view.snapshot, health)
 
 
 def run_gateway_from_args(args: argparse.Namespace, data_dir: Path) -> int:

@@ -3,12 +3,17 @@ dashboard, health checks and metrics. Built on aiohttp (docs/dependencies.md say
 
 Routes:
 
-- ``GET /v1/models``; ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed by
-  server-sent events (``"stream": true``) or not, with usage counts; errors in the OpenAI
-  shape ``{"error": {"message", "type", "param", "code"}}`` and the matching HTTP status;
+- ``GET /v1/models`` and ``GET /v1/models/{id}``; ``POST /v1/chat/completions`` and
+  ``POST /v1/completions``, streamed by server-sent events (``"stream": true``) or not, with
+  usage counts, ``n`` choices (one job each) and log-probabilities; errors in the OpenAI
+  shape ``{"error": {"message", "type", "param", "code"}}`` and the matching HTTP status
+  (any other path: 404 ``Invalid URL``, naming what is served); a quota 429 carries
+  ``x-should-retry: false`` (the official clients would otherwise retry it);
 - ``GET /dashboard`` (the page) and ``GET /api/mesh`` (what it shows, as JSON);
 - ``GET /api/health`` (the health checks of every node) and ``GET /healthz`` (the gateway's own);
-- ``GET /metrics``: Prometheus text (requests by route and status, latency, tokens, refusals);
+- ``GET /metrics``: Prometheus text (requests by route and status, latency, time to first
+  token, tokens, refusals); the route label is the matched route's pattern (or ``unmatched``),
+  never the raw path, so made-up paths cannot grow the series;
 - ``GET /api/presence?challenge=HEX`` (a gateway with a descriptor): its key's signature over
   the challenge, what committee members' probes check (:mod:`permamesh.directory.presence`).
 
@@ -43,9 +48,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from permamesh.directory.presence import PresenceError, parse_challenge, presence_answer
 from permamesh.gateway import openai_api as oa
+from permamesh.gateway import responses as rs
+from permamesh.gateway import streaming
 from permamesh.gateway.accounts import Credit, KeyRing
 from permamesh.gateway.backend import MeshBackend
 from permamesh.gateway.errors import ApiError, GatewayError
+from permamesh.gateway.traffic import TrafficMeter
 from permamesh.identity import NodeIdentity
 from permamesh.ops.metrics import histogram, new_registry
 from permamesh.transport import ServingThread
@@ -85,12 +93,16 @@ class Gateway:
         self.tokens = Counter("permamesh_gateway_tokens", "Tokens of answered jobs", ("kind",), registry=self.registry)
         self.latency = histogram(self.registry, "permamesh_gateway_request_latency_seconds",
                                  "Seconds from a request's arrival to its last byte", ("route",))
+        self.ttft = histogram(self.registry, "permamesh_gateway_ttft_seconds",
+                              "Seconds from a job's arrival to its first answer text (streamed jobs)", ())
+        self.traffic = TrafficMeter(self.registry)
         self.app = self._app()
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
         app.add_routes([
             web.get("/v1/models", self.models),
+            web.get("/v1/models/{model}", self.model),
             web.post("/v1/chat/completions", self.chat),
             web.post("/v1/completions", self.completions),
             web.get("/metrics", self.metrics),
@@ -100,17 +112,18 @@ class Gateway:
             web.get("/api/presence", self.api_presence),
             web.get("/dashboard", self.dashboard),
             web.get("/", self.root),
+            web.route("*", "/v1/{rest:.*}", self.unknown_endpoint),
         ])
         return app
 
     # ------------------------------------------------------------------ plumbing
     @web.middleware
     async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
-        started, route = time.monotonic(), request.path if request.path.startswith(("/v1/", "/api/")) else "other"
+        started, route = time.monotonic(), _route(request)
         try:
             response = await handler(request)
         except ApiError as exc:
-            response = web.json_response(exc.body(), status=exc.status)
+            response = web.json_response(exc.body(), status=exc.status, headers=_error_headers(exc))
         except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself: the same shape
             if exc.status < 400:
                 raise
@@ -168,32 +181,58 @@ class Gateway:
         return web.json_response({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "permamesh"} for name in names]})
 
+    async def model(self, request: web.Request) -> web.Response:
+        self.keys.authorize(request.headers.get("Authorization"))
+        name = request.match_info["model"]
+        if name not in await self._run(self.backend.models):
+            await self._run(self.backend.check_model, name)  # the 404 naming what is served
+        return web.json_response({"id": name, "object": "model", "created": 0, "owned_by": "permamesh"})
+
+    async def unknown_endpoint(self, request: web.Request) -> web.Response:
+        raise ApiError(404, f"Invalid URL ({request.method} {request.path[:200]}): this gateway serves GET /v1/models, "
+                            "GET /v1/models/{id}, POST /v1/chat/completions and POST /v1/completions",
+                       code="unknown_url", type="invalid_request_error")
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, oa.parse_chat, "chatcmpl", oa.chat_response, self._chat_chunks)
+        return await self._generate(request, oa.parse_chat, "chatcmpl", rs.chat_response, streaming.chat_chunks)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, oa.parse_completion, "cmpl", oa.completion_response,
-                                    self._completion_chunks)
+        return await self._generate(request, oa.parse_completion, "cmpl", rs.completion_response,
+                                    streaming.completion_chunks)
 
     async def _generate(self, request: web.Request, parse, prefix: str, shape, chunks) -> web.StreamResponse:
         caller = self.keys.authorize(request.headers.get("Authorization"))
         parsed = parse(await self._body(request))
         fields = parsed.fields
         text = fields.get("prompt") or "".join(m.content for m in fields.get("messages", ()))
-        rid, created = oa.new_id(prefix), int(time.time())
-        if not parsed.stream:  # one thread hop for the whole job: check, admit, run, pay
-            result = await self._run(self._whole_job, caller, parsed.model, text, fields)
-            return web.json_response(shape(result, parsed.model, rid, created))
-        reserved = await self._run(self._admit, caller, parsed.model, text, fields["max_tokens"])
-        return await self._stream(request, caller, reserved, parsed, rid, created, chunks)
+        rid, created = rs.new_id(prefix), int(time.time())
+        if not parsed.stream and parsed.n == 1:  # one thread hop for the whole job: check, admit, run, pay
+            results = [await self._run(self._admitted_job, caller, parsed.model, text, fields)]
+        elif not parsed.stream:  # admit every choice together, then one thread hop per choice: run, pay
+            reserved = await self._run(self._admit, caller, parsed.model, text, fields["max_tokens"], parsed.n)
+            results = await asyncio.gather(*(self._run(self._whole_job, caller, parsed.model, reserved[i],
+                                                       oa.choice_fields(parsed, i)) for i in range(parsed.n)))
+        if not parsed.stream:
+            body = shape(results, parsed.model, rid, created)
+            if parsed.functions:
+                body = rs.chat_response(results, parsed.model, rid, created, parsed.functions)
+            if parsed.echo:
+                body = rs.completion_response(results, parsed.model, rid, created, parsed.echo)
+            return web.json_response(body)
+        reserved = await self._run(self._admit, caller, parsed.model, text, fields["max_tokens"], parsed.n)
+        return await streaming.stream(self, request, caller, reserved, parsed, rid, created, chunks)
 
-    def _admit(self, caller, model: str, text: str, max_tokens: int) -> int:
-        """404 unless the model is served, then the key's credit check (a pool thread)."""
+    def _admit(self, caller, model: str, text: str, max_tokens: int, n: int = 1) -> list[int]:
+        """404 unless the model is served, then the key's credit check for all ``n`` jobs at
+        once; each job's share of the reservation (a pool thread)."""
         self.backend.check_model(model)
-        return self.credit.admit(caller, text, max_tokens)
+        total = self.credit.admit(caller, text, max_tokens, n)
+        return [total // n + (i < total % n) for i in range(n)]
 
-    def _whole_job(self, caller, model: str, text: str, fields: dict):
-        reserved = self._admit(caller, model, text, fields["max_tokens"])
+    def _admitted_job(self, caller, model: str, text: str, fields: dict):
+        return self._whole_job(caller, model, self._admit(caller, model, text, fields["max_tokens"])[0], fields)
+
+    def _whole_job(self, caller, model: str, reserved: int, fields: dict):
         result = self.backend.generate(model, fields)
         self._settle(caller, reserved, result)
         return result
@@ -201,77 +240,13 @@ class Gateway:
     def _settle(self, caller, reserved: int, result) -> None:
         """Count the tokens and pay the worker (a pool thread)."""
         self.tokens.labels("prompt").inc(result.prompt_tokens)
+        self.tokens.labels("cached").inc(result.cached_tokens)
         self.tokens.labels("completion").inc(result.completion_tokens)
         try:
-            self.credit.settle(caller, reserved, result.worker_id, result.prompt_tokens, result.completion_tokens)
+            self.credit.settle(caller, reserved, result.worker_id, result.prompt_tokens, result.completion_tokens,
+                               result.cached_tokens)
         except Exception:  # noqa: BLE001 - the answer is the caller's either way; the receipt is logged
             log.exception("settling a job of %s failed", caller.name)
-
-    async def _stream(self, request, caller, reserved, parsed, rid, created, chunks) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        texts: asyncio.Queue = asyncio.Queue()
-        job = loop.run_in_executor(self.pool, self.backend.generate, parsed.model, parsed.fields,
-                                   lambda t: loop.call_soon_threadsafe(texts.put_nowait, t))
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(texts.put_nowait, None))
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-
-        async def send(obj) -> None:
-            await response.write(f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode())
-
-        first, last = chunks(rid, created, parsed.model)
-        settled = False
-        try:
-            await response.prepare(request)
-            if first is not None:
-                await send(first)
-            while (text := await texts.get()) is not None:
-                for piece in oa.pieces(text):
-                    await send(last(piece, None, None))
-            try:
-                result = job.result()
-            except ApiError as exc:  # after the headers: the error goes in the stream, as OpenAI does
-                await send(exc.body())
-            except Exception as exc:  # noqa: BLE001
-                log.exception("a streamed job failed")
-                await send(ApiError(500, f"internal error: {type(exc).__name__}").body())
-            else:
-                settled = True
-                await self._run(self._settle, caller, reserved, result)
-                await send(last("", result.finish_reason, None))
-                if parsed.include_usage:
-                    await send(last("", None, oa.usage(result)))
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-        except (ConnectionError, asyncio.CancelledError) as exc:  # the client went away
-            log.info("client of %s disconnected mid-stream", rid)
-            if not settled:
-                job.add_done_callback(lambda done: self._settle_abandoned(done, caller, reserved, rid))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        return response
-
-    def _settle_abandoned(self, job: asyncio.Future, caller, reserved: int, rid: str) -> None:
-        """A streamed job whose client left: once it ends, settle it like any other (the worker
-        did the work); a job that failed has nothing to settle. Event-loop thread."""
-        if job.cancelled() or job.exception() is not None:
-            log.info("abandoned job %s ended without a result: %r", rid, None if job.cancelled() else job.exception())
-            return
-        result = job.result()
-        try:
-            self.pool.submit(self._settle, caller, reserved, result)
-        except RuntimeError:  # the pool is shut down: the gateway is stopping
-            log.info("abandoned job %s not settled: the gateway is stopping", rid)
-
-    @staticmethod
-    def _chat_chunks(rid, created, model):
-        def chunk(text, finish, use):
-            return oa.chat_chunk(rid, created, model, {"content": text} if text else {}, finish, use)
-
-        return oa.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}), chunk
-
-    @staticmethod
-    def _completion_chunks(rid, created, model):
-        return None, lambda text, finish, use: oa.completion_chunk(rid, created, model, text, finish, use)
 
     # ------------------------------------------------------------------ the rest
     async def metrics(self, request: web.Request) -> web.Response:
@@ -284,7 +259,11 @@ class Gateway:
 
     async def api_mesh(self, request: web.Request) -> web.Response:
         view = await self._view("mesh", self.mesh_view) if self.mesh_view else {}
-        return web.json_response({**view, "usage": self.credit.usage()})
+        credit = await self._view("credit", lambda: self.credit.remaining(self.keys), keep_s=5.0)
+        usage = {name: {**use, **credit.get(name, {})} for name, use in self.credit.usage().items()}
+        for name, left in credit.items():
+            usage.setdefault(name, dict(left))
+        return web.json_response({**view, "usage": usage, "traffic": self.traffic.rates()})
 
     async def api_health(self, request: web.Request) -> web.Response:
         return web.json_response(await self._view("health", self.health) if self.health else {"nodes": []})
@@ -328,6 +307,22 @@ class Gateway:
             self.views.shutdown(wait=False, cancel_futures=True)
             self.backend.close()
             self.credit.close()  # the committee client (the dashboard's view shares it)
+
+
+def _route(request: web.Request) -> str:
+    """The metrics label of a request: its matched route's pattern (a bounded set), never the
+    raw path; a path no route matches is ``unmatched``."""
+    info = request.match_info
+    resource = info.route.resource if info is not None and info.route is not None else None
+    if resource is None or getattr(info, "http_exception", None) is not None:
+        return "unmatched"
+    canonical = resource.canonical
+    return "unmatched" if canonical == "/v1/{rest}" else canonical
+
+
+def _error_headers(exc: ApiError) -> dict[str, str] | None:
+    """A quota refusal will not pass by waiting: tell the official clients not to retry it."""
+    return {"x-should-retry": "false"} if exc.status == 429 and exc.code == "insufficient_quota" else None
 
 
 class GatewayThread(ServingThread):

@@ -31,6 +31,7 @@ from permamesh.wire.messages import (
     StatusReply,
     StatusRequest,
     TokenChunk,
+    TopLogprobs,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "StatusReply",
     "StatusRequest",
     "TokenChunk",
+    "TopLogprobs",
     "WireError",
     "decode",
     "encode",

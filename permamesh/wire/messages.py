@@ -24,7 +24,13 @@ positive value below float32's normal range (1e-300, 5e-324, 1e-45) is refused h
 and at decode, with the bound in the message, rather than reaching a sampler. The engine
 samples in a way that is exact for any allowed value, so a temperature far below ~1e-3
 behaves as greedy (ties shared) rather than overflowing. ``top_p`` is in (0, 1]; the likeliest
-token is always kept.
+token is always kept. ``presence_penalty`` and ``frequency_penalty`` are in [-2, 2] (OpenAI's
+range), subtracted from the logits of tokens the answer already holds (once, and once per
+occurrence), as vLLM and llama.cpp do. ``grammar_kind`` and ``grammar`` constrain the answer
+(a JSON object, a JSON schema, a Lark grammar: :mod:`permamesh.workers.constraints`); a
+grammar is bounded to :data:`MAX_GRAMMAR_CHARS` and compiled only by the worker that runs it. ``top_logprobs`` (0-20) asks for that many likeliest
+alternatives at each generated position, with ``logprobs``; the result then carries each
+token's text (``tokens``) and the alternatives (``top_logprobs``), bounded per token.
 """
 
 from __future__ import annotations
@@ -43,6 +49,12 @@ MAX_CODE_CHARS = 32  # ErrorReply.code: a short machine-readable word
 MAX_NAME_CHARS = 128  # worker ids, model names, devices, group names
 MAX_ERROR_CHARS = 4096  # ErrorReply.message: human-readable, cut to this when built
 _NAMES = {"worker_id": MAX_NAME_CHARS, "model": MAX_NAME_CHARS}
+MAX_PENALTY = 2.0  # presence and frequency penalties are in [-MAX_PENALTY, MAX_PENALTY]
+MAX_TOP_LOGPROBS = 20  # alternatives per generated token, at most
+MAX_TOKEN_TEXT = 64  # characters of one token's text in a result (a token is a few bytes)
+MAX_GRAMMAR_CHARS = 64 * 1024  # a request's grammar (a JSON schema or a Lark grammar)
+GRAMMAR_KINDS = ("", "json_object", "json_schema", "lark")  # "" = unconstrained
+MAX_TOP_ENTRIES = 40960  # top_logprobs x max_tokens at most: a result stays well under its 2 MiB
 
 
 def _require(cond: bool, what: str) -> None:
@@ -75,6 +87,11 @@ class GenerateRequest(Message):
     logprobs: bool = False  # report log-probabilities of the generated tokens
     model: str = ""  # the model the client wants; "" = whatever the worker serves
     session: str = ""  # opaque conversation id for session affinity ("" = none)
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
+    top_logprobs: int = 0  # likeliest alternatives reported per generated token (needs logprobs)
+    grammar_kind: str = ""  # constrained decoding: one of GRAMMAR_KINDS ("" = none)
+    grammar: str = ""  # the JSON schema (json_schema) or Lark grammar (lark); "" for json_object
 
     def __post_init__(self) -> None:
         _require(0 < len(self.request_id) <= 64, "request_id must be 1-64 characters")
@@ -93,6 +110,18 @@ class GenerateRequest(Message):
         _require(all(0 < len(s) <= 256 for s in self.stop), "stop strings must be 1-256 characters")
         _require(len(self.model) <= 128, "model name too long")
         _require(len(self.session) <= 64, "session id too long")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY,
+                     f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+        _require(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}")
+        _require(self.top_logprobs == 0 or self.logprobs, "top_logprobs needs logprobs")
+        _require(self.grammar_kind in GRAMMAR_KINDS, f"grammar_kind must be one of {GRAMMAR_KINDS}")
+        _require(len(self.grammar) <= MAX_GRAMMAR_CHARS, f"a grammar exceeds {MAX_GRAMMAR_CHARS} chars")
+        _require(bool(self.grammar) == (self.grammar_kind in ("json_schema", "lark")),
+                 "json_schema and lark need a grammar; json_object and none take none")
+        _require(self.top_logprobs * self.max_tokens <= MAX_TOP_ENTRIES,
+                 f"top_logprobs x max_tokens must be at most {MAX_TOP_ENTRIES}")
 
 
 @message("accepted")
@@ -111,6 +140,20 @@ class TokenChunk(Message):
     logprobs: tuple[float, ...] = ()  # one per token when requested
 
 
+@struct
+class TopLogprobs:
+    """The likeliest tokens at one generated position, most likely first (parallel arrays)."""
+
+    tokens: tuple[str, ...]  # each candidate's text
+    logprobs: tuple[float, ...]  # its log-probability under the raw model
+
+    def __post_init__(self) -> None:
+        _require(len(self.tokens) == len(self.logprobs) <= MAX_TOP_LOGPROBS,
+                 f"top_logprobs: at most {MAX_TOP_LOGPROBS} candidates, one log-probability each")
+        _require(all(len(t) <= MAX_TOKEN_TEXT for t in self.tokens), f"a token's text exceeds {MAX_TOKEN_TEXT} chars")
+        _require(all(lp <= 0.0 for lp in self.logprobs), "log-probabilities must be <= 0")
+
+
 @message("result", max_bytes=2 * 1024 * 1024, limits={**_NAMES, "finish_reason": 16})
 class GenerateResult(Message):
     request_id: str
@@ -126,6 +169,13 @@ class GenerateResult(Message):
     ttft_s: float = 0.0  # seconds from start of work to first token
     total_s: float = 0.0  # seconds from start of work to the last token
     cached_tokens: int = 0  # prompt tokens whose prefill the worker's prefix cache saved
+    tokens: tuple[str, ...] = ()  # each generated token's text, when logprobs were requested
+    top_logprobs: tuple[TopLogprobs, ...] = ()  # per generated token, when top_logprobs > 0
+
+    def __post_init__(self) -> None:
+        _require(all(len(t) <= MAX_TOKEN_TEXT for t in self.tokens), f"a token's text exceeds {MAX_TOKEN_TEXT} chars")
+        _require(len(self.tokens) <= len(self.token_ids) and len(self.top_logprobs) <= len(self.token_ids),
+                 "more token texts or alternatives than generated tokens")
 
 
 @message("error", limits={"code": MAX_CODE_CHARS, "message": MAX_ERROR_CHARS})

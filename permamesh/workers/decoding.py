@@ -9,6 +9,12 @@ of them, then reports back (:meth:`Decoding.fed`) and, where the fed tokens end 
 that needs a next token, hands it the logits (:meth:`Decoding.take`), which samples, streams and
 decides whether the answer is done. The engine's ``finish`` then calls :meth:`Decoding.complete`.
 
+Sampling features live here, so both engines have them alike: presence and frequency
+penalties over the answer's tokens, a grammar's mask
+(:class:`~permamesh.workers.constraints.Constraint`, compiled when the request starts), the
+top log-probabilities and each token's text; the log-probabilities reported are always the
+raw model's (before penalties, mask, temperature and top-p), as verification compares them.
+
 Each request has its own stop scanner and random generator, and sampling reads only its own
 logits, so sharing steps with other requests gives every one the tokens it would get alone
 (greedy, and sampled with a seed), up to float rounding of the batched forward.
@@ -25,7 +31,8 @@ import os
 import time
 from typing import Callable, Sequence
 
-from permamesh.workers.sampling import Completion, SamplingParams, Sampler, Step
+from permamesh.workers.sampling import (Completion, SamplingParams, Sampler, Step, apply_penalties, raw_logprob,
+                                        top_alternatives)
 from permamesh.workers.stops import StopScanner
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,13 @@ class Decoding:
         self.ids: list[int] = []  # sampled answer tokens (EOS excluded)
         self.fed: list[int] = []  # answer tokens whose KV is held (the last sampled one is not)
         self.lps: list[float] = []
+        self.counts: dict[int, int] = {}  # answer token -> occurrences (the penalties' input)
+        self.tops: list[tuple[tuple[str, float], ...]] = []  # alternatives per token (top_logprobs)
+        self.constraint = None
+        if params.grammar_kind:  # compiled here, so a bad grammar fails the request before any step
+            from permamesh.workers.constraints import Constraint
+
+            self.constraint = Constraint(sampler.tokenizer, sampler.vocab_size, params.grammar_kind, params.grammar)
         self.finish_reason = "length"
         self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.prefilled = 0  # prompt tokens whose KV is held (cached ones included)
@@ -83,19 +97,33 @@ class Decoding:
     def take(self, logits) -> bool:
         """Sample the next token from ``logits`` (the model's, for the position after the last
         fed token), stream it; True when the answer is done."""
-        token, logprob = self.sampler.sample(logits, self.params, self.gen)
+        params = self.params
+        if (params.penalized and self.counts) or self.constraint is not None:
+            chosen = apply_penalties(logits, self.counts, params)
+            if self.constraint is not None:
+                chosen = self.constraint.mask(chosen)
+            token, _ = self.sampler.sample(chosen, params, self.gen)
+            logprob = raw_logprob(logits, token)  # the model's own, as verification compares
+        else:
+            token, logprob = self.sampler.sample(logits, params, self.gen)
         if not self.ids:
             self.ttft_s = time.monotonic() - self.started
         if token in self.sampler.tokenizer.eos_ids:
             self.finish_reason, self.done = "stop", True
             return True
         self.ids.append(token)
-        if self.params.logprobs:
+        self.counts[token] = self.counts.get(token, 0) + 1
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        if params.logprobs:
             self.lps.append(logprob)
+        if params.top_logprobs:
+            decode = self.sampler.tokenizer.decode
+            self.tops.append(tuple((token_text(decode, i), lp) for i, lp in top_alternatives(logits, params.top_logprobs)))
         new_text = self.scanner.feed(self.sampler.tokenizer.decode(self.ids))
         if self.on_step is not None:
             self.on_step(Step(len(self.ids) - 1, new_text, token, logprob if self.params.logprobs else None))
-        if self.scanner.stopped:
+        if self.scanner.stopped or (self.constraint is not None and self.constraint.stopped):
             self.finish_reason, self.done = "stop", True
         elif len(self.ids) >= self.params.max_tokens:
             self.done = True
@@ -116,9 +144,18 @@ class Decoding:
             ttft_s=self.ttft_s,
             total_s=time.monotonic() - self.started,
             cached_tokens=self.cached_tokens,
+            tokens=tuple(token_text(self.sampler.tokenizer.decode, i) for i in self.ids) if self.params.logprobs else (),
+            top_logprobs=tuple(self.tops),
             compute_s=self.prefill_s + self.decode_s,
             decode_s=self.decode_s,
         )
+
+
+def token_text(decode, token: int) -> str:
+    """One token's text as a result carries it (cut to the wire's bound)."""
+    from permamesh.wire.messages import MAX_TOKEN_TEXT
+
+    return decode([token])[:MAX_TOKEN_TEXT]
 
 
 def plan_step(runs: Sequence[Decoding], step_tokens: int) -> list[tuple[Decoding, list[int], bool]]:

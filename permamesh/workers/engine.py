@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from permamesh.wire.messages import GenerateRequest
 from permamesh.workers.decoding import Decoding, plan_step
-from permamesh.workers.errors import ModelError, RequestError
+from permamesh.workers.errors import ContextLengthError, ModelError, RequestError
 from permamesh.workers.models import LoadedModel
 from permamesh.workers.prefix_cache import PrefixKVCache
 from permamesh.workers.sampling import Completion, SamplingParams, Step, StepReport, sample_token  # re-exported
@@ -60,6 +60,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         model_config = getattr(loaded.model, "config", None)
         self.max_context = int(getattr(model_config, "max_position_embeddings", 2048) or 2048)
+        self.vocab_size = int(getattr(model_config, "vocab_size", 0) or 0)  # the logits' width
         self._attention = _attention_kind(model_config)
         self._pool = None  # made at the first start (it needs torch and the model's shapes)
 
@@ -81,7 +82,7 @@ class Engine:
             raise RequestError("empty prompt")
         room = self.max_context - len(prompt_ids)
         if room < 1:
-            raise RequestError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.max_context}-token context")
+            raise ContextLengthError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.max_context}-token context")
         run = Decoding(self, tuple(prompt_ids), dataclasses.replace(params, max_tokens=min(params.max_tokens, room)),
                        on_step)
         with torch.inference_mode():

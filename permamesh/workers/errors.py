@@ -15,3 +15,8 @@ class ModelError(WorkerError):
 
 class RequestError(WorkerError):
     """A request cannot be served (prompt too long for the model, wrong model...)."""
+
+
+class ContextLengthError(RequestError):
+    """The prompt leaves no room for an answer in the model's context (the OpenAI API's
+    ``context_length_exceeded``)."""

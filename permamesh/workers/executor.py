@@ -30,10 +30,10 @@ import threading
 import time
 from typing import Callable
 
-from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, Message, TokenChunk
+from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, Message, TokenChunk, TopLogprobs
 from permamesh.workers.decoding import Decoding
 from permamesh.workers.engine import Completion, Engine, SamplingParams, Step, StepReport
-from permamesh.workers.errors import WorkerError
+from permamesh.workers.errors import ContextLengthError, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,8 @@ class Executor:
         rid = job.request.request_id
         if isinstance(exc, _Cancelled):
             reply: Message = ErrorReply(rid, "shutting_down", "worker stopped mid-request; resubmit")
+        elif isinstance(exc, ContextLengthError):
+            reply = ErrorReply(rid, "context_length_exceeded", str(exc))
         elif isinstance(exc, WorkerError):
             reply = ErrorReply(rid, "bad_request", str(exc))
         else:  # a bug or a torch failure must not kill the worker
@@ -279,6 +281,9 @@ class Executor:
             ttft_s=round(done.ttft_s, 6),
             total_s=round(done.total_s, 6),
             cached_tokens=done.cached_tokens,
+            tokens=done.tokens,
+            top_logprobs=tuple(TopLogprobs(tuple(t for t, _ in top), tuple(lp for _, lp in top))
+                               for top in done.top_logprobs),
         )
 
     def _observe_step(self, report: StepReport) -> None:

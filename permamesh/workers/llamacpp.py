@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 from permamesh.wire.messages import GenerateRequest
 from permamesh.workers.decoding import Decoding, plan_step
-from permamesh.workers.errors import ModelError, RequestError, WorkerError
+from permamesh.workers.errors import ContextLengthError, ModelError, RequestError, WorkerError
 from permamesh.workers.models import LoadedModel
 from permamesh.workers.prefix_cache import PrefixKVCache
 from permamesh.workers.sampling import Completion, SamplingParams, Step, StepReport, sample_token
@@ -137,6 +137,7 @@ class LlamaEngine:
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(config.step_tokens, 0, 1)
         self.max_context = min(config.ctx_per_seq, handle.n_ctx_train or config.ctx_per_seq)
+        self.vocab_size = handle.n_vocab  # the logits' width
         self._free = list(range(self._seqs))
         self._live: dict[int, Decoding] = {}  # seq id -> request holding it
         self._store: SeqStateStore | None = None
@@ -167,7 +168,7 @@ class LlamaEngine:
             raise RequestError("empty prompt")
         room = self.max_context - len(prompt_ids)
         if room < 1:
-            raise RequestError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.max_context}-token context")
+            raise ContextLengthError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.max_context}-token context")
         if len(self._free) < 2:  # one sequence stays spare
             raise WorkerError(f"the llama.cpp engine holds {self._handle.max_seqs} requests at once")
         run = Decoding(self, tuple(prompt_ids), dataclasses.replace(params, max_tokens=min(params.max_tokens, room)),

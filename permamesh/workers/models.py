@@ -159,7 +159,10 @@ def load(name: str = DEFAULT_MODEL, model_path: str | None = None, data_dir: Pat
 
     started = time.monotonic()
     dev = pick_device(device)
-    directory = resolve(name, model_path, Path(data_dir or ".").expanduser())
+    from permamesh.directory.workers import default_data_dir
+
+    # the converted GGUF is cached under the data directory, never the working directory
+    directory = resolve(name, model_path, Path(data_dir).expanduser() if data_dir else default_data_dir())
     dtype = torch.float32 if dev == "cpu" else torch.bfloat16
     if directory is None:
         model, tokenizer = tiny_random(seed), ByteTokenizer()

@@ -18,7 +18,8 @@ from typing import Protocol
 from permamesh.wire.messages import GenerateRequest
 from permamesh.workers.tokenizer import Tokenizer
 
-__all__ = ["Completion", "SamplingParams", "Sampler", "Step", "StepReport", "sample_token"]
+__all__ = ["Completion", "SamplingParams", "Sampler", "Step", "StepReport", "apply_penalties", "raw_logprob",
+           "sample_token", "top_alternatives"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +30,20 @@ class SamplingParams:
     seed: int | None = None  # None = fresh randomness
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    presence_penalty: float = 0.0  # subtracted from the logit of each token the answer holds
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the answer
+    top_logprobs: int = 0  # likeliest alternatives reported per position (with logprobs)
+    grammar_kind: str = ""  # constrained decoding (permamesh.workers.constraints); "" = none
+    grammar: str = ""
 
     @classmethod
     def of(cls, req: GenerateRequest) -> SamplingParams:
-        return cls(req.max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop), req.logprobs)
+        return cls(req.max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop), req.logprobs,
+                   req.presence_penalty, req.frequency_penalty, req.top_logprobs, req.grammar_kind, req.grammar)
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +67,8 @@ class Completion:
     ttft_s: float  # seconds to the first token
     total_s: float  # seconds for the whole request
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
+    tokens: tuple[str, ...] = ()  # each token's text, when logprobs were asked for
+    top_logprobs: tuple[tuple[tuple[str, float], ...], ...] = ()  # per token, when top_logprobs > 0
     compute_s: float = 0.0  # seconds spent in this request's own model calls (not others' steps)
     decode_s: float = 0.0  # the decode part of compute_s
 
@@ -104,6 +117,39 @@ def sample_token(logits, params: SamplingParams, gen) -> tuple[int, float]:
         token = int(torch.multinomial(probs, 1, generator=gen))
     logprob = float(torch.log_softmax(raw.float(), dim=-1)[token]) if math.isfinite(top) else 0.0
     return token, min(0.0, max(logprob, -1e30)) if math.isfinite(logprob) else -1e30  # always encodes
+
+
+def apply_penalties(logits, counts: dict[int, int], params: SamplingParams):
+    """``logits`` less the presence and frequency penalties of the tokens the answer holds
+    (``counts``: token id -> occurrences), as OpenAI documents them and vLLM applies them:
+    ``logit - frequency * count - presence * (count > 0)``; a new tensor (the raw logits
+    stay for the log-probabilities)."""
+    import torch
+
+    if not counts or not params.penalized:
+        return logits
+    ids = torch.tensor(list(counts), dtype=torch.long)
+    occurrences = torch.tensor(list(counts.values()), dtype=logits.dtype)
+    out = logits.detach().cpu().float().clone()
+    out[ids] -= params.frequency_penalty * occurrences + params.presence_penalty
+    return out
+
+
+def top_alternatives(logits, k: int) -> list[tuple[int, float]]:
+    """The ``k`` likeliest tokens of the raw ``logits`` with their log-probabilities."""
+    import torch
+
+    logp = torch.log_softmax(torch.nan_to_num(logits.detach().cpu().float(), nan=-math.inf), dim=-1)
+    values, ids = torch.topk(logp, min(k, logp.numel()))
+    return [(int(i), max(-1e30, min(0.0, float(v)))) for v, i in zip(values, ids)]
+
+
+def raw_logprob(logits, token: int) -> float:
+    """``token``'s log-probability under the raw ``logits`` (clamped so that it always encodes)."""
+    import torch
+
+    value = float(torch.log_softmax(torch.nan_to_num(logits.detach().cpu().float(), nan=-math.inf), dim=-1)[token])
+    return min(0.0, max(value, -1e30)) if math.isfinite(value) else -1e30
 
 
 @dataclasses.dataclass(frozen=True)

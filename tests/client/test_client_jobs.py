@@ -7,6 +7,7 @@ README's client example, run as is. The clients find the mesh as a user's would 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -50,6 +51,12 @@ def test_sync_and_async_clients_run_both_kinds_of_jobs(mesh_home):
     with Client(data_dir=mesh_home, anonymous=True) as client:
         hidden = client.generate("hello", max_tokens=4, temperature=0)
         assert hidden.text == client.generate("hello", max_tokens=4, temperature=0).text
+        # every request field travels through the overlay: a grammar, penalties, top log-probs
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        shaped = client.generate("hello", max_tokens=40, temperature=0, presence_penalty=1.0, logprobs=True,
+                                 top_logprobs=2, grammar_kind="json_schema", grammar=json.dumps(schema))
+        assert isinstance(json.loads(shaped.text)["ok"], bool) and len(shaped.top_logprobs) == len(shaped.token_ids)
         assert client.run("bb", ["/bin/echo", "anonymous"]).stdout == b"anonymous\n"
 
     async def main():

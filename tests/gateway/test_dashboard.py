@@ -51,6 +51,14 @@ def test_the_dashboard_shows_the_mesh(stack, tmp_path):
     for p, want in zip(partners, mesh["payouts"]):
         assert f"{want['total']:.2f}" in p["text"] and want["why"][0] in p["text"]
     assert "alice" in dom.by_id("usage")["text"]
+    left = mesh["usage"]["alice"]["available"]  # the key's credit left on the ledger, shown with its usage
+    assert isinstance(left, int) and str(left) in dom.by_id("usage")["text"]
+    assert mesh["traffic"]["requests"] >= 1 and "requests/s" in dom.by_id("traffic")["text"]
+    workers = [n for n in mesh["nodes"] if n["role"] == "worker"]
+    assert all(n["availability"] == 1.0 and n["queue"] is not None for n in workers)  # measured, per worker
+    assert all("100.0%" in shown[n["id"]] for n in workers)
+    labels = " ".join(e["text"] for e in dom.find("text"))
+    assert "epoch" in labels and "reputation" in labels  # the chart's axis labels
 
     png = tmp_path / "dashboard.png"
     shot = chromium(tmp_path, "--virtual-time-budget=20000", "--window-size=1280,1600", f"--screenshot={png}",

@@ -76,3 +76,35 @@ def test_anomalies_raise_alerts(home):
     finally:
         node.release.set()
         node.server.close()
+
+
+def test_nodes_of_the_directory_are_probed_and_their_uptime_measured(home):
+    """A node with no metrics record here (another machine, another namespace) is checked by
+    connecting to its advertised endpoint: listening, it is up; not, it is down; each node's
+    answered share of the checks is its measured uptime."""
+    import socket
+
+    from permamesh.ops.health import Target
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    targets = [Target("far-relay", "relay", f"tcp://127.0.0.1:{port}"),
+               Target("dead-relay", "relay", f"tcp://127.0.0.1:{dead.getsockname()[1]}"),
+               Target("never-announced", "worker", "")]
+    monitor = HealthMonitor(home, HealthConfig(timeout_s=1.0))
+    try:
+        first = {n["node"]: n for n in monitor.check(targets)["nodes"]}
+        assert first["far-relay"]["status"] == "up" and first["far-relay"]["latency_ms"] > 0
+        assert first["dead-relay"]["status"] == "down" and "did not accept" in first["dead-relay"]["alerts"][0]
+        assert first["never-announced"]["status"] == "down"
+        server.close()
+        second = monitor.check(targets)
+        assert second["down"] == 3
+        assert monitor.availability() == {"far-relay": 0.5, "dead-relay": 0.0, "never-announced": 0.0}
+    finally:
+        server.close()
+        dead.close()
