@@ -101,10 +101,13 @@ def check_demo_output(stdout: str) -> None:
     assert "16 relays at reputation 0.50..0.50 (floor 0.3), 2 workers" in stdout
     assert "killed relays out of the running set" in stdout
     epoch = stdout[stdout.find("== the committee: one verification epoch =="):][:3000]
-    assert "4 reports, 2 workers scored" in stdout, epoch
+    assert "4 reports, 2 workers scored" in stdout or "4 reports, 1 workers scored" in stdout, epoch
     assert "(code 0); balance now -" in stdout  # a job paid by its receipt
     assert "refused before it runs: out of credit" in stdout
-    assert stdout.count("reputation 0.5 -> 0.80") == 2  # honest credit 1.0; the liar ignored
+    # honest credit 1.0, the liar ignored; a worker whose group peer served every challenge sent
+    # through it (routing by cached prefix) is left unscored, never excluded
+    assert stdout.count("reputation 0.5 -> 0.80") + stdout.count("credit -, reputation 0.5 -> 0.50") == 2, epoch
+    assert "reputation 0.5 -> 0.80" in stdout and "EXCLUDED" not in epoch
     assert "agree on the app hash at height" in stdout and stdout.rstrip().count(": True") >= 1
     assert "CometBFT v0.38 nodes" in stdout and "committed by CometBFT" in stdout
     assert "DISAGREE" not in stdout
@@ -164,7 +167,8 @@ def test_the_demo_runs_then_serves_the_openai_client_and_the_dashboard(home, tmp
             assert {e["attrs"]["data-role"]: e["text"] for e in dom.find("span", "count")} == \
                 {"gateway": "1", "relay": "16", "validator": "4", "worker": "2"}
             rows = [r["text"] for r in dom.find("tr", "node-row") if r["attrs"]["data-role"] == "worker"]
-            assert len(rows) == 2 and all("0.80" in w and "up" in w for w in rows)  # the epoch's result
+            assert len(rows) == 2 and all("up" in w for w in rows)  # the epoch's result: scored or left as it was
+            assert any("0.80" in w for w in rows) and all("0.80" in w or "0.50" in w for w in rows)
             assert re.search(r"a month for \d+ of 19 nodes", dom.by_id("payouts")["text"])  # workers, relays, the gateway
         proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the demo: it stops everything
         rest = proc.stdout.read()

@@ -6,19 +6,25 @@ One run, one registered model (SmolLM2 by default; a peaked tiny random model wi
 - **calibration**: honest answers (``same`` weights and ``bf16``-rounded ones) scored by the
   reference: the mean |reported - reference| log-prob gap per answer (the honest noise floor the
   credit's ``agree_tol`` must clear) and the typicality z of sampled answers.
-- **epochs**: every node (honest nodes of both kinds, and each cheater of the zoo) answers the
-  challenges of each epoch: ``challenges_per_epoch`` of its reputation (3 at good standing, up
-  to 9 when low), drawn from a :class:`ChallengePool` shaped by the user-traffic model. Each
-  answer is scored for real (teacher-forced pass of the reference), the epoch credit is the
-  minimum, and the fixed-point reputation rule updates. A node is excluded when untrusted.
-- **honest node-epochs**: ``honest_nodes x epochs`` (the false-exclusion count).
+- **epochs**: every node (honest nodes on fp32, bf16-rounded and optionally llama.cpp, and
+  each cheater of the zoo) answers the challenges of each epoch exactly as a committee member
+  plans and draws them (:mod:`permamesh.bench.verifyepochs` over ``committee/duties.py``:
+  ``challenges_per_epoch`` of its reputation, scheduled times, random entries, max_tokens and
+  seeds as users send them, later chat turns); each answer is teacher-forced up to a scoring
+  budget drawn in [``budget_min``, ``answer_cap``]; the epoch credit is the minimum, zeroed when
+  the node breaks the sampling contract; the fixed-point reputation rule updates. A node is
+  excluded when untrusted.
+- **adaptive dodgers**: trained on a labelled history of the same duties and user traffic,
+  they also see 60 user requests an epoch; ``compute_saved`` is the share of user requests
+  they answered with layers skipped times the half of compute that saves.
+- **honest node-epochs**: ``honest nodes x epochs`` (the false-exclusion count).
 - **throughput**: verifications per minute of scoring time, over every answer scored.
 
-Answers are capped at ``answer_cap`` tokens (their max_tokens otherwise come from the traffic
-model) so the CPU can afford hundreds of node-epochs; indistinguishability of the challenges
-themselves is a test of its own (tests/verify/test_challenges.py). ``--json PATH`` writes a
-``summary`` with ``verifications_per_minute``, ``max_epochs_to_exclude_fulltime``,
-``epochs_to_exclude_parttime20``, ``false_exclusions`` and ``honest_node_epochs``.
+Indistinguishability of what the duties send is a test of its own, over a real worker's wire
+(``tests/verify/test_indistinguishable.py``). ``--json PATH`` writes a ``summary`` with
+``verifications_per_minute``, ``max_epochs_to_exclude_fulltime``,
+``max_epochs_to_exclude_contract``, ``adaptive_dodger`` (epochs to exclusion, compute saved),
+``false_exclusions`` and ``honest_node_epochs``.
 
 Who calls it: :mod:`permamesh.cli` (``permamesh bench verify``) and tests.
 """
@@ -37,16 +43,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from permamesh.bench.stats import write_report
-from permamesh.bench.verifyzoo import CHEATERS, FULL_TIME, HONEST_KINDS, Zoo, load_reference
+from permamesh.bench.verifyepochs import Epochs, train
+from permamesh.bench.verifyepochs import history as labelled_history
+from permamesh.bench.verifyzoo import CHEATERS, CONTRACT, FULL_TIME, HONEST_KINDS, SAVING, Zoo, load_reference
+from permamesh.committee.duties import DutyConfig
 from permamesh.verify import reputation as rep
-from permamesh.verify.challenges import ChallengePool
-from permamesh.verify.profile import TrafficProfile
-from permamesh.verify.traffic import user_requests
+from permamesh.verify.dodger import AdaptiveDodger
 from permamesh.verify.verifier import Verifier, epoch_credit
 from permamesh.workers import models
-from permamesh.bench.plot import pyplot, save
+from permamesh.bench.verifyplot import plot_verify
 
 log = logging.getLogger(__name__)
+
+__all__ = ["VerifyBench", "plot_verify", "quick_bench", "run", "run_from_args"]
 
 TARGETS = {"fulltime_epochs": 3, "parttime_epochs": 10, "verifications_per_minute": 100, "honest_node_epochs": 1000}
 
@@ -58,7 +67,10 @@ class VerifyBench:
     honest_nodes: int = 4  # per honest kind
     cheater_copies: int = 1  # nodes per full-time cheater kind (they behave the same every time)
     chance_copies: int = 6  # nodes per part-time cheater and dodger, each its own seed (they cheat by chance)
-    answer_cap: int = 32  # tokens per answer at most (CPU budget)
+    answer_cap: int = 48  # scoring budget's upper end: tokens teacher-forced per answer at most (CPU budget)
+    budget_min: int = 16  # its lower end (drawn per challenge, never sent)
+    llamacpp_nodes: int = 0  # honest nodes serving the GGUF through llama.cpp (real model only)
+    train_epochs: int = 60  # epochs of labelled history each adaptive dodger trains on
     seed: int = 0
     quick: bool = False
     data_dir: Path | None = None
@@ -67,17 +79,18 @@ class VerifyBench:
 
 
 def quick_bench(seed: int = 0, data_dir: Path | None = None) -> VerifyBench:
-    return VerifyBench(model=models.TINY_RANDOM, epochs=10, honest_nodes=10, chance_copies=3, answer_cap=12, seed=seed,
-                       quick=True, data_dir=data_dir)
+    return VerifyBench(model=models.TINY_RANDOM, epochs=8, honest_nodes=5, chance_copies=2, answer_cap=16,
+                       budget_min=8, train_epochs=30, seed=seed, quick=True, data_dir=data_dir)
 
 
-def _pool(seed: int) -> tuple[ChallengePool, TrafficProfile]:
-    traffic = [req for _, req in user_requests(600, seed, 1.0)]
-    profile = TrafficProfile.observe(traffic)
-    pool = ChallengePool(profile)
-    for req in traffic[::3]:  # consented samples from other traffic than what workers are tested on
-        pool.add_consented(req)
-    return pool, profile
+def _nodes(bench: VerifyBench, zoo: Zoo) -> dict:
+    nodes = {f"honest-{kind}-{i}": zoo.honest(kind, f"honest-{kind}-{i}")
+             for kind in HONEST_KINDS for i in range(bench.honest_nodes)}
+    nodes.update({f"honest-llamacpp-{i}": zoo.honest("llamacpp", f"honest-llamacpp-{i}")
+                  for i in range(bench.llamacpp_nodes)})
+    nodes.update({f"{kind}-{i}": zoo.cheater(kind, i) for kind in (() if bench.honest_only else CHEATERS)
+                  for i in range(bench.cheater_copies if kind in FULL_TIME + CONTRACT else bench.chance_copies)})
+    return nodes
 
 
 def run(bench: VerifyBench, say: Callable[[str], None] = print,
@@ -88,56 +101,70 @@ def run(bench: VerifyBench, say: Callable[[str], None] = print,
     ref = load_reference(bench.model, bench.data_dir, bench.seed)
     verifier = Verifier(ref)
     zoo = Zoo(ref, bench.seed)
-    pool, _ = _pool(bench.seed)
-    rng = random.Random(bench.seed)
     config = rep.ReputationConfig()
-    nodes = {f"honest-{kind}-{i}": zoo.honest(kind, f"honest-{kind}-{i}")
-             for kind in HONEST_KINDS for i in range(bench.honest_nodes)}
-    nodes.update({f"{kind}-{i}": zoo.cheater(kind, i) for kind in (() if bench.honest_only else CHEATERS)
-                  for i in range(bench.cheater_copies if kind in FULL_TIME else bench.chance_copies)})
+    nodes = _nodes(bench, zoo)
+    engines = {name: "llamacpp" for name in nodes if name.startswith("honest-llamacpp-")}
+    duty = DutyConfig(budget_min=bench.budget_min, budget_max=bench.answer_cap, pace=False, seed=bench.seed)
+    member = Epochs(verifier, ref.name, duty, bench.seed, bench.epochs)
+    dodgers = sorted(name for name, node in nodes.items() if isinstance(node, AdaptiveDodger))
+    labelled = (labelled_history(sorted(nodes), dodgers, ref.name, duty, bench.seed, bench.train_epochs,
+                                 fits=verifier.fits)
+                if dodgers else None)
+    trained = {name: train(nodes[name], sorted(nodes), labelled, bench.seed + i) for i, name in enumerate(dodgers)}
     states = {name: rep.NodeReputation.initial(config) for name in nodes}
     history: dict[str, list[dict]] = {name: [] for name in nodes}
-    calibration: dict[str, list[dict]] = {kind: [] for kind in HONEST_KINDS}
+    calibration: dict[str, list[dict]] = {kind: [] for kind in HONEST_KINDS + ("llamacpp",)}
+
+    def calibrate(name, req, credit) -> None:
+        if name.startswith("honest-"):
+            calibration[name.split("-")[1]].append({"greedy": req.temperature == 0.0, "diff": credit.mean_abs_diff,
+                                                    "z": credit.typicality_z, "credit": credit.credit})
+
     say(f"  verify: {len(nodes)} nodes on {ref.name}, {bench.epochs} epochs")
     for epoch in range(1, bench.epochs + 1):
-        for name, node in nodes.items():
-            state = states[name]
-            if not bench.follow_excluded and not rep.is_trusted(state, config):
-                continue  # its exclusion epoch is known; challenging it further only costs time
-            credits = []
-            for _ in range(rep.challenges_per_epoch(state, config)):
-                challenge = pool.draw(rng)
-                req = dataclasses.replace(challenge.request,
-                                          max_tokens=min(challenge.request.max_tokens, bench.answer_cap))
-                answer = node(req)
-                credit = verifier.score(req, answer)
-                credits.append(credit)
-                if name.startswith("honest-"):
-                    kind = name.split("-")[1]
-                    calibration[kind].append({"greedy": req.temperature == 0.0, "diff": credit.mean_abs_diff,
-                                              "z": credit.typicality_z, "credit": credit.credit})
-            states[name] = state = rep.update(state, epoch_credit(credits), config)
-            history[name].append({"epoch": epoch, "challenges": len(credits), "credit_ppm": epoch_credit(credits),
-                                  "credits_ppm": [c.ppm for c in credits],
-                                  "reputation_ppm": state.reputation_ppm, "trusted": rep.is_trusted(state, config),
-                                  "worst": min(credits, key=lambda c: c.credit).reason if credits else ""})
+        counts = {name: rep.challenges_per_epoch(states[name], config) for name in nodes
+                  if bench.follow_excluded or rep.is_trusted(states[name], config)}
+        got = member.run(epoch, nodes, engines, counts, calibrate)
+        for name, credits in got.items():
+            contract_ok = member.contract_ok(name, credits)
+            credit = epoch_credit(credits) if contract_ok else 0
+            states[name] = state = rep.update(states[name], credit, config)
+            worst = min(credits, key=lambda c: c.credit).reason if credits else ""
+            history[name].append({"epoch": epoch, "challenges": len(credits), "credit_ppm": credit,
+                                  "credits_ppm": [c.ppm for c in credits], "reputation_ppm": state.reputation_ppm,
+                                  "trusted": rep.is_trusted(state, config), "contract_ok": contract_ok,
+                                  "worst": worst if contract_ok else member.verdicts.get(name, "")})
+        member.close_epoch()
         out = sum(not rep.is_trusted(states[n], config) for n in nodes if not n.startswith("honest-"))
         low = min(states[n].reputation_ppm for n in nodes if n.startswith("honest-")) / 1e6
         say(f"  epoch {epoch}/{bench.epochs}: {out} cheaters excluded; lowest honest reputation {low:.2f}; "
             f"{verifier.scored} answers scored")
         if checkpoint is not None and epoch < bench.epochs:
-            checkpoint(_report(bench, ref, verifier, config, calibration, history, nodes, epoch, started))
-    report = _report(bench, ref, verifier, config, calibration, history, nodes, bench.epochs, started)
+            checkpoint(_report(bench, ref, verifier, config, calibration, history, nodes, epoch, started, trained))
+    report = _report(bench, ref, verifier, config, calibration, history, nodes, bench.epochs, started, trained)
     say("summary: " + str(report["summary"]))
     return report
 
 
-def _report(bench, ref, verifier, config, calibration, history, nodes, epochs_done: int, started: float) -> dict:
+def _dodgers(nodes: dict, trained: dict) -> dict:
+    out = {}
+    for name, node in nodes.items():
+        if isinstance(node, AdaptiveDodger):
+            out[name] = {"trained_on": trained.get(name), "user_requests": node.users,
+                         "user_requests_cheated": node.users_cheated, "challenges": node.challenges,
+                         "challenges_cheated": node.challenges_cheated,
+                         "compute_saved": round(node.saved * SAVING["layers-skipped"], 4)}
+    return out
+
+
+def _report(bench, ref, verifier, config, calibration, history, nodes, epochs_done: int, started: float,
+            trained: dict | None = None) -> dict:
     report = {
         "benchmark": "verify", "quick": bench.quick, "seed": bench.seed, "model": ref.name,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(bench).items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "credit_config": dataclasses.asdict(verifier.config),
+        "credit_configs": {engine: dataclasses.asdict(c) for engine, c in verifier.configs.items()},
+        "adaptive_dodgers": _dodgers(nodes, trained or {}),
         "reputation_config": dataclasses.asdict(config),
         "calibration": _calibration(calibration),
         "nodes": history,
@@ -224,36 +251,16 @@ def _summary(report: dict, nodes: dict, bench: VerifyBench) -> dict:
         "parttime20_excluded_within_10": sum(e is not None and e <= 10 for e in per_kind["part-time-20"]),
         "parttime20_nodes": len(per_kind["part-time-20"]),
         "epochs_to_exclude_dodger": max(never if e is None else e for e in per_kind["dodger"]),
+        "max_epochs_to_exclude_contract": {kind: max(never if e is None else e for e in per_kind[kind])
+                                           for kind in CONTRACT},
+        "adaptive_dodger": {"epochs_to_exclude": per_kind["adaptive-dodger"],
+                            "max_compute_saved": max((d["compute_saved"] for d in report["adaptive_dodgers"].values()),
+                                                     default=None),
+                            "challenges_cheated": sum(d["challenges_cheated"] for d in report["adaptive_dodgers"].values())},
         "parttime20_from_good_standing": from_good_standing(0.2, _detection(history),
                                                             rep.ReputationConfig(**report["reputation_config"]),
                                                             runs=2_000 if bench.quick else 20_000, seed=bench.seed),
     }
-
-
-def plot_verify(report: dict, path: Path) -> None:
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(12, 6))
-    floor = report["reputation_config"]["floor_ppm"] / 1e6
-    start = report["reputation_config"]["initial_ppm"] / 1e6
-    for name, rows in sorted(report["nodes"].items()):
-        honest = name.startswith("honest-")
-        if (honest or "part-time" in name or "dodger" in name) and not name.endswith("-0"):
-            continue  # one line per kind keeps the plot readable (the JSON has every node)
-        ax.plot([0] + [r["epoch"] for r in rows], [start] + [r["reputation_ppm"] / 1e6 for r in rows],
-                marker="" if honest else "o", linewidth=2.5 if honest else 1.2, label=name.removesuffix("-0"))
-    ax.axhline(floor, color="red", linestyle="--", label=f"trust floor {floor:g}")
-    ax.set_xlabel("epoch (a cheater's line ends when it is excluded)")
-    ax.set_ylabel("reputation R(T)")
-    ax.set_ylim(0, 1.02)
-    s = report["summary"]
-    caught = (f"full-time cheaters out by epoch {s['max_epochs_to_exclude_fulltime']}, 20% part-time by "
-              f"{s['epochs_to_exclude_parttime20']},\n" if "max_epochs_to_exclude_fulltime" in s else "honest only: ")
-    ax.set_title(f"verification bench, {report['model']} ({'quick' if report['quick'] else 'full'}): {caught}"
-                 f"{s['false_exclusions']} false exclusions in {s['honest_node_epochs']} honest node-epochs, "
-                 f"{s['verifications_per_minute']} verifications/min", fontsize=10)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    save(fig, path)
 
 
 def add_verify_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,7 +269,12 @@ def add_verify_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per node (default: 12; 10 with --quick)")
     parser.add_argument("--honest-nodes", type=int, default=None,
                         help="honest nodes per kind (same weights, bf16-rounded weights; default: 4; 10 with --quick)")
-    parser.add_argument("--answer-cap", type=int, default=None, help="tokens per answer at most (default: 32; 16 quick)")
+    parser.add_argument("--answer-cap", type=int, default=None,
+                        help="scoring budget's upper end, tokens teacher-forced per answer (default: 48; 16 quick)")
+    parser.add_argument("--chance-copies", type=int, default=None,
+                        help="nodes per part-time cheater and dodger kind (default: 6; 2 with --quick)")
+    parser.add_argument("--llamacpp-nodes", type=int, default=None,
+                        help="honest nodes serving the GGUF through llama.cpp (default: 0; real model only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of challenges and cheaters (default: 0)")
     parser.add_argument("--honest-only", action="store_true",
                         help="no cheaters: only honest nodes, for a long false-exclusion soak")
@@ -276,9 +288,13 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
     bench = quick_bench(args.seed, data_dir) if args.quick else VerifyBench(seed=args.seed, data_dir=data_dir)
     changes = {k: v for k, v in (("model", args.model), ("epochs", args.epochs), ("honest_nodes", args.honest_nodes),
                                  ("answer_cap", args.answer_cap), ("follow_excluded", args.follow_excluded or None),
+                                 ("llamacpp_nodes", getattr(args, "llamacpp_nodes", None)),
+                                 ("chance_copies", getattr(args, "chance_copies", None)),
                                  ("honest_only", args.honest_only or None))
                if v is not None}
     bench = dataclasses.replace(bench, **changes)
+    if bench.answer_cap < bench.budget_min:
+        bench = dataclasses.replace(bench, budget_min=bench.answer_cap)
     if bench.epochs < 1 or bench.honest_nodes < 1 or bench.answer_cap < 1:
         raise SystemExit("permamesh bench verify: --epochs, --honest-nodes and --answer-cap must be >= 1")
     report = run(bench, checkpoint=(lambda partial: write_report(partial, args.json, None, plot_verify))

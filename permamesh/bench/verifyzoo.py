@@ -7,7 +7,12 @@ so its reported log-probs carry real numeric noise. Cheaters (see :mod:`permames
 another model claiming the registered name (tiny random, with its own tokenizer), the
 registered model with every other layer skipped, with 5% weight noise, random tokens, truncated
 answers, replays of an old answer, a 20% part-time cheater (skipped layers on a fifth of
-requests) and a challenge dodger (honest only on what a naive detector takes for a challenge).
+requests), a challenge dodger (honest only on what a naive detector takes for a challenge), an
+adaptive dodger (:class:`~permamesh.verify.dodger.AdaptiveDodger`: a gradient-boosted classifier
+trained on a labelled history of the same duties' challenges and user traffic; layers skipped
+when confident a request is not a challenge), an argmax-only and a seed-ignoring worker.
+With the real model, ``llamacpp`` honest nodes serve the GGUF through llama.cpp
+(``backends.load_engine("llamacpp")``), scored with that engine's tolerance.
 
 Who calls it: :mod:`permamesh.bench.verify`.
 """
@@ -19,6 +24,7 @@ import logging
 from collections.abc import Callable
 
 from permamesh.verify import zoo
+from permamesh.verify.dodger import AdaptiveDodger
 from permamesh.workers import models
 from permamesh.workers.engine import Engine
 
@@ -26,8 +32,10 @@ log = logging.getLogger(__name__)
 
 HONEST_KINDS = ("same", "bf16")
 CHEATERS = ("other-model", "layers-skipped", "noisy-weights", "random-tokens", "truncated", "replay",
-            "part-time-20", "dodger")
+            "argmax-only", "seed-ignoring", "part-time-20", "dodger", "adaptive-dodger")
 FULL_TIME = ("other-model", "layers-skipped", "noisy-weights", "random-tokens", "truncated", "replay")
+CONTRACT = ("argmax-only", "seed-ignoring")  # break the sampling contract on every sampled answer
+SAVING = {"layers-skipped": 0.5}  # share of compute a cheated answer saves (every other layer skipped)
 
 
 def _variant(ref, change: Callable):
@@ -60,6 +68,10 @@ class Zoo:
         self._engines: dict[str, Engine] = {}
 
     def engine(self, kind: str) -> Engine:
+        if kind not in self._engines and kind == "llamacpp":
+            from permamesh.workers.backends import load_engine
+
+            self._engines[kind] = load_engine("llamacpp", self.ref.name, max_active=1)
         if kind not in self._engines:
             ref = self.ref
             made = {
@@ -89,6 +101,9 @@ class Zoo:
             "replay": lambda: zoo.Replaying(honest),
             "part-time-20": lambda: zoo.PartTime(honest, skipped, self.part_time, f"part-time/{self.seed}/{index}"),
             "dodger": lambda: zoo.ChallengeDodger(honest, skipped),
+            "argmax-only": lambda: zoo.ArgmaxOnly(honest),
+            "seed-ignoring": lambda: zoo.SeedIgnoring(honest),
+            "adaptive-dodger": lambda: AdaptiveDodger(honest, skipped, f"{kind}-{index}", seed=self.seed + index),
         }[kind]()
 
 

@@ -29,11 +29,13 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from permamesh.committee.devnet import messages as m
 from permamesh.committee.endpoints import parse_endpoint
 from permamesh.committee.errors import CommitteeError
+from permamesh.committee.txs import BAD_NONCE
 from permamesh.identity import NodeIdentity
 from permamesh.transport import DealerClient, HandshakeFailed, TransportError
 from permamesh.wire.codec import Message, WireError, decode, encode
@@ -263,6 +265,19 @@ class CommitteeClient:
 
     def next_nonce(self, key: bytes) -> int:
         return self.query("/nonce", key)["next"]
+
+    def submit_signed(self, make: Callable[[int], bytes], key: bytes, attempts: int = 3,
+                      timeout_s: float | None = None) -> TxOutcome:
+        """Submit the tx ``make(nonce)`` signs for ``key`` at its next nonce; when another tx
+        of the same key took that nonce first (a member's prober and its score report, say),
+        ask again and resubmit, ``attempts`` times at most."""
+        outcome = self.submit(make(self.next_nonce(key)), timeout_s=timeout_s)
+        for _ in range(attempts - 1):
+            if outcome.code != BAD_NONCE:
+                break
+            log.info("nonce taken for %s (%s); submitting again", key.hex()[:16], outcome.log)
+            outcome = self.submit(make(self.next_nonce(key)), timeout_s=timeout_s)
+        return outcome
 
     def close(self) -> None:
         for endpoint in list(self._links):

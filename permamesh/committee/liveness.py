@@ -169,10 +169,9 @@ class Prober:
             if not answered:
                 return None  # no newcomer up yet: the report stays open for them (or the period's middle)
         new = answered
-        nonce = self.client.next_nonce(self.member.public.sign_key)
-        tx = txs.Liveness(chain_id=self.chain_id, nonce=nonce, period=period,
-                          up=tuple(txs.Seen(key, rtt) for key, rtt in up))
-        outcome = self.client.submit(txs.sign_tx(tx, self.member))
+        seen = tuple(txs.Seen(key, rtt) for key, rtt in up)
+        outcome = self.client.submit_signed(lambda nonce: txs.sign_tx(txs.Liveness(
+            chain_id=self.chain_id, nonce=nonce, period=period, up=seen), self.member), self.member.public.sign_key)
         if not outcome.ok:
             log.warning("liveness report for period %d refused (%d): %s", period, outcome.code, outcome.log)
         described = {descriptor_of(row) for _, _, _, row in probe_targets(directory)}

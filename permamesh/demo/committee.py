@@ -94,13 +94,15 @@ def verification_epoch(client: CommitteeClient, devnet: Committee, overlay, refe
     before = _reputations(client)
     started = time.monotonic()
     scores = score_workers(client, Verifier(reference), pool,
-                           lambda req, node_id: overlay.submit(req, entry=node_id), DutyConfig(), model)
+                           lambda req, node_id: overlay.submit(req, entry=node_id),
+                           DutyConfig(pace=False, answer_cap=16), model)  # a demo: at once, short answers
     say(f"  {scores.challenges} challenges sent through the overlay and scored against the reference "
         f"in {time.monotonic() - started:.1f} s (epoch {scores.epoch})")
     members = [Member(devnet.identity(i), devnet.chain_id, lie=(i == 3)) for i in range(len(devnet.endpoints))]
-    for member in members:
-        member.report(client, scores)
-    say(f"  {len(members)} signed score reports submitted (member 3 lies: reports 1 - credit)")
+    outcomes = [member.report(client, scores) for member in members]
+    refused = [f"member {i}: {o.log}" for i, o in enumerate(outcomes) if not o.ok]
+    say(f"  {len(members) - len(refused)} signed score reports committed (member 3 lies: reports 1 - credit)"
+        + (f"; refused: {'; '.join(refused)}" if refused else ""))
     deadline = time.monotonic() + 60.0
     while time.monotonic() < deadline and not any(
             e["epoch"] == scores.epoch for e in client.query("/epochs")):

@@ -153,8 +153,7 @@ class InFlight:
         self.heard_at = 0.0  # when the last reply of this request came
         self.probed = False  # a probe went out since the stream last spoke
         self.repaired_at = 0.0  # when the last repair clove went out
-        self.extended_at = 0.0  # when the last extending paths went out
-        self.extensions = 0  # extending paths sent
+        self.extending: list[_Path] = []  # the last extending paths sent (the next wait for them)
 
     def run(self) -> Message:
         cfg, t0 = self.c.config, time.monotonic()
@@ -267,12 +266,12 @@ class InFlight:
             self._send_new(1, 1)
         capacity = self._chunk_capacity()
         if (stream.rebuilt and self.first_answer_at is None and stream.highest + 1 + cfg.stream_extend_ahead >= capacity
-                and now - self.extended_at >= cfg.ack_timeout_s and len(self.paths) + cfg.k < cfg.max_cloves):
-            # (a clove stays in reserve for a probe, should the stream then fall silent)
-            self.extended_at = now  # a long answer: k more paths with fresh chunk blocks
-            sent = self._send_new(cfg.k, 0, extend=True)  # not a resend round
-            self.extensions += sent
-            log.debug("stream at chunk %d of %d: %d extending paths sent", stream.highest, capacity, sent)
+                and all(p.acked or p.failed for p in self.extending) and len(self.paths) + cfg.k < cfg.max_cloves):
+            # (one round at a time, each once the last is heard of; a clove stays in reserve for a probe)
+            before = len(self.paths)
+            self._send_new(cfg.k, 0, extend=True)  # a long answer: k more paths with fresh blocks; not a resend
+            self.extending = self.paths[before:]
+            log.debug("stream at chunk %d of %d: %d extending paths sent", stream.highest, capacity, len(self.extending))
         if (stream.rebuilt == 0 or self.first_answer_at is not None or now - self.heard_at < cfg.stream_idle_s
                 or stream.highest + 1 >= capacity):  # not begun, ending, talking, or out of blocks
             return

@@ -19,15 +19,23 @@ and payment read. ``docs/verification.md`` states the rules and their calibratio
 - :mod:`~permamesh.verify.scoring`: the teacher-forced pass of the reference model over prompt +
   answer (the only module that imports torch, lazily).
 - :mod:`~permamesh.verify.credit`: per-answer credit C in [0, 1] from that evidence: structure,
-  log-prob agreement, greedy match or typicality; PlanetServe's 1/PPL for comparison (pure).
+  log-prob agreement, greedy match or two-sided typicality, with a config per serving engine;
+  PlanetServe's 1/PPL for comparison (pure).
 - :mod:`~permamesh.verify.verifier`: :class:`~permamesh.verify.verifier.Verifier`, a request
   and its answer in, a credit out; ``epoch_credit`` (the minimum of an epoch's challenges).
+- :mod:`~permamesh.verify.contract`: the sampling contract over many answers (argmax excess,
+  two-sided typicality, seeded replay), per node across epochs (pure).
+- :mod:`~permamesh.verify.observe`: :class:`~permamesh.verify.observe.WorkerView`, what a
+  worker can observe of its requests as features (the indistinguishability test's, and the
+  adaptive dodger's) (pure).
 - :mod:`~permamesh.verify.reputation`: the fixed-point reputation rule (PlanetServe's, window
   counted correctly), trust floor with hysteresis, challenges per epoch rising for low
   reputation (pure, integer ppm: what the committee stores).
-- :mod:`~permamesh.verify.zoo`: cheaters for tests and the benchmark.
+- :mod:`~permamesh.verify.zoo`: cheaters for tests and the benchmark;
+  :mod:`~permamesh.verify.dodger`: the adaptive dodger (learns to spot challenges; scikit-learn).
 - :mod:`~permamesh.verify.errors`: :class:`~permamesh.verify.errors.VerifyError`.
 
-Who calls it: validators (the committee), ``permamesh bench verify``, tests. Nothing here
+Who calls it: validators (the committee; ``committee/duties.py`` plans what they send),
+``permamesh bench verify``, tests. Nothing here
 opens a socket.
 """

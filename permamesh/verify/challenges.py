@@ -51,6 +51,7 @@ chat turn goes at a send time near its think time's end: right on average, but s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -124,6 +125,7 @@ class ChallengePool:
         self._open: dict[int, _Open] = {}
         self._spacing: dict[str, tuple[float, float]] = {}  # group -> (last draw s, mean spacing s)
         self._numbers = 0
+        self._seed_next = False  # draw(seeded=True): the next new conversation or raw prompt is seeded
         s, mean = profile.chat_share, profile.mean_conversation()
         # new conversations that are chats, so that requests (later turns included) match chat_share
         self._new_chat = 0.0 if profile.chat is None else 1.0 if profile.raw is None else s / (s + mean * (1 - s))
@@ -156,9 +158,14 @@ class ChallengePool:
         return None
 
     # -- drawing
-    def draw(self, rng: random.Random, *, now: float | None = None, group: str = "") -> Challenge:
+    def draw(self, rng: random.Random, *, now: float | None = None, group: str = "", seeded: bool = False) -> Challenge:
         """The next challenge for ``group`` at time ``now`` (s): a due later turn of an open
         chat challenge if there is one, else a new conversation or raw prompt.
+
+        ``seeded``: a new conversation or raw prompt gets a seed (drawn as users' seeds are) and
+        a temperature > 0 (drawn as users' are) if its parameters had none, so that the seed
+        contract is checked (:mod:`~permamesh.verify.contract`); a due later turn keeps its
+        conversation's parameters (check ``request.seed`` to see whether it took).
 
         A later turn is due from a mean draw spacing before its think time ends: it goes at
         the first draw after that, on average when the think time ends, not a spacing later."""
@@ -179,6 +186,7 @@ class ChallengePool:
                and (now is None or o.due is None or max(o.due - lead, o.earliest) <= now)]
         if due:
             return self._next_turn(rng, min(due, key=lambda o: (o.due or 0.0, o.number)), now)
+        self._seed_next = seeded
         chat = rng.random() < self._new_chat
         sample = self._pick(rng, chat, group) if rng.random() >= self.fresh_share else None
         if chat:
@@ -200,8 +208,20 @@ class ChallengePool:
         question = compose(rng, topic, body)
         return self._send_raw(rng, fmt.replace("{q}", question), kind.sample(rng), group, None)
 
+    def _with_seed(self, rng: random.Random, params: Params, chat: bool) -> Params:
+        if not self._seed_next:
+            return params
+        self._seed_next = False
+        kind = self.profile.chat if chat else self.profile.raw
+        seeds = [(v, w) for v, w in kind.seeds if v is not None] or [(-1, 1.0)]
+        temps = [(v, w) for v, w in kind.temperature if v > 0] or [(0.7, 1.0)]
+        seed = params.seed if params.seed is not None else weighted(rng, seeds)
+        temperature = params.temperature if params.temperature > 0 else float(weighted(rng, temps))
+        return dataclasses.replace(params, seed=rng.getrandbits(32) if seed == -1 else seed, temperature=temperature)
+
     def _send_raw(self, rng: random.Random, prompt: str, params: Params, group: str,
                   sample: Sample | None) -> Challenge:
+        params = self._with_seed(rng, params, False)
         if sample is not None:
             sample.used_by.add(group)
             sample.sent.add(digest(prompt))
@@ -226,6 +246,7 @@ class ChallengePool:
             lead, topic, body = given_words(rng, kind.sample_words(rng), LEAD_INS)
             system = system_prompt(rng) if rng.random() < profile.system_share else None
             opening, params, script, sample = (system, compose(rng, topic, body, lead)), kind.sample(rng), [], None
+        params = self._with_seed(rng, params, True)
         history = (ChatMessage("system", opening[0]),) if opening[0] is not None else ()
         history += (ChatMessage("user", opening[1]),)
         session = hex_id(rng) if rng.random() < kind.session_share else ""

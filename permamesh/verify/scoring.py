@@ -47,6 +47,8 @@ class TokenEvidence:
     temperature: float
     top_p: float
     end_gap: float = math.inf  # nats from the reference's best next token down to its best ending
+    argmax_prob: tuple[float, ...] = ()  # P(the sampled token is the reference's argmax) per position
+    seed_match: tuple[bool, ...] = ()  # seeded and sampled: token_i == the reference's replay of the seed's draw
 
     @property
     def tokens(self) -> int:
@@ -72,10 +74,29 @@ def _sampling_probs(logits, temperature: float, top_p: float):
     return probs
 
 
+def seeded_replay(logits, answer: Sequence[int], temperature: float, top_p: float, seed: int) -> tuple[bool, ...]:
+    """Replay the seed's draws over the reference's logits, teacher-forced on ``answer``: the
+    sampling contract of every backend is :func:`~permamesh.workers.sampling.sample_token` with
+    one CPU ``torch.Generator`` seeded with ``seed`` per request, one draw per token, so an
+    honest answer's token i is the replay's draw i except where the worker's own logits (other
+    hardware, bf16) put the draw across a boundary of the cumulative distribution (rare: the
+    generator's state does not depend on the probabilities, so one such flip does not
+    desynchronise the rest). Each draw consumes the generator as the worker's does."""
+    import torch
+
+    from permamesh.workers.sampling import SamplingParams, sample_token
+
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    params = SamplingParams(max_tokens=max(1, len(answer)), temperature=temperature, top_p=top_p, seed=int(seed))
+    return tuple(sample_token(logits[i], params, gen)[0] == int(t) for i, t in enumerate(answer))
+
+
 def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], *,
                    eos_ids: frozenset[int] | set[int], temperature: float = 0.0, top_p: float = 1.0,
-                   device: str = "cpu") -> TokenEvidence:
-    """Score ``answer_ids`` after ``prompt_ids`` under ``model`` in one forward pass."""
+                   device: str = "cpu", seed: int | None = None) -> TokenEvidence:
+    """Score ``answer_ids`` after ``prompt_ids`` under ``model`` in one forward pass (and, for a
+    seeded sampled request, replay the seed's draws: :func:`seeded_replay`)."""
     import torch
 
     prompt, answer = [int(t) for t in prompt_ids], [int(t) for t in answer_ids]
@@ -99,6 +120,8 @@ def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], 
     finite = torch.where(torch.isfinite(logp[:n]), logp[:n], torch.zeros_like(logp[:n]))
     mean = (probs * finite).sum(dim=-1)
     var = (probs * (finite - mean[:, None]) ** 2).sum(dim=-1).clamp(min=0.0)
+    top = probs.gather(-1, logp[:n].argmax(dim=-1, keepdim=True))[:, 0] if n else probs[:0, 0]
+    replay = seeded_replay(logits, answer, temperature, top_p, seed) if seed is not None and temperature > 0 else ()
     last = logp[n]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=last.device)
     end_logprob = float(torch.logsumexp(last[eos], dim=0))
@@ -112,6 +135,8 @@ def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], 
         temperature=float(temperature),
         top_p=float(top_p),
         end_gap=max(0.0, float(last.max() - last[eos].max())),
+        argmax_prob=tuple(float(x) for x in top.tolist()),
+        seed_match=replay,
     )
     log.debug("scored %d answer tokens after %d prompt tokens", n, len(prompt))
     return evidence

@@ -14,16 +14,22 @@ Bad answers are expected here (that is the point): every malformed field is a ze
 its reason, never an exception; only a bad *request* (the validator's own input) raises
 :class:`~permamesh.verify.errors.VerifyError`.
 
+``budget`` (tokens): only the answer's first ``budget`` tokens are teacher-forced, so the
+cost of one verification is bounded whatever max_tokens the challenge asked (challenges ask
+what users ask, up to 512); ``engine``: the engine the worker's descriptor names, whose
+:class:`~permamesh.verify.credit.CreditConfig` applies (:func:`~permamesh.verify.credit.config_for`).
+
 Who calls it: validators (the committee issue's process), the verification benchmark and tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
 
-from permamesh.verify.credit import Credit, CreditConfig, answer_credit, to_ppm
+from permamesh.verify.credit import ENGINE_CONFIGS, Credit, CreditConfig, answer_credit, config_for, to_ppm
 from permamesh.verify.errors import VerifyError
 from permamesh.verify.scoring import teacher_forced
 from permamesh.wire.messages import GenerateRequest, GenerateResult
@@ -48,11 +54,15 @@ def epoch_credit(credits: Iterable[Credit | float]) -> int:
 class Verifier:
     """Scores answers against ``reference`` (a LoadedModel of the registered model)."""
 
-    def __init__(self, reference, config: CreditConfig = CreditConfig(), claimed: str | None = None) -> None:
+    def __init__(self, reference, config: CreditConfig | None = None, claimed: str | None = None,
+                 configs: dict[str, CreditConfig] | None = None) -> None:
         from permamesh.workers.engine import Engine  # the worker's own prompt rendering
 
         self.reference = reference
-        self.config = config
+        self.configs = dict(ENGINE_CONFIGS if configs is None else configs)
+        if config is not None:
+            self.configs["torch"] = config
+        self.config = self.configs["torch"]
         self.claimed = claimed if claimed is not None else reference.name
         self._engine = Engine(reference)
         self.scored = 0
@@ -61,23 +71,36 @@ class Verifier:
     def prompt_ids(self, request: GenerateRequest) -> list[int]:
         return self._engine.prompt_ids(request)
 
-    def score(self, request: GenerateRequest, result: object) -> Credit:
-        """The credit of ``result`` as an answer to ``request``."""
+    def fits(self, request: GenerateRequest) -> bool:
+        """Whether the registered model can serve ``request`` at all (its prompt leaves room for
+        an answer in the context): a member never sends a challenge no honest worker can answer."""
+        try:
+            return len(self.prompt_ids(request)) < self._engine.max_context
+        except Exception:  # noqa: BLE001 - a prompt the template refuses fits nowhere
+            return False
+
+    def score(self, request: GenerateRequest, result: object, *, budget: int | None = None,
+              engine: str = "torch") -> Credit:
+        """The credit of ``result`` as an answer to ``request`` from a worker on ``engine``,
+        teacher-forcing at most ``budget`` of its tokens (None: all)."""
+        if budget is not None and not (isinstance(budget, int) and budget >= 1):
+            raise VerifyError(f"a scoring budget is a token count >= 1, not {budget!r}")
         started = time.monotonic()
         try:
-            return self._score(request, result)
+            return self._score(request, result, budget, str(engine))
         finally:
             self.scored += 1
             self.busy_s += time.monotonic() - started
 
-    def _score(self, request: GenerateRequest, result: object) -> Credit:
+    def _score(self, request: GenerateRequest, result: object, budget: int | None, engine: str) -> Credit:
+        config = config_for(engine, self.configs)
         if not isinstance(request, GenerateRequest):
             raise VerifyError(f"a challenge must be a GenerateRequest, not {type(request).__name__}")
         if not isinstance(result, GenerateResult):
             return zero_credit(f"answer is a {type(result).__name__}, not a result")
         if result.request_id != request.request_id:
             return zero_credit("answer is for another request")
-        if self.claimed and result.model and result.model != self.claimed:
+        if self.claimed and result.model and result.model not in (self.claimed, f"{self.claimed}@{engine}"):
             return zero_credit(f"answer names model {result.model!r}, not {self.claimed!r}")
         ids = list(result.token_ids)
         if result.completion_tokens != len(ids):
@@ -90,14 +113,28 @@ class Verifier:
         stop_hit = any(s in decoded for s in request.stop)
         if not decoded.startswith(result.text.rstrip()) and not stop_hit:
             return zero_credit("text is not what the token ids decode to")
+        # penalties and grammars reshape the sampling distribution: no seeded replay, no contract sums
+        penalized = bool(getattr(request, "presence_penalty", 0.0) or getattr(request, "frequency_penalty", 0.0)
+                         or getattr(request, "grammar_kind", ""))
+        scored = ids if budget is None else ids[:budget]
         try:
-            evidence = teacher_forced(self.reference.model, self.prompt_ids(request), ids, eos_ids=tok.eos_ids,
+            prompt = self.prompt_ids(request)
+        except Exception as exc:  # noqa: BLE001 - the validator's own request: report, score 0
+            return zero_credit(f"prompt does not render: {exc}")
+        max_tokens = request.max_tokens
+        if result.finish_reason == "length" and len(prompt) + len(ids) >= self._engine.max_context:
+            max_tokens = len(ids)  # the context ran out first: an honest "length" short of max_tokens
+        try:
+            evidence = teacher_forced(self.reference.model, prompt, scored, eos_ids=tok.eos_ids,
                                       temperature=request.temperature, top_p=request.top_p,
-                                      device=self.reference.device)
+                                      device=self.reference.device, seed=None if penalized else request.seed)
         except VerifyError as exc:
             return zero_credit(str(exc))
         credit = answer_credit(evidence, result.logprobs, finish_reason=result.finish_reason,
-                               max_tokens=request.max_tokens, stop_hit=stop_hit, config=self.config)
+                               max_tokens=max_tokens, stop_hit=stop_hit, config=config,
+                               answer_tokens=len(ids))
+        if penalized:
+            credit = dataclasses.replace(credit, sampling=None)
         log.debug("credit %.3f for %s (%s)", credit.credit, request.request_id, credit.reason or "ok")
         return credit
 

@@ -16,6 +16,14 @@ is exercised separately (``permamesh worker --model-path X --claim MODEL``).
 - :class:`PartTime`: honest, except on a fraction ``p`` of requests (seeded).
 - :class:`ChallengeDodger`: honest only on what its detector takes for a challenge (a naive
   detector: temperature 0 and no session; anything a worker sees is allowed).
+- :class:`ArgmaxOnly`: the registered model, but always the likeliest token (temperature,
+  top_p and seed ignored); :class:`SeedIgnoring`: samples with fresh randomness whatever seed
+  is asked. Both break the sampling contract (:mod:`~permamesh.verify.contract`).
+- :class:`~permamesh.verify.dodger.AdaptiveDodger` (its own module): learns to spot challenges.
+
+Every node takes ``horizon``: the benchmark's stand-in for the tokens the validator will score
+(generation stops there so the CPU can afford hundreds of node-epochs); a worker on the network
+never gets one, and a node's decisions see the request as sent, max_tokens included.
 
 Who calls it: ``tests/verify`` and :mod:`permamesh.bench.verify`.
 """
@@ -32,10 +40,10 @@ from permamesh.wire.messages import GenerateRequest, GenerateResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChallengeDodger", "ModelNode", "Node", "PartTime", "RandomTokens", "Replaying", "Truncating",
+__all__ = ["ArgmaxOnly", "ChallengeDodger", "ModelNode", "SeedIgnoring", "Node", "PartTime", "RandomTokens", "Replaying", "Truncating",
            "add_noise", "looks_like_a_challenge", "peaked", "skip_layers"]
 
-Node = Callable[[GenerateRequest], GenerateResult]
+Node = Callable[..., GenerateResult]  # node(request, horizon=None)
 
 
 class ModelNode:
@@ -44,10 +52,12 @@ class ModelNode:
     def __init__(self, engine, claim: str, worker_id: str = "node") -> None:
         self.engine, self.claim, self.worker_id = engine, claim, worker_id
 
-    def __call__(self, req: GenerateRequest) -> GenerateResult:
+    def __call__(self, req: GenerateRequest, horizon: int | None = None) -> GenerateResult:
         from permamesh.workers.engine import SamplingParams
 
         params = dataclasses.replace(SamplingParams.of(req), logprobs=True)
+        if horizon is not None:
+            params = dataclasses.replace(params, max_tokens=min(params.max_tokens, horizon))
         done = self.engine.generate(self.engine.prompt_ids(req), params)
         return GenerateResult(req.request_id, done.text, done.finish_reason, done.prompt_tokens,
                               len(done.token_ids), done.token_ids, done.logprobs, self.worker_id, self.claim,
@@ -60,9 +70,9 @@ class RandomTokens:
     def __init__(self, vocab: int, claim: str, seed: int = 0, avoid: frozenset[int] = frozenset()) -> None:
         self.vocab, self.claim, self.rng, self.avoid = vocab, claim, random.Random(seed), avoid
 
-    def __call__(self, req: GenerateRequest) -> GenerateResult:
+    def __call__(self, req: GenerateRequest, horizon: int | None = None) -> GenerateResult:
         ids = []
-        while len(ids) < req.max_tokens:
+        while len(ids) < min(req.max_tokens, horizon or req.max_tokens):
             token = self.rng.randrange(self.vocab)
             if token not in self.avoid:
                 ids.append(token)
@@ -76,8 +86,8 @@ class Truncating:
     def __init__(self, inner: Node, tokenizer, keep: float = 0.5) -> None:
         self.inner, self.tokenizer, self.keep = inner, tokenizer, keep
 
-    def __call__(self, req: GenerateRequest) -> GenerateResult:
-        full = self.inner(dataclasses.replace(req, max_tokens=max(1, int(req.max_tokens * self.keep))))
+    def __call__(self, req: GenerateRequest, horizon: int | None = None) -> GenerateResult:
+        full = self.inner(dataclasses.replace(req, max_tokens=max(1, int(req.max_tokens * self.keep))), horizon)
         ids = full.token_ids
         return dataclasses.replace(full, text=self.tokenizer.decode(list(ids)), finish_reason="stop")
 
@@ -88,9 +98,9 @@ class Replaying:
     def __init__(self, inner: Node) -> None:
         self.inner, self.old = inner, None
 
-    def __call__(self, req: GenerateRequest) -> GenerateResult:
+    def __call__(self, req: GenerateRequest, horizon: int | None = None) -> GenerateResult:
         if self.old is None:
-            self.old = self.inner(req)
+            self.old = self.inner(req, horizon)
             return self.old
         return dataclasses.replace(self.old, request_id=req.request_id)
 
@@ -102,12 +112,12 @@ class PartTime:
         self.honest, self.cheat, self.p, self.rng = honest, cheat, p, random.Random(seed)
         self.cheated = self.served = 0
 
-    def __call__(self, req: GenerateRequest) -> GenerateResult:
+    def __call__(self, req: GenerateRequest, horizon: int | None = None) -> GenerateResult:
         self.served += 1
         if self.rng.random() < self.p:
             self.cheated += 1
-            return self.cheat(req)
-        return self.honest(req)
+            return self.cheat(req, horizon)
+        return self.honest(req, horizon)
 
 
 def looks_like_a_challenge(req: GenerateRequest) -> bool:
@@ -123,12 +133,34 @@ class ChallengeDodger:
         self.honest, self.cheat, self.detector = honest, cheat, detector
         self.dodged = self.cheated = 0
 
-    def __call__(self, req: GenerateRequest) -> GenerateResult:
+    def __call__(self, req: GenerateRequest, horizon: int | None = None) -> GenerateResult:
         if self.detector(req):
             self.dodged += 1
-            return self.honest(req)
+            return self.honest(req, horizon)
         self.cheated += 1
-        return self.cheat(req)
+        return self.cheat(req, horizon)
+
+
+class ArgmaxOnly:
+    """``inner`` asked for its likeliest tokens whatever the request's temperature, top_p and
+    seed (answers deterministic and cacheable: what a lazy serving stack does)."""
+
+    def __init__(self, inner: Node) -> None:
+        self.inner = inner
+
+    def __call__(self, req: GenerateRequest, horizon: int | None = None) -> GenerateResult:
+        res = self.inner(dataclasses.replace(req, temperature=0.0, top_p=1.0, seed=None), horizon)
+        return dataclasses.replace(res, request_id=req.request_id)
+
+
+class SeedIgnoring:
+    """``inner`` with the request's seed dropped: fresh randomness every time."""
+
+    def __init__(self, inner: Node) -> None:
+        self.inner = inner
+
+    def __call__(self, req: GenerateRequest, horizon: int | None = None) -> GenerateResult:
+        return self.inner(dataclasses.replace(req, seed=None), horizon)
 
 
 def skip_layers(model, keep_every: int = 2):

@@ -12,8 +12,9 @@ Both engines take the same calls from the executor (``start``, ``step``, ``finis
 
 ``auto`` picks llama.cpp where it is installed, the model is a GGUF file and the device is the
 CPU, else torch (saying why). Asking for ``llamacpp`` where it cannot serve is refused with the
-reason. The engine is part of what a worker announces (``model_label``): verification must
-compare its log-probabilities with a tolerance calibrated for that engine (docs/dependencies.md).
+reason. The engine is part of what a worker announces (its descriptor's ``engine``, from the
+engine's ``backend``): verification compares its log-probabilities with a tolerance calibrated
+for that engine (:data:`permamesh.verify.credit.ENGINE_CONFIGS`, docs/dependencies.md).
 
 Who calls it: the worker process (``permamesh worker --backend``) and ``permamesh bench engine``.
 """
@@ -101,10 +102,3 @@ def load_engine(backend: str, model: str = models.DEFAULT_MODEL, model_path: str
     torch.set_num_threads(1)  # torch only samples here: its threads would spin against llama.cpp's (measured +5%)
     return LlamaEngine(load_gguf(name, gguf, max_active), prefix_cache, LlamaConfig(threads=threads))
 
-
-def model_label(engine) -> str:
-    """What a worker announces it serves: the model and, beside torch, its engine
-    (``smollm2-135m@llamacpp``): the committee picks its reference and tolerance from it."""
-    backend = getattr(engine, "backend", "torch")
-    name = engine.loaded.name
-    return name if backend == "torch" else f"{name}@{backend}"

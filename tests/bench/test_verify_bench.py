@@ -19,6 +19,9 @@ def test_a_short_verify_run_reports_exclusions_and_no_false_ones(tmp_path):
         assert key in s
     assert s["false_exclusions"] == 0 and s["honest_node_epochs"] == 2 * 2 * 4
     assert s["max_epochs_to_exclude_fulltime"] <= 3
+    dodger = s["adaptive_dodger"]
+    assert all(e is not None for e in dodger["epochs_to_exclude"]) or dodger["max_compute_saved"] < 0.05
+    assert set(s["max_epochs_to_exclude_contract"]) == {"argmax-only", "seed-ignoring"}
     assert report["calibration"]["bf16"]["answers"] > 0 and s["verifications_per_minute"] > 0
     verify.plot_verify(report, tmp_path / "v.png")
     assert (tmp_path / "v.png").stat().st_size > 10_000

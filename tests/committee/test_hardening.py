@@ -258,3 +258,26 @@ def test_absurd_heights_are_refused_on_decode_and_ranges_clamped(validator, tmp_
     commits(client)
     log_text = net.children[0].log_path.read_text()
     assert "OverflowError" not in log_text and "error handling" not in log_text
+
+
+def test_a_nonce_another_tx_of_the_same_key_took_is_asked_for_again(validator):
+    """A member's prober and its score report sign with one key: the tx that loses the race
+    for a nonce is submitted again at the next one, not dropped."""
+    from permamesh.committee import txs
+
+    net, client = validator
+    partner, chain_id = net.partner, client.query("/status")["chain_id"]
+    nonces: list[int] = []
+
+    def vouch(nonce: int) -> bytes:
+        return txs.sign_tx(txs.Vouch(chain_id=chain_id, nonce=nonce,
+                                     subject=NodeIdentity.generate().public.sign_key), partner)
+
+    def make(nonce: int) -> bytes:
+        nonces.append(nonce)
+        if len(nonces) == 1:  # another tx of the same key commits at this nonce first
+            assert client.submit(vouch(nonce)).ok
+        return vouch(nonce)
+
+    outcome = client.submit_signed(make, partner.public.sign_key)
+    assert outcome.ok and nonces == [nonces[0], nonces[0] + 1]

@@ -56,6 +56,9 @@ class LedgerClient:
             self.chain.mempool.append(raw)
         return Outcome(code == txs.OK, code, "", self.chain.app.store.height + 1)
 
+    def submit_signed(self, make, key: bytes, attempts: int = 3, timeout_s: float = 10.0) -> Outcome:
+        return self.submit(make(self.next_nonce(key)), timeout_s)
+
 
 class Chain:
     """A committee of four with its probers, a partner, and nodes the partner registered."""

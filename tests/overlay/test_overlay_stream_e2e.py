@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+import time
 
 import pytest
 
@@ -109,19 +110,27 @@ def test_a_relay_that_dies_mid_stream_loses_nothing(mesh):
 def test_a_long_answer_gets_more_chunk_blocks_over_extending_paths(mesh):
     """Four chunk blocks per path would carry four chunks; the entry cuts a chunk every 0.1 s
     of a longer answer, so the client sends extending paths (k at a time) before the blocks run
-    out, and the stream goes on over them."""
+    out, and the stream goes on over them. tiny-random decodes 120 tokens in a fraction of a
+    second, so its engine is slowed to 15 ms a step, a small model's pace on a partner's CPU."""
     records, worker, server, *_ = mesh
     server.inbox.config = dataclasses.replace(server.inbox.config, stream=StreamConfig(
         chunk_tokens=10_000, interval_s=0.1, growth=1.0))  # chunks by time only
+    step = server.engine.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.015)
+        return step(*args, **kwargs)
+
+    server.engine.step = slow_step
     short = dataclasses.replace(STREAM, stream_blocks=4, stream_extend_ahead=2)
     pieces = Pieces(server)
     with OverlayClient(records, [worker], short, random.Random(12)) as client:
         result = client.generate("a long answer, please", max_tokens=120, on_text=pieces)
     assert "".join(pieces.texts) == result.text and result.completion_tokens == 120
     counts = server.inbox.counts
-    assert counts["stream_extended"] >= short.k and counts["chunks"] > short.stream_blocks, counts
+    assert counts["stream_extended"] >= 2 * short.k and counts["chunks"] > 2 * short.stream_blocks, counts
     assert client.last.rounds == 0  # extending paths are not resends
-    assert len(pieces.texts) > short.stream_blocks
+    assert len(pieces.texts) > 2 * short.stream_blocks
 
 
 def test_an_entry_worker_stopped_mid_stream_gives_a_clear_error(mesh):

@@ -35,7 +35,8 @@ def test_reported_logprobs_within_the_noise_floor_pass_and_far_ones_fail():
     far = answer_credit(evidence(), [-1.1, -1.2, -1.3], finish_reason="stop", max_tokens=8, stop_hit=False)
     assert far.credit == 0.0 and "differ by 1 nats" in far.reason
     half = answer_credit(evidence(), [-0.215, -0.315, -0.415], finish_reason="stop", max_tokens=8, stop_hit=False)
-    assert half.agreement == pytest.approx(ramp(-0.115, -0.2, -0.03)) and 0 < half.credit < 1
+    # three tokens: the tolerance widens by sqrt(8 / 3) (a mean of few tokens is noisier)
+    assert half.agreement == pytest.approx(ramp(-0.115, -0.2, -0.03 * (8 / 3) ** 0.5)) and 0 < half.credit < 1
 
 
 def test_greedy_mismatches_cost_credit_at_temperature_zero():
