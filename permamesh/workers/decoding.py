@@ -151,6 +151,21 @@ class Decoding:
         )
 
 
+def run_alone(engine, prompt_ids: Sequence[int], params: SamplingParams,
+              on_step: Callable[[Step], None] | None = None) -> Completion:
+    """One request to the end on the calling thread, through ``engine``'s batched interface
+    (``start``, ``step``, ``finish``, ``abandon``): what both engines' ``generate`` do."""
+    run = engine.start(prompt_ids, params, on_step)
+    try:
+        while not run.done:
+            report = engine.step([run])
+            if report.failed:
+                raise report.failed[0][1]
+        return engine.finish(run)
+    finally:
+        engine.abandon(run)
+
+
 def token_text(decode, token: int) -> str:
     """One token's text as a result carries it (cut to the wire's bound)."""
     from permamesh.wire.messages import MAX_TOKEN_TEXT

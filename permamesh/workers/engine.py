@@ -29,7 +29,7 @@ import time
 from typing import Callable, Sequence
 
 from permamesh.wire.messages import GenerateRequest
-from permamesh.workers.decoding import Decoding, plan_step
+from permamesh.workers.decoding import Decoding, plan_step, run_alone
 from permamesh.workers.errors import ContextLengthError, ModelError, RequestError
 from permamesh.workers.models import LoadedModel
 from permamesh.workers.prefix_cache import PrefixKVCache
@@ -204,15 +204,7 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                  on_step: Callable[[Step], None] | None = None) -> Completion:
         """Run one request to the end on the calling thread."""
-        run = self.start(prompt_ids, params, on_step)
-        try:
-            while not run.done:
-                report = self.step([run])
-                if report.failed:
-                    raise report.failed[0][1]
-            return self.finish(run)
-        finally:
-            self.abandon(run)
+        return run_alone(self, prompt_ids, params, on_step)
 
     # ------------------------------------------------------------------ prefix cache
     def _store_prompt(self, run: Decoding) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from permamesh.wire.messages import GenerateRequest
-from permamesh.workers.decoding import Decoding, plan_step
+from permamesh.workers.decoding import Decoding, plan_step, run_alone
 from permamesh.workers.errors import ContextLengthError, ModelError, RequestError, WorkerError
 from permamesh.workers.models import LoadedModel
 from permamesh.workers.prefix_cache import PrefixKVCache
@@ -269,15 +269,8 @@ class LlamaEngine:
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                  on_step: Callable[[Step], None] | None = None) -> Completion:
-        run = self.start(prompt_ids, params, on_step)
-        try:
-            while not run.done:
-                report = self.step([run])
-                if report.failed:
-                    raise report.failed[0][1]
-            return self.finish(run)
-        finally:
-            self.abandon(run)
+        """Run one request to the end on the calling thread."""
+        return run_alone(self, prompt_ids, params, on_step)
 
     def _save(self, run: Decoding) -> None:
         """Save ``run``'s sequence state in the store, if it would cover a new block."""
