@@ -39,12 +39,10 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from permamesh.verify.errors import VerifyError
 
-if TYPE_CHECKING:
-    from permamesh.verify.credit import Credit
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +104,15 @@ class Verdict:
     reason: str  # "" when the contract holds
 
 
-def tally(credits: Iterable[Credit]) -> Tally:  # noqa: F821 - typing only
+class _Sampled(Protocol):
+    """What :func:`tally` reads of a :class:`~permamesh.verify.credit.Credit` (which imports this
+    module, so it is not imported here)."""
+
+    @property
+    def sampling(self) -> Tally | None: ...
+
+
+def tally(credits: Iterable[_Sampled]) -> Tally:
     """One epoch's sums from its answers' credits (only sampled answers with evidence count)."""
     out = Tally()
     for c in credits:
