@@ -16,8 +16,8 @@ for each concurrency level c:
   the cache: prompt tokens served from the cache, and time to first token against the cold one.
 
 Afterwards every decode answer (asked with log-probabilities) is scored as the committee scores
-it (:class:`~permamesh.verify.verifier.Verifier`, the fp32 torch reference, default credit
-config): an honest backend's credits must stay far above the abnormal threshold (0.4), and the
+it (:class:`~permamesh.verify.verifier.Verifier`, the fp32 torch reference, with the credit
+config of the backend's engine): an honest backend's credits must stay far above the abnormal threshold (0.4), and the
 mean |reported - reference| log-prob gap per answer is the tolerance verification needs for it.
 
 The ceiling: one request's decode reads every weight once per token, so its rate is at most
@@ -113,7 +113,7 @@ def run_backend(backend: str, bench: EngineBench, say=print) -> dict:
             (status,) = client.status()
     finally:
         stop_all([child])
-    verification = score_answers(scored, bench)
+    verification = score_answers(scored, bench, backend)
     for row in rows:
         row["verification"] = verification.get(row["concurrency"])
     return {"backend": backend, "levels": rows, "worker_model": status.model,

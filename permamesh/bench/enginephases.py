@@ -86,9 +86,9 @@ def run_level(endpoint: str, c: int, bench, rng: random.Random, scored: list) ->
     return row
 
 
-def score_answers(scored: list, bench) -> dict:
-    """Each decode answer scored as the committee would (fp32 torch reference, default credit
-    config): per concurrency, the credits and the mean |reported - reference| log-prob gaps.
+def score_answers(scored: list, bench, engine: str = "torch") -> dict:
+    """Each decode answer scored as the committee would (fp32 torch reference, the credit config
+    of the worker's ``engine``): per concurrency, the credits and the mean |reported - reference| log-prob gaps.
     An honest worker's credits must stay far above the abnormal threshold (0.4)."""
     from permamesh.verify.verifier import Verifier
     from permamesh.wire import ChatMessage, GenerateRequest
@@ -98,7 +98,7 @@ def score_answers(scored: list, bench) -> dict:
     for c, job, result in scored:
         request = GenerateRequest(request_id=result.request_id, messages=[ChatMessage(**m) for m in job["messages"]],
                                   max_tokens=job["max_tokens"], logprobs=True)
-        by_c.setdefault(c, []).append(verifier.score(request, result))
+        by_c.setdefault(c, []).append(verifier.score(request, result, engine=engine))
     return {c: {"answers": len(credits), "credit_min": round(min(x.credit for x in credits), 3),
                 "credit_mean": round(sum(x.credit for x in credits) / len(credits), 3),
                 "logprob_gap_mean_nats": round(sum(x.mean_abs_diff for x in credits) / len(credits), 4),
