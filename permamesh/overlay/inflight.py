@@ -36,8 +36,6 @@ from typing import Protocol
 from permamesh.directory.workers import WorkerRecord
 from permamesh.directory.relays import RelayRecord
 from permamesh.overlay.envelope import MAX_CHUNK_BLOCKS, STARTED, Ack, ChunkClove, decode_reply_item, encode_envelope
-
-REPAIR_SPARES = 8  # chunk blocks a repair path may spend on spare cloves (the entry's StreamConfig.keep_recent)
 from permamesh.identity import NodeIdentity
 from permamesh.overlay.errors import NotDelivered, OverlayError
 from permamesh.overlay.late import LateEvidence
@@ -47,12 +45,14 @@ from permamesh.overlay.prepared import KitPreparer, PathKit, prepare_kit
 from permamesh.overlay.relay import DEFAULT_EPOCH_S
 from permamesh.overlay.reply import ReplyKeys, open_reply
 from permamesh.overlay.sida import Rebuilder, split
-from permamesh.overlay.stream import ChunkReassembly
+from permamesh.overlay.stream import ChunkReassembly, StreamConfig
 from permamesh.transport import DealerClient, poll_readable
 from permamesh.wire import ErrorReply, GenerateResult, Message, WireError, decode, encode
 
 
 log = logging.getLogger(__name__)
+
+REPAIR_SPARES = StreamConfig().keep_recent  # chunk blocks a repair path may spend on spare cloves (the entry's default)
 
 __all__ = ["Delivery", "InFlight", "OverlayConfig", "Sender"]
 
