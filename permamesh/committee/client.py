@@ -65,6 +65,7 @@ class CommitteeStatus:
     app_hashes: tuple[bytes, ...] = ()  # the app hash after each of ``heights``
     mempool: int = 0  # txs waiting for a block
     misbehaviour: int = 0  # equivocations seen (devnet; CometBFT puts evidence in blocks: 0)
+    status_dropped: int = 0  # status asks left unanswered over their budget (devnet; CometBFT: 0)
 
 
 def _outcome(o) -> TxOutcome:
@@ -73,7 +74,7 @@ def _outcome(o) -> TxOutcome:
 
 def _status(s) -> CommitteeStatus:
     return CommitteeStatus(s.height, s.app_hash, tuple(s.heights), tuple(s.app_hashes), s.mempool,
-                           getattr(s, "misbehaviour", 0))
+                           getattr(s, "misbehaviour", 0), getattr(s, "status_dropped", 0))
 
 
 class _DevnetLink:

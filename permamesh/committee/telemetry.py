@@ -38,7 +38,9 @@ def validator_figures(client) -> list[Figure]:
     out += [Figure("permamesh_chain_height", "Last committed height", status.height),
             Figure("permamesh_mempool_txs", "Transactions waiting for a block", status.mempool),
             Figure("permamesh_misbehaviour_total", "Equivocations and other misbehaviour seen", status.misbehaviour,
-                   "counter")]
+                   "counter"),
+            Figure("permamesh_status_asks_dropped_total", "Status asks left unanswered over their budget (devnet)",
+                   status.status_dropped, "counter")]
     reputations = client.query("/reputation")
     for key in sorted(reputations):
         row = reputations[key]

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -23,10 +24,13 @@ from permamesh.committee.client import CommitteeClient
 from permamesh.committee.devnet import messages as m
 from permamesh.committee.devnet.blocks import Block, BlockStore
 from permamesh.committee.devnet.cluster import Devnet, DevnetConfig, free_port
-from permamesh.committee.errors import ProtocolError
+from permamesh.committee.devnet.node import ROUTER_HWM
+from permamesh.committee.errors import CommitteeError, ProtocolError
 from permamesh.identity import NodeIdentity
 from permamesh.transport import DealerClient
 from permamesh.wire.codec import WireError, decode, encode
+
+from tests.conftest import wait_for
 
 from .ledger_helpers import CHAIN, committee
 
@@ -58,6 +62,29 @@ def rss(pid: int) -> int:
 def settled_rss(pid: int, wait_s: float = 1.0) -> int:
     time.sleep(wait_s)
     return rss(pid)
+
+
+class PeakRss:
+    """The highest resident set of process ``pid`` while the block runs (sampled every 10 ms on
+    a thread of the test: a queue that fills and drains between two reads is still seen)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, rss(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss(self.pid))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss(self.pid))
 
 
 # ------------------------------------------------------------------------------ the ABCI socket
@@ -190,36 +217,68 @@ def commits(client, more: int = 3, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def answers(client) -> bool:
+    try:
+        client.status()
+        return True
+    except CommitteeError:
+        return False
+
+
 def test_clients_that_never_read_cost_a_bounded_queue(validator):
+    """Eight connections ask 40,000 queries and never read an answer (queries: status asks are
+    budgeted, see test_status_budget.py, so queries are what reaches the reply queues). The
+    answers that do not fit a peer's queue are dropped, so the validator's peak growth stays
+    small; before PeerRouter (304497e) each waited in a task of its own: +55 MiB at the peak,
+    and no status answered for seconds."""
     net, client = validator
     pid = net.children[0].proc.pid
     mallory = NodeIdentity.generate()
     commits(client, 10)
     before = settled_rss(pid)
-    ask = encode(m.StatusMsg(1, 1000), mallory)  # the largest answer a stranger can ask for
+    ask = encode(m.QueryMsg("/status"), mallory)
     readers = [DealerClient(net.endpoints[0]) for _ in range(8)]
     try:
-        for _ in range(5000):
-            for sock in readers:
-                sock.send(ask)
-        time.sleep(3.0)  # let the validator answer everything it was asked
-        grown = rss(pid) - before
-        assert grown < 48 * MiB, f"grew {grown / MiB:.1f} MiB for clients that never read"
+        with PeakRss(pid) as peak:
+            for _ in range(5000):
+                for sock in readers:
+                    sock.send(ask)
+            time.sleep(3.0)  # the validator answers (or drops) what it was asked
+            wait_for(lambda: answers(client), 60.0, "a status answer after the flood")
+        grown = peak.peak - before
+        assert grown < 24 * MiB, f"grew {grown / MiB:.1f} MiB for clients that never read"
         commits(client)
     finally:
         for sock in readers:
             sock.close()
 
 
+def nil_array(size: int) -> bytes:
+    """``size`` bytes of valid msgpack that are dear to refuse: one array of ``size - 5`` nils
+    (the decoder builds a tuple that long before it finds the frame is not 5 items)."""
+    return b"\xdd" + (size - 5).to_bytes(4, "big") + b"\xc0" * (size - 5)
+
+
 def test_a_junk_stream_leaves_nothing_behind(validator):
+    """375 MiB of random junk (refused at once), then 188 MiB of junk that is dear to refuse,
+    sent faster than the validator refuses it: at most ROUTER_HWM frames of it wait (zmq stops
+    reading the peer beyond that), never all that was sent. Before the ROUTER's receive
+    high-water mark (PeerRouter, 304497e) zmq took up to 1,000: +124 MiB at the peak."""
     net, client = validator
     pid = net.children[0].proc.pid
     before = settled_rss(pid)
     junk = [os.urandom(256 * 1024) for _ in range(8)]
-    with DealerClient(net.endpoints[0]) as sock:
-        for i in range(1500):  # 375 MiB of junk
+    dear = nil_array(128 * 1024)
+    with PeakRss(pid) as peak, DealerClient(net.endpoints[0]) as sock:
+        for i in range(1500):
             sock.send(junk[i % len(junk)])
-        time.sleep(2.0)
+        for _ in range(1500):
+            sock.send(dear)
+        sock.send(encode(m.StatusMsg(ref=7), NodeIdentity.generate()))  # answered after the junk
+        answer = sock.recv(120.0)
+        assert answer is not None and decode(answer, m.StatusAnswer).msg.ref == 7
+    grown, budget = peak.peak - before, ROUTER_HWM * len(dear) + 16 * MiB
+    assert grown < budget, f"junk held {grown / MiB:.1f} MiB at the peak (budget {budget / MiB:.0f} MiB)"
     grown = settled_rss(pid, 2.0) - before
     assert grown < 48 * MiB, f"junk left {grown / MiB:.1f} MiB behind"
     commits(client)

@@ -121,6 +121,7 @@ class StatusAnswer(Message):
     app_hashes: tuple[bytes, ...]
     mempool: int
     misbehaviour: int
+    status_dropped: int = 0  # status asks this validator left unanswered (over their budget)
 
     def __post_init__(self) -> None:
         _heights(self.height, *self.heights)

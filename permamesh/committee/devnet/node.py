@@ -22,7 +22,9 @@ Bounded memory: the ROUTER queues at most ``ROUTER_HWM`` frames to each peer and
 most as many from it before it is read (zmq high-water marks; TCP pushes back beyond that).
 A reply to a client that does not read its replies is dropped and counted
 (``dropped_replies``), never queued without end. A junk frame is decoded, refused and gone.
-Heights asked for by a client are clamped to what the store holds.
+Heights asked for by a client are clamped to what the store holds. Status asks are answered
+within a budget per peer and for all peers (:mod:`~permamesh.committee.devnet.askbudget`);
+the rest are dropped and counted (``status_dropped``).
 
 Who calls it: ``permamesh validator --engine devnet`` (:mod:`permamesh.committee.validator`).
 """
@@ -42,6 +44,7 @@ import zmq.asyncio
 
 from permamesh.committee.abci import abci_pb2 as pb
 from permamesh.committee.devnet import messages as m
+from permamesh.committee.devnet.askbudget import AskBudget
 from permamesh.committee.devnet.blocks import Block
 from permamesh.committee.devnet.chain import Chain, decode_commit
 from permamesh.committee.devnet.tendermint import (Broadcast, Decide, Misbehaviour,
@@ -153,6 +156,7 @@ class DevnetNode:
         self._start_timer: asyncio.TimerHandle | None = None  # the pause before the next height
         self._gossip: list[bytes] = []  # txs admitted from clients, not yet sent to peers
         self.misbehaviour = 0
+        self.status_budget = AskBudget()
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -257,8 +261,12 @@ class DevnetNode:
     # ------------------------------------------------------------------------ receiving
 
     async def _recv_loop(self) -> None:
+        """Take frames one at a time and yield to the loop after each: a recv that finds a frame
+        waiting does not, so a peer that keeps the ROUTER busy would starve timers (the next
+        height's start) and the sends to peers, and commits would stop while it sends."""
         while True:
             peer, frame = await self._router.recv()
+            await asyncio.sleep(0)
             if frame is None:
                 continue
             try:
@@ -291,7 +299,7 @@ class DevnetNode:
         elif isinstance(msg, m.QueryMsg):
             resp = self.chain.client.query(pb.RequestQuery(path=msg.path, data=msg.data))
             self._reply(peer, m.QueryAnswer(msg.ref, resp.code, resp.log, resp.value, resp.height))
-        elif isinstance(msg, m.StatusMsg):
+        elif isinstance(msg, m.StatusMsg) and self.status_budget.allow(peer):
             height = self.chain.height
             first = min(max(1, msg.first), height + 1)  # heights beyond ours hold nothing
             last = min(msg.last, first + STATUS_SPAN - 1, height)
@@ -299,7 +307,7 @@ class DevnetNode:
             self._reply(peer, m.StatusAnswer(msg.ref, self.chain.height, self.chain.app_hash,
                                              tuple(h for h, _ in hashes),
                                              tuple(a for _, a in hashes), len(self.mempool),
-                                             self.misbehaviour))
+                                             self.misbehaviour, self.status_budget.dropped))
 
     @property
     def dropped_replies(self) -> int:
