@@ -23,32 +23,25 @@
   :mod:`~permamesh.bench.overlayplot` its PNG.
 
 The ``permamesh bench`` command and ``benchmarks/`` scripts call these. What this package
-imports (traces, tokens, sim, stats) touches neither the network nor a model; ``real``,
+exports (traces, tokens, sim, stats, imported on first use) touch neither the network nor a model; ``real``,
 ``routing``, ``syncreplay`` and ``plot`` are imported by name where needed.
 """
 
-from permamesh.bench.sim import SimConfig, simulate
-from permamesh.bench.stats import RequestRecord, percentile, summarize
-from permamesh.bench.tokens import chat_text, word_tokenizer
-from permamesh.bench.traces import (
-    GENERATORS,
-    TraceError,
-    TraceRequest,
-    load_trace,
-    save_trace,
-)
+import importlib
 
-__all__ = [
-    "GENERATORS",
-    "RequestRecord",
-    "SimConfig",
-    "TraceError",
-    "TraceRequest",
-    "chat_text",
-    "load_trace",
-    "percentile",
-    "save_trace",
-    "simulate",
-    "summarize",
-    "word_tokenizer",
-]
+# name -> the module that defines it, imported on first use (PEP 562): the CLI imports
+# permamesh.bench.commands on every start, and a worker's start should not pay for numpy here
+_EXPORTS = {
+    "SimConfig": "sim", "simulate": "sim",
+    "RequestRecord": "stats", "percentile": "stats", "summarize": "stats",
+    "chat_text": "tokens", "word_tokenizer": "tokens",
+    "GENERATORS": "traces", "TraceError": "traces", "TraceRequest": "traces", "load_trace": "traces",
+    "save_trace": "traces",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -231,7 +231,7 @@ def _first_job(committee, directory, node: dict, base: Path) -> dict:
 def _measure(plan: HostsPlan, committee, join: str, children, nodes, joiner, wrap, addrs, base: Path, say,
              committee_pids: list[int]) -> dict:
     from permamesh.client.blocking import Client, ClientError
-    from permamesh.demo.jointime import cpu_use, import_calibration, join_timeline
+    from permamesh.demo.jointime import cpu_use, framework_imports_s, import_calibration, join_timeline
     from permamesh.directory.committee import CommitteeDirectory
     from permamesh.ops.procs import wait_ready
 
@@ -260,6 +260,7 @@ def _measure(plan: HostsPlan, committee, join: str, children, nodes, joiner, wra
     timeline = join_timeline(joiner, seen, base / "logs")
     out |= {"join_s": [seen["served"] - joiner["spawned_at"] - model_s], "model_load_s": [model_s],
             "ready_to_first_job_s": [seen["served"] - joiner["ready_at"]], "join_timeline": timeline,
+            "framework_imports_s": framework_imports_s(joiner["child"].log_tail(400)),
             "cold_start_join_s": cold}
     _wait(lambda: all(_running(committee).get(i) for i in ids), 60.0, "every node in the running set")
     calib = out["import_calibration_s"]

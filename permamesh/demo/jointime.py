@@ -26,10 +26,12 @@ from pathlib import Path
 
 # (phase, from event, to event): in the order a join takes them; "start" is the process start
 PHASES = (
-    ("start_to_directory_read", "start", "directory_start"),  # interpreter, CLI, torch import, keys
+    ("start_to_directory_read", "start", "directory_start"),  # interpreter, CLI, keys
     ("directory_read", "directory_start", "directory"),  # fetched and checked against a second validator
-    ("imports_before_model", "directory", "model_start"),  # the model loader's own imports (transformers)
-    ("model_load_excluded", "model_start", "model"),  # excluded from the join figure
+    ("directory_to_model_start", "directory", "model_start"),  # the worker's own setup before its model
+    # excluded from the join figure: the model framework's imports (torch, transformers,
+    # llama.cpp), weights and tokenizer (workers.backends.load_engine's "ready ... in S s")
+    ("model_load_excluded", "model_start", "model"),
     ("model_to_serving", "model", "serving"),
     ("announce_committed", "serving", "announced"),
     ("announced_to_counted_running", "announced", "counted_running"),  # group salt, members' probes, commit
@@ -88,6 +90,17 @@ def join_timeline(node: dict, seen: dict, logs: Path) -> dict:
     known = events | {"start": 0.0}
     phases = {name: round(known[b] - known[a], 3) for name, a, b in PHASES if a in known and b in known}
     return {"events_s": events, "phases_s": phases}
+
+
+_FRAMEWORK = re.compile(r"model \S+ ready on \S+ in [0-9.]+ s \(\w+: framework imports ([0-9.]+) s")
+
+
+def framework_imports_s(log_text: str) -> float | None:
+    """The part of a worker's model load its log gives to the model framework's imports (torch,
+    transformers, llama.cpp), or None where it does not say: the join figure excludes the whole
+    model load, and reports this part beside it."""
+    found = _FRAMEWORK.findall(log_text)
+    return float(found[-1]) if found else None
 
 
 _IMPORTS = ("import time; t = time.perf_counter(); import torch; from transformers import AutoModelForCausalLM, "

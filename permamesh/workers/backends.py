@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 from pathlib import Path
 
 from permamesh.workers import models
@@ -84,21 +85,34 @@ def load_engine(backend: str, model: str = models.DEFAULT_MODEL, model_path: str
                 data_dir: Path | None = None, device: str = "auto", seed: int = 0, max_active: int = 8,
                 prefix_cache: PrefixKVCache | None = None, threads: int = 0):
     """Load the model for ``backend`` (``auto`` resolved by :func:`choose`) and return its engine
-    (``max_active``: requests it must hold at once; ``threads``: llama.cpp's CPU threads, 0 = every
-    core; torch's are set process-wide by the caller)."""
+    (``max_active``: requests it must hold at once; ``threads``: CPU threads of the engine that
+    computes, 0 = its default: torch's for torch, every core for llama.cpp).
+
+    Logs one ``model NAME ready on DEVICE in S s`` line: S counts the model framework's imports
+    (torch, transformers, llama.cpp) with the weights, as a worker pays both only to load a model;
+    ``permamesh bench hosts`` excludes that line's figure from a worker's join time."""
+    started = time.monotonic()
     backend = choose(backend, model, model_path, device)
+    import torch  # both engines: the torch engine computes with it, llama.cpp's samples with it
+
     if backend == "torch":
         from permamesh.workers.engine import Engine
 
-        return Engine(models.load(model, model_path, data_dir, device, seed), prefix_cache)
-    from permamesh.workers.llamacpp import LlamaConfig, LlamaEngine, load_gguf
+        if threads:
+            torch.set_num_threads(threads)
+        engine = Engine(models.load(model, model_path, data_dir, device, seed), prefix_cache)
+    else:
+        from permamesh.workers.llamacpp import LlamaConfig, LlamaEngine, load_gguf
 
-    gguf = gguf_of(model, model_path)
-    if gguf is None:  # choose() checked it; a file removed meanwhile
-        raise ModelError(f"no GGUF file for model {model!r}")
-    name = Path(model_path).stem if model_path else model
-    import torch
-
-    torch.set_num_threads(1)  # torch only samples here: its threads would spin against llama.cpp's (measured +5%)
-    return LlamaEngine(load_gguf(name, gguf, max_active), prefix_cache, LlamaConfig(threads=threads))
-
+        gguf = gguf_of(model, model_path)
+        if gguf is None:  # choose() checked it; a file removed meanwhile
+            raise ModelError(f"no GGUF file for model {model!r}")
+        name = Path(model_path).stem if model_path else model
+        # torch only samples here: its threads would spin against llama.cpp's (measured +5%)
+        torch.set_num_threads(1)
+        engine = LlamaEngine(load_gguf(name, gguf, max_active), prefix_cache, LlamaConfig(threads=threads))
+    loaded = engine.loaded
+    total = time.monotonic() - started
+    log.info("model %s ready on %s in %.1f s (%s: framework imports %.1f s, weights and tokenizer %.1f s)",
+             loaded.name, loaded.device, total, backend, total - loaded.load_s, loaded.load_s)
+    return engine

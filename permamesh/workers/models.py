@@ -178,5 +178,5 @@ def load(name: str = DEFAULT_MODEL, model_path: str | None = None, data_dir: Pat
         tokenizer = HFTokenizer(hf_tok, extra_eos=extra)
     model.to(dev).eval()
     loaded = LoadedModel(name, model, tokenizer, dev, time.monotonic() - started)
-    log.info("model %s ready on %s in %.1f s", name, dev, loaded.load_s)
+    log.info("model %s loaded on %s in %.1f s", name, dev, loaded.load_s)
     return loaded

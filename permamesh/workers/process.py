@@ -42,7 +42,7 @@ class WorkerOptions:
     port: int = 0  # 0 = any free port
     max_queue: int = 256  # waiting requests at most
     seed: int = 0  # weights seed for tiny-random
-    threads: int = 0  # torch intra-op threads, 0 = torch's default
+    threads: int = 0  # the engine's CPU threads, 0 = its default (backends.load_engine)
     group: str | None = None  # worker group to route within; None = one per model, "" = none
     policy: str = "permamesh"  # routing policy inside the group
     block_size: int = 16  # tokens per block (prefix cache and routing tree)
@@ -62,10 +62,6 @@ class WorkerOptions:
 
 
 def run_worker(opts: WorkerOptions) -> int:
-    if opts.threads:
-        import torch
-
-        torch.set_num_threads(opts.threads)
     identity = NodeIdentity.load_or_create(opts.data_dir / "keys", opts.name)
     directory = _join(opts) if opts.join else None  # fails fast on a wrong committee address
     engine = backends.load_engine(opts.backend, opts.model, opts.model_path, opts.data_dir, opts.device, opts.seed,
