@@ -211,12 +211,14 @@ class Client:
         return replies
 
     def run(self, image: str, argv: Sequence[str] = (), *, timeout_s: float = 30.0, memory_mb: int = 256,
-            cpus: float = 1.0):
+            cpus: float = 1.0, on_output: Callable[[bytes, bytes], None] | None = None):
         """Run a container job: ``image`` by name from ``DATA_DIR/images`` (``permamesh image
         add``), ``argv`` (default: the image's command). Returns its
         :class:`~permamesh.containers.messages.RunResult` (exit code, stdout, stderr, timed
-        out or not); :class:`ClientError` when it could not run. The image's layers are
-        seeded from this machine while the job runs; workers already holding them don't ask."""
+        out or not); :class:`ClientError` when it could not run. ``on_output(stdout, stderr)``
+        gets the job's output as it is written (directly, or in chunks through the overlay),
+        the pieces joining to the result's. The image's layers are seeded from this machine
+        while the job runs; workers already holding them don't ask."""
         from permamesh.containers.errors import ContainerError
         from permamesh.containers.images import load_layout
         from permamesh.containers.jobs import ImageSeed, container_entries, run_over_overlay, run_request
@@ -229,7 +231,8 @@ class Client:
             with ImageSeed(blobs, img) as seed:
                 req = run_request(blobs, img, argv, [seed.endpoint], timeout_s, memory_mb, cpus)
                 if self.anonymous:
-                    return run_over_overlay(self._overlay_client(timeout_s + 180.0), req)
+                    return run_over_overlay(self._overlay_client(timeout_s + 180.0), req, on_output=on_output)
+                req = dataclasses.replace(req, stream=on_output is not None)
                 entries = container_entries(self._workers())
                 if not entries:
                     raise ClientError("no_workers", "no worker runs containers (start `permamesh worker --containers`)")
@@ -239,11 +242,32 @@ class Client:
                 first = self._next_message(entry.endpoint, req.request_id, self.accept_timeout_s, "no_answer")
                 if not isinstance(first, Accepted):
                     raise ClientError("protocol", f"expected accepted, got {first.TAG}")
-                return self._next_message(entry.endpoint, req.request_id, timeout_s + 180.0, "lost")
+                return self._run_output(entry.endpoint, req.request_id, timeout_s + 180.0, on_output)
         except ContainerError as exc:
             raise ClientError("run_failed", str(exc)) from None
         finally:
             blobs.close()
+
+    def _run_output(self, endpoint: str, request_id: str, timeout_s: float,
+                    on_output: Callable[[bytes, bytes], None] | None):
+        """A direct container job's output pieces to ``on_output``, then its result, which
+        must begin with them (the rest of its output goes to ``on_output`` too)."""
+        from permamesh.containers.messages import RunOutput, RunResult
+
+        out, err = bytearray(), bytearray()
+        while True:
+            msg = self._next_message(endpoint, request_id, timeout_s, "lost")
+            if isinstance(msg, RunOutput) and on_output is not None:
+                out, err = out + msg.stdout, err + msg.stderr
+                on_output(msg.stdout, msg.stderr)
+            elif isinstance(msg, RunResult):
+                if not (msg.stdout.startswith(out) and msg.stderr.startswith(err)):
+                    raise ClientError("protocol", "the job's result contradicts the output it streamed")
+                if on_output is not None and (len(msg.stdout) > len(out) or len(msg.stderr) > len(err)):
+                    on_output(msg.stdout[len(out):], msg.stderr[len(err):])
+                return msg
+            elif not isinstance(msg, RunOutput):
+                raise ClientError("protocol", f"expected the job's output or result, got {msg.TAG}")
 
     def _overlay_client(self, timeout_s: float):
         if self._overlay is None:

@@ -23,7 +23,7 @@
   :func:`fetch_layer`, which trusts no peer.
 - :mod:`~permamesh.containers.host`: :class:`ContainerWorker` (fetch, prepare, run) and the
   in-process :class:`ContainerMesh`.
-- :mod:`~permamesh.containers.messages`: ``RunRequest``, ``RunResult``, ``ForwardedRun``.
+- :mod:`~permamesh.containers.messages`: ``RunRequest``, ``RunOutput``, ``RunResult``, ``ForwardedRun``.
 - :mod:`~permamesh.containers.service`: :class:`ContainerService`, the container side of a
   worker process (``permamesh worker --containers``): jobs from the overlay routed by layers.
 - :mod:`~permamesh.containers.jobs`: the client's side (``ImageSeed``, ``run_over_overlay``).

@@ -10,8 +10,9 @@ local container workers.
   directory (``--join``, ``$PERMAMESH_JOIN`` or ``DATA_DIR/join``). Without one, or without
   container workers running in it (or with ``--via local``), the job goes to local container workers inside this
   command (``DATA_DIR/containers``; their stores and rootfs caches persist between runs).
-  Either way it runs isolated and its stdout and stderr come back; the exit code is the
-  container's.
+  Either way it runs isolated and its stdout and stderr are written here as the job writes
+  them (through the overlay: as chunks over the reply paths, checked against the final
+  result); the exit code is the container's.
 
 Who calls it: :mod:`permamesh.cli`.
 """
@@ -126,12 +127,32 @@ def _overlay_client(data_dir: Path, via: str, timeout_s: float, join: list[str] 
     return OverlayClient(relays, workers, dataclasses.replace(config, answer_timeout_s=timeout_s + 180.0))
 
 
+class _Printer:
+    """Writes a job's output on our stdout and stderr as it comes (``on_output``); at the end
+    (:meth:`finish`), whatever the result holds beyond what came."""
+
+    def __init__(self) -> None:
+        self.written = [0, 0]  # bytes of stdout, of stderr
+
+    def __call__(self, stdout: bytes, stderr: bytes) -> None:
+        for i, (stream, data) in enumerate(((sys.stdout, stdout), (sys.stderr, stderr))):
+            if data:
+                stream.buffer.write(data)
+                stream.flush()
+                self.written[i] += len(data)
+
+    def finish(self, r) -> None:
+        self(r.stdout[self.written[0]:], r.stderr[self.written[1]:])
+
+
 def _run_over_overlay(client, args: argparse.Namespace, image, blobs, command: list[str]) -> int:
     from permamesh.containers.jobs import ImageSeed, run_over_overlay, run_request
 
     with client, ImageSeed(blobs, image) as seed:
         req = run_request(blobs, image, command, [seed.endpoint], args.timeout, args.memory_mb)
-        r = run_over_overlay(client, req)
+        printer = _Printer()
+        r = run_over_overlay(client, req, on_output=printer)
+        printer.finish(r)  # nothing: the overlay client released the rest already
         d = client.last
     head = (f"[{r.worker_id}] via the overlay ({d.cloves_sent} cloves, {d.paths_failed} paths failed, "
             f"{d.elapsed_s:.2f} s): {r.why}")
@@ -139,10 +160,8 @@ def _run_over_overlay(client, args: argparse.Namespace, image, blobs, command: l
 
 
 def _report(r, head: str, warm: bool, from_peers: int, from_source: int, prepare_s: float, total_s: float) -> int:
-    """The job's output on stdout and stderr, then what happened; the container's exit code."""
-    sys.stdout.buffer.write(r.stdout)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(r.stderr)
+    """What happened, after the job's output (already written as it came); the container's
+    exit code."""
     print(f"{head}; {'warm' if warm else 'cold'} start (layers: {from_peers} from peers, {from_source} from the "
           f"source), prepare {prepare_s:.3f} s, total {total_s:.3f} s, {r.runtime}, exit {r.exit_code}"
           f"{', TIMED OUT' if r.timed_out else ''}{', output truncated' if r.truncated else ''}", file=sys.stderr)
@@ -163,11 +182,13 @@ def run_job(args: argparse.Namespace, data_dir: Path) -> int:
             return _run_over_overlay(client, args, image, blobs, command)
         finally:
             blobs.close()
+    printer = _Printer()
     try:
         with ContainerMesh(data_dir / "containers", args.workers, serve=True) as mesh:
             out = mesh.run(image, command, blobs, Limits(timeout_s=args.timeout, memory_mb=args.memory_mb),
-                           args.runtime)
+                           args.runtime, on_output=printer)
     finally:
         blobs.close()
+    printer.finish(out.result)  # e.g. runc's own words on a missing executable
     return _report(out.result, f"[{out.worker}] {out.choice.why}", out.warm, out.from_peers, out.from_source,
                    out.prepare_s, out.total_s)

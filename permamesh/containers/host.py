@@ -28,7 +28,7 @@ from permamesh.containers.images import Image, LayoutBlobs
 from permamesh.containers.limits import Limits
 from permamesh.containers.placement import Candidate, Choice, LayerRouter, layer_chain
 from permamesh.containers.rootfs import RootfsCache
-from permamesh.containers.runner import RunResult, run
+from permamesh.containers.runner import OnOutput, RunResult, run
 from permamesh.containers.store import LayerStore
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class ContainerWorker:
 
     def run_job(self, image: Image, argv: Sequence[str], peers: Sequence[ContainerWorker],
                 source: Source, limits: Limits, runtime: str = "auto",
-                holders: dict[str, int] | None = None) -> tuple:
+                holders: dict[str, int] | None = None, on_output: OnOutput | None = None) -> tuple:
+        """Fetch, prepare and run one job; ``on_output`` gets its output as it is read."""
         t0 = time.perf_counter()
         warm = self.rootfs.path_for(image).is_dir()
         from_peers = from_source = 0
@@ -152,7 +153,8 @@ class ContainerWorker:
                     from_peers, from_source = self.fetch(image, peers, source, holders)
                 rootfs = self.rootfs.prepare(image)
             prepare_s = time.perf_counter() - t0
-            result = run(rootfs, list(argv) or list(image.cmd), image.env, image.workdir or "/", limits, runtime)
+            result = run(rootfs, list(argv) or list(image.cmd), image.env, image.workdir or "/", limits, runtime,
+                         on_output)
         return result, from_peers, from_source, warm, prepare_s, time.perf_counter() - t0
 
 
@@ -192,8 +194,10 @@ class ContainerMesh:
         return self.router.choose(image, [Candidate(w.name, busy.get(w.name, 0)) for w in self.workers])
 
     def run(self, image: Image, argv: Sequence[str] = (), source: LayoutBlobs | None = None,
-            limits: Limits = Limits(), runtime: str = "auto", worker: str | None = None) -> JobOutcome:
-        """Route (or use ``worker``), fetch, prepare and run one job."""
+            limits: Limits = Limits(), runtime: str = "auto", worker: str | None = None,
+            on_output: OnOutput | None = None) -> JobOutcome:
+        """Route (or use ``worker``), fetch, prepare and run one job; ``on_output(stdout,
+        stderr)`` gets its output as the job writes it."""
         choice = self.choose(image)
         if worker is not None:
             choice = Choice(worker, 0, 0, 0.0, f"{worker} chosen by the caller")
@@ -202,7 +206,7 @@ class ContainerMesh:
             raise ContainerError(f"no container worker named {choice.worker!r}")
         holders = self.router.tree.match(layer_chain(image))  # who holds which leading layers
         result, peers, src, warm, prep, total = target.run_job(image, argv, self.workers, source, limits, runtime,
-                                                               holders)
+                                                               holders, on_output)
         self._sync(image)
         return JobOutcome(target.name, choice, result, peers, src, warm, prep, total)
 

@@ -4,7 +4,10 @@
 blobs, the command, the limits), sends it through an
 :class:`~permamesh.overlay.sender.OverlayClient` to a container worker's inbox, and
 returns the :class:`RunResult` that came back as cloves, signed by that entry worker (or
-raises :class:`ContainerError` with the worker's code and reason).
+raises :class:`ContainerError` with the worker's code and reason). With ``on_output``, the
+job's stdout and stderr come while it runs, as chunks over the request's chunk blocks
+(``docs/paths.md`` section 9), in order; the result's output must begin with what came, and
+whatever the chunks did not carry is passed on from it, so the pieces join to the result's.
 
 The image's layers must be somewhere the mesh can fetch them. :class:`ImageSeed` serves the
 blobs of one local image (nothing else in the layout) on a layer server for as long as the
@@ -23,7 +26,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO
 
 from permamesh.containers.errors import ContainerError
@@ -93,8 +96,10 @@ def container_entries(workers) -> list:
     return [w for w in workers if getattr(w, "layers", "")]
 
 
-def run_over_overlay(client, req: RunRequest, entry: str | None = None) -> RunResult:
-    """Send ``req`` through ``client`` (an OverlayClient) to a container worker and wait."""
+def run_over_overlay(client, req: RunRequest, entry: str | None = None,
+                     on_output: Callable[[bytes, bytes], None] | None = None) -> RunResult:
+    """Send ``req`` through ``client`` (an OverlayClient) to a container worker and wait;
+    ``on_output(stdout, stderr)`` gets the job's output as it is written."""
     from permamesh.overlay.errors import OverlayError
 
     if entry is None:
@@ -103,7 +108,7 @@ def run_over_overlay(client, req: RunRequest, entry: str | None = None) -> RunRe
             raise ContainerError("no worker in the registry runs containers (start one with `permamesh worker --containers`)")
         entry = entries[int.from_bytes(os.urandom(4), "big") % len(entries)].node_id
     try:
-        answer = client.submit(req, entry, results=(RunResult, ErrorReply))
+        answer = client.submit(req, entry, results=(RunResult, ErrorReply), on_output=on_output)
     except OverlayError as exc:  # not delivered, or refused by the entry worker (its code and reason)
         raise ContainerError(str(exc)) from None
     if isinstance(answer, ErrorReply):

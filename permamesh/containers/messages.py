@@ -8,8 +8,11 @@ Who sends what:
   endpoints of layer servers that hold the image (``sources``: the job's source; peers that
   hold the layers are tried first).
 - entry worker -> the container worker the layer router chose: :class:`ForwardedRun`.
-- whoever ran it -> back the same way: :class:`RunResult`, or an ``error`` reply
-  (:class:`permamesh.wire.ErrorReply`) when the job could not run at all.
+- whoever ran it -> back the same way: for a request with ``stream`` set, :class:`RunOutput`
+  pieces while the job runs (stdout and stderr as they are read, in order, within the same
+  cap), then :class:`RunResult`, or an ``error`` reply (:class:`permamesh.wire.ErrorReply`)
+  when the job could not run at all. The overlay's inbox sets ``stream`` when the request's
+  envelopes carry chunk blocks and sends the pieces as chunks (``docs/paths.md`` section 9).
 
 Everything is checked at decode time (sizes, ranges, endpoint form): an answer must fit the
 overlay's cells, so output crossing the network is capped at :data:`MAX_OUTPUT_BYTES` per
@@ -46,6 +49,7 @@ class RunRequest(Message):
     memory_mb: int = 256  # memory ceiling where the host enforces it
     cpus: float = 1.0
     sources: tuple[str, ...] = ()  # layer-server endpoints holding the image (tcp://host:port)
+    stream: bool = False  # send RunOutput pieces as the job writes them, before the RunResult
 
     def __post_init__(self) -> None:
         _require(0 < len(self.request_id) <= 64, "request_id must be 1-64 characters")
@@ -88,6 +92,21 @@ class RunResult(Message):
                  f"output is capped at {MAX_OUTPUT_BYTES} bytes per stream")
         _require(len(self.notes) <= 16 and all(len(n) <= 512 for n in self.notes), "too many or too long notes")
         _require(len(self.why) <= 1024 and len(self.runtime) <= 16 and len(self.worker_id) <= 64, "field too long")
+
+
+@message("containers.output", max_bytes=2 * MAX_OUTPUT_BYTES + 1024)
+class RunOutput(Message):
+    """Output a running job wrote since the last piece (stdout and stderr are separate pipes:
+    their relative order is not kept). The pieces of one job join to its RunResult's output."""
+
+    request_id: str
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+    def __post_init__(self) -> None:
+        _require(0 < len(self.request_id) <= 64, "request_id must be 1-64 characters")
+        _require(len(self.stdout) <= MAX_OUTPUT_BYTES and len(self.stderr) <= MAX_OUTPUT_BYTES,
+                 f"output is capped at {MAX_OUTPUT_BYTES} bytes per stream")
 
 
 @message("containers.forward", max_bytes=2 * MAX_BLOB_BYTES + MAX_ARG_BYTES + 16384)

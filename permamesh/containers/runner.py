@@ -2,7 +2,9 @@
 
 Who calls it: the worker process, after :mod:`permamesh.containers.rootfs` has unpacked a
 job's image, calls :func:`run` with the rootfs directory, the argv and :class:`Limits`, and
-gets back a :class:`RunResult`. Nothing here touches the rootfs: it is mounted read-only,
+gets back a :class:`RunResult`; with ``on_output`` it also gets each piece of stdout and
+stderr as it is read (the bytes the result keeps, in order, within the same cap), so a job's
+output can stream to its client while it runs. Nothing here touches the rootfs: it is mounted read-only,
 ``/tmp`` is a size-limited tmpfs that vanishes with the container, and there are no bind
 mounts from the host. Without ``limits.network`` the job gets a new network namespace that
 holds only loopback.
@@ -34,7 +36,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from permamesh.containers.errors import ContainerError, RunError  # noqa: F401 (RunError is re-exported)
 from permamesh.containers.limits import MiB, Limits, probe_host
@@ -42,6 +44,7 @@ from permamesh.containers.limits import MiB, Limits, probe_host
 log = logging.getLogger(__name__)
 
 Runtime = Literal["runc", "bwrap"]
+OnOutput = Callable[[bytes, bytes], None]  # (stdout piece, stderr piece): one is empty
 DEFAULT_PATH = "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 CAPS = ["CAP_KILL", "CAP_NET_BIND_SERVICE"]  # all a job keeps; everything else is dropped
 KILL_GRACE_S = 5.0  # after a kill, how long we wait for the runtime and the pipes
@@ -86,11 +89,32 @@ def _validate(rootfs: Path, argv: Sequence[str], env: Sequence[str], workdir: st
         raise RunError(f"rootfs {rootfs} lacks directories {missing}")
 
 
-class _Output:
-    """Reads a process's stdout and stderr into bounded buffers; discards the excess."""
+class _Tee:
+    """Passes output pieces to ``on_output`` within ``max_bytes`` a stream, and keeps them: when
+    runc fails to start and bubblewrap runs the job, what was already passed on stays part of
+    the result (so the pieces always join to the result's output)."""
 
-    def __init__(self, proc: subprocess.Popen, max_bytes: int) -> None:
-        self.max_bytes, self.truncated = max_bytes, False
+    def __init__(self, on_output: OnOutput, max_bytes: int) -> None:
+        self.on_output, self.max_bytes = on_output, max_bytes
+        self.out, self.err, self.truncated = bytearray(), bytearray(), False
+
+    def __call__(self, out: bytes, err: bytes) -> None:
+        out, err = out[:self.max_bytes - len(self.out)], err[:self.max_bytes - len(self.err)]
+        if not (out or err):
+            self.truncated = True
+            return
+        self.out += out
+        self.err += err
+        self.on_output(out, err)
+
+
+class _Output:
+    """Reads a process's stdout and stderr into bounded buffers; discards the excess; hands
+    each piece kept to ``on_output`` as it is read."""
+
+    def __init__(self, proc: subprocess.Popen, max_bytes: int, on_output: OnOutput | None = None) -> None:
+        self.max_bytes, self.truncated, self.on_output = max_bytes, False, on_output
+        self.stdout_fd = proc.stdout.fileno()
         self.bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
         self.sel = selectors.DefaultSelector()
         for fd in self.bufs:
@@ -111,7 +135,10 @@ class _Output:
                 room = self.max_bytes - len(buf)
                 if len(chunk) > room:
                     self.truncated = True
-                buf += chunk[: max(room, 0)]
+                kept = chunk[: max(room, 0)]
+                buf += kept
+                if kept and self.on_output is not None:
+                    self.on_output(*((kept, b"") if key.fd == self.stdout_fd else (b"", kept)))
         return True
 
     def streams(self) -> tuple[bytes, bytes]:
@@ -119,12 +146,13 @@ class _Output:
         return bytes(out), bytes(err)
 
 
-def _supervise(cmd: list[str], limits: Limits, kill) -> tuple[int, bytes, bytes, bool, bool]:
+def _supervise(cmd: list[str], limits: Limits, kill,
+               on_output: OnOutput | None = None) -> tuple[int, bytes, bytes, bool, bool]:
     """Run ``cmd``, bounded; on timeout call ``kill(proc)``. Returns code, out, err, flags."""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
-        output = _Output(proc, limits.max_output_bytes)
+        output = _Output(proc, limits.max_output_bytes, on_output)
         deadline = time.monotonic() + limits.timeout_s
         timed_out = not output.read_until(deadline)
         if not timed_out:
@@ -201,7 +229,8 @@ class _RuncStartFailed(Exception):  # runc itself failed, not the job: "auto" tr
     pass
 
 
-def _run_runc(runc: str, rootfs: Path, argv, env, workdir, limits: Limits) -> RunResult:
+def _run_runc(runc: str, rootfs: Path, argv, env, workdir, limits: Limits,
+              on_output: OnOutput | None = None) -> RunResult:
     host = probe_host()
     notes: list[str] = []
     if not host.limits_enforced:
@@ -220,7 +249,7 @@ def _run_runc(runc: str, rootfs: Path, argv, env, workdir, limits: Limits) -> Ru
     try:
         cmd = [runc, "--log", str(logfile), "--log-format", "json",
                "run", "--bundle", str(bundle), cid]
-        code, out, err, timed_out, truncated = _supervise(cmd, limits, kill)
+        code, out, err, timed_out, truncated = _supervise(cmd, limits, kill, on_output)
         if code != 0 and not timed_out:
             lines = logfile.read_text(errors="replace").splitlines() if logfile.exists() else []
             errors = [json.loads(x).get("msg", "") for x in lines if '"level":"error"' in x]
@@ -237,7 +266,8 @@ def _run_runc(runc: str, rootfs: Path, argv, env, workdir, limits: Limits) -> Ru
         shutil.rmtree(bundle, ignore_errors=True)
 
 
-def _run_bwrap(bwrap: str, rootfs: Path, argv, env, workdir, limits: Limits) -> RunResult:
+def _run_bwrap(bwrap: str, rootfs: Path, argv, env, workdir, limits: Limits,
+               on_output: OnOutput | None = None) -> RunResult:
     notes = ["cpu share and pids limits not enforced under bubblewrap (no cgroups)"]
     cmd: list[str] = []
     prlimit = shutil.which("prlimit")
@@ -263,14 +293,17 @@ def _run_bwrap(bwrap: str, rootfs: Path, argv, env, workdir, limits: Limits) -> 
         os.killpg(proc.pid, signal.SIGKILL)  # --die-with-parent takes the sandbox with it
 
     started = time.monotonic()
-    code, out, err, timed_out, truncated = _supervise(cmd, limits, kill)
+    code, out, err, timed_out, truncated = _supervise(cmd, limits, kill, on_output)
     return RunResult(code, out, err, timed_out, truncated, time.monotonic() - started,
                      "bwrap", False, tuple(notes))
 
 
 def run(rootfs: Path, argv: Sequence[str], env: Sequence[str] = (), workdir: str = "/",
-        limits: Limits = Limits(), runtime: str = "auto") -> RunResult:
-    """Run ``argv`` inside ``rootfs`` with ``runtime`` ("runc", "bwrap" or "auto")."""
+        limits: Limits = Limits(), runtime: str = "auto", on_output: OnOutput | None = None) -> RunResult:
+    """Run ``argv`` inside ``rootfs`` with ``runtime`` ("runc", "bwrap" or "auto");
+    ``on_output(stdout, stderr)`` gets the output as it is read (this thread), the pieces
+    joining to the result's stdout and stderr."""
+    tee = _Tee(on_output, limits.max_output_bytes) if on_output is not None else None
     rootfs = Path(rootfs)
     _validate(rootfs, argv, env, workdir)
     env = list(env) if any(e.startswith("PATH=") for e in env) else [DEFAULT_PATH, *env]
@@ -283,15 +316,18 @@ def run(rootfs: Path, argv: Sequence[str], env: Sequence[str] = (), workdir: str
         if host.runc is None:
             raise RunError("runtime 'runc' requested but runc is not installed")
         try:
-            return _run_runc(host.runc, rootfs, argv, env, workdir, limits)
+            return _run_runc(host.runc, rootfs, argv, env, workdir, limits, tee)
         except _RuncStartFailed as exc:
             if runtime == "runc" or host.bwrap is None:
                 raise RunError(f"runc could not start the container: {exc}") from None
             log.warning("runc failed to start (%s); falling back to bubblewrap", exc)
-            result = _run_bwrap(host.bwrap, rootfs, argv, env, workdir, limits)
+            result = _run_bwrap(host.bwrap, rootfs, argv, env, workdir, limits, tee)
+            if tee is not None:  # what runc's attempt already passed on comes first
+                result = dataclasses.replace(result, stdout=bytes(tee.out), stderr=bytes(tee.err),
+                                             truncated=result.truncated or tee.truncated)
             return dataclasses.replace(
                 result, notes=(f"runc failed to start ({exc}); ran under bubblewrap",
                                *result.notes))
     if host.bwrap is None:
         raise RunError("no container runtime: install runc or bubblewrap")
-    return _run_bwrap(host.bwrap, rootfs, argv, env, workdir, limits)
+    return _run_bwrap(host.bwrap, rootfs, argv, env, workdir, limits, tee)

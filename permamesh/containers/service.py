@@ -22,7 +22,10 @@ Missing layers come from peers holding them, else from the request's ``sources``
 is verified against its digest as it is written. The :class:`RunResult` (exit code, output
 capped at :data:`MAX_OUTPUT_BYTES` per stream, whether it timed out, where the layers came
 from) goes back to the peer that asked, which is the inbox for overlay jobs: the answer
-returns as cloves over reply blocks, like a model's.
+returns as cloves over reply blocks, like a model's. A request with ``stream`` set gets its
+output first, as :class:`RunOutput` pieces while the job runs
+(:class:`~permamesh.containers.output.OutputPump`); a forwarded job's pieces come back to the
+entry worker, which passes them on (at most the output cap's worth, from the worker it chose).
 
 Who calls it: :class:`~permamesh.workers.server.WorkerServer` calls :meth:`dispatch` and
 :meth:`on_forwarded` on its event loop and :meth:`close` when it stops;
@@ -42,7 +45,8 @@ from permamesh.containers.errors import ContainerError
 from permamesh.containers.host import ContainerWorker, RemotePeer
 from permamesh.containers.images import Image, parse_image
 from permamesh.containers.limits import Limits
-from permamesh.containers.messages import MAX_OUTPUT_BYTES, ForwardedRun, RunRequest, RunResult
+from permamesh.containers.messages import MAX_OUTPUT_BYTES, ForwardedRun, RunOutput, RunRequest, RunResult
+from permamesh.containers.output import OutputPump
 from permamesh.containers.placement import Candidate, Choice, LayerRouter
 from permamesh.containers.transfer import LayerServer, LayerServerThread, ask_holdings
 from permamesh.transport import AsyncDealer
@@ -88,6 +92,7 @@ class ContainerService:
         self._layers: LayerServerThread | None = None
         self._dealers: dict[str, tuple[AsyncDealer, asyncio.Task]] = {}
         self._waiting: dict[str, asyncio.Future] = {}  # forwarded request id -> its answer
+        self._relaying: dict[str, list] = {}  # forwarded request id -> [its peer, output bytes passed on]
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -158,7 +163,7 @@ class ContainerService:
         log.info("container job %s -> %s: %s", req.request_id[:8], choice.worker, choice.why)
         target = peers.get(choice.worker)
         if target is not None:
-            answer = await self._forward(target, req, choice)
+            answer = await self._forward(peer, target, req, choice)
             if answer is not None:
                 self.forwarded += 1
                 self.server.send(peer, answer)
@@ -189,19 +194,25 @@ class ContainerService:
             candidates.append(Candidate(p.node_id, reply.jobs))
         return router.choose(image, candidates), holders
 
-    async def _forward(self, target: ContainerPeer, req: RunRequest, choice: Choice) -> Message | None:
+    async def _forward(self, peer: bytes, target: ContainerPeer, req: RunRequest, choice: Choice) -> Message | None:
         dealer = self._dealer(target)
         future = asyncio.get_running_loop().create_future()
         self._waiting[req.request_id] = future
+        if req.stream:
+            self._relaying[req.request_id] = [peer, 0]
         try:
             await dealer.send(encode(ForwardedRun(req, self.name, choice.why), self.server.identity))
             answer = await asyncio.wait_for(future, req.timeout_s + self.config.prepare_allowance_s)
         except asyncio.TimeoutError:
             log.warning("container worker %s did not answer job %s in time", target.node_id, req.request_id[:8])
-            return None
+            answer = None
         finally:
             self._waiting.pop(req.request_id, None)
-        if isinstance(answer, ErrorReply) and answer.code in ("queue_full", "shutting_down"):
+            relayed = self._relaying.pop(req.request_id, [peer, 0])[1]
+        if answer is None or (isinstance(answer, ErrorReply) and answer.code in ("queue_full", "shutting_down")):
+            if relayed:  # its output has begun to stream: a rerun here would repeat it
+                return ErrorReply(req.request_id, "run_failed",
+                                  f"container worker {target.node_id} stopped answering mid-job")
             return None
         return answer
 
@@ -216,16 +227,30 @@ class ContainerService:
         while True:
             frame = await dealer.recv()
             try:
-                received = decode(frame, (RunResult, ErrorReply))
+                received = decode(frame, (RunResult, ErrorReply, RunOutput))
             except WireError as exc:
                 log.info("dropped a bad frame from %s: %s", target.node_id, exc)
                 continue
             if received.sender != target.sign_key:
                 log.warning("dropped an answer from %s signed by another key", target.node_id)
                 continue
+            if isinstance(received.msg, RunOutput):
+                self._relay(received.msg, target)
+                continue
             future = self._waiting.get(received.msg.request_id)
             if future is not None and not future.done():
                 future.set_result(received.msg)
+
+    def _relay(self, piece: RunOutput, target: ContainerPeer) -> None:
+        """A forwarded job's output piece: on to the job's peer, within the output cap."""
+        relaying = self._relaying.get(piece.request_id)
+        size = len(piece.stdout) + len(piece.stderr)
+        if relaying is None or relaying[1] + size > 2 * MAX_OUTPUT_BYTES:
+            log.info("dropped output of job %s from %s: %s", piece.request_id[:8], target.node_id,
+                     "no such job forwarded there" if relaying is None else "more than the output cap")
+            return
+        relaying[1] += size
+        self.server.send(relaying[0], piece)
 
     # ------------------------------------------------------------------ running
     async def _run_here(self, peer: bytes, req: RunRequest, image: Image, why: str,
@@ -233,18 +258,21 @@ class ContainerService:
         if peers is None:
             peers = {p.node_id: p for p in self.peers() if p.node_id != self.name}
         remote = [RemotePeer(p.node_id, p.layers) for p in peers.values()]
+        loop = asyncio.get_running_loop()
+        pump = OutputPump(loop, req.request_id, lambda msg: self.server.send(peer, msg)) if req.stream else None
         self.jobs += 1
         try:
-            answer = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._run, req, image, why, remote, holders)
+            answer = await loop.run_in_executor(self.pool, self._run, req, image, why, remote, holders, pump)
         except RuntimeError as exc:  # the pool is shut down: the worker is stopping
             answer = ErrorReply(req.request_id, "shutting_down", str(exc))
         finally:
             self.jobs -= 1
+        if pump is not None:
+            pump.flush()  # the output first: the pieces join to the result's
         self.server.send(peer, answer)
 
     def _run(self, req: RunRequest, image: Image, why: str, remote: list[RemotePeer],
-             holders: dict[str, int] | None) -> Message:
+             holders: dict[str, int] | None, pump: OutputPump | None = None) -> Message:
         limits = Limits(memory_mb=req.memory_mb, cpus=req.cpus, timeout_s=req.timeout_s,
                         max_output_bytes=MAX_OUTPUT_BYTES, uid=self.config.uid, gid=self.config.uid)
         if holders is None:  # a forwarded job: ask the peers now who holds what
@@ -252,7 +280,8 @@ class ContainerService:
             holders = {p.name: r.held for p, r in zip(remote, replies) if r is not None}
         try:
             result, from_peers, from_source, warm, prepare_s, total_s = self.worker.run_job(
-                image, req.argv, remote, req.sources, limits, self.config.runtime, holders)
+                image, req.argv, remote, req.sources, limits, self.config.runtime, holders,
+                pump.feed if pump is not None else None)
         except ContainerError as exc:  # RunError included: the job could not run at all
             self.failed += 1
             log.warning("container job %s failed: %s", req.request_id[:8], exc)

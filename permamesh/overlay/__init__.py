@@ -21,8 +21,10 @@ worker; answers come back the same way over reply blocks. Modules:
   rotation and its repair after failures.
 - :mod:`~permamesh.overlay.prepared`: path kits (the X25519 work of a clove) made
   while the client idles.
-- :mod:`~permamesh.overlay.stream`: a streamed answer: chunks cut by the entry worker and
-  sent over each path's chunk blocks, rebuilt and released in order by the client.
+- :mod:`~permamesh.overlay.stream`: a streamed answer at the entry worker: chunks cut
+  (a model's tokens or a container's output) and sent over each path's chunk blocks;
+  :mod:`~permamesh.overlay.reassembly`: at the client, rebuilt and released in order;
+  :mod:`~permamesh.overlay.topup`: more chunk blocks for a long stream.
 - :mod:`~permamesh.overlay.relay` / ``relayproc`` and ``sender``: the network ends,
   a relay and the client (:class:`~permamesh.overlay.sender.OverlayClient`).
 - :mod:`~permamesh.overlay.errors`: :class:`OverlayError`, the family of every refusal.

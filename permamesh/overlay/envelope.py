@@ -9,10 +9,12 @@ acknowledgement of one clove, one clove of the answer, or one clove of a streame
 
 Layouts (big-endian):
 
-- envelope: ``version (1) | flags (1) | block count (1) | clove length (4) | clove | blocks
+- envelope: ``version (1) | flags (1) | block count (1) | body length (4) | body | blocks
   (577 each)``; block count 0 (no reply), or 2 + the chunk blocks (ack, answer, chunk 0, chunk
-  1, ...); flags: :data:`EXTEND` (this path only extends a streamed answer: its chunk blocks
-  carry later chunks, not spare cloves of earlier ones), every other bit 0
+  1, ...); the body is one clove, or with the flag :data:`TOPUP` a
+  :class:`~permamesh.overlay.topup.TopUp` (more chunk blocks for a streamed answer, at least
+  one); every other flag bit is 0 (bit 0, once ``EXTEND``, is retired: extending paths spent
+  the request's cloves)
 - ack item: ``b"A" | message id (16) | clove index (1) | status (1)``
 - answer item: ``b"C" | encoded clove``
 - chunk item: ``b"S" | chunk sequence number (2) | encoded clove``; the clove's message id is
@@ -33,11 +35,12 @@ from dataclasses import dataclass
 from permamesh.overlay.clove import MAX_CLOVE_BYTES, Clove, decode_clove, encode_clove
 from permamesh.overlay.errors import OverlayError, require_bytes
 from permamesh.overlay.reply import REPLY_BLOCK_BYTES, ReplyBlock
+from permamesh.overlay.topup import TopUp, decode_topup, encode_topup
 
 log = logging.getLogger(__name__)
 
 VERSION = 2
-EXTEND = 0x01  # flag: a path sent to give a long streamed answer more chunk blocks
+TOPUP = 0x02  # flag: the body is a TopUp, not a clove (docs/paths.md 9.9)
 MAX_CHUNK_BLOCKS = 16  # chunk blocks per envelope, at most (a streamed answer's chunks per path)
 MAX_BLOCKS = 2 + MAX_CHUNK_BLOCKS  # an ack block, an answer block, the chunk blocks
 MESSAGE_ID_BYTES = 16
@@ -54,26 +57,34 @@ STATUSES = (HELD, STARTED, ANSWERED)
 
 @dataclass(frozen=True)
 class Envelope:
-    clove: Clove
+    clove: Clove | None  # None in a top-up
     ack_block: ReplyBlock | None
     answer_block: ReplyBlock | None
     chunk_blocks: tuple[ReplyBlock, ...] = ()  # for a streamed answer's chunks, used in order
-    extend: bool = False  # the path extends a streamed answer (EXTEND): no spare cloves on its blocks
+    topup: TopUp | None = None  # a top-up's token (then there is no clove)
 
 
 def encode_envelope(clove: Clove, ack_block: ReplyBlock | None, answer_block: ReplyBlock | None,
-                    chunk_blocks: tuple[ReplyBlock, ...] = (), extend: bool = False) -> bytes:
+                    chunk_blocks: tuple[ReplyBlock, ...] = ()) -> bytes:
     if (ack_block is None) != (answer_block is None):
         raise OverlayError("an envelope carries both reply blocks or neither")
     if chunk_blocks and ack_block is None:
         raise OverlayError("chunk blocks ride only with an ack and an answer block")
-    if len(chunk_blocks) > MAX_CHUNK_BLOCKS:
+    return _encode(0, encode_clove(clove), (ack_block, answer_block, *chunk_blocks) if ack_block else ())
+
+
+def encode_topup_envelope(topup: TopUp, ack_block: ReplyBlock, answer_block: ReplyBlock,
+                          chunk_blocks: tuple[ReplyBlock, ...]) -> bytes:
+    """A top-up (:mod:`~permamesh.overlay.topup`): its token and its blocks, at least one chunk block."""
+    if not chunk_blocks:
+        raise OverlayError("a top-up carries at least one chunk block")
+    return _encode(TOPUP, encode_topup(topup), (ack_block, answer_block, *chunk_blocks))
+
+
+def _encode(flags: int, body: bytes, blocks: tuple[ReplyBlock, ...]) -> bytes:
+    if len(blocks) > MAX_BLOCKS:
         raise OverlayError(f"an envelope carries at most {MAX_CHUNK_BLOCKS} chunk blocks")
-    if extend and not chunk_blocks:
-        raise OverlayError("only an envelope with chunk blocks extends a stream")
-    body = encode_clove(clove)
-    blocks = [b.to_bytes() for b in (ack_block, answer_block, *chunk_blocks) if b is not None]
-    return _HEAD.pack(VERSION, EXTEND if extend else 0, len(blocks), len(body)) + body + b"".join(blocks)
+    return _HEAD.pack(VERSION, flags, len(blocks), len(body)) + body + b"".join(b.to_bytes() for b in blocks)
 
 
 def decode_envelope(data: object) -> Envelope:
@@ -81,20 +92,23 @@ def decode_envelope(data: object) -> Envelope:
     version, flags, count, length = _HEAD.unpack_from(data)
     if version != VERSION:
         raise OverlayError(f"envelope rejected: version {version}, expected {VERSION}")
-    if flags & ~EXTEND:
+    if flags & ~TOPUP:
         raise OverlayError(f"envelope rejected: unknown flags {flags:#04x}")
     if count != 0 and not 2 <= count <= MAX_BLOCKS:
         raise OverlayError(f"envelope rejected: {count} reply blocks, expected 0 or 2..{MAX_BLOCKS}")
     if len(data) != _HEAD.size + length + count * REPLY_BLOCK_BYTES:
         raise OverlayError(f"envelope rejected: {len(data)} bytes do not match its lengths")
-    clove = decode_clove(data[_HEAD.size:_HEAD.size + length])
+    if flags & TOPUP and count <= 2:
+        raise OverlayError("envelope rejected: a top-up without chunk blocks")
+    body = data[_HEAD.size:_HEAD.size + length]
     at = _HEAD.size + length
     blocks = [ReplyBlock.from_bytes(data[at + i * REPLY_BLOCK_BYTES:at + (i + 1) * REPLY_BLOCK_BYTES]) for i in range(count)]
-    if flags and count <= 2:
-        raise OverlayError("envelope rejected: it extends a stream but carries no chunk blocks")
+    if flags & TOPUP:
+        return Envelope(None, blocks[0], blocks[1], tuple(blocks[2:]), decode_topup(body))
+    clove = decode_clove(body)
     if not blocks:
         return Envelope(clove, None, None)
-    return Envelope(clove, blocks[0], blocks[1], tuple(blocks[2:]), bool(flags & EXTEND))
+    return Envelope(clove, blocks[0], blocks[1], tuple(blocks[2:]))
 
 
 @dataclass(frozen=True)

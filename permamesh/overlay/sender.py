@@ -16,8 +16,9 @@ One request (:meth:`OverlayClient.generate`):
    ``max_cloves`` cloves in all). That is the rule of ``docs/paths.md``.
 4. The answer comes back as cloves (any ``k`` rebuild), signed by the entry worker, whose key
    is pinned from the registry; before it, a generation job's text streams back in chunks
-   over each path's chunk blocks (``stream_blocks`` per path), released in order to
-   ``on_text`` (:mod:`~permamesh.overlay.stream`). If some answer cloves came but fewer than ``k`` within
+   over each path's chunk blocks (``stream_blocks`` per path, topped up for long answers),
+   released in order to ``on_text`` (:mod:`~permamesh.overlay.stream`, ``reassembly`` and
+   ``topup``); a container job's output likewise to ``on_output``. If some answer cloves came but fewer than ``k`` within
    ``answer_grace_s``, another clove goes out over a fresh path, and the worker answers it from
    its cache. A clove's ack may be left out when its path carries an answer clove soon enough:
    an answer clove proves its path works just as well.
@@ -153,10 +154,13 @@ class OverlayClient:
 
     def submit(self, req: Message, entry: str | None = None,
                results: tuple[type[Message], ...] = (GenerateResult, ErrorReply),
-               on_text: Callable[[str], None] | None = None) -> Message:
+               on_text: Callable[[str], None] | None = None,
+               on_output: Callable[[bytes, bytes], None] | None = None) -> Message:
         """Send a ready request (validators send their challenges this way) and return the
         entry worker's answer as it came: one of ``results`` (a container job's
-        :class:`~permamesh.containers.messages.RunRequest` expects its ``RunResult``). Every
+        :class:`~permamesh.containers.messages.RunRequest` expects its ``RunResult``; its
+        stdout and stderr stream to ``on_output(stdout, stderr)`` as the job writes them,
+        the pieces joining to the result's output). Every
         generation request should ask for log-probs, so the committee's challenges, which need
         them, look like any other request. Every request carries ``stream_blocks`` chunk blocks
         per path whether or not ``on_text`` is given, so streamed and unstreamed jobs (and
@@ -164,7 +168,7 @@ class OverlayClient:
         worker = self._entry(entry)
         self.settle_paths()
         try:
-            return InFlight(self, worker, req, getattr(req, "session", ""), results, on_text).run()
+            return InFlight(self, worker, req, getattr(req, "session", ""), results, on_text, on_output).run()
         finally:
             if self.preparer is not None:
                 self.preparer.refill()

@@ -14,12 +14,21 @@ this worker, is split into ``answer_cloves`` cloves (any ``k`` rebuild, the requ
 block carries one; blocks that arrive later (the client resending over fresh paths) get the
 next cloves of the same split, from a bounded cache of recent answers.
 
-A generation request whose envelopes carry chunk blocks is streamed (``docs/paths.md``
-section 9): the job runs with ``stream=True``, its :class:`TokenChunk` messages go to
-a :class:`~permamesh.overlay.stream.StreamOut` and each chunk, signed and split (any k
-rebuild), goes out as one clove over the next chunk block of every path held; a path's first
-chunk clove also stands for its ack. Streaming stops when fewer than k paths have a chunk
-block left; the final answer still goes over the answer blocks and holds the whole text.
+A request whose envelopes carry chunk blocks is streamed (``docs/paths.md`` section 9): the
+job runs with ``stream=True``, its pieces (a model's :class:`TokenChunk` messages, a
+container's :class:`RunOutput`) go to a :class:`~permamesh.overlay.stream.StreamOut` and each
+chunk, signed and split (any k rebuild), goes out as one clove over the next chunk block of
+every path held; a path's first chunk clove also stands for its ack. When fewer than k paths
+have a chunk block left the chunk waits for a *top-up* (an envelope flagged ``TOPUP``: more
+chunk blocks for a path's lane, :mod:`~permamesh.overlay.topup`), which is taken only if its
+tag verifies under the request's key, it is not a replay and it stays within
+``InboxConfig.topup``; a refused one is logged with the reason and answered with nothing.
+The final answer still goes over the answer blocks and holds the whole text or output.
+
+A clove of a message already rebuilt must carry the fingerprint vector the message was
+rebuilt from, and blocks that came with cloves before the rebuild are kept only if theirs
+matches it: a relay that saw one clove cannot forge further ones (its own vector) to collect
+chunk or answer cloves over blocks of its own (counted ``forged_clove``).
 
 Each clove is taken once: a second clove with the same message id and index (a replayed
 envelope, or a proxy that duplicates) is dropped and counted (``duplicate``), never acked nor
@@ -45,15 +54,17 @@ import logging
 import time
 from typing import Callable, Mapping
 
-from permamesh.containers.messages import RunRequest, RunResult
+from permamesh.containers.messages import RunOutput, RunRequest, RunResult
 from permamesh.overlay.envelope import (
     ANSWERED, HELD, STARTED, Ack, Envelope, decode_envelope, encode_ack, encode_answer_item,
 )
+from permamesh.overlay.clove import Clove
 from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.messages import RelayCell
 from permamesh.overlay.reply import ReplyBlock, seal_reply
 from permamesh.overlay.sida import Rebuilder, RebuilderConfig, split
 from permamesh.overlay.stream import Lane, StreamConfig, StreamOut
+from permamesh.overlay.topup import NEW_LANE, TOPUP_INDEX, TopUpGate, TopUpLimits, topup_key
 from permamesh.transport import AsyncDealer
 from permamesh.wire import ErrorReply, GenerateRequest, GenerateResult, Message, TokenChunk, WireError, decode, encode
 from permamesh.workers.host import WorkerHost
@@ -75,6 +86,7 @@ class InboxConfig:
     max_held_cloves: int = 16_384  # distinct cloves held for all messages (pending or answered)
     prune_every_s: float = 1.0  # how often message ids no longer held are forgotten
     stream: StreamConfig = StreamConfig()  # when a streamed answer's chunks leave
+    topup: TopUpLimits = TopUpLimits()  # what one streamed job takes in top-ups
 
 
 @dataclasses.dataclass
@@ -82,6 +94,8 @@ class _Job:
     created: float
     k: int  # cloves that rebuild the answer: as many as rebuilt the request
     blocks: list[ReplyBlock]  # answer blocks waiting for the answer
+    vector: tuple[bytes, ...]  # the fingerprints of the cloves the request was rebuilt from
+    gate: TopUpGate  # checks its top-ups (keyed by the request frame)
     cloves: list | None = None  # the answer's cloves once it is ready
     next_clove: int = 0
     stream: StreamOut | None = None  # a streamed job's chunks out (docs/paths.md 9)
@@ -97,8 +111,9 @@ class Inbox:
         self.server, self.relays, self.config = server, relays, config
         self.rebuilder = Rebuilder(RebuilderConfig(ttl_s=config.rebuild_ttl_s))
         self.jobs: collections.OrderedDict[bytes, _Job] = collections.OrderedDict()
-        self.waiting: dict[bytes, list[ReplyBlock]] = {}  # message id -> answer blocks before rebuild
-        self.waiting_lanes: dict[bytes, list[Lane]] = {}  # message id -> chunk blocks before rebuild
+        # message id -> (clove's fingerprint vector, answer block / lane) of cloves before the rebuild
+        self.waiting: dict[bytes, list[tuple[tuple[bytes, ...], ReplyBlock]]] = {}
+        self.waiting_lanes: dict[bytes, list[tuple[tuple[bytes, ...], Lane]]] = {}
         self.dealers: dict[str, AsyncDealer] = {}
         self.pending_acks: dict[bytes, asyncio.TimerHandle] = {}  # answer block alpha -> its ack
         self.counts: collections.Counter[str] = collections.Counter()
@@ -117,14 +132,21 @@ class Inbox:
             self.counts["bad_envelope"] += 1
             log.debug("dropped an envelope: %s", exc)
             return
+        if env.topup is not None:
+            self._on_topup(env)
+            return
         clove, mid = env.clove, env.clove.message_id
         if not clove.is_self_consistent():  # its content does not match its own fingerprint
             self.counts["bad_clove"] += 1
             return
+        job = self.jobs.get(mid)
+        if job is not None and clove.fingerprints != job.vector:
+            self.counts["forged_clove"] += 1
+            log.info("dropped a clove of request %s: not of the split the request was rebuilt from", mid.hex()[:8])
+            return
         if not self._take(mid, clove.index):
             return
         self.counts["cloves"] += 1
-        job = self.jobs.get(mid)
         if job is not None:  # a late or resent clove of a known message
             status = ANSWERED if job.cloves is not None else STARTED
         else:
@@ -138,20 +160,20 @@ class Inbox:
         if env.ack_block is not None and not (status == ANSWERED and env.answer_block is not None):
             self._ack(env, status)
         lane = Lane(env.answer_block.header[:32], list(env.chunk_blocks)) if env.chunk_blocks else None
-        if job is None and status == HELD:
-            if env.answer_block is not None:
-                self.waiting.setdefault(mid, []).append(env.answer_block)
-            if lane is not None:
-                self.waiting_lanes.setdefault(mid, []).append(lane)
-            return
         if job is None:
+            if env.answer_block is not None:
+                self.waiting.setdefault(mid, []).append((clove.fingerprints, env.answer_block))
             if lane is not None:
-                self.waiting_lanes.setdefault(mid, []).append(lane)
-            job = self._start(mid, message, now, clove.k)
+                self.waiting_lanes.setdefault(mid, []).append((clove.fingerprints, lane))
+            if status == HELD:
+                return
+            job = self._start(mid, message, now, clove)
             if job is None:
                 return
-        elif lane is not None and job.stream is not None:
-            job.stream.add_lane(lane, repair=not env.extend)  # a late path: later chunks use it too
+            self._flush(job)
+            return
+        if lane is not None and job.stream is not None:
+            job.stream.add_lane(lane)  # a late path: spares of recent chunks, then later chunks
         if env.answer_block is not None:
             job.blocks.append(env.answer_block)
         self._flush(job)
@@ -199,7 +221,11 @@ class Inbox:
         status = HELD if job is None else ANSWERED if job.cloves is not None else STARTED
         self._seal(env.ack_block, encode_ack(Ack(mid, env.clove.index, status)))
 
-    def _start(self, mid: bytes, frame: bytes, now: float, k: int) -> _Job | None:
+    def _start(self, mid: bytes, frame: bytes, now: float, last: Clove) -> _Job | None:
+        """``last``: the clove that completed ``frame`` (its vector is the request's)."""
+        vector = last.fingerprints
+        lanes = [lane for fps, lane in self.waiting_lanes.pop(mid, []) if fps == vector]
+        blocks = [block for fps, block in self.waiting.pop(mid, []) if fps == vector]
         try:
             received = decode(frame)
         except WireError as exc:
@@ -207,18 +233,14 @@ class Inbox:
             log.info("a rebuilt overlay message is not a valid frame: %s", exc)
             return None
         req = received.msg
-        lanes = self.waiting_lanes.pop(mid, [])
-        if isinstance(req, GenerateRequest):
-            req = dataclasses.replace(req, stream=bool(lanes))
-        elif not isinstance(req, RunRequest):
+        if not isinstance(req, (GenerateRequest, RunRequest)):
             self.counts["bad_request"] += 1
             log.info("a rebuilt overlay message is a %s, not a request", req.TAG)
             return None
-        else:
-            lanes = []  # container jobs answer whole (docs/paths.md 9)
-        job = _Job(now, k, self.waiting.pop(mid, []))
+        req = dataclasses.replace(req, stream=bool(lanes))  # a model's tokens or a container's output
+        job = _Job(now, last.k, blocks, vector, TopUpGate(topup_key(frame), self.config.topup))
         if lanes:
-            job.stream = StreamOut(mid, req.request_id, k, lanes, lambda chunk: encode(chunk, self.server.identity),
+            job.stream = StreamOut(mid, req.request_id, last.k, lanes, lambda chunk: encode(chunk, self.server.identity),
                                    self._seal_chunk, self.counts, self.config.stream)
         self.jobs[mid] = job
         while len(self.jobs) > self.config.max_jobs:
@@ -234,8 +256,38 @@ class Inbox:
         return job
 
     # ------------------------------------------------------------------ answers out
+    def _on_topup(self, env: Envelope) -> None:
+        """More chunk blocks for a streamed job (docs/paths.md 9.9): checked, then appended to
+        the lane it names (or a new lane); acknowledged at once. Refused: logged, unanswered."""
+        topup, blocks = env.topup, list(env.chunk_blocks)
+        job = self.jobs.get(topup.message_id)
+        stream = job.stream if job is not None and job.stream is not None and job.stream.active else None
+        answered = job is not None and job.cloves is not None
+        if job is None:
+            reason = "its request is not held here (unknown, or forgotten)"
+        else:
+            reason = job.gate.check(topup, blocks, stream.unused if stream is not None else 0)
+        if reason is None and not answered and stream is None:
+            reason = "its request is not streamed"
+        if reason is None and not answered and topup.lane != NEW_LANE and not stream.has_lane(topup.lane):
+            reason = "it names no lane of the stream"
+        if reason is not None:
+            self.counts["topup_refused"] += 1
+            log.info("refused top-up %d of request %s: %s", topup.number, topup.message_id.hex()[:8], reason)
+            return
+        job.gate.take(topup, blocks)
+        self.counts["topups"] += 1
+        self._seal(env.ack_block, encode_ack(Ack(topup.message_id, TOPUP_INDEX, ANSWERED if answered else STARTED)))
+        if answered:  # the answer is ready: this path, known alive, brings a clove of it
+            job.blocks.append(env.answer_block)
+            self._flush(job)
+        elif topup.lane == NEW_LANE:
+            stream.add_lane(Lane(env.answer_block.header[:32], blocks), repair=False)
+        else:
+            stream.extend_lane(topup.lane, blocks)
+
     def _on_answer(self, mid: bytes, peer: bytes, msg: Message) -> None:
-        if isinstance(msg, TokenChunk):
+        if isinstance(msg, (TokenChunk, RunOutput)):
             job = self.jobs.get(mid)
             if job is not None and job.stream is not None:
                 job.stream.on_tokens(msg, time.monotonic())

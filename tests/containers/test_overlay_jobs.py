@@ -1,7 +1,8 @@
 """Container jobs through the anonymous overlay on real processes: relay processes, worker
 processes with ``--containers`` (tiny-random model; the container side is what is tested),
 a busybox image seeded from the client, the job routed among the workers by the layers they
-hold, run by runc or bubblewrap, its exit code and output back as cloves."""
+hold, run by runc or bubblewrap, its output streamed back as chunks (a forwarded job's through
+its entry worker), its exit code and output as cloves."""
 
 from __future__ import annotations
 
@@ -47,9 +48,12 @@ def test_jobs_cross_the_overlay_to_the_worker_holding_the_layers(mesh_home):
         assert first.worker_id in {w.node_id for w in workers}
         # enter at another worker: its router sends the job to the one holding both layers
         other = next(w.node_id for w in workers if w.node_id != first.worker_id)
-        second = run_over_overlay(client, run_request(blobs, image, ["/bin/sh", "-c", "echo again; exit 3"]), other)
+        pieces: list[tuple[bytes, bytes]] = []  # its output, passed on by the entry worker as it came
+        second = run_over_overlay(client, run_request(blobs, image, ["/bin/sh", "-c", "echo again; exit 3"]), other,
+                                  on_output=lambda out, err: pieces.append((out, err)))
         assert second.worker_id == first.worker_id and second.warm and second.exit_code == 3
         assert second.stdout == b"again\n" and "holds 2 of 2 layers" in second.why
+        assert b"".join(out for out, _ in pieces) == second.stdout and client.last.chunks >= 1
         late = run_over_overlay(client, run_request(blobs, image, ["/bin/sleep", "30"], timeout_s=1.0))
         assert late.timed_out and late.exit_code != 0
     blobs.close()

@@ -10,6 +10,7 @@ said to be not enforced.
 from __future__ import annotations
 
 import http.server
+import time
 import subprocess
 import uuid
 import threading
@@ -159,3 +160,23 @@ def test_a_job_can_run_as_an_unprivileged_user(busybox_rootfs, runtime):
     assert root.stdout == b"0\n"
     with pytest.raises(ValueError, match="uid and gid"):
         Limits(uid=-1)
+
+
+def test_output_reaches_on_output_as_it_is_written_and_joins_to_the_result(busybox_rootfs, runtime):
+    """The job writes, sleeps, writes again: the first piece arrives while it still runs, and
+    the pieces, in order, are exactly the result's stdout and stderr."""
+    pieces: list[tuple[float, bytes, bytes]] = []
+    t0 = time.monotonic()
+    result = run(busybox_rootfs, ["sh", "-c", "echo one; echo oops >&2; sleep 1; echo two"], limits=FAST,
+                 runtime=runtime, on_output=lambda out, err: pieces.append((time.monotonic() - t0, out, err)))
+    assert result.exit_code == 0 and result.stdout == b"one\ntwo\n" and result.stderr == b"oops\n"
+    assert b"".join(p[1] for p in pieces) == result.stdout and b"".join(p[2] for p in pieces) == result.stderr
+    assert pieces[0][1] == b"one\n" and pieces[0][0] < result.duration_s - 0.5  # before the job ended
+
+
+def test_streamed_output_is_cut_at_the_same_cap_as_the_result(busybox_rootfs, runtime):
+    pieces: list[bytes] = []
+    limits = Limits(timeout_s=10.0, max_output_bytes=1000)
+    result = run(busybox_rootfs, ["sh", "-c", "head -c 5000 /dev/zero"], limits=limits, runtime=runtime,
+                 on_output=lambda out, err: pieces.append(out))
+    assert result.truncated and b"".join(pieces) == result.stdout and len(result.stdout) == 1000

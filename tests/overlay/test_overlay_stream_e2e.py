@@ -1,8 +1,9 @@
 """A streamed answer end to end through the overlay in one process: real relays (RelayThread)
 on loopback, a real tiny-random worker with its inbox, the OverlayClient and
 ``Client(anonymous=True)``. Chunks come back over each path's chunk blocks before the final
-answer exists, in order, and join to its text; dead relays (drop_all) cost nothing; an entry
-worker that stops mid-stream ends the request with a clear error."""
+answer exists, in order, and join to its text; long answers top up their paths' chunk blocks;
+dead relays (drop_all) cost nothing; an entry worker that stops mid-stream ends the request
+with a clear error."""
 
 from __future__ import annotations
 
@@ -107,30 +108,54 @@ def test_a_relay_that_dies_mid_stream_loses_nothing(mesh):
     assert len(pieces) >= 2
 
 
-def test_a_long_answer_gets_more_chunk_blocks_over_extending_paths(mesh):
-    """Four chunk blocks per path would carry four chunks; the entry cuts a chunk every 0.1 s
-    of a longer answer, so the client sends extending paths (k at a time) before the blocks run
-    out, and the stream goes on over them. tiny-random decodes 120 tokens in a fraction of a
-    second, so its engine is slowed to 15 ms a step, a small model's pace on a partner's CPU."""
-    records, worker, server, *_ = mesh
-    server.inbox.config = dataclasses.replace(server.inbox.config, stream=StreamConfig(
-        chunk_tokens=10_000, interval_s=0.1, growth=1.0))  # chunks by time only
+def _slow_engine(server: WorkerServer, step_s: float) -> None:
+    """tiny-random decodes hundreds of tokens in a fraction of a second; slowed to ``step_s``
+    a step it runs at a small model's pace on a partner's CPU."""
     step = server.engine.step
 
     def slow_step(*args, **kwargs):
-        time.sleep(0.015)
+        time.sleep(step_s)
         return step(*args, **kwargs)
 
     server.engine.step = slow_step
-    short = dataclasses.replace(STREAM, stream_blocks=4, stream_extend_ahead=2)
+
+
+def test_a_long_answer_tops_up_its_paths_round_after_round(mesh):
+    """Four chunk blocks per path would carry four chunks; the entry cuts a chunk every 0.1 s
+    of a longer answer, so the client tops up its live paths (each top-up appends blocks to
+    its path's lane) before the blocks run out, round after round, spending no clove."""
+    records, worker, server, *_ = mesh
+    server.inbox.config = dataclasses.replace(server.inbox.config, stream=StreamConfig(
+        chunk_tokens=10_000, interval_s=0.1, growth=1.0))  # chunks by time only
+    _slow_engine(server, 0.015)
+    short = dataclasses.replace(STREAM, stream_blocks=4, stream_topup_ahead=2)
     pieces = Pieces(server)
     with OverlayClient(records, [worker], short, random.Random(12)) as client:
         result = client.generate("a long answer, please", max_tokens=120, on_text=pieces)
     assert "".join(pieces.texts) == result.text and result.completion_tokens == 120
     counts = server.inbox.counts
-    assert counts["stream_extended"] >= 2 * short.k and counts["chunks"] > 2 * short.stream_blocks, counts
-    assert client.last.rounds == 0  # extending paths are not resends
-    assert len(pieces.texts) > 2 * short.stream_blocks
+    assert counts["chunks"] > 2 * short.stream_blocks and counts["topups"] >= 2 * short.n, counts
+    assert counts["topup_refused"] == 0 and counts["cloves"] == short.n  # top-ups spend no clove
+    assert client.last.rounds == 0 and client.last.cloves_sent == short.n and client.last.topups == counts["topups"]
+    assert client.last.chunks == counts["chunks"]  # every chunk released, in order, before the answer
+
+
+def test_an_answer_of_forty_chunks_streams_whole_and_in_order(mesh):
+    """With the default 12 chunk blocks per path, a stream used to end at 36 chunks (three
+    rounds of extending paths, then the split ran out) and the rest waited for the answer.
+    Chunks here leave every 0.04 s of a 3 s answer: top-ups keep all of them streaming."""
+    records, worker, server, *_ = mesh
+    server.inbox.config = dataclasses.replace(server.inbox.config, stream=StreamConfig(
+        chunk_tokens=10_000, interval_s=0.04, growth=1.0))
+    _slow_engine(server, 0.012)
+    pieces = Pieces(server)
+    with OverlayClient(records, [worker], STREAM, random.Random(13)) as client:
+        result = client.generate("the longest answer", max_tokens=250, on_text=pieces)
+    counts = server.inbox.counts
+    assert "".join(pieces.texts) == result.text and result.completion_tokens == 250
+    assert counts["chunks"] >= 40 and counts["streams_starved"] == 0, counts  # never short of blocks
+    assert client.last.chunks == counts["chunks"]  # all released in order before the answer came
+    assert client.last.topups >= 3 * STREAM.n and client.last.cloves_sent == STREAM.n
 
 
 def test_an_entry_worker_stopped_mid_stream_gives_a_clear_error(mesh):

@@ -1,8 +1,9 @@
 """The entry worker's inbox streaming an answer (docs/paths.md section 9), with a stand-in
-host: a request whose envelopes carry chunk blocks runs streamed, its tokens leave as signed
-chunks split over the paths' chunk blocks (in order, one block per path per chunk), a chunk
-clove stands for its path's ack, streaming stops when the blocks run out, and the final answer
-still goes over the answer blocks. The client's ChunkReassembly reads what it sent."""
+host: a request whose envelopes carry chunk blocks runs streamed, its tokens (or a container
+job's output) leave as signed chunks split over the paths' chunk blocks (in order, one block
+per path per chunk), a chunk clove stands for its path's ack, a chunk waits when the blocks
+run out, and the final answer still goes over the answer blocks. The client's
+ChunkReassembly reads what it sent."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from permamesh.overlay.envelope import ChunkClove, decode_reply_item, encode_env
 from permamesh.overlay.onion import HopInfo
 from permamesh.overlay.reply import build_reply_block
 from permamesh.overlay.sida import split
-from permamesh.overlay.stream import ChunkReassembly, StreamConfig
+from permamesh.containers.messages import RunOutput, RunRequest, RunResult
+from permamesh.overlay.reassembly import ChunkReassembly
+from permamesh.overlay.stream import StreamConfig
 from permamesh.wire import GenerateRequest, GenerateResult, TokenChunk, encode
 from permamesh.workers.inbox import SINK_PREFIX, Inbox, InboxConfig
 from tests.workers.test_inbox_hardening import Host
@@ -95,9 +98,9 @@ def test_without_chunk_blocks_the_answer_comes_whole():
     assert inbox.counts["chunks"] == 0 and len(sent) == 3  # one answer clove per path
 
 
-def test_streaming_stops_when_the_blocks_run_out_and_the_answer_brings_the_rest():
+def test_a_chunk_waits_when_the_blocks_run_out_and_without_a_top_up_the_answer_brings_the_rest():
     inbox, host, sent, mid = _run(2, ["one", " two", " three", " four"])
-    assert inbox.counts["chunks"] == 2 and inbox.counts["streams_exhausted"] == 1
+    assert inbox.counts["chunks"] == 2 and inbox.counts["streams_starved"] == 1
     seen, others = _read(sent, mid, host)
     assert seen == ["one", " two"] and len(others) == 3
 
@@ -128,3 +131,39 @@ def test_a_path_that_joins_later_brings_spare_cloves_of_recent_chunks():
     assert seen == ["a", "b", "c", "d"]
     without_repair = [(block, item) for block, item in kept if block.header not in paths[3]]
     assert _read(without_repair, mid, host)[0] == []  # without the new path: nothing rebuilds
+
+
+def test_a_container_jobs_output_streams_as_chunks_and_joins_to_its_result():
+    """A RunRequest whose envelopes carry chunk blocks runs with stream set; each RunOutput
+    piece the job writes leaves as a signed chunk, and the pieces join to the RunResult."""
+
+    async def scenario():
+        host = Host()
+        inbox = Inbox(host, lambda: {}, InboxConfig(ack_delay_s=5.0, stream=EVERY_TOKEN))
+        sent: list = []
+        inbox._seal = lambda block, item: sent.append((block, item))
+        mid = b"c" * 16
+        frame = encode(RunRequest("job", b"manifest", b"config", ("/bin/sh",)), CLIENT)
+        for clove in split(frame, n=4, k=3, message_id=mid)[:3]:
+            inbox.on_clove(encode_envelope(clove, _block(), _block(), tuple(_block() for _ in range(4))))
+        sink = host.sinks[SINK_PREFIX + mid]
+        for out, err in ((b"hello\n", b""), (b"", b"careful\n"), (b"bye\n", b"")):
+            sink(RunOutput("job", out, err))
+            await asyncio.sleep(0)
+        sink(RunResult("job", 0, b"hello\nbye\n", b"careful\n"))
+        await asyncio.sleep(0.01)
+        inbox.close()
+        return inbox, host, sent, mid
+
+    inbox, host, sent, mid = asyncio.run(scenario())
+    assert host.jobs[0][1].stream is True and inbox.counts["chunks"] == 3
+    seen: list = []
+    stream = ChunkReassembly(mid, bytes.fromhex(host.identity.public.sign_key.hex()),
+                             on_output=lambda out, err: seen.append((out, err)), kind=RunOutput)
+    for _, item in sent:
+        decoded = decode_reply_item(item)
+        if isinstance(decoded, ChunkClove):
+            stream.add(decoded)
+    assert seen == [(b"hello\n", b""), (b"", b"careful\n"), (b"bye\n", b"")]
+    stream.finish_output(b"hello\nbye\n", b"careful\n")  # nothing left over, nothing contradicted
+    assert len(seen) == 3
