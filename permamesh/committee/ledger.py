@@ -25,7 +25,10 @@ nonce consumes its nonce even when a rule rejects it (so it cannot be replayed l
 the rule might pass). Tiers: 3 seed partner, 2 may vouch, 1 trial, admitted at N vouches.
 
 Liveness: probe period ``q`` covers heights ``q*P .. q*P+P-1`` (``P = probe_blocks``). A member
-reports once per period, for the current one or the one before. A node is *counted up* in a
+reports once per period, for the current one or the one before, and may add to its report
+later in the period (an *addendum*: a report naming at least one node its report lacks; the
+nodes it already named keep their round trips), so a node that announces after a member
+reported is counted without waiting for the next period. A node is *counted up* in a
 period when more than 2/3 of the members reported it up there; its ``live`` row then holds
 that period and the lower median of its round trips. It is *running* at a height of period
 ``p`` when it was counted up in ``p`` or ``p - 1`` (:func:`is_running`). Probe rows of periods
@@ -278,17 +281,21 @@ class Ledger:
         if not now - 1 <= tx.period <= now:
             raise TxError(txs.STALE, f"probe period {tx.period} is not open (now {now})")
         key = epoch_key(tx.period, sender)
-        if self.read(PROBE, key, committed) is not None:
-            raise TxError(txs.DUPLICATE, "this member already reported liveness for that period")
+        earlier = self.read(PROBE, key, committed)  # this member's report of the period so far
+        known = {bytes(node_key) for node_key, _ in earlier or ()}
+        added = [seen for seen in tx.up if seen.node_key not in known]
+        if earlier is not None and not added:  # an addendum must name a node the report lacks
+            raise TxError(txs.DUPLICATE, "this member already reported every one of these nodes for that period")
         for seen in tx.up:
             if self.read(NODE, seen.node_key, committed) is None:
                 raise TxError(txs.UNKNOWN, f"node {seen.node_key.hex()[:16]} is not registered")
-        applied = Applied("liveness", (("period", str(tx.period)), ("up", str(len(tx.up)))))
+        applied = Applied("liveness", (("period", str(tx.period)), ("up", str(len(tx.up))),
+                                       ("added", str(len(added)))))
         if committed:  # a dry run (CheckTx) stops here: its effects would be thrown away
             return [], applied
-        rtts = {seen.node_key: [seen.rtt_us] for seen in tx.up}
+        rtts = {seen.node_key: [seen.rtt_us] for seen in added}
         effects: list[tuple[bytes, bytes, object]] = [
-            (PROBE, key, [[seen.node_key, seen.rtt_us] for seen in tx.up])]
+            (PROBE, key, sorted([[bytes(k), r] for k, r in earlier or ()] + [[s.node_key, s.rtt_us] for s in added]))]
         for other, raw in self.store.scan(PROBE):
             period = int.from_bytes(other[:8], "big")
             if period < now - 1:

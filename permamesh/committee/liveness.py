@@ -11,14 +11,14 @@ of the members found it up (docs/committee.md). Probes run concurrently, each bo
 ``timeout_s``, so one dead node costs one timeout, not a round.
 
 When a member reports. The ledger takes one report per member and period, counted for that
-period and the next (:func:`~permamesh.committee.ledger.is_running`), so a member chooses when in
-the period to spend it. It reports at once when the directory shows a *newcomer* that answers:
+period and the next (:func:`~permamesh.committee.ledger.is_running`), plus *addenda* that add
+nodes the report lacks. A member reports at once when the directory shows a *newcomer* that answers:
 an announced node the committee does not count running (one that just announced, or restarted
 and announced again). Otherwise it reports once the period is half over, so a node announced in
 the first half is counted within a block or two of its announce rather than at the next period,
 and the report still lands half a period before the next one needs it (running nodes never drop
-out at a period's edge). A node announced in the second half is a newcomer at the next period's
-first look. A round for newcomers reports only if one of them answered, so one that does not
+out at a period's edge). A newcomer that announces after this member's report is probed alone at
+once and added to the report by an addendum (the other nodes are not probed again). A round for newcomers reports only if one of them answered, so one that does not
 answer yet (still busy starting) does not spend the report; after ``NEWCOMER_TRIES`` silent
 rounds under its current descriptor, or once a report found it down, it hurries no one and
 waits for the period's middle like every other node. A dead node leaves the running set as
@@ -105,10 +105,11 @@ def descriptor_of(row: dict) -> tuple[bytes, int]:
     return bytes.fromhex(row["node"]), seq if isinstance(seq, int) else 0
 
 
-def up_nodes(directory: dict, identity: NodeIdentity, config: ProbeConfig) -> list[tuple[bytes, int]]:
-    """Probe every announced node of a ``/directory`` answer: [(node key, rtt_us)] of those up,
-    sorted by key."""
-    targets = [(key, link, http) for key, link, http, _ in probe_targets(directory)]
+def up_nodes(directory: dict, identity: NodeIdentity, config: ProbeConfig,
+             only: set[bytes] | None = None) -> list[tuple[bytes, int]]:
+    """Probe every announced node of a ``/directory`` answer (or those of ``only``):
+    [(node key, rtt_us)] of those up, sorted by key."""
+    targets = [(key, link, http) for key, link, http, _ in probe_targets(directory) if only is None or key in only]
     if not targets:
         return []
 
@@ -128,7 +129,7 @@ class Prober:
     def __init__(self, member: NodeIdentity, client: CommitteeClient, chain_id: str,
                  config: ProbeConfig = ProbeConfig()) -> None:
         self.member, self.client, self.chain_id, self.config = member, client, chain_id, config
-        self.reported: dict[int, int] = {}  # period -> nodes reported up
+        self.reported: dict[int, set[bytes]] = {}  # period -> the nodes this member reported up in it
         self.misses: dict[tuple[bytes, int], int] = {}  # descriptor (key, seq) -> probes it did not answer
         self._seen: tuple[int, dict] | None = None  # (height, /directory) last read
         self._stop = threading.Event()
@@ -146,14 +147,14 @@ class Prober:
         new height while this period's report is open, so callers poll often."""
         status = self.client.query("/status")
         period, height = status.get("period", 0), status.get("height", 0)
-        if period in self.reported:
-            return None
+        if period in self.reported and self._seen is not None and self._seen[0] == height:
+            return None  # reported, and no new block that could show a newcomer
         if self._seen is None or self._seen[0] != height:
             self._seen = (height, self.client.query("/directory"))
         directory = self._seen[1]
         period, height = directory.get("period", period), directory.get("height", height)
         if period in self.reported:
-            return None
+            return self._addendum(directory, period)
         blocks = max(1, int(status.get("probe_blocks") or 1))
         half_over = height + 1 - period * blocks >= blocks // 2  # the next block is in the period's second half
         new = self.newcomers(directory)
@@ -177,13 +178,41 @@ class Prober:
         described = {descriptor_of(row) for _, _, _, row in probe_targets(directory)}
         self.misses = {d: NEWCOMER_TRIES if d[0] not in seen_up else self.misses.get(d, 0)
                        for d in described}  # reported down: they stop hurrying us
-        self.reported = {p: n for p, n in self.reported.items() if p >= period - 1} | {period: len(up)}
+        self.reported = {p: n for p, n in self.reported.items() if p >= period - 1} | {period: seen_up}
         if new:
             names = ", ".join(str(row.get("node_id") or row["node"][:16]) for row in new)
             log.info("period %d: probed at once for %d newcomer(s) (%s): %d of %d nodes up, reported at height %d",
                      period, len(new), names, len(up), len(described), outcome.height)
         else:
             log.debug("period %d: %d nodes up", period, len(up))
+        return period
+
+    def _addendum(self, directory: dict, period: int) -> int | None:
+        """After this period's report: probe the newcomers it lacks (announced since) and add
+        those that answer to it (the ledger takes an addendum that names a node the report
+        lacks), so a node announced late in a period is counted within a block or two."""
+        reported = self.reported[period]
+        new = [row for row in self.newcomers(directory) if descriptor_of(row)[0] not in reported]
+        if not new:
+            return None
+        up = up_nodes(directory, self.member, self.config, {descriptor_of(row)[0] for row in new})
+        answered = {key for key, _ in up}
+        for row in new:
+            if descriptor_of(row)[0] not in answered:
+                self.misses[descriptor_of(row)] = self.misses.get(descriptor_of(row), 0) + 1
+        if not up:
+            return None
+        outcome = self.client.submit_signed(lambda nonce: txs.sign_tx(txs.Liveness(
+            chain_id=self.chain_id, nonce=nonce, period=period, up=tuple(txs.Seen(k, rtt) for k, rtt in up)),
+            self.member), self.member.public.sign_key)
+        if not outcome.ok:
+            log.warning("liveness addendum for period %d refused (%d): %s", period, outcome.code, outcome.log)
+            return None
+        reported |= answered
+        names = ", ".join(str(row.get("node_id") or row["node"][:16]) for row in new
+                          if descriptor_of(row)[0] in answered)
+        log.info("period %d: probed at once for %d newcomer(s) (%s): added to this period's report at height %d",
+                 period, len(answered), names, outcome.height)
         return period
 
     def start(self) -> None:

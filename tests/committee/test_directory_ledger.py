@@ -263,6 +263,22 @@ def test_a_report_for_the_previous_period_still_counts(world):
     assert (entry["seen_period"], entry["rtt_us"]) == (3, 70)
 
 
+def test_an_addendum_adds_nodes_a_members_report_lacks_and_nothing_else(world):
+    w = world
+    m = w.members
+    advance_to(w.app, 2 * P)
+    assert w.report(m[:3], 2, {w.relay.key: 40}) == [txs.OK] * 3  # full reports, before the worker answered
+    assert not w.entry(w.worker)["running"]
+    assert w.report(m[:1], 2, {w.relay.key: 40}) == [txs.DUPLICATE]  # names nothing new
+    assert w.report(m[:2], 2, {w.worker.key: 300, w.relay.key: 1}) == [txs.OK] * 2  # adds the worker
+    assert not w.entry(w.worker)["running"]  # 2 of 4
+    assert w.report(m[2:3], 2, {w.worker.key: 100}) == [txs.OK]
+    worker, relay = w.entry(w.worker), w.entry(w.relay)
+    assert (worker["running"], worker["rtt_us"], worker["seen_period"]) == (True, 300, 2)
+    assert relay["rtt_us"] == 40  # the relay's round trips are the first reports', not the addendum's 1
+    assert w.report(m[:3], 2, {w.worker.key: 5, w.relay.key: 5}) == [txs.DUPLICATE] * 3
+
+
 def test_bad_reports_are_refused_with_their_code(world):
     w = world
     advance_to(w.app, 3 * P)  # period 3

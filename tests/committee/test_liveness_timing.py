@@ -5,7 +5,8 @@ block through LedgerApp's ABCI methods (txs go through CheckTx into the next blo
 CometBFT). With nothing new, each member holds its report until the period is half over, and
 the running nodes stay running at every height. A node that announces in the first half of a
 period is a newcomer: every member probes it at once and it is counted running in the very
-period it announced in, not one period later. A newcomer still starting (silent) does not spend
+period it announced in, not one period later; one that announces after the members reported
+is probed alone and added to their reports (an addendum), counted in that period too. A newcomer still starting (silent) does not spend
 the report; one that never answers stops hurrying anyone after NEWCOMER_TRIES probes. A node
 killed leaves the running set when the period after the last one that counted it ends, as the
 ledger's rule says; a node that restarts announces again and is a newcomer again.
@@ -149,23 +150,33 @@ def test_a_node_announced_in_the_first_half_is_counted_in_that_same_period(chain
     assert chain.app.store.height - announced_in * P < P // 2  # before the period's middle
 
 
-def test_a_node_announced_in_the_second_half_is_a_newcomer_at_the_next_periods_first_look(chain):
+def test_a_node_announced_after_the_members_reported_is_added_to_their_reports_in_that_period(chain):
+    worker, relay = running_mesh(chain)
     newcomer = chain.register()
-    running_mesh(chain)
     chain.step()  # a new period
     while chain.app.store.height - chain.period() * P < P // 2:
         chain.step()  # past the middle: every member has reported this period
-    assert all(chain.period() in p.reported for p in chain.probers)
+    announced_in = chain.period()
+    assert all(announced_in in p.reported for p in chain.probers)
+    assert chain.app.store.height - announced_in * P < P - 2  # two blocks left in the period
     chain.alive.add(newcomer.key)
     chain.announce(newcomer, 4)
-    announced_in = chain.period()
-    while chain.period() == announced_in:
-        chain.step()
-        assert not chain.entry(newcomer)["running"]  # no report left in this period
-    chain.step()  # first look of the next period: newcomer, probed and reported
-    chain.step()
-    assert chain.entry(newcomer)["running"] and chain.entry(newcomer)["seen_period"] == announced_in + 1
-    assert chain.app.store.height - chain.period() * P <= 2
+    chain.step()  # the block with its announce
+    probed: list[bytes] = []
+    real = liveness.probe_node
+    liveness.probe_node = lambda link, key, identity, timeout_s: probed.append(key) or real(link, key, identity, timeout_s)
+    try:
+        chain.step()  # members see a newcomer their reports lack: they probe it alone and add it
+    finally:
+        liveness.probe_node = real
+    assert set(probed) == {newcomer.key}  # the nodes already reported are not probed again
+    assert chain.period() == announced_in
+    assert chain.entry(newcomer)["running"] and chain.entry(newcomer)["seen_period"] == announced_in
+    assert all(newcomer.key in p.reported[announced_in] for p in chain.probers)
+    assert chain.entry(worker)["running"] and chain.entry(relay)["running"]
+    rows = query(chain.app, "/directory")["nodes"]
+    assert all(r["running"] for r in rows if r["node"] in {worker.key.hex(), relay.key.hex(), newcomer.key.hex()})
+    assert [p.round() for p in chain.probers] == [None] * 4  # nothing more to add: no tx
 
 
 def test_a_silent_newcomer_keeps_the_report_open_and_stops_hurrying_after_its_tries(chain):
