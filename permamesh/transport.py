@@ -357,26 +357,43 @@ class ServingThread:
 def serve_until_signalled(server, node_id: str, register, unregister) -> None:
     """Run ``server.serve`` in this process until SIGINT or SIGTERM (process entry points).
 
-    Once the server listens: ``register(endpoint)`` (the local registry record), then the line
-    ``READY <endpoint> <node_id>`` on stdout, which the embedded mesh waits for. On the way
-    out, whatever happened: ``unregister()``.
+    Once the server listens: ``register(endpoint)`` on a thread of its own (it announces the
+    node to the committee and may wait on it: the server keeps answering meanwhile, members'
+    probes included), then the line ``READY <endpoint> <node_id>`` on stdout, which the
+    embedded mesh waits for. A ``register`` that raises stops the server, and its exception is
+    raised here. On the way out, whatever happened: ``unregister()``.
     """
     import asyncio
     import signal
+
+    failed: list[BaseException] = []
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        publishing: list[asyncio.Task] = []
+
+        async def publish(endpoint: str) -> None:
+            try:
+                await asyncio.to_thread(register, endpoint)
+            except Exception as exc:  # noqa: BLE001 - raised again below, once the server stopped
+                failed.append(exc)
+                stop.set()
+                return
+            print(f"READY {endpoint} {node_id}", flush=True)
 
         def ready(endpoint: str) -> None:
-            register(endpoint)
-            print(f"READY {endpoint} {node_id}", flush=True)
+            publishing.append(loop.create_task(publish(endpoint)))
 
         try:
             await server.serve(stop, on_ready=ready)
         finally:
+            for task in publishing:
+                task.cancel()  # the thread itself finishes its call; its outcome is dropped
             unregister()
 
     asyncio.run(main())
+    if failed:
+        raise failed[0]

@@ -206,34 +206,11 @@ def _wait(cond, timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
-def _first_job(committee, directory, node: dict, base: Path) -> dict:
-    """Wait until the committee counts ``node`` running and the client's directory copy shows
-    it, then have it serve one job over its own link; when each happened (monotonic)."""
-    from permamesh.client.blocking import Client
-
-    seen: dict = {}
-
-    def found() -> bool:
-        if "counted" not in seen and _running(committee).get(node["node_id"]):
-            seen["counted"] = time.monotonic()
-        if any(r.node_id == node["node_id"] for r in directory.snapshot(0.0).running("worker")):
-            seen["copy"] = time.monotonic()
-            seen.setdefault("counted", seen["copy"])
-        return "copy" in seen
-
-    _wait(found, 60.0, f"{node['name']} in the directory's running set")
-    link = next(e.link for e in directory.snapshot().running("worker") if e.node_id == node["node_id"])
-    with Client([link], data_dir=base / "client", timeout_s=60.0) as client:
-        client.generate("hello", max_tokens=2)
-    return seen | {"served": time.monotonic()}
-
-
 def _measure(plan: HostsPlan, committee, join: str, children, nodes, joiner, wrap, addrs, base: Path, say,
              committee_pids: list[int]) -> dict:
     from permamesh.client.blocking import Client, ClientError
-    from permamesh.demo.jointime import cpu_use, framework_imports_s, import_calibration, join_timeline
+    from permamesh.demo.jointime import cpu_use, first_job, framework_imports_s, import_calibration, join_timeline, joined
     from permamesh.directory.committee import CommitteeDirectory
-    from permamesh.ops.procs import wait_ready
 
     out: dict = {}
     workers = [n for n in nodes if n["role"] == "worker"]
@@ -243,7 +220,7 @@ def _measure(plan: HostsPlan, committee, join: str, children, nodes, joiner, wra
     for w in workers:  # the cold start: each worker started with the whole mesh, model load excluded
         if w is joiner:
             continue
-        seen = _first_job(committee, directory, w, base)
+        seen = first_job(lambda: _running(committee), directory, w, base / "client")
         cold.append(seen["served"] - w["spawned_at"] - _model_load_s(w["child"]))
     _wait(lambda: all(_running(committee).get(n["node_id"]) for n in nodes if n is not joiner), 60.0,
           "every node in the running set")
@@ -253,9 +230,7 @@ def _measure(plan: HostsPlan, committee, join: str, children, nodes, joiner, wra
     out["import_calibration_s"] = import_calibration(wrap[joiner["host"]])
     _spawn_node(plan, joiner, wrap, addrs, join, base / "logs")  # a new partner's worker joins the running mesh
     children.append(joiner["child"])
-    wait_ready([joiner["child"]], plan.start_timeout_s)
-    joiner["ready_at"] = time.monotonic()
-    seen = _first_job(committee, directory, joiner, base)
+    seen = joined(joiner, lambda: _running(committee), directory, base / "client", plan.start_timeout_s)
     model_s = _model_load_s(joiner["child"])
     timeline = join_timeline(joiner, seen, base / "logs")
     out |= {"join_s": [seen["served"] - joiner["spawned_at"] - model_s], "model_load_s": [model_s],
@@ -265,7 +240,7 @@ def _measure(plan: HostsPlan, committee, join: str, children, nodes, joiner, wra
     _wait(lambda: all(_running(committee).get(i) for i in ids), 60.0, "every node in the running set")
     calib = out["import_calibration_s"]
     say(f"joined: a new worker served its first job {out['join_s'][0]:.1f} s after its process started, model "
-        f"load ({model_s:.1f} s) excluded; {out['ready_to_first_job_s'][0]:.1f} s after READY; phases (s): "
+        f"load ({model_s:.1f} s) excluded; READY to first job {out['ready_to_first_job_s'][0]:+.1f} s; phases (s): "
         + ", ".join(f"{k} {v:.2f}" for k, v in timeline["phases_s"].items())
         + f"; just before, on its host: `permamesh worker --help` took {calib['cli_worker_help_s']:.2f} s, "
         f"importing torch and transformers {calib['torch_transformers_s']:.2f} s; the idle mesh used "

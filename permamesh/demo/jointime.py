@@ -12,6 +12,9 @@ compare directly.
 shared 2-core machine most of a join is imports, and their cost moves with the load;
 :func:`cpu_use` how many cores the running mesh and the whole machine use meanwhile.
 
+:func:`first_job` and :func:`joined` take the client's side of a join: wait for the committee and
+the client's directory copy to show the worker running, then have it serve one job.
+
 Who calls it: :mod:`permamesh.demo.hosts` (``permamesh bench hosts``).
 """
 
@@ -23,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from permamesh.errors import PermameshError
 
 # (phase, from event, to event): in the order a join takes them; "start" is the process start
 PHASES = (
@@ -90,6 +95,60 @@ def join_timeline(node: dict, seen: dict, logs: Path) -> dict:
     known = events | {"start": 0.0}
     phases = {name: round(known[b] - known[a], 3) for name, a, b in PHASES if a in known and b in known}
     return {"events_s": events, "phases_s": phases}
+
+
+def first_job(running, directory, node: dict, client_dir: Path, alive=lambda: True, timeout_s: float = 60.0) -> dict:
+    """Wait until the committee counts ``node`` running (``running()``: node id -> running, from
+    the committee) and the client's ``directory`` copy shows it, then have it serve one job over
+    its own link; when each happened (monotonic). ``alive()`` false stops the wait."""
+    from permamesh.client.blocking import Client
+
+    seen: dict = {}
+    started = time.monotonic()
+    while "copy" not in seen:
+        if not alive():
+            raise PermameshError(f"{node['name']} stopped before a client found it running")
+        if time.monotonic() - started > timeout_s:
+            raise PermameshError(f"timed out after {timeout_s:g} s waiting for {node['name']} in the running set")
+        if "counted" not in seen and running().get(node["node_id"]):
+            seen["counted"] = time.monotonic()
+        if any(r.node_id == node["node_id"] for r in directory.snapshot(0.0).running("worker")):
+            seen["copy"] = time.monotonic()
+            seen.setdefault("counted", seen["copy"])
+        else:
+            time.sleep(0.05)  # polling the committee and the directory copy; bounded by timeout_s
+    link = next(e.link for e in directory.snapshot().running("worker") if e.node_id == node["node_id"])
+    with Client([link], data_dir=client_dir, timeout_s=60.0) as client:
+        client.generate("hello", max_tokens=2)
+    return seen | {"served": time.monotonic()}
+
+
+def joined(node: dict, running, directory, client_dir: Path, start_timeout_s: float) -> dict:
+    """:func:`first_job` for a worker just spawned into a running mesh, as a partner's client
+    finds it: through the committee, not its READY line (which comes once it announced and holds
+    its group's salt; it serves before that). Its READY is read meanwhile and kept in
+    ``node["ready_at"]``; one that exits first or never gets ready fails the measure."""
+    import threading
+
+    from permamesh.ops.procs import wait_ready
+
+    box: dict = {}
+
+    def read_ready() -> None:
+        try:
+            wait_ready([node["child"]], start_timeout_s)
+            box["at"] = time.monotonic()
+        except Exception as exc:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = exc
+
+    reader = threading.Thread(target=read_ready, name="ready", daemon=True)
+    reader.start()
+    seen = first_job(running, directory, node, client_dir, alive=lambda: "error" not in box)
+    reader.join(start_timeout_s)
+    if "error" in box or "at" not in box:
+        raise box.get("error") or PermameshError(f"{node['name']} printed no READY line")
+    node["ready_at"] = box["at"]
+    return seen
 
 
 _FRAMEWORK = re.compile(r"model \S+ ready on \S+ in [0-9.]+ s \(\w+: framework imports ([0-9.]+) s")

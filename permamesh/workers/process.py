@@ -100,7 +100,8 @@ def run_worker(opts: WorkerOptions) -> int:
 
     def install_group(salt: bytes) -> None:
         """The salt-keyed parts: the prefix cache and the group link. Called on the server's
-        loop before it reads any request (with the group's salt once it is known)."""
+        loop: before it serves without a group, or once the group's salt is known (requests
+        served before that ran alone, without a prefix cache)."""
         if opts.prefix_cache_mb > 0:
             server.engine.prefix_cache = PrefixKVCache(BlockHasher(opts.block_size, salt), opts.prefix_cache_mb * 2**20)
         if group_name:
@@ -142,7 +143,8 @@ def _serve(server: WorkerServer, identity: NodeIdentity, opts: WorkerOptions, mo
 
         def publish(endpoint: str) -> None:
             """Announce, then learn the group's salt (sealed to this worker on the committee's
-            ledger: the ledger seals only to announced members), then build what it keys."""
+            ledger: the ledger seals only to announced members), then build what it keys (on
+            the serving loop). Runs on a thread of its own while the worker already serves."""
             layer_address = ""
             if layers:  # the layer server has its own port, reached at the advertised host
                 host = opts.advertise.rpartition(":")[0] if opts.advertise else None
@@ -150,9 +152,9 @@ def _serve(server: WorkerServer, identity: NodeIdentity, opts: WorkerOptions, mo
                 layer_address = advertised(layers, f"{host}:{port}" if host else None)
             announce(identity, opts.join, advertised(endpoint, opts.advertise), model=model, group=group_name,
                      layers=layer_address, engine=server.engine.backend)
-            if group_name:
+            if group_name:  # meanwhile the worker serves alone (no prefix cache, no group)
                 salt = group_salt(directory, identity, group_name, timeout_s=60.0)
-                install_group(salt)
+                server.call_soon(lambda: install_group(salt))
                 duties.append(SaltDuty(directory, identity, group_name, salt).start())
 
         def stop_duties() -> None:

@@ -99,8 +99,12 @@ class WorkerServer:
         self._cached_tokens = 0
 
     # ------------------------------------------------------------------ lifecycle
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the serving loop (from any thread, once :meth:`serve` started)."""
+        self._loop.call_soon_threadsafe(fn)
+
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[str], None] | None = None) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._outbox: asyncio.Queue[tuple[bytes, Message]] = asyncio.Queue()
         router = RouterServer(self.config.host, self.config.port, self.identity.transport.private_bytes())
         self.endpoint = router.endpoint
