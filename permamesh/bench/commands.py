@@ -130,8 +130,14 @@ def run_bench(args: argparse.Namespace, data_dir: Path) -> int:
         from permamesh.bench.overlay import run_from_args
         from permamesh.bench.overlayreal import RealOverlayConfig, quick_config, run_real
 
-        return run_from_args(args, real=lambda quick, seed, say: run_real(
-            quick_config(seed) if quick else RealOverlayConfig(seed=seed), say))
+        import dataclasses
+
+        def real(quick: bool, seed: int, say):
+            cfg = quick_config(seed) if quick else RealOverlayConfig(seed=seed)
+            return run_real(dataclasses.replace(cfg, model=args.entry_model, stream_tokens=args.stream_tokens,
+                                                data_dir=data_dir), say)
+
+        return run_from_args(args, real=real)
     from permamesh.bench import routing
 
     bench = routing.RoutingBench(

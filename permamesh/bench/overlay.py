@@ -179,6 +179,11 @@ def add_overlay_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every simulation (default: 0)")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    parser.add_argument("--entry-model", default="tiny-random",
+                        help="the real mesh's entry worker model: tiny-random (default) or smollm2-135m (llama.cpp "
+                             "where built): streaming at a real model's pace")
+    parser.add_argument("--stream-tokens", type=int, default=32,
+                        help="tokens per streamed answer in the streaming rows (default: 32)")
     parser.add_argument("--no-real", action="store_true",
                         help="skip the real mesh: simulations and codec timings only")
 
@@ -186,6 +191,12 @@ def add_overlay_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace, real: RealMesh | None = None) -> int:
     """Run with parsed options; ``real`` is the real-mesh part (ignored under ``--no-real``;
     without it the report's real-mesh slots are null). Returns the exit status."""
+    entry_model, stream_tokens = getattr(args, "entry_model", "tiny-random"), getattr(args, "stream_tokens", 32)
+    if stream_tokens < 1:
+        raise SystemExit(f"permamesh bench overlay: --stream-tokens must be >= 1, not {stream_tokens}")
+    if args.no_real and (entry_model != "tiny-random" or stream_tokens != 32):
+        raise SystemExit("permamesh bench overlay: --entry-model and --stream-tokens set the real mesh, "
+                         "which --no-real skips")
     report = run(args.quick, args.seed, None if args.no_real else real)
     write_outputs(report, args.json, args.plot)
     if args.json:

@@ -61,6 +61,13 @@ class RealOverlayConfig:
     stream_requests: int = 40  # timed streaming pairs per client thread
     ack_timeout_s: float = 0.3  # loopback: the worker acks within milliseconds
     seed: int = 0
+    model: str = "tiny-random"  # the entry worker's model (backend auto: llama.cpp for smollm2-135m)
+    stream_tokens: int = 32  # tokens per streamed answer
+    data_dir: Path | None = None  # where a real model's conversion is cached (None: the default data dir)
+
+    def __post_init__(self) -> None:
+        if self.stream_tokens < 1:
+            raise ValueError(f"stream_tokens must be >= 1, not {self.stream_tokens}")
 
 
 def quick_config(seed: int = 0) -> RealOverlayConfig:
@@ -69,21 +76,20 @@ def quick_config(seed: int = 0) -> RealOverlayConfig:
 
 
 class _EntryWorker:
-    """A tiny-random worker in this process, joined through the mesh's committee (registered
+    """A worker in this process (tiny-random unless the config names a model), joined through the mesh's committee (registered
     by its seed partner, descriptor announced) so relays find it in the directory."""
 
     NAME = "bench-entry"
 
-    def __init__(self, mesh: EmbeddedMesh) -> None:
-        from permamesh.workers import models
-        from permamesh.workers.engine import Engine
+    def __init__(self, mesh: EmbeddedMesh, model: str = "tiny-random", model_dir: Path | None = None) -> None:
+        from permamesh.workers import backends
         from permamesh.workers.inbox import Inbox
         from permamesh.workers.server import ServerThread, WorkerServer
 
         data_dir = Path(mesh.config.data_dir)
-        enroll.register_nodes(mesh.net, mesh.committee, data_dir, [self.NAME], [], models.TINY_RANDOM)
+        enroll.register_nodes(mesh.net, mesh.committee, data_dir, [self.NAME], [], model)
         identity = NodeIdentity.load_or_create(data_dir / "keys", self.NAME)
-        self.server = WorkerServer(Engine(models.load(models.TINY_RANDOM, device="cpu", seed=0)), identity)
+        self.server = WorkerServer(backends.load_engine("auto", model, None, model_dir, "cpu", 0), identity)
         self.server.inbox = Inbox(self.server, CachedLookup(mesh.directory().relay_endpoints))
         self.thread = ServerThread(self.server)
         self.endpoint = self.thread.start()
@@ -179,25 +185,28 @@ def _overhead_pairs(mesh: _Mesh, cfg: RealOverlayConfig, prepare: bool) -> tuple
 def run_real(cfg: RealOverlayConfig, say: Callable[[str], None] = print) -> dict:
     """Both measurements on one mesh: ``{"real_mesh": [rows], "overhead": {...}}``."""
     say(f"  real mesh: starting {cfg.relays} relay processes and an entry worker...")
-    with _Mesh(cfg.relays) as mesh:
+    with _Mesh(cfg.relays, cfg.model, cfg.data_dir) as mesh:
         overhead = measure_overhead(mesh, cfg, say)
         streaming = measure_streaming(mesh.mesh.relays(), mesh.worker_record, mesh.worker.endpoint,
-                                      StreamBenchConfig(requests=cfg.stream_requests, seed=cfg.seed), say)
+                                      StreamBenchConfig(requests=cfg.stream_requests, seed=cfg.seed,
+                                                        max_tokens=cfg.stream_tokens), say)
+        engine = mesh.worker.server.engine
+        streaming = [row | {"model": engine.loaded.name, "engine": engine.backend} for row in streaming]
         return {"real_mesh": measure_delivery(mesh, cfg, say), "overhead": overhead, "streaming": streaming}
 
 
 class _Mesh:
     """Relay processes plus the in-process entry worker, in a throwaway data directory."""
 
-    def __init__(self, relays: int) -> None:
-        self.relays = relays
+    def __init__(self, relays: int, model: str = "tiny-random", model_dir: Path | None = None) -> None:
+        self.relays, self.model, self.model_dir = relays, model, model_dir
 
     def __enter__(self) -> _Mesh:
         self.dir = Path(tempfile.mkdtemp(prefix="permamesh-overlay-"))
         self.mesh = EmbeddedMesh(MeshConfig(self.dir, workers=0, relays=self.relays, start_timeout_s=120.0))
         try:
             self.mesh.start()
-            self.worker = _EntryWorker(self.mesh)
+            self.worker = _EntryWorker(self.mesh, self.model, self.model_dir)
             self.worker_record = next(w for w in self.mesh.workers() if w.node_id == self.worker.server.worker_id)
         except BaseException:
             self.mesh.stop()

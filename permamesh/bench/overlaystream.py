@@ -38,7 +38,7 @@ class StreamBenchConfig:
     warmup: int = 3  # untimed pairs first (connections, caches)
     concurrency: tuple[int, ...] = (1, 8)  # client threads at once
     max_tokens: int = 32  # per answer
-    prompt: str = "Write a short story about a lighthouse keeper."
+    prompt: str = "Once upon a time, in a lighthouse by the sea, there lived"  # a model continues it at length
     seed: int = 0
     stream_blocks: int = OverlayConfig().stream_blocks  # 0: answers come whole (the old way, for comparison)
 

@@ -38,6 +38,8 @@ from permamesh.ops.procs import Child, spawn, stop_all, wait_ready
 
 log = logging.getLogger(__name__)
 
+RELAY_WAVE = 16  # relays started at once, each wave once the one before is ready
+
 
 class MeshError(PermameshError):
     """The embedded mesh could not start or stop."""
@@ -110,11 +112,15 @@ class EmbeddedMesh:
             enroll.register_nodes(self.net, self.committee, cfg.data_dir, [f"mesh-worker-{i}" for i in range(cfg.workers)],
                                   [f"mesh-relay-{i}" for i in range(cfg.relays)], model)
             enroll.publish_validators(self.net, self.committee)
-            for i in range(cfg.relays):
-                self._spawn_relay(i)
+            deadline = time.monotonic() + cfg.start_timeout_s
+            for first in range(0, cfg.relays, RELAY_WAVE):  # a hundred at once would miss their first directory read
+                for i in range(first, min(cfg.relays, first + RELAY_WAVE)):
+                    self._spawn_relay(i)
+                if first + RELAY_WAVE < cfg.relays:
+                    self._wait_ready(deadline)
             for i in range(cfg.workers):
                 self._spawn(f"worker-{i}", threads)
-            self._wait_ready(time.monotonic() + cfg.start_timeout_s)
+            self._wait_ready(deadline)
             self.probers = enroll.start_probers(self.net, self.log_dir, cfg.probe_timeout_s)
             self.wait_running(cfg.start_timeout_s)
         except BaseException:
@@ -190,7 +196,9 @@ class EmbeddedMesh:
         return spawn(name, cmd, self.log_dir)
 
     def _wait_ready(self, deadline: float) -> None:
-        wait_ready(self.children + self.relay_children, max(0.0, deadline - time.monotonic()), MeshError)
+        """Wait for the READY line of every child that has not printed it yet."""
+        waiting = [c for c in self.children + self.relay_children if c.endpoint is None]
+        wait_ready(waiting, max(0.0, deadline - time.monotonic()), MeshError)
 
     def log_tail(self, child: Child, lines: int = 20) -> str:
         return child.log_tail(lines)
