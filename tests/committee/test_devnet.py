@@ -57,9 +57,9 @@ class Signer:
 
 
 @contextlib.contextmanager
-def running_devnet(home, rules: LedgerRules, byzantine: tuple[int, ...] = ()):
-    """A started 4-validator devnet and a client of it; both stopped on the way out."""
-    net = Devnet(DevnetConfig(home, rules=rules, byzantine=byzantine))
+def running_devnet(home, rules: LedgerRules = LedgerRules(), byzantine: tuple[int, ...] = (), validators: int = 4):
+    """A started devnet (4 validators unless told) and a client of it; both stopped on the way out."""
+    net = Devnet(DevnetConfig(home, validators=validators, rules=rules, byzantine=byzantine))
     net.start()
     client = CommitteeClient(net.endpoints, timeout_s=5.0)
     try:

@@ -20,10 +20,9 @@ from permamesh.committee.abci.client import SocketClient
 from permamesh.committee.abci.framing import encode_message, encode_uvarint
 from permamesh.committee.abci.server import ABCIServer, ABCIServerThread, ServerConfig
 from permamesh.committee.app import LedgerApp
-from permamesh.committee.client import CommitteeClient
 from permamesh.committee.devnet import messages as m
 from permamesh.committee.devnet.blocks import Block, BlockStore
-from permamesh.committee.devnet.cluster import Devnet, DevnetConfig, free_port
+from permamesh.committee.devnet.cluster import free_port
 from permamesh.committee.devnet.node import ROUTER_HWM
 from permamesh.committee.errors import CommitteeError, ProtocolError
 from permamesh.identity import NodeIdentity
@@ -196,18 +195,6 @@ def test_huge_announced_frames_cost_only_what_arrives(tmp_path):
 
 
 # ------------------------------------------------------------------------ a devnet validator
-
-@pytest.fixture
-def validator(tmp_path):
-    net = Devnet(DevnetConfig(tmp_path / "devnet", validators=1))
-    net.start()
-    client = CommitteeClient(net.endpoints, timeout_s=5.0)
-    try:
-        yield net, client
-    finally:
-        client.close()
-        net.stop()
-
 
 def commits(client, more: int = 3, timeout_s: float = 30.0) -> None:
     start = client.status().height

@@ -10,10 +10,8 @@ import time
 
 import pytest
 
-from permamesh.committee.client import CommitteeClient
 from permamesh.committee.devnet import messages as m
 from permamesh.committee.devnet.askbudget import AskBudget, AskBudgetConfig
-from permamesh.committee.devnet.cluster import Devnet, DevnetConfig
 from permamesh.identity import NodeIdentity
 from permamesh.transport import DealerClient
 from permamesh.wire.codec import encode
@@ -69,18 +67,6 @@ def test_a_config_that_answers_nothing_is_refused():
 
 
 # ------------------------------------------------------------------------ a running validator
-
-@pytest.fixture
-def validator(tmp_path):
-    net = Devnet(DevnetConfig(tmp_path / "devnet", validators=1))
-    net.start()
-    client = CommitteeClient(net.endpoints, timeout_s=5.0)
-    try:
-        yield net, client
-    finally:
-        client.close()
-        net.stop()
-
 
 class Flooder:
     """Mallory on one connection: the largest status ask, as fast as zmq takes it, never reading
