@@ -126,7 +126,7 @@ def run(bench: VerifyBench, say: Callable[[str], None] = print,
                   if bench.follow_excluded or rep.is_trusted(states[name], config)}
         got = member.run(epoch, nodes, engines, counts, calibrate)
         for name, credits in got.items():
-            contract_ok = member.contract_ok(name, credits)
+            contract_ok = member.contract_ok(name, credits, engines.get(name, "torch"))
             credit = epoch_credit(credits) if contract_ok else 0
             states[name] = state = rep.update(states[name], credit, config)
             worst = min(credits, key=lambda c: c.credit).reason if credits else ""

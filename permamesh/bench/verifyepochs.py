@@ -118,8 +118,8 @@ class Epochs:
     def close_epoch(self) -> None:
         self.contracts.close_epoch()
 
-    def contract_ok(self, name: str, credits: list) -> bool:
-        verdict = self.contracts.epoch(target_of(name, self.model).key, credits)
+    def contract_ok(self, name: str, credits: list, engine: str = "torch") -> bool:
+        verdict = self.contracts.epoch(target_of(name, self.model).key, credits, engine)
         if not verdict.ok:
             self.verdicts[name] = verdict.reason
         return verdict.ok

@@ -178,19 +178,20 @@ def send_plan(plan: list[Slot], pool: ChallengePool, rng: random.Random,
 class Contracts:
     """A member's sampling-contract state per worker (kept across epochs, off the ledger)."""
 
-    config: contract.ContractConfig = field(default_factory=contract.ContractConfig)
+    configs: dict[str, contract.ContractConfig] = field(default_factory=lambda: dict(contract.ENGINE_CONTRACTS))
     states: dict[bytes, contract.ContractState] = field(default_factory=dict)
     seeded_at: dict[bytes, int] = field(default_factory=dict)  # key -> last epoch with seeded sampled tokens
     epochs: int = 0  # epochs judged so far
 
-    def epoch(self, key: bytes, credits: list) -> contract.Verdict:
-        """Add a worker's credits of this epoch; judge its window."""
+    def epoch(self, key: bytes, credits: list, engine: str = "torch") -> contract.Verdict:
+        """Add a worker's credits of this epoch; judge its window under its engine's config."""
+        config = contract.contract_for(engine, self.configs)
         tally = contract.tally(credits)
-        state = contract.update(self.states.get(key, contract.ContractState()), tally, self.config)
+        state = contract.update(self.states.get(key, contract.ContractState()), tally, config)
         self.states[key] = state
         if tally.seeded_tokens:
             self.seeded_at[key] = self.epochs
-        return contract.judge(state, self.config)
+        return contract.judge(state, config)
 
     def close_epoch(self) -> None:
         self.epochs += 1
@@ -221,6 +222,7 @@ def run_plan(plan: list[Slot], verifier: Verifier, pool: ChallengePool, rng: ran
     answers: dict[bytes, list] = {slot.target.key: [] for slot in plan}
     failures: dict[bytes, str] = {}
     by_node = {slot.target.node_id: slot.target for slot in plan}
+    engines = {slot.target.key: slot.target.engine for slot in plan}
     scored = 0
     for slot, challenge, answer in send_plan(plan, pool, rng, send, config, fits=verifier.fits, **timing):
         if isinstance(answer, Exception):
@@ -241,7 +243,7 @@ def run_plan(plan: list[Slot], verifier: Verifier, pool: ChallengePool, rng: ran
             continue  # no evidence this epoch (its entry routed every challenge to a group peer): unscored
         credit = epoch_credit(got) if got and key not in failures else 0
         if contracts is not None and got and key not in failures:
-            verdict = contracts.epoch(key, got)
+            verdict = contracts.epoch(key, got, engines.get(key, "torch"))
             if not verdict.ok:
                 log.warning("worker %s breaks the sampling contract: %s", key.hex()[:16], verdict.reason)
                 credit = 0

@@ -46,7 +46,8 @@ from permamesh.verify.errors import VerifyError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ContractConfig", "ContractState", "Tally", "Verdict", "judge", "tally", "update"]
+__all__ = ["ENGINE_CONTRACTS", "ContractConfig", "ContractState", "Tally", "Verdict", "contract_for", "judge", "tally",
+           "update"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ class ContractConfig:
     max_z: float = 6.0  # argmax excess z above which the worker is not sampling
     typicality_z: float = 6.0  # |aggregated typicality z| beyond which it is not the model's sampler
     seed_slack: float = 0.05  # share of seeded tokens that may differ from the replay...
-    seed_grace: int = 1  # ...plus this many (honest boundary flips: 0 seen on fp32/bf16 torch)
+    seed_grace: int = 2  # ...plus this many (honest boundary flips: bf16 torch 0.3% of seeded tokens)
     window_epochs: int = 10  # epochs whose sums are judged together
     min_tokens: int = 16  # sampled tokens in the window before argmax and typicality are judged
 
@@ -62,6 +63,23 @@ class ContractConfig:
         if not (self.max_z > 0 and self.typicality_z > 0 and 0 <= self.seed_slack < 1 and self.seed_grace >= 0
                 and self.window_epochs >= 1 and self.min_tokens >= 1):
             raise VerifyError(f"contract config out of range: {self}")
+
+
+# Per engine, as the credit configs are (verify.credit.ENGINE_CONFIGS): where a worker's logits
+# sit further from the fp32 reference, more seeded draws land across a boundary of the replay's
+# cumulative distribution. Measured against SmolLM2's fp32 reference (80 seeded sampled answers
+# each, 3,100 tokens): bf16 torch 0.32% of seeded tokens, llama.cpp (the wheel's GGUF) 3.3%,
+# up to 3 of 16 in one answer. The allowance keeps an honest worker's chance of failing a window
+# near 1e-4 at 16 seeded tokens (binomial tail) and far below at more; a seed-ignoring worker
+# misses most draws (tens of percent) and still fails within its first seeded answers.
+ENGINE_CONTRACTS: dict[str, "ContractConfig"] = {}
+
+
+def contract_for(engine: str, table: dict[str, "ContractConfig"] | None = None) -> "ContractConfig":
+    """The contract config for a worker serving with ``engine`` (an unknown engine gets torch's,
+    the strictest: a worker must not loosen its own checks by naming an engine)."""
+    table = ENGINE_CONTRACTS if table is None else table
+    return table.get(engine, table["torch"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +120,9 @@ class Verdict:
     seed_mismatches: int
     seeded_tokens: int
     reason: str  # "" when the contract holds
+
+
+ENGINE_CONTRACTS.update({"torch": ContractConfig(), "llamacpp": ContractConfig(seed_slack=0.10, seed_grace=3)})
 
 
 class _Sampled(Protocol):

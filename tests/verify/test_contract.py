@@ -149,3 +149,25 @@ def test_argmax_only_and_seed_ignoring_workers_break_it(bench_zoo) -> None:
     ignoring = judged(zoo.cheater("seed-ignoring"), verifier, seed=7)
     assert not ignoring.ok and "seed" in ignoring.reason, ignoring
     assert ignoring.seed_mismatches > ignoring.seeded_tokens / 2
+
+
+@pytest.mark.parametrize(("engine", "flip_rate"), [("torch", 0.0032), ("llamacpp", 0.033)])
+def test_each_engines_honest_seed_flips_pass_and_a_seed_ignorer_fails(engine: str, flip_rate: float) -> None:
+    """Flip rates are the ones measured against SmolLM2's fp32 reference (bf16 torch, llama.cpp's
+    GGUF); a seed-ignoring worker misses a third of its draws or more."""
+    config = contract.contract_for(engine)
+    rng = random.Random(7)
+    failed = 0
+    for _ in range(2000):  # one seeded answer of 16 tokens: the hardest case for an honest worker
+        flips = sum(rng.random() < flip_rate for _ in range(16))
+        failed += not judge(update(ContractState(), Tally(seeded_tokens=16, seed_mismatches=flips), config),
+                            config).ok
+    assert failed <= 2  # ~1e-4 each
+    for tokens in (16, 48):
+        ignored = Tally(seeded_tokens=tokens, seed_mismatches=round(tokens / 3))
+        assert not judge(update(ContractState(), ignored, config), config).ok
+
+
+def test_an_unknown_engine_gets_the_strictest_contract() -> None:
+    assert contract.contract_for("made-up") == contract.contract_for("torch")
+    assert contract.contract_for("llamacpp").seed_slack > contract.contract_for("torch").seed_slack
