@@ -99,9 +99,13 @@ class WorkerView:
             new in self.served, first_seen is not None and first_seen != r.session,
             bool(entry), entry == self.me if entry else False,
         ] + self._other_fields(r) + slots + [math.log1p(b) for b in bag]
+        self.remember(t, r, texts, users)
+        return [float(x) for x in row]
+
+    def remember(self, t: float, r: GenerateRequest, texts: list[str], users: list[str]) -> None:
+        """Keep what serving ``r`` at ``t`` taught this worker (its texts, its session's history)."""
         self.served.update(texts)
         self.firsts.setdefault(users[0], r.session)
         if r.session:
             self.sessions[r.session] = (t, r.messages)
         self.last_t = t
-        return [float(x) for x in row]

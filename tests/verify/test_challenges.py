@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from permamesh.verify import observe
 from permamesh.verify.challenges import Challenge, ChallengePool
 from permamesh.verify.consented import sample_for_verification
 from permamesh.verify.errors import VerifyError
@@ -265,15 +266,10 @@ def test_only_consented_answers_are_forwarded_at_the_sampling_rate() -> None:
 BUCKETS = 64  # hashed bag of words
 
 
-class WorkerView:
+class WorkerView(observe.WorkerView):
     """What a worker knows when a request arrives: its fields, the arrival time, and everything
-    it served before (texts, sessions and their histories). Proxies are random: left out."""
-
-    def __init__(self) -> None:
-        self.served: set[str] = set()
-        self.firsts: dict[str, str] = {}  # first user message -> session it came in
-        self.sessions: dict[str, tuple[float, tuple[ChatMessage, ...]]] = {}
-        self.last_t: float | None = None
+    it served before (texts, sessions and their histories; kept by the verifier's own view).
+    Proxies are random: left out. The row is this test's own, smaller feature set."""
 
     def features(self, t: float, r: GenerateRequest) -> list[float]:
         texts = [r.prompt] if r.prompt is not None else [m.content for m in r.messages]
@@ -295,11 +291,7 @@ class WorkerView:
             math.log1p(t - self.last_t) if self.last_t is not None else 0.0,
             new in self.served, first_seen is not None and first_seen != r.session,
         ] + [math.log1p(b) for b in bag]
-        self.served.update(texts)
-        self.firsts.setdefault(users[0], r.session)
-        if r.session:
-            self.sessions[r.session] = (t, r.messages)
-        self.last_t = t
+        self.remember(t, r, texts, users)
         return [float(x) for x in row]
 
 
