@@ -32,19 +32,35 @@ def mesh(home, tiny_loaded, request):
 
 
 class Pieces:
-    """``on_text``: records each piece and how many final answers the entry had made by then."""
+    """``on_text``: records each piece and how many final answers the entry had made by then.
 
-    def __init__(self, server: WorkerServer) -> None:
+    With ``hold=True`` the worker's decoding waits after its second step until the client has its
+    first piece (at most 30 s), so "the first piece came before the answer" does not depend on
+    how busy the machine is; a stream that only arrives at the end still fails it."""
+
+    def __init__(self, server: WorkerServer, hold: bool = False) -> None:
         self.server, self.texts, self.answers_then = server, [], []
+        self.first = threading.Event()
+        if hold:
+            step, steps = server.engine.step, [0]
+
+            def held_step(runs):
+                steps[0] += 1
+                if steps[0] > 2:
+                    self.first.wait(30.0)
+                return step(runs)
+
+            server.engine.step = held_step
 
     def __call__(self, text: str) -> None:
         self.texts.append(text)
         self.answers_then.append(self.server.inbox.counts["answers"])
+        self.first.set()
 
 
 def test_chunks_arrive_in_order_before_the_answer_and_join_to_its_text(mesh):
     records, worker, server, *_ = mesh
-    pieces = Pieces(server)
+    pieces = Pieces(server, hold=True)
     with OverlayClient(records, [worker], STREAM, random.Random(1)) as client:
         result = client.generate("tell me a story", max_tokens=24, on_text=pieces)
     assert "".join(pieces.texts) == result.text and result.completion_tokens == 24
@@ -70,7 +86,7 @@ def test_the_anonymous_client_streams_through_on_text(mesh):
     records, worker, server, *_ = mesh
     from permamesh.client.blocking import Client
 
-    pieces = Pieces(server)
+    pieces = Pieces(server, hold=True)
     with Client([worker.endpoint]) as client:  # its overlay client, made here from the same records
         client.anonymous = True
         client._overlay = OverlayClient(records, [worker], STREAM, random.Random(4))
