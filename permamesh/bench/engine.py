@@ -8,7 +8,8 @@ for each concurrency level c:
 
 - **prefill**: c distinct prompts of ~``prompt_tokens`` tokens, one answer token each; prefill
   tok/s = uncached prompt tokens / wall seconds from the release to the last answer.
-- **decode**: c distinct chat requests for a long story, ``max_tokens`` each at temperature 0;
+- **decode**: c distinct chat requests for a long story, ``max_tokens`` each at temperature 0
+  (or ``--temperature``/``--top-p``, each request with its own seed);
   total tok/s = answer tokens / wall seconds (the figure the issue's Done-when names), and
   decode tok/s = answer tokens after the first / the span from the earliest first token to
   the last answer (first tokens placed with the worker's own ttft).
@@ -68,6 +69,8 @@ class EngineBench:
     model_path: str | None = None
     data_dir: Path = Path(".")
     seed: int = 0
+    temperature: float = 0.0  # of the decode requests (each with its own seed when > 0)
+    top_p: float = 1.0
 
 
 def measure_bandwidth_gb_s(megabytes: int = 256, tries: int = 5) -> float:
@@ -211,6 +214,9 @@ def add_engine_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length (tokens, about; default: 512)")
     p.add_argument("--max-tokens", type=int, default=128, help="answer tokens per decode request (default: 128)")
     p.add_argument("--max-active", type=int, default=8, help="requests the worker batches at once (default: 8)")
+    p.add_argument("--temperature", type=float, default=0.0, help="decode requests' temperature; above 0 each "
+                   "has its own seed, and the scoring replays it (default: 0, greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top-p, with --temperature (default: 1)")
     p.add_argument("--quick", action="store_true", help="levels 1 and 4, 256-token prompts, 32-token answers")
     p.add_argument("--model", default=models.DEFAULT_MODEL, help=f"model name (default: {models.DEFAULT_MODEL})")
     p.add_argument("--model-path", default=None, help="a local model directory or .gguf file")
@@ -224,12 +230,17 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
     from permamesh.bench.stats import write_report
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the worker process is stopped, not left
+    if not 0.0 <= args.temperature <= 2.0 or not 0.0 < args.top_p <= 1.0:
+        raise SystemExit("bench engine: --temperature must be in [0, 2] and --top-p in (0, 1]")
+    if args.top_p < 1.0 and args.temperature == 0.0:
+        raise SystemExit("bench engine: --top-p has no effect at temperature 0; give --temperature too")
 
     bench = EngineBench(
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
         concurrency=(1, 4) if args.quick else tuple(int(c) for c in args.concurrency.split(",")),
         prompt_tokens=256 if args.quick else args.prompt_tokens, max_tokens=32 if args.quick else args.max_tokens,
-        max_active=args.max_active, model=args.model, model_path=args.model_path, data_dir=data_dir)
+        max_active=args.max_active, model=args.model, model_path=args.model_path, data_dir=data_dir,
+        temperature=args.temperature, top_p=args.top_p)
     report = run(bench)
     write_report(report, args.json, args.plot, plot_engine)
     if args.json:

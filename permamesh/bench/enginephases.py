@@ -59,8 +59,10 @@ def run_level(endpoint: str, c: int, bench, rng: random.Random, scored: list) ->
            "prompt_tokens_mean": round(uncached / c, 1)}
 
     topics = rng.sample(STORIES * 2, c)
+    sampling = dict(temperature=bench.temperature, top_p=bench.top_p) if bench.temperature > 0 else {}
     decode_jobs = [dict(messages=[{"role": "user", "content": f"Write a long story about {t}. Number {rng.random():.6f}."}],
-                        max_tokens=bench.max_tokens, logprobs=True) for t in topics]
+                        max_tokens=bench.max_tokens, logprobs=True, **sampling,
+                        **({"seed": rng.getrandbits(32)} if sampling else {})) for t in topics]
     answers, wall = ask_all(endpoint, decode_jobs)
     scored.extend((c, job, result) for job, (result, _) in zip(decode_jobs, answers))
     tokens = sum(r.completion_tokens for r, _ in answers)
@@ -97,7 +99,8 @@ def score_answers(scored: list, bench, engine: str = "torch") -> dict:
     by_c: dict[int, list] = {}
     for c, job, result in scored:
         request = GenerateRequest(request_id=result.request_id, messages=[ChatMessage(**m) for m in job["messages"]],
-                                  max_tokens=job["max_tokens"], logprobs=True)
+                                  max_tokens=job["max_tokens"], logprobs=True, temperature=job.get("temperature", 0.0),
+                                  top_p=job.get("top_p", 1.0), seed=job.get("seed"))
         by_c.setdefault(c, []).append(verifier.score(request, result, engine=engine))
     return {c: {"answers": len(credits), "credit_min": round(min(x.credit for x in credits), 3),
                 "credit_mean": round(sum(x.credit for x in credits) / len(credits), 3),

@@ -17,8 +17,10 @@ addresses) so ``permamesh submit`` on this machine finds it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import signal
 import statistics
 import sys
 import threading
@@ -64,7 +66,33 @@ class DemoOptions:
     committee: str = "cometbft"  # the committee's engine: cometbft, or devnet (the local stand-in)
 
 
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """Ctrl-C (SIGINT) and SIGTERM stop the demo cleanly, even where it was started with SIGINT
+    ignored (a background job of a non-interactive shell, and every child of one, ignores it
+    from birth: the demo would never stop on Ctrl-C and would leave its mesh running).
+    Only in the main thread, where Python delivers signals; the old handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
+    with _stopped_by_signals():
+        return _run_demo(opts, out)
+
+
+def _run_demo(opts: DemoOptions, out: TextIO) -> int:
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
@@ -125,12 +153,14 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     except KeyboardInterrupt:
         say("\ninterrupted; stopping the mesh")
     finally:
-        if gateway is not None:
-            demo_gateway.stop_gateway(gateway, opts.data_dir)
-        forget_join(opts.data_dir, net.endpoints)
-        mesh.stop()
-        committee.close()
-        net.stop()
+        steps = [("the gateway", lambda: gateway is not None and demo_gateway.stop_gateway(gateway, opts.data_dir)),
+                 ("the join file", lambda: forget_join(opts.data_dir, net.endpoints)), ("the mesh", mesh.stop),
+                 ("the committee client", committee.close), ("the committee", net.stop)]
+        for what, stop in steps:  # each one whatever the others did: no process may be left running
+            try:
+                stop()
+            except Exception:  # noqa: BLE001 - said, and the next part is stopped all the same
+                log.exception("stopping %s failed", what)
         say("mesh stopped; no worker, relay or validator process left running")
     return 0
 

@@ -7,7 +7,8 @@
 - :mod:`~permamesh.gateway.tools`: ``response_format`` and ``tools`` as the job's grammar,
   and answers read back as tool calls (pure).
 - :mod:`~permamesh.gateway.streaming`: streamed answers (server-sent events) of every
-  choice, settled even when the client leaves.
+  choice, settled even when the client leaves; :mod:`~permamesh.gateway.deltas`: one
+  choice's deltas, each chunk's log-probabilities with its text (pure).
 - :mod:`~permamesh.gateway.traffic`: the dashboard's request, error, latency, TTFT and token
   rates, from the gateway's own metrics.
 - :mod:`~permamesh.gateway.backend`: :class:`MeshBackend`, jobs into the mesh through the

@@ -6,10 +6,14 @@ worker, and sends the job like any client would:
 
 - ``via="overlay"`` (the default): S-IDA cloves over onion paths through an
   :class:`~permamesh.overlay.sender.OverlayClient`; the answer streams back in chunks over
-  reply blocks (``docs/paths.md`` section 9), each handed to ``on_text`` (an SSE delta) as
-  soon as the overlay rebuilds it, the tail with the checked final answer;
+  reply blocks (``docs/paths.md`` section 9), each handed to ``on_chunk`` (its text and its
+  tokens' log-probabilities: SSE deltas) as soon as the overlay rebuilds it;
 - ``via="direct"``: straight to a worker with :class:`permamesh.Client`, whose token chunks
-  stream as the worker produces them (not anonymous: the worker sees the gateway's address).
+  go to ``on_chunk`` as the worker produces them (not anonymous: the worker sees the
+  gateway's address).
+
+Either way what the chunks did not carry (the overlay's last piece) is in the result, which
+the caller has.
 
 Overlay clients are pooled (one per concurrent job, each with its own session paths) and
 rebuilt when the directory's relays or workers change.
@@ -78,17 +82,18 @@ class MeshBackend:
         return workers
 
     # ------------------------------------------------------------------ jobs
-    def generate(self, model: str, fields: dict, on_text: Callable[[str], None] | None = None) -> GenerateResult:
-        """Run one job to its result; ``on_text`` gets the answer's text as it comes."""
+    def generate(self, model: str, fields: dict,
+                 on_chunk: Callable[[TokenChunk], None] | None = None) -> GenerateResult:
+        """Run one job to its result; ``on_chunk`` gets the answer's chunks as they come."""
         entries = self._entries(model)
         if self.via == "direct":
-            return self._direct(entries, model, fields, on_text)
+            return self._direct(entries, model, fields, on_chunk)
         req = GenerateRequest(uuid.uuid4().hex, model=model, **{**fields, "logprobs": True})
         entry = self.rng.choice(entries).node_id
         client = self._take()
         ok = False
         try:
-            result = client.submit(req, entry, on_text=on_text)  # chunks as the overlay rebuilds them
+            result = client.submit(req, entry, on_chunk=on_chunk)  # chunks as the overlay rebuilds them
             ok = True
         except Exception as exc:  # OverlayError: not delivered, or the worker refused
             raise _mesh_error(exc) from None
@@ -98,7 +103,7 @@ class MeshBackend:
             result = dataclasses.replace(result, logprobs=(), tokens=())
         return result
 
-    def _direct(self, entries: list, model: str, fields: dict, on_text) -> GenerateResult:
+    def _direct(self, entries: list, model: str, fields: dict, on_chunk) -> GenerateResult:
         from permamesh.client.blocking import Client, ClientError
 
         endpoints = [w.endpoint for w in entries]
@@ -107,9 +112,9 @@ class MeshBackend:
         try:
             with Client(endpoints, timeout_s=self.timeout_s) as client:
                 for msg in client.events(fields.get("prompt"), messages=fields.get("messages", ()), model=model,
-                                         stream=on_text is not None, **params):
-                    if isinstance(msg, TokenChunk) and on_text is not None and msg.text:
-                        on_text(msg.text)
+                                         stream=on_chunk is not None, **params):
+                    if isinstance(msg, TokenChunk) and on_chunk is not None:
+                        on_chunk(msg)
                     elif isinstance(msg, GenerateResult):
                         return msg
         except ClientError as exc:

@@ -17,7 +17,7 @@ prompt log-probabilities are not computed), ``best_of`` only equal to ``n``, ``s
 ``stream_options.include_usage``, ``user`` (an end-user id OpenAI uses for abuse reports; it
 does not change the answer and is not stored), and ``response_format``, ``tools``,
 ``tool_choice`` and ``parallel_tool_calls`` (:mod:`permamesh.gateway.tools`: decoded under
-a grammar in the worker; one call per answer).
+a grammar in the worker; several calls per answer unless ``parallel_tool_calls`` is false).
 
 Who calls it: :mod:`permamesh.gateway.server`.
 """
@@ -201,7 +201,7 @@ def parse_chat(body: Any) -> Parsed:
         name = m.get("name")
         if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 64):
             raise ApiError(400, f"messages[{i}].name must be a string of 1-64 characters", param=f"messages[{i}].name")
-        turn = tools.history(i, m)
+        turn = tools.history(i, m, tools.parallel_of(body))
         if turn is not None:
             messages.append(ChatMessage(*turn))
             continue

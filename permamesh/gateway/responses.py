@@ -7,11 +7,11 @@ way OpenAI clients parse it (ids, ``created``, ``choices`` with their ``index``,
 
 Log-probabilities are the model's own (before penalties, temperature and top-p), as the
 worker reports them: chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}`` and the
-completions API's ``{tokens, token_logprobs, top_logprobs, text_offset}``. In a stream they
-come with the text: when the tokens' texts join to the answer, one chunk per token, else the
-whole answer in one chunk (so a stream that asks for log-probabilities is sent when its answer
-is done). A stream with tools is sent when its answer is done too: a call goes as one
-``tool_calls`` delta.
+completions API's ``{tokens, token_logprobs, top_logprobs, text_offset}``. In a stream each
+chunk carries its own tokens' entries as it comes (:mod:`~permamesh.gateway.deltas`,
+:func:`chat_entries`, :func:`completion_entries`). A
+stream with tools is sent when its answer is done: each call goes as one ``tool_calls``
+delta.
 
 Who calls it: :mod:`permamesh.gateway.server`.
 """
@@ -22,6 +22,7 @@ import re
 import uuid
 from typing import Any, Sequence
 
+from permamesh.gateway.deltas import Entry
 from permamesh.wire import GenerateResult
 
 
@@ -79,6 +80,20 @@ def completion_logprobs(result: GenerateResult, start: int = 0, stop: int | None
             "text_offset": offsets}
 
 
+def chat_entries(entries: Sequence[Entry]) -> dict[str, Any]:
+    """Chat's ``logprobs`` of one stream delta's tokens (:class:`~permamesh.gateway.deltas.Entry`)."""
+    return {"content": [{**_entry(e.token, e.logprob), "top_logprobs": [_entry(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_entries(entries: Sequence[Entry], top: bool, offset: int = 0) -> dict[str, Any]:
+    """The completions API's ``logprobs`` of one stream delta's tokens; ``offset``: characters
+    before the choice's first token (an echoed prompt)."""
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries] if top else None,
+            "text_offset": [offset + e.offset for e in entries]}
+
+
 def chat_message(result: GenerateResult, functions: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
     """The assistant message of one choice and its finish reason: a complete call of one of
     ``functions`` becomes ``tool_calls`` (:func:`permamesh.gateway.tools.tool_calls`)."""
@@ -126,15 +141,6 @@ def completion_chunk(rid: str, created: int, model: str, text: str, finish: str 
     if use is not None:
         chunk["choices"], chunk["usage"] = [], use
     return chunk
-
-
-def token_spans(result: GenerateResult) -> list[tuple[int, int, str]]:
-    """``(start, stop, text)``: the answer cut by its tokens when their texts join to it
-    exactly (one span per token), else one span for the whole answer."""
-    n = len(result.tokens)
-    if n and "".join(result.tokens) == result.text:
-        return [(i, i + 1, t) for i, t in enumerate(result.tokens)]
-    return [(0, n, result.text)]
 
 
 _PIECE = re.compile(r"\s*\S+\s*|\s+")

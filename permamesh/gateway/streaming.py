@@ -1,10 +1,11 @@
 """Streamed answers: every choice's job at once, its text as server-sent events as it comes.
 
 :func:`stream` runs the ``n`` jobs of a streamed request on the gateway's pool and writes
-their texts in word-sized deltas, each with its choice's ``index``, then each choice's end
+their texts as they come, each delta with its choice's ``index``, then each choice's end
 (``finish_reason``), the usage when asked, and ``[DONE]``. A choice that asks for
-log-probabilities or may call tools is sent when its job is done (its tokens with their
-log-probabilities, or one ``tool_calls`` delta). An error after the headers goes in the
+log-probabilities gets them chunk by chunk, with the text of the tokens they belong to
+(:mod:`~permamesh.gateway.deltas`); one that may call tools is sent when its job is done
+(each call as one whole ``tool_calls`` delta, or its text). An error after the headers goes in the
 stream, as OpenAI does. A client that goes away mid-answer is logged at INFO; its jobs still
 end in their threads and are settled (counted and paid), since the workers did the work.
 :func:`chat_chunks` and :func:`completion_chunks` shape the events of each endpoint.
@@ -23,25 +24,26 @@ from aiohttp import web
 
 from permamesh.gateway import openai_api as oa
 from permamesh.gateway import responses as rs
+from permamesh.gateway.deltas import ChoiceDeltas, Delta
 from permamesh.gateway.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 
 async def stream(gw, request, caller, reserved, parsed, rid, created, chunks) -> web.StreamResponse:
-    """Every choice's job at once; texts as they come (``(index, text)``), each choice's
-    end when its job ends. With log-probabilities, a choice's text is sent with them once
-    its job is done (:func:`~permamesh.gateway.responses.token_spans`)."""
+    """Every choice's job at once; each chunk as it comes, its text and (asked for) its tokens'
+    log-probabilities (:class:`~permamesh.gateway.deltas.ChoiceDeltas`); each choice's rest
+    and end when its job ends. A choice that may call tools is sent when its job is done."""
     loop, started = asyncio.get_running_loop(), time.monotonic()
     events: asyncio.Queue = asyncio.Queue()
-    with_logprobs = parsed.fields.get("logprobs", False)
-    whole = with_logprobs or bool(parsed.functions)  # sent once the answer is done
+    top = parsed.fields.get("top_logprobs", 0)
+    choices = [ChoiceDeltas(parsed.fields.get("logprobs", False), top) for _ in range(parsed.n)]
     jobs = []
     for i in range(parsed.n):
-        on_text = None if whole else (
-            lambda t, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, t)))
+        on_chunk = None if parsed.functions else (
+            lambda c, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, c)))
         job = loop.run_in_executor(gw.pool, gw.backend.generate, parsed.model, oa.choice_fields(parsed, i),
-                                   on_text)
+                                   on_chunk)
         job.add_done_callback(lambda _, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, None)))
         jobs.append(job)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -49,7 +51,14 @@ async def stream(gw, request, caller, reserved, parsed, rid, created, chunks) ->
     async def send(obj) -> None:
         await response.write(f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode())
 
-    first, last = chunks(rid, created, parsed.model)
+    async def send_delta(i: int, delta: Delta) -> None:
+        if delta.entries is None:  # no log-probabilities: word-sized deltas
+            for piece in rs.pieces(delta.text):
+                await send(last(i, piece, None, None))
+        else:
+            await send(last(i, delta.text, None, None, delta.entries))
+
+    first, last = chunks(rid, created, parsed.model, len(parsed.echo), top > 0)
     settled, results, failed, open_jobs = set(), {}, False, parsed.n
     try:
         await response.prepare(request)
@@ -59,13 +68,14 @@ async def stream(gw, request, caller, reserved, parsed, rid, created, chunks) ->
             if parsed.echo:
                 await send(last(i, parsed.echo, None, None))
         while open_jobs:
-            i, text = await events.get()
-            if text is not None:
-                if not results and started:
-                    gw.ttft.observe(time.monotonic() - started)
-                    started = 0.0
-                for piece in rs.pieces(text):
-                    await send(last(i, piece, None, None))
+            i, chunk = await events.get()
+            if chunk is not None:
+                delta = choices[i].chunk(chunk)
+                if delta is not None:
+                    if started:
+                        gw.ttft.observe(time.monotonic() - started)
+                        started = 0.0
+                    await send_delta(i, delta)
                 continue
             open_jobs -= 1
             try:
@@ -86,12 +96,11 @@ async def stream(gw, request, caller, reserved, parsed, rid, created, chunks) ->
             message, finish = rs.chat_message(result, parsed.functions) if parsed.functions else ({}, finish)
             if message.get("tool_calls"):
                 calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
-                await send(last(i, "", None, None, None, {"tool_calls": calls}))
-            elif with_logprobs:
-                for start, stop, text in rs.token_spans(result):
-                    await send(last(i, text, None, None, (result, start, stop, len(parsed.echo))))
-            elif whole:
-                await send(last(i, result.text, None, None))
+                for call in calls:  # each call whole, once its JSON is complete
+                    await send(last(i, "", None, None, None, {"tool_calls": [call]}))
+            else:
+                for delta in choices[i].rest(result):
+                    await send_delta(i, delta)
             await send(last(i, "", finish, None))
         if parsed.include_usage and results and not failed:
             await send(last(0, "", None, rs.usage([results[i] for i in sorted(results)])))
@@ -120,9 +129,9 @@ def _settle_abandoned(gw, job: asyncio.Future, caller, reserved: int, rid: str) 
         log.info("abandoned job %s not settled: the gateway is stopping", rid)
 
 
-def chat_chunks(rid, created, model):
-    def chunk(index, text, finish, use, lp=None, delta=None):
-        logprobs = rs.chat_logprobs(lp[0], lp[1], lp[2]) if lp else None
+def chat_chunks(rid, created, model, echo_chars: int = 0, top: bool = False):
+    def chunk(index, text, finish, use, entries=None, delta=None):
+        logprobs = rs.chat_entries(entries) if entries is not None else None
         delta = delta or ({"content": text} if text else {})
         return rs.chat_chunk(rid, created, model, delta, finish, use, index, logprobs)
 
@@ -130,13 +139,9 @@ def chat_chunks(rid, created, model):
             chunk)
 
 
-def completion_chunks(rid, created, model):
-    def chunk(index, text, finish, use, lp=None, delta=None):
-        logprobs = None
-        if lp:
-            result, start, stop, offset = lp
-            offset += len("".join(result.tokens[:start]))
-            logprobs = rs.completion_logprobs(result, start, stop, offset)
+def completion_chunks(rid, created, model, echo_chars: int = 0, top: bool = False):
+    def chunk(index, text, finish, use, entries=None, delta=None):
+        logprobs = rs.completion_entries(entries, top, echo_chars) if entries is not None else None
         return rs.completion_chunk(rid, created, model, text, finish, use, index, logprobs)
 
     return None, chunk

@@ -9,16 +9,21 @@ Tools, the way the models served here can call them:
 
 - the functions are described to the model in a system message (:func:`tool_prompt`), and a
   call is written as one JSON object ``{"name": ..., "arguments": {...}}`` whose arguments
-  follow that function's ``parameters`` schema;
-- ``tool_choice`` ``"required"`` (or a named function) constrains the answer to a call (of
-  that function); ``"auto"`` (the default) to either a call or plain text that does not start
-  with ``{`` (a Lark grammar with the calls' JSON schema inline); ``"none"`` leaves the answer
-  free and calls nothing;
-- the answer is read back by :func:`tool_calls`: a complete call becomes the message's
-  ``tool_calls`` (``finish_reason: tool_calls``); one call per answer.
+  follow that function's ``parameters`` schema; with ``parallel_tool_calls`` true or absent
+  (OpenAI's default) the answer is a JSON list of 1 to :data:`MAX_PARALLEL_CALLS` such calls,
+  with ``false`` exactly one call (the object alone);
+- ``tool_choice`` ``"required"`` (or a named function) constrains the answer to calls (of
+  that function); ``"auto"`` (the default) to either calls or plain text that does not start
+  with ``{`` or ``[`` (a Lark grammar with the calls' JSON schema inline); ``"none"`` leaves
+  the answer free and calls nothing;
+- the answer is read back by :func:`tool_calls`: complete calls become the message's
+  ``tool_calls``, each with its own id (``finish_reason: tool_calls``); a stream sends each
+  call whole, as one delta with its ``index``, once the answer's JSON is complete (the
+  grammar's JSON is only known to be a call when it closes).
 
 Earlier turns of a tool conversation are kept in the roles the workers take: an assistant
-turn's calls as their JSON, a ``tool`` message as a user turn naming the call it answers.
+turn's calls as their JSON (a list, when calls may be parallel), a ``tool`` message as a user
+turn naming the call it answers.
 
 Who calls it: :mod:`permamesh.gateway.openai_api` (parsing) and
 :mod:`permamesh.gateway.server` (shaping answers).
@@ -34,6 +39,7 @@ from typing import Any
 from permamesh.gateway.errors import ApiError
 
 MAX_TOOLS = 64
+MAX_PARALLEL_CALLS = 8  # calls in one answer at most (the grammar's maxItems)
 MAX_SCHEMA_CHARS = 32 * 1024  # one schema's JSON text (the wire takes 64 KiB of grammar)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -91,6 +97,11 @@ def _call_schema(functions: dict[str, dict]) -> dict:
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
+def parallel_of(body: dict) -> bool:
+    """Whether an answer may hold several calls (``parallel_tool_calls``: true or absent)."""
+    return body.get("parallel_tool_calls") is not False
+
+
 def constraint_of(body: dict) -> tuple[str, str, dict[str, dict], str]:
     """``(grammar_kind, grammar, functions callable, tool prompt)`` of a chat body."""
     kind, grammar = response_format(body.get("response_format"))
@@ -113,23 +124,31 @@ def constraint_of(body: dict) -> tuple[str, str, dict[str, dict], str]:
     else:
         raise _bad("'tool_choice' must be none, auto, required or {'type': 'function', 'function': {'name': one of "
                    "the tools}}", "tool_choice")
-    schema = json.dumps(_call_schema(chosen), separators=(",", ":"), sort_keys=True)
+    parallel = parallel_of(body)
+    call = _call_schema(chosen)
+    if parallel:
+        call = {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}
+    schema = json.dumps(call, separators=(",", ":"), sort_keys=True)
     if choice in (None, "auto"):
-        lark = f"start: call | text\ncall: %json {schema}\ntext: TEXT\nTEXT: /[^{{\\s][^\\x00]*/\n"
-        return "lark", lark, functions, tool_prompt(functions, required=False)
-    return "json_schema", schema, chosen, tool_prompt(chosen, required=True)
+        lark = f"start: call | text\ncall: %json {schema}\ntext: TEXT\nTEXT: /[^{{\\[\\s][^\\x00]*/\n"
+        return "lark", lark, functions, tool_prompt(functions, required=False, parallel=parallel)
+    return "json_schema", schema, chosen, tool_prompt(chosen, required=True, parallel=parallel)
 
 
-def tool_prompt(functions: dict[str, dict], required: bool) -> str:
+def tool_prompt(functions: dict[str, dict], required: bool, parallel: bool = False) -> str:
     listed = json.dumps(list(functions.values()), separators=(",", ":"))
+    call = '{"name": <function name>, "arguments": <its arguments>}'
+    if parallel:
+        how = "Answer with" if required else "To call functions, answer with only"
+        return (f"You can call these functions: {listed}\n{how}: a JSON list of calls [{call}, ...], one for each "
+                f"call to make (at most {MAX_PARALLEL_CALLS}).")
     how = "Answer with a call" if required else "To call one, answer with only"
-    return (f"You can call these functions: {listed}\n{how}: a JSON object {{\"name\": <function name>, "
-            "\"arguments\": <its arguments>}.")
+    return f"You can call these functions: {listed}\n{how}: a JSON object {call}."
 
 
-def history(i: int, message: dict) -> tuple[str, str] | None:
+def history(i: int, message: dict, parallel: bool = False) -> tuple[str, str] | None:
     """An earlier turn of a tool conversation as ``(role, content)`` the workers take, or None
-    for an ordinary message."""
+    for an ordinary message; ``parallel``: calls are written as the list the model writes."""
     if message.get("role") == "tool":
         content = message.get("content")
         if isinstance(content, list):
@@ -152,20 +171,28 @@ def history(i: int, message: dict) -> tuple[str, str] | None:
             arguments = json.loads(fn.get("arguments") or "{}")
         except (TypeError, ValueError):
             arguments = fn.get("arguments")
-        written.append(json.dumps({"name": fn["name"], "arguments": arguments}, separators=(",", ":")))
-    return "assistant", "\n".join(written)
+        written.append({"name": fn["name"], "arguments": arguments})
+    if parallel:
+        return "assistant", json.dumps(written, separators=(",", ":"))
+    return "assistant", "\n".join(json.dumps(call, separators=(",", ":")) for call in written)
 
 
 def tool_calls(text: str, functions: dict[str, dict]) -> list[dict] | None:
-    """The answer as OpenAI ``tool_calls`` when it is a complete call of one of ``functions``."""
-    if not functions or not text.lstrip().startswith("{"):
+    """The answer as OpenAI ``tool_calls`` when it is complete calls of ``functions``: one
+    call (a JSON object) or a list of 1 to :data:`MAX_PARALLEL_CALLS` of them, each with its
+    own id (None when any of it is not a call)."""
+    if not functions or not text.lstrip().startswith(("{", "[")):
         return None
     try:
-        call = json.loads(text)
+        value = json.loads(text)
     except ValueError:
         return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or call["name"] not in functions \
-            or not isinstance(call.get("arguments"), dict):
+    calls = value if isinstance(value, list) else [value]
+    if not 0 < len(calls) <= MAX_PARALLEL_CALLS:
         return None
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or call["name"] not in functions \
+                or not isinstance(call.get("arguments"), dict):
+            return None
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]
+             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}} for call in calls]

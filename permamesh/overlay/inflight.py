@@ -124,7 +124,8 @@ class InFlight:
 
     def __init__(self, client: Sender, worker: WorkerRecord, req: Message, session: str,
                  results: tuple[type[Message], ...] = (GenerateResult, ErrorReply),
-                 on_text: Callable[[str], None] | None = None, on_output: OnOutput | None = None) -> None:
+                 on_text: Callable[[str], None] | None = None, on_output: OnOutput | None = None,
+                 on_chunk: Callable[[TokenChunk], None] | None = None) -> None:
         self.c, self.worker, self.req, self.session, self.results = client, worker, req, session, results
         self.mid = os.urandom(16)
         cfg = client.config
@@ -141,7 +142,7 @@ class InFlight:
         self.started = False
         self.first_answer_at: float | None = None
         kind = RunOutput if RunResult in results else TokenChunk  # a container job streams its output
-        self.stream = ChunkReassembly(self.mid, bytes.fromhex(worker.sign_key), on_text, on_output, kind)
+        self.stream = ChunkReassembly(self.mid, bytes.fromhex(worker.sign_key), on_text, on_output, kind, on_chunk)
         self.heard_at = 0.0  # when the last reply of this request came
         self.probed = False  # a probe went out since the stream last spoke
         self.repaired_at = 0.0  # when the last repair clove went out

@@ -9,7 +9,8 @@ answer that contradicts its chunks.
 
 Two kinds of stream (``docs/paths.md`` section 9):
 
-- a model's answer: :class:`~permamesh.wire.TokenChunk` chunks, text to ``on_text``; the
+- a model's answer: :class:`~permamesh.wire.TokenChunk` chunks, text to ``on_text`` and
+  each whole chunk (its tokens' log-probabilities with it) to ``on_chunk``; the
   final :class:`~permamesh.wire.GenerateResult`'s text must begin with the released text
   (:meth:`ChunkReassembly.finish`);
 - a container job's output: :class:`~permamesh.containers.messages.RunOutput` chunks, bytes
@@ -43,14 +44,17 @@ OnOutput = Callable[[bytes, bytes], None]  # (stdout piece, stderr piece), one o
 class ChunkReassembly:
     """The client's side of one streamed answer to request ``message_id`` from the entry
     worker whose signing key is ``signer``; ``kind`` is TokenChunk (a model's answer, text to
-    ``on_text``) or RunOutput (a container's output, bytes to ``on_output``)."""
+    ``on_text``, each chunk to ``on_chunk``) or RunOutput (a container's output, bytes to
+    ``on_output``). ``on_chunk`` gets the chunks only: what the final answer holds beyond
+    them goes to ``on_text`` alone (its caller has the answer itself)."""
 
     def __init__(self, message_id: bytes, signer: bytes, on_text: Callable[[str], None] | None = None,
-                 on_output: OnOutput | None = None, kind: type = TokenChunk) -> None:
+                 on_output: OnOutput | None = None, kind: type = TokenChunk,
+                 on_chunk: Callable[[TokenChunk], None] | None = None) -> None:
         if kind not in (TokenChunk, RunOutput):
             raise OverlayError(f"no stream of {kind.__name__}")
         self.mid, self.signer, self.kind = message_id, signer, kind
-        self.on_text, self.on_output = on_text, on_output
+        self.on_text, self.on_output, self.on_chunk = on_text, on_output, on_chunk
         self._rebuilder = Rebuilder()
         self._ready: dict[int, Piece] = {}  # chunks rebuilt, not yet released
         self.next_seq = 0  # the next chunk to release
@@ -134,6 +138,8 @@ class ChunkReassembly:
     def _release(self, piece: Piece) -> None:
         if isinstance(piece, TokenChunk):
             self._release_text(piece.text)
+            if self.on_chunk is not None:
+                self.on_chunk(piece)
         else:
             self._release_output(piece.stdout, piece.stderr)
 

@@ -59,7 +59,8 @@ from permamesh.overlay.prepared import KitPreparer
 from permamesh.overlay.relay import current_epoch
 from permamesh.overlay.sessions import SessionPaths
 from permamesh.transport import DealerClient
-from permamesh.wire import ChatMessage, ErrorReply, GenerateRequest, GenerateResult, Message, WireError, decode, encode
+from permamesh.wire import (ChatMessage, ErrorReply, GenerateRequest, GenerateResult, Message, TokenChunk, WireError,
+                            decode, encode)
 
 log = logging.getLogger(__name__)
 
@@ -137,30 +138,41 @@ class OverlayClient:
         self.close()
 
     # ------------------------------------------------------------------ one request
-    def generate(self, prompt: str | None = None, *, messages: Sequence[dict] = (), max_tokens: int = 128,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-                 logprobs: bool = False, session: str = "", entry: str | None = None,
-                 on_text: Callable[[str], None] | None = None) -> GenerateResult:
-        """Run one generation job; ``on_text`` gets the answer's text in order, chunk by chunk
-        as it is generated (``docs/paths.md`` section 9), the last piece once the signed result
-        is checked, so the pieces always join to ``result.text``."""
+    def generate(self, prompt: str | None = None, *, messages: Sequence[dict | ChatMessage] = (),
+                 max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = (), logprobs: bool = False, top_logprobs: int = 0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, grammar_kind: str = "",
+                 grammar: str = "", model: str = "", session: str = "", entry: str | None = None,
+                 on_text: Callable[[str], None] | None = None,
+                 on_chunk: Callable[[TokenChunk], None] | None = None) -> GenerateResult:
+        """Run one generation job; every field travels in the request, so the entry worker
+        runs it exactly as a direct one (penalties, top log-probs, a grammar the answer is
+        decoded under: ``docs/gateway.md``). ``on_text`` gets the answer's text in order, chunk
+        by chunk as it is generated (``docs/paths.md`` section 9), the last piece once the
+        signed result is checked, so the pieces always join to ``result.text``; ``on_chunk``
+        gets each chunk whole (its tokens' log-probabilities with it), not that last piece."""
         req = GenerateRequest(os.urandom(16).hex(), prompt=prompt,
-                              messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages),
+                              messages=tuple(m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"])
+                                             for m in messages),
                               max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              stop=tuple(stop), logprobs=True, session=session)  # always: see submit()
-        result = self.submit(req, entry, on_text=on_text)
+                              stop=tuple(stop), logprobs=logprobs, top_logprobs=top_logprobs,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              grammar_kind=grammar_kind, grammar=grammar, model=model, session=session)
+        req = dataclasses.replace(req, logprobs=True)  # always (checked as asked above): see submit()
+        result = self.submit(req, entry, on_text=on_text, on_chunk=on_chunk)
         # the caller gets the log-probs only if it asked for them
-        return result if logprobs else dataclasses.replace(result, logprobs=())
+        return result if logprobs else dataclasses.replace(result, logprobs=(), tokens=())
 
     def submit(self, req: Message, entry: str | None = None,
                results: tuple[type[Message], ...] = (GenerateResult, ErrorReply),
                on_text: Callable[[str], None] | None = None,
-               on_output: Callable[[bytes, bytes], None] | None = None) -> Message:
+               on_output: Callable[[bytes, bytes], None] | None = None,
+               on_chunk: Callable[[TokenChunk], None] | None = None) -> Message:
         """Send a ready request (validators send their challenges this way) and return the
         entry worker's answer as it came: one of ``results`` (a container job's
         :class:`~permamesh.containers.messages.RunRequest` expects its ``RunResult``; its
         stdout and stderr stream to ``on_output(stdout, stderr)`` as the job writes them,
-        the pieces joining to the result's output). Every
+        the pieces joining to the result's output; a model's chunks go whole to ``on_chunk``). Every
         generation request should ask for log-probs, so the committee's challenges, which need
         them, look like any other request. Every request carries ``stream_blocks`` chunk blocks
         per path whether or not ``on_text`` is given, so streamed and unstreamed jobs (and
@@ -168,7 +180,8 @@ class OverlayClient:
         worker = self._entry(entry)
         self.settle_paths()
         try:
-            return InFlight(self, worker, req, getattr(req, "session", ""), results, on_text, on_output).run()
+            return InFlight(self, worker, req, getattr(req, "session", ""), results, on_text, on_output,
+                            on_chunk).run()
         finally:
             if self.preparer is not None:
                 self.preparer.refill()

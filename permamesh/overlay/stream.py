@@ -91,7 +91,18 @@ def merge(request_id: str, parts: list[Piece]) -> Piece:
     if isinstance(parts[0], RunOutput):
         return RunOutput(request_id, b"".join(p.stdout for p in parts), b"".join(p.stderr for p in parts))
     return TokenChunk(request_id, parts[0].index, "".join(p.text for p in parts),
-                      tuple(t for p in parts for t in p.token_ids))
+                      tuple(t for p in parts for t in p.token_ids), *(_joined(parts, name) for name in PER_TOKEN))
+
+
+PER_TOKEN = ("logprobs", "tokens", "top_logprobs")  # a TokenChunk's fields with one entry per token
+
+
+def _joined(parts: list[TokenChunk], name: str) -> tuple:
+    """``name`` of every part in order, where every part with tokens has it (else none: the
+    client then takes them from the final answer)."""
+    if all(len(getattr(p, name)) == len(p.token_ids) for p in parts):
+        return tuple(x for p in parts for x in getattr(p, name))
+    return ()
 
 
 class ChunkBuffer:

@@ -66,7 +66,7 @@ def sample_of(request: GenerateRequest, number: int, group: str) -> Sample:
     if sum(len(m.content) for m in request.messages) + len(request.prompt or "") > MAX_PROMPT_CHARS - 4096:
         raise VerifyError("a consented request too close to the size limit to be perturbed")
     params = Params(request.max_tokens, request.temperature, request.top_p, request.stop, request.seed,
-                    request.model, request.stream)
+                    request.model, request.stream, request.grammar_kind, request.grammar)
     if request.prompt is not None:
         if not request.prompt.strip():
             raise VerifyError("a consented raw prompt is empty")

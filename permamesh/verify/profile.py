@@ -10,6 +10,7 @@ state; every sampler takes its ``random.Random``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import Counter
@@ -62,6 +63,11 @@ class Params:
     seed: int | None = None
     model: str = ""
     stream: bool = False
+    grammar_kind: str = ""  # structured output or tool calls: the answer's grammar ("" = none)
+    grammar: str = ""
+
+
+NO_GRAMMAR = ((("", ""), 1.0),)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class KindProfile:
     stream_share: float
     session_share: float  # requests carrying a session id
     words: tuple[float, ...]  # LEVELS quantiles: words of a first user message (raw: of the prompt)
+    grammars: tuple[tuple[tuple[str, str], float], ...] = NO_GRAMMAR  # (grammar_kind, grammar); ("", "") = none
 
     @classmethod
     def learn(cls, requests: list[GenerateRequest], words: list[int]) -> KindProfile:
@@ -85,17 +92,22 @@ class KindProfile:
             _freq(round(r.top_p, 3) for r in requests), _freq(r.stop for r in requests),
             _freq(-1 if r.seed is not None and r.seed >= 2**16 else r.seed for r in requests),
             _freq(r.model for r in requests), sum(r.stream for r in requests) / len(requests),
-            sum(bool(r.session) for r in requests) / len(requests), _quantiles([max(1, w) for w in words]))
+            sum(bool(r.session) for r in requests) / len(requests), _quantiles([max(1, w) for w in words]),
+            _freq((r.grammar_kind, r.grammar) for r in requests))
 
     def share(self, field: str, value: object) -> float:
         return dict(getattr(self, field)).get(value, 0.0)
 
     def sample(self, rng: random.Random) -> Params:
         seed = weighted(rng, self.seeds)
-        return Params(int(weighted(rng, self.max_tokens)), float(weighted(rng, self.temperature)),
-                      float(weighted(rng, self.top_p)), tuple(weighted(rng, self.stops)),
-                      rng.getrandbits(32) if seed == -1 else seed, str(weighted(rng, self.models)),
-                      rng.random() < self.stream_share)
+        params = Params(int(weighted(rng, self.max_tokens)), float(weighted(rng, self.temperature)),
+                        float(weighted(rng, self.top_p)), tuple(weighted(rng, self.stops)),
+                        rng.getrandbits(32) if seed == -1 else seed, str(weighted(rng, self.models)),
+                        rng.random() < self.stream_share)
+        if self.grammars == NO_GRAMMAR:  # no draw: a profile without grammars samples as it always did
+            return params
+        kind, grammar = weighted(rng, self.grammars)
+        return dataclasses.replace(params, grammar_kind=kind, grammar=grammar)
 
     def sample_words(self, rng: random.Random) -> int:
         return max(1, round(_from_quantiles(rng, self.words, log_scale=True))) if self.words else 10
@@ -164,6 +176,12 @@ class TrafficProfile:
     @property
     def temperature_zero_share(self) -> float:
         return self._blend(lambda k: k.share("temperature", 0.0))
+
+    @property
+    def grammar_share(self) -> float:
+        """Requests asking for structured output or tool calls (a grammar); challenges carry
+        grammars drawn from the traffic's at this share, so they look alike."""
+        return self._blend(lambda k: 1.0 - k.share("grammars", ("", "")))
 
     @property
     def stop_share(self) -> float:

@@ -13,6 +13,15 @@ every answer position, from the exact log-softmax over the whole vocabulary (no 
 - after the last token: the log-probability of ending (any end-of-sequence id) and whether
   ending is the greedy choice, so a truncated answer that claims ``stop`` is caught.
 
+A request with a grammar (``grammar_kind``, ``grammar``: structured output, tool calls) was
+sampled from the model's logits under the grammar's mask (:mod:`permamesh.workers.constraints`),
+so the reference applies the same mask, walked over the answer's tokens, to everything it
+compares with the *sampling*: the greedy token, the sampling distribution (typicality, argmax
+excess), the seed's replay and the ending (an answer whose grammar is complete ends there, as
+the worker's decoding does). The log-probabilities compared with the worker's stay the raw
+model's, before the mask, as workers report them. An answer token the grammar refuses is an
+error (:class:`VerifyError`: credit 0): an honest worker never sends one.
+
 Only this module imports torch (lazily); :mod:`~permamesh.verify.credit` turns a
 :class:`TokenEvidence` into a credit with pure arithmetic.
 
@@ -77,26 +86,48 @@ def _sampling_probs(logits, temperature: float, top_p: float):
 def seeded_replay(logits, answer: Sequence[int], temperature: float, top_p: float, seed: int) -> tuple[bool, ...]:
     """Replay the seed's draws over the reference's logits, teacher-forced on ``answer``: the
     sampling contract of every backend is :func:`~permamesh.workers.sampling.sample_token` with
-    one CPU ``torch.Generator`` seeded with ``seed`` per request, one draw per token, so an
-    honest answer's token i is the replay's draw i except where the worker's own logits (other
-    hardware, bf16) put the draw across a boundary of the cumulative distribution (rare: the
-    generator's state does not depend on the probabilities, so one such flip does not
+    one :func:`~permamesh.workers.sampling.generator` seeded with ``seed`` per request, one
+    exponential race per token, so an honest answer's token i is the replay's draw i except
+    where the worker's own logits (other hardware, bf16) tip a close race the other way (rare:
+    the generator's state does not depend on the probabilities, so one such flip does not
     desynchronise the rest). Each draw consumes the generator as the worker's does."""
-    import torch
+    from permamesh.workers.sampling import SamplingParams, generator, sample_token
 
-    from permamesh.workers.sampling import SamplingParams, sample_token
-
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed))
+    gen = generator(int(seed))
     params = SamplingParams(max_tokens=max(1, len(answer)), temperature=temperature, top_p=top_p, seed=int(seed))
     return tuple(sample_token(logits[i], params, gen)[0] == int(t) for i, t in enumerate(answer))
 
 
+def grammar_masked(logits, answer: Sequence[int], kind: str, grammar: str, tokenizer):
+    """``logits`` (one row per answer position and one after it) with each row masked as the
+    grammar allowed at that point of ``answer``; and whether the grammar is complete after it.
+    Raises VerifyError when the grammar does not compile or refuses an answer token."""
+    import torch
+
+    from permamesh.workers.constraints import Constraint
+    from permamesh.workers.errors import WorkerError
+
+    try:
+        constraint = Constraint(tokenizer, int(logits.shape[-1]), kind, grammar)
+    except WorkerError as exc:
+        raise VerifyError(f"the request's grammar: {exc}") from None
+    rows = []
+    for i, token in enumerate(answer):
+        rows.append(constraint.mask(logits[i]))
+        if not torch.isfinite(rows[-1][int(token)]) or not constraint.matcher.consume_token(int(token)):
+            raise VerifyError(f"answer token {i} ({int(token)}) is outside the request's grammar")
+    stopped = constraint.stopped
+    rows.append(logits[len(answer)].detach().cpu().float().clone() if stopped else constraint.mask(logits[len(answer)]))
+    return torch.stack(rows).to(logits.device), stopped
+
+
 def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], *,
                    eos_ids: frozenset[int] | set[int], temperature: float = 0.0, top_p: float = 1.0,
-                   device: str = "cpu", seed: int | None = None) -> TokenEvidence:
+                   device: str = "cpu", seed: int | None = None, grammar: tuple[str, str] | None = None,
+                   tokenizer=None) -> TokenEvidence:
     """Score ``answer_ids`` after ``prompt_ids`` under ``model`` in one forward pass (and, for a
-    seeded sampled request, replay the seed's draws: :func:`seeded_replay`)."""
+    seeded sampled request, replay the seed's draws: :func:`seeded_replay`); ``grammar``:
+    the request's ``(grammar_kind, grammar)``, masked as the worker did (needs ``tokenizer``)."""
     import torch
 
     prompt, answer = [int(t) for t in prompt_ids], [int(t) for t in answer_ids]
@@ -111,30 +142,35 @@ def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], 
     with torch.inference_mode():
         # logits only where the answer is predicted (the LM head over the prompt would be wasted)
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(answer) + 1).logits[0].float()
-    logp = torch.log_softmax(logits, dim=-1)  # (len(answer) + 1, vocab), exact
+    logp = torch.log_softmax(logits, dim=-1)  # (len(answer) + 1, vocab), exact: what workers report
     n = len(answer)
+    complete = False  # the grammar admits nothing more: the answer ends there
+    sampled = logits  # what the worker sampled from (the grammar's mask applied)
+    if grammar is not None and grammar[0]:
+        sampled, complete = grammar_masked(logits, answer, grammar[0], grammar[1], tokenizer)
+    slogp = torch.log_softmax(sampled, dim=-1) if sampled is not logits else logp
     tokens = torch.tensor(answer, dtype=torch.long, device=logp.device)
     ref = logp[:n].gather(-1, tokens[:, None])[:, 0] if n else logp[:0, 0]
-    greedy = logp[:n].argmax(dim=-1) == tokens if n else torch.zeros(0, dtype=torch.bool)
-    probs = _sampling_probs(logits[:n], temperature, top_p)
+    greedy = slogp[:n].argmax(dim=-1) == tokens if n else torch.zeros(0, dtype=torch.bool)
+    probs = _sampling_probs(sampled[:n], temperature, top_p)
     finite = torch.where(torch.isfinite(logp[:n]), logp[:n], torch.zeros_like(logp[:n]))
     mean = (probs * finite).sum(dim=-1)
     var = (probs * (finite - mean[:, None]) ** 2).sum(dim=-1).clamp(min=0.0)
-    top = probs.gather(-1, logp[:n].argmax(dim=-1, keepdim=True))[:, 0] if n else probs[:0, 0]
-    replay = seeded_replay(logits, answer, temperature, top_p, seed) if seed is not None and temperature > 0 else ()
-    last = logp[n]
+    top = probs.gather(-1, slogp[:n].argmax(dim=-1, keepdim=True))[:, 0] if n else probs[:0, 0]
+    replay = seeded_replay(sampled, answer, temperature, top_p, seed) if seed is not None and temperature > 0 else ()
+    last = slogp[n]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=last.device)
-    end_logprob = float(torch.logsumexp(last[eos], dim=0))
+    end_logprob = 0.0 if complete else float(torch.logsumexp(last[eos], dim=0))
     evidence = TokenEvidence(
         reference_logprobs=tuple(max(float(x), -1e30) for x in ref.tolist()),
         greedy_match=tuple(bool(x) for x in greedy.tolist()),
         expected_logprob=tuple(float(x) for x in mean.tolist()),
         logprob_variance=tuple(float(x) for x in var.tolist()),
         end_logprob=end_logprob if math.isfinite(end_logprob) else -1e30,
-        end_is_greedy=int(last.argmax()) in eos_ids,
+        end_is_greedy=complete or int(last.argmax()) in eos_ids,
         temperature=float(temperature),
         top_p=float(top_p),
-        end_gap=max(0.0, float(last.max() - last[eos].max())),
+        end_gap=0.0 if complete else max(0.0, float(last.max() - last[eos].max())),
         argmax_prob=tuple(float(x) for x in top.tolist()),
         seed_match=replay,
     )

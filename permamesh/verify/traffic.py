@@ -15,11 +15,15 @@ verification needs is never a sign of a challenge.
 The model, per request: chat (a conversation of 1-8 user turns under one session id, with a
 system prompt for some, one set of parameters kept for the whole conversation, the answers in
 the history) or a raw prompt (a bare question or a completion template, with stop strings for
-half of them); Poisson conversation starts and think times between turns.
+half of them); Poisson conversation starts and think times between turns. A share of chat
+conversations (:data:`STRUCTURED_SHARE`) asks for structured output or tool calls, as the
+gateway sends them: a grammar (``grammar_kind``, ``grammar``) drawn from :data:`GRAMMARS`
+and kept for the whole conversation, like the other parameters.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -45,6 +49,29 @@ CHAT_CONVERSATIONS = 0.6  # of conversations and raw prompts, the share that are
 SYSTEM_SHARE = 0.45  # of chats, the share with a system prompt
 MORE_TURNS, MAX_TURNS = 0.55, 8  # a chat goes on after each turn with this probability
 RAW_SESSIONS = 0.1  # of raw prompts, the share whose client sets a session id
+STRUCTURED_SHARE = 0.05  # of chat conversations, the share asking for structured output or tool calls
+
+
+def _schema(properties: dict, required: tuple[str, ...]) -> str:
+    return json.dumps({"type": "object", "properties": properties, "required": list(required),
+                       "additionalProperties": False}, separators=(",", ":"), sort_keys=True)
+
+
+_CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"],
+         "additionalProperties": False}
+# (grammar_kind, grammar), weight: JSON mode, schemas for extraction and answers, tool calls
+GRAMMARS = (
+    (("json_object", ""), 30),
+    (("json_schema", _schema({"answer": {"type": "string", "maxLength": 200},
+                              "confidence": {"type": "number", "minimum": 0, "maximum": 1}}, ("answer",))), 25),
+    (("json_schema", _schema({"title": {"type": "string", "maxLength": 80},
+                              "tags": {"type": "array", "items": {"type": "string", "maxLength": 20},
+                                       "maxItems": 5}}, ("title", "tags"))), 20),
+    (("json_schema", json.dumps({"type": "array", "minItems": 1, "maxItems": 8, "items": {"anyOf": [
+        {"type": "object", "properties": {"name": {"const": name}, "arguments": _CITY},
+         "required": ["name", "arguments"], "additionalProperties": False} for name in ("weather", "local_time")]}},
+        separators=(",", ":"), sort_keys=True)), 25),
+)
 
 
 def hex_id(rng: random.Random) -> str:
@@ -61,9 +88,10 @@ def user_params(rng: random.Random, *, chat: bool) -> dict[str, object]:
     seed = None
     if rng.random() < 0.06:
         seed = rng.choice(POPULAR_SEEDS) if rng.random() < 0.6 else rng.getrandbits(32)
+    kind, grammar = weighted(rng, GRAMMARS) if chat and rng.random() < STRUCTURED_SHARE else ("", "")
     return {"max_tokens": weighted(rng, MAX_TOKENS), "temperature": temperature, "top_p": weighted(rng, TOP_PS),
             "stop": weighted(rng, STOP_SETS) if rng.random() < (0.03 if chat else 0.5) else (),
-            "seed": seed, "logprobs": True}
+            "seed": seed, "logprobs": True, "grammar_kind": kind, "grammar": grammar}
 
 
 def _conversation(rng: random.Random, t: float) -> Iterator[tuple[float, GenerateRequest]]:

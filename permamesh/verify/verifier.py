@@ -113,9 +113,10 @@ class Verifier:
         stop_hit = any(s in decoded for s in request.stop)
         if not decoded.startswith(result.text.rstrip()) and not stop_hit:
             return zero_credit("text is not what the token ids decode to")
-        # penalties and grammars reshape the sampling distribution: no seeded replay, no contract sums
-        penalized = bool(getattr(request, "presence_penalty", 0.0) or getattr(request, "frequency_penalty", 0.0)
-                         or getattr(request, "grammar_kind", ""))
+        # penalties reshape the sampling distribution by the answer so far: no seeded replay, no
+        # contract sums; a grammar's mask is applied in the reference (scoring.grammar_masked), so
+        # a constrained answer is checked like any other, against what its worker sampled from
+        penalized = bool(request.presence_penalty or request.frequency_penalty)
         scored = ids if budget is None else ids[:budget]
         try:
             prompt = self.prompt_ids(request)
@@ -127,7 +128,8 @@ class Verifier:
         try:
             evidence = teacher_forced(self.reference.model, prompt, scored, eos_ids=tok.eos_ids,
                                       temperature=request.temperature, top_p=request.top_p,
-                                      device=self.reference.device, seed=None if penalized else request.seed)
+                                      device=self.reference.device, seed=None if penalized else request.seed,
+                                      grammar=(request.grammar_kind, request.grammar), tokenizer=tok)
         except VerifyError as exc:
             return zero_credit(str(exc))
         credit = answer_credit(evidence, result.logprobs, finish_reason=result.finish_reason,

@@ -131,15 +131,6 @@ class Accepted(Message):
     worker_id: str
 
 
-@message("token", max_bytes=256 * 1024, limits=_NAMES)
-class TokenChunk(Message):
-    request_id: str
-    index: int  # position of the first token of this chunk in the answer
-    text: str  # new text (held back while it could still be the start of a stop string)
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...] = ()  # one per token when requested
-
-
 @struct
 class TopLogprobs:
     """The likeliest tokens at one generated position, most likely first (parallel arrays)."""
@@ -152,6 +143,31 @@ class TopLogprobs:
                  f"top_logprobs: at most {MAX_TOP_LOGPROBS} candidates, one log-probability each")
         _require(all(len(t) <= MAX_TOKEN_TEXT for t in self.tokens), f"a token's text exceeds {MAX_TOKEN_TEXT} chars")
         _require(all(lp <= 0.0 for lp in self.logprobs), "log-probabilities must be <= 0")
+
+
+@message("token", max_bytes=2 * 1024 * 1024, limits=_NAMES)
+class TokenChunk(Message):
+    """Tokens of a streamed answer as they are produced. With log-probabilities, each of its
+    tokens' log-probability, text and (with top_logprobs) alternatives ride with it, so a
+    stream can show them chunk by chunk; a field a worker leaves empty is simply not there
+    (older workers send no texts), and the final result still holds them all."""
+
+    request_id: str
+    index: int  # position of the first token of this chunk in the answer
+    text: str  # new text (held back while it could still be the start of a stop string)
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()  # one per token when requested
+    tokens: tuple[str, ...] = ()  # each token's text, with logprobs ("" = not sent)
+    top_logprobs: tuple[TopLogprobs, ...] = ()  # each token's alternatives, when top_logprobs > 0
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        _require(self.index >= 0, "a chunk's index must be >= 0")
+        _require(len(self.logprobs) in (0, n) and len(self.tokens) in (0, n) and len(self.top_logprobs) in (0, n),
+                 "a chunk's logprobs, tokens and top_logprobs each come one per token or not at all")
+        _require(all(lp == lp and lp < math.inf for lp in self.logprobs), "a log-probability is NaN or +inf")
+        _require(all(len(t) <= MAX_TOKEN_TEXT for t in self.tokens), f"a token's text exceeds {MAX_TOKEN_TEXT} chars")
+
 
 
 @message("result", max_bytes=2 * 1024 * 1024, limits={**_NAMES, "finish_reason": 16})

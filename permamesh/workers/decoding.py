@@ -27,12 +27,11 @@ and while decoding (a step shared with others counts whole: it is what this requ
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable, Sequence
 
-from permamesh.workers.sampling import (Completion, SamplingParams, Sampler, Step, apply_penalties, raw_logprob,
-                                        top_alternatives)
+from permamesh.workers.sampling import (Completion, SamplingParams, Sampler, Step, apply_penalties, generator,
+                                        raw_logprob, top_alternatives)
 from permamesh.workers.stops import StopScanner
 
 log = logging.getLogger(__name__)
@@ -43,11 +42,8 @@ class Decoding:
 
     def __init__(self, sampler: Sampler, prompt_ids: tuple[int, ...], params: SamplingParams,
                  on_step: Callable[[Step], None] | None) -> None:
-        import torch
-
         self.sampler, self.prompt_ids, self.params, self.on_step = sampler, prompt_ids, params, on_step
-        self.gen = torch.Generator(device="cpu")
-        self.gen.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        self.gen = generator(params.seed)
         self.scanner = StopScanner(params.stop)
         self.seq: object = None  # the engine's handle on this request's KV
         self.ids: list[int] = []  # sampled answer tokens (EOS excluded)
@@ -122,7 +118,9 @@ class Decoding:
             self.tops.append(tuple((token_text(decode, i), lp) for i, lp in top_alternatives(logits, params.top_logprobs)))
         new_text = self.scanner.feed(self.sampler.tokenizer.decode(self.ids))
         if self.on_step is not None:
-            self.on_step(Step(len(self.ids) - 1, new_text, token, logprob if self.params.logprobs else None))
+            self.on_step(Step(len(self.ids) - 1, new_text, token, logprob if params.logprobs else None,
+                              token_text(self.sampler.tokenizer.decode, token) if params.logprobs else "",
+                              self.tops[-1] if params.top_logprobs else ()))
         if self.scanner.stopped or (self.constraint is not None and self.constraint.stopped):
             self.finish_reason, self.done = "stop", True
         elif len(self.ids) >= self.params.max_tokens:

@@ -255,8 +255,10 @@ class Executor:
                 raise _Cancelled
             if req.stream and (step.text or step.token_id >= 0):
                 token_ids = (step.token_id,) if step.token_id >= 0 else ()
-                lps = (step.logprob,) if step.logprob is not None else ()
-                self._post(job.peer, TokenChunk(req.request_id, step.index, step.text, token_ids, lps))
+                lps = (step.logprob,) if step.logprob is not None and token_ids else ()
+                tops = (TopLogprobs(tuple(t for t, _ in step.top), tuple(lp for _, lp in step.top)),) if step.top else ()
+                self._post(job.peer, TokenChunk(req.request_id, step.index, step.text, token_ids, lps,
+                                                (step.token,) if lps else (), tops))
 
         return on_step
 

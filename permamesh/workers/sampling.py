@@ -19,7 +19,7 @@ from permamesh.wire.messages import GenerateRequest
 from permamesh.workers.tokenizer import Tokenizer
 
 __all__ = ["Completion", "SamplingParams", "Sampler", "Step", "StepReport", "apply_penalties", "raw_logprob",
-           "sample_token", "top_alternatives"]
+           "generator", "sample_token", "top_alternatives"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,8 @@ class Step:
     text: str  # newly releasable text (may be "" while held back)
     token_id: int
     logprob: float | None
+    token: str = ""  # this token's own text, when logprobs were asked for
+    top: tuple[tuple[str, float], ...] = ()  # its likeliest alternatives, when top_logprobs > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,41 +84,98 @@ class Sampler(Protocol):
     def sample(self, logits, params: SamplingParams, gen) -> tuple[int, float]: ...
 
 
-def sample_token(logits, params: SamplingParams, gen) -> tuple[int, float]:
-    """Pick the next token from one position's logits (a 1-D tensor); return it with its
-    log-probability under the raw model (before temperature and top-p: what verification compares).
+NUCLEUS_FIRST_K = 64  # top-p looks at this many likeliest tokens before sorting more of the vocabulary
+_TINY_TEMPERATURE = 1e-30  # below this, weights are computed in float64 (1 / T overflows float32)
 
-    Never raises on finite parameters: the logits are shifted so their maximum is 0 before
-    dividing by the temperature (in float64), so no temperature, however small, overflows;
-    a tiny one simply concentrates all mass on the likeliest tokens (greedy, ties shared).
-    NaN logits count as impossible; if no logit is usable the choice falls back to argmax.
+
+def generator(seed: int | None):
+    """A request's source of randomness for :func:`sample_token`: seeded (``0 <= seed < 2**63``,
+    as the wire allows), or fresh from the OS. The worker makes one per request
+    (:class:`~permamesh.workers.decoding.Decoding`) and the committee's seeded replay makes the
+    same one, so both draw the same numbers."""
+    import numpy as np
+
+    return np.random.Generator(np.random.SFC64(seed))
+
+
+def sample_token(logits, params: SamplingParams, gen) -> tuple[int, float]:
+    """Pick the next token from one position's logits (a 1-D tensor) with ``gen`` (from
+    :func:`generator`); return it with its log-probability under the raw model (before
+    temperature and top-p: what verification compares).
+
+    The rule, the same for every backend and for the committee's seeded replay
+    (:func:`permamesh.verify.scoring.seeded_replay`): NaN logits count as impossible; at
+    temperature 0, or when a logit is infinite, the first maximum (greedy). Otherwise weights
+    ``exp((logit - max) / temperature)`` (the maximum's weight is exactly 1, so no temperature,
+    however small, overflows; a tiny one leaves only the likeliest tokens, ties shared), top-p
+    keeping the likeliest tokens whose mass before each is under ``top_p`` of the total; then
+    an exponential race: one standard exponential per vocabulary entry from ``gen`` and the
+    largest ``weight / exponential`` wins, which picks each token with probability weight /
+    total (what ``torch.multinomial`` does, with a generator four to ten times faster). Every
+    draw takes as many numbers as the vocabulary holds, whatever the weights, and a small
+    change of the weights changes the winner only where two race closely, so a worker whose
+    logits differ a little (bf16, another engine) stays in step with the replay.
     """
+    import numpy as np
     import torch
 
     logits = logits.detach().cpu().float()
-    if params.temperature <= 0.0 and not bool(torch.isnan(logits).any()):
-        # greedy over usable logits: the same token and log-probability as the general path below
-        # (argmax keeps the first maximum either way), without its float64 copies of the vocabulary
+    top = float(logits.max())
+    if math.isnan(top):  # NaN propagates through max: clean them, once
+        logits = torch.nan_to_num(logits, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        top = float(logits.max())
+    if not math.isfinite(top):  # only +inf/-inf left (or an +inf): the first maximum, certain
+        return int(torch.argmax(logits)), 0.0
+    logprob_of = _raw_logprobs(logits, top)
+    if params.temperature <= 0.0:
         token = int(torch.argmax(logits))
-        if not math.isfinite(float(logits[token])):  # only +inf/-inf left
-            return token, 0.0
-        logprob = float(torch.log_softmax(logits, dim=-1)[token])
-        return token, min(0.0, max(logprob, -1e30)) if math.isfinite(logprob) else -1e30
-    raw = logits.double()
-    raw = torch.where(torch.isnan(raw), torch.full_like(raw, -math.inf), raw)
-    top = float(raw.max())
-    if params.temperature <= 0.0 or not math.isfinite(top):  # greedy, or only +inf/-inf left
-        token = int(torch.argmax(raw))
-    else:
-        probs = torch.exp((raw - top) / params.temperature)  # in [0, 1]; the max is exactly 1
-        if params.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < params.top_p * float(sorted_p.sum())
-            keep[0] = True
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        token = int(torch.multinomial(probs, 1, generator=gen))
-    logprob = float(torch.log_softmax(raw.float(), dim=-1)[token]) if math.isfinite(top) else 0.0
-    return token, min(0.0, max(logprob, -1e30)) if math.isfinite(logprob) else -1e30  # always encodes
+        return token, logprob_of(token)
+    shifted = logits - top
+    if params.temperature < _TINY_TEMPERATURE:
+        shifted = shifted.double()
+    weights = torch.exp(shifted / params.temperature).float()  # in [0, 1]; the maximum's is exactly 1
+    if params.top_p < 1.0:
+        kept = torch.zeros_like(weights)
+        nucleus = _nucleus(weights, params.top_p)
+        kept[nucleus] = weights[nucleus]
+        weights = kept
+    race = gen.standard_exponential(len(weights), dtype=np.float32)
+    np.maximum(race, np.float32(1e-38), out=race)  # never 0: 0/0 would be NaN, and argmax takes NaN
+    token = int(np.argmax(weights.numpy() / race))
+    return token, logprob_of(token)
+
+
+def _raw_logprobs(logits, top: float):
+    """``token -> log-probability`` under finite-maximum ``logits``, clamped so that it always encodes."""
+    import torch
+
+    log_total = top + math.log(float(torch.exp(logits - top).sum(dtype=torch.float64)))
+
+    def of(token: int) -> float:
+        value = float(logits[token]) - log_total
+        return min(0.0, max(value, -1e30)) if math.isfinite(value) else -1e30
+
+    return of
+
+
+def _nucleus(weights, top_p: float):
+    """The vocabulary ids top-p keeps: the likeliest tokens whose mass before each is
+    under ``top_p`` of the total (at least one). Looks at the :data:`NUCLEUS_FIRST_K` likeliest
+    first, then 16 times as many, and so on (a CPU core takes ~0.1 ms for the first look, 4 ms to sort
+    49k tokens whole; with SmolLM2 at temperature 0.8, top-p 0.95 the nucleus is ~5 tokens, and
+    over 64 for one token in eight)."""
+    import torch
+
+    limit = top_p * float(weights.sum(dtype=torch.float64))
+    k = min(NUCLEUS_FIRST_K, len(weights))
+    while True:
+        values, ids = torch.topk(weights, k) if k < len(weights) else torch.sort(weights, descending=True)
+        before = torch.cumsum(values, 0, dtype=torch.float64) - values.double()
+        keep = before < limit
+        keep[0] = True
+        if not bool(keep[-1]) or k >= len(weights):
+            return ids[keep]
+        k = min(k * 16, len(weights))
 
 
 def apply_penalties(logits, counts: dict[int, int], params: SamplingParams):
@@ -145,11 +204,15 @@ def top_alternatives(logits, k: int) -> list[tuple[int, float]]:
 
 
 def raw_logprob(logits, token: int) -> float:
-    """``token``'s log-probability under the raw ``logits`` (clamped so that it always encodes)."""
+    """``token``'s log-probability under the raw ``logits`` (clamped so that it always encodes),
+    as :func:`sample_token` reports it."""
     import torch
 
-    value = float(torch.log_softmax(torch.nan_to_num(logits.detach().cpu().float(), nan=-math.inf), dim=-1)[token])
-    return min(0.0, max(value, -1e30)) if math.isfinite(value) else -1e30
+    logits = torch.nan_to_num(logits.detach().cpu().float(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    top = float(logits.max())
+    if not math.isfinite(top):
+        return 0.0 if float(logits[token]) == top else -1e30
+    return _raw_logprobs(logits, top)(token)
 
 
 @dataclasses.dataclass(frozen=True)

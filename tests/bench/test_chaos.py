@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from permamesh.bench.chaos import ChaosDrill, plot_chaos, run
 from permamesh.bench.stats import write_report
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; the default run drills failures in test_failover.py and the demo's test
 def test_chaos_drill_small_mesh(tmp_path):
     drill = ChaosDrill(tmp_path / "mesh", workers=3, loops=2, window_s=1.0, quick=True, sim_nodes=300)
     report = run(drill, say=lambda *_: None)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from permamesh.gateway import openai_api as oa
 from permamesh.gateway import responses as rs
 from permamesh.gateway.errors import ApiError
-from permamesh.wire import GenerateRequest, GenerateResult
+from permamesh.wire import GenerateRequest, GenerateResult, WireError
 
 
 def test_a_chat_body_becomes_a_request():
@@ -143,7 +143,34 @@ def test_logprobs_have_the_openai_shapes():
     assert text["text"] == "Say: Hi there"
     assert text["logprobs"] == {"tokens": ["Hi", " there"], "token_logprobs": [-0.5, -1.0],
                                 "top_logprobs": [{"Hi": -0.5, "Ho": -2.0}, {" there": -1.0}], "text_offset": [5, 7]}
-    assert rs.token_spans(result) == [(0, 1, "Hi"), (1, 2, " there")]
+
+
+def test_a_streamed_choice_sends_each_chunks_log_probs_with_it_and_the_rest_from_the_result():
+    """What the workers put in their token chunks reaches the stream chunk by chunk; what no
+    chunk carried (the overlay's last piece, or alternatives an older worker does not stream)
+    comes from the result, so the deltas always join to the whole answer."""
+    from permamesh.gateway.deltas import ChoiceDeltas
+    from permamesh.wire import TokenChunk, TopLogprobs
+
+    tops = (TopLogprobs(("Hi", "Ho"), (-0.5, -2.0)), TopLogprobs((" there",), (-1.0,)))
+    result = GenerateResult("r", "Hi there", "stop", 5, 2, token_ids=(1, 2), logprobs=(-0.5, -1.0),
+                            tokens=("Hi", " there"), top_logprobs=tops)
+    choice = ChoiceDeltas(logprobs=True, top=2)
+    first = choice.chunk(TokenChunk("r", 0, "Hi", (1,), (-0.5,), ("Hi",), tops[:1]))
+    assert first.text == "Hi" and [(e.token, e.logprob, e.top, e.offset) for e in first.entries] == \
+        [("Hi", -0.5, (("Hi", -0.5), ("Ho", -2.0)), 0)]
+    rest = choice.rest(result)  # the second token came only in the result
+    assert [(d.text, [(e.token, e.offset) for e in d.entries]) for d in rest] == [(" there", [(" there", 2)])]
+    assert rs.completion_entries(rest[0].entries, top=True) == {
+        "tokens": [" there"], "token_logprobs": [-1.0], "top_logprobs": [{" there": -1.0}], "text_offset": [2]}
+    older = ChoiceDeltas(logprobs=True, top=2)  # a chunk without alternatives: held, the result has them
+    assert older.chunk(TokenChunk("r", 0, "Hi", (1,), (-0.5,), ("Hi",))) is None
+    assert [d.text for d in older.rest(result)] == ["Hi", " there"]
+    plain = ChoiceDeltas(logprobs=False)
+    assert plain.chunk(TokenChunk("r", 0, "Hi", (1,), (-0.5,))).entries is None
+    assert [d.text for d in plain.rest(result)] == [" there"]
+    with pytest.raises(WireError):  # from a peer: one entry per token or none
+        TokenChunk("r", 0, "Hi", (1, 2), (-0.5,))
 
 
 def test_credit_counts_tokens_and_charges_cached_ones_less():
@@ -182,9 +209,18 @@ def test_structured_outputs_and_tools_become_the_jobs_grammar():
             {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "rain"}], "tools": [WEATHER]})
     assert [m.role for m in turns.fields["messages"]][1:] == ["user", "assistant", "user"]
-    assert json.loads(turns.fields["messages"][2].content) == {"name": "weather", "arguments": {"city": "Oslo"}}
+    assert json.loads(turns.fields["messages"][2].content) == [{"name": "weather", "arguments": {"city": "Oslo"}}]
     calls = tools.tool_calls('{"name":"weather","arguments":{"city":"Oslo"}}', ("weather",))
     assert calls[0]["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'}
+    # parallel_tool_calls true or absent: the grammar takes a list of calls, each read back with its own id
+    assert json.loads(forced.fields["grammar"])["type"] == "array" and "JSON list" in forced.fields["messages"][0].content
+    single = oa.parse_chat({**CHAT, "tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False})
+    assert json.loads(single.fields["grammar"])["properties"]["name"] == {"const": "weather"}
+    two = tools.tool_calls('[{"name":"weather","arguments":{"city":"Oslo"}},{"name":"weather","arguments":{}}]',
+                           ("weather",))
+    assert [c["function"]["arguments"] for c in two] == ['{"city": "Oslo"}', "{}"] and two[0]["id"] != two[1]["id"]
+    assert tools.tool_calls('[{"name":"weather","arguments":{}},{"name":"other","arguments":{}}]', ("weather",)) is None
+    assert tools.tool_calls("[]", ("weather",)) is None
     assert tools.tool_calls("plain text", ("weather",)) is None
     assert tools.tool_calls('{"name":"other","arguments":{}}', ("weather",)) is None
 

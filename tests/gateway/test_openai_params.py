@@ -183,6 +183,68 @@ def test_tool_calls_parse_whole_and_streamed(client):
     assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+CLOCK = {"type": "function", "function": {
+    "name": "clock", "description": "The time in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Oslo", "Lima"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+def test_several_tool_calls_in_one_answer_whole_and_streamed(client):
+    """parallel_tool_calls absent (true): the grammar takes a list of calls, and tiny-random's
+    seeded draws write two at some seeds (about one in four); each call comes back with its own
+    id and index, the same streamed. False: exactly one call at every seed."""
+    import json
+
+    def ask(seed: int) -> dict:
+        return dict(model=MODEL, messages=[{"role": "user", "content": "What is the weather in Oslo, and what time is "
+                                                                       "it there?"}], max_tokens=120, temperature=1,
+                    seed=seed, tools=[WEATHER, CLOCK], tool_choice="required")
+
+    for seed in range(16):
+        choice = client.chat.completions.create(**ask(seed)).choices[0]
+        calls = choice.message.tool_calls or []
+        if len(calls) >= 2:
+            break
+    assert choice.finish_reason == "tool_calls" and len(calls) >= 2, "no seed of 16 drew several calls"
+    assert len({c.id for c in calls}) == len(calls) and all(c.function.name in ("weather", "clock") and
+                                                            json.loads(c.function.arguments)["city"] in ("Oslo", "Lima")
+                                                            for c in calls)
+    ask = ask(seed)
+    deltas = [d for c in client.chat.completions.create(**ask, stream=True) if c.choices
+              for d in (c.choices[0].delta.tool_calls or [])]
+    assert [d.index for d in deltas] == list(range(len(calls))) and len({d.id for d in deltas}) == len(calls)
+    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+        [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+    one = client.chat.completions.create(**ask, parallel_tool_calls=False).choices[0]
+    assert one.finish_reason == "tool_calls" and len(one.message.tool_calls) == 1
+
+
+def test_langchain_bind_tools_with_two_tools_gets_both_calls(stack):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        """The weather in a city."""
+
+        city: str = Field(max_length=8)
+
+    class LocalTime(BaseModel):
+        """The local time in a city."""
+
+        city: str = Field(max_length=8)
+
+    for seed in range(24):  # tiny-random writes both calls at some seeds (about one in eight)
+        llm = langchain_openai.ChatOpenAI(model=MODEL, base_url=stack.url + "/v1", api_key=stack.key, temperature=1,
+                                          seed=seed, max_tokens=120, max_retries=0)
+        called = llm.bind_tools([Weather, LocalTime], tool_choice="required").invoke(
+            "What is the weather and the local time in Oslo?")
+        if {call["name"] for call in called.tool_calls} == {"LocalTime", "Weather"}:
+            break
+    assert {call["name"] for call in called.tool_calls} == {"LocalTime", "Weather"}, "no seed of 24 drew both"
+    assert len({call["id"] for call in called.tool_calls}) == len(called.tool_calls)
+    assert all(isinstance(call["args"]["city"], str) for call in called.tool_calls)
+
+
 def test_langchain_bind_tools_and_with_structured_output(stack):
     langchain_openai = pytest.importorskip("langchain_openai")
     from pydantic import BaseModel, Field
@@ -195,7 +257,8 @@ def test_langchain_bind_tools_and_with_structured_output(stack):
 
         city: str = Field(max_length=8)
 
-    called = llm.bind_tools([Weather], tool_choice="Weather").invoke("What is the weather in Oslo?")
+    called = llm.bind_tools([Weather], tool_choice="Weather", parallel_tool_calls=False).invoke(
+        "What is the weather in Oslo?")  # one call: the object alone, no list around it
     assert called.tool_calls and called.tool_calls[0]["name"] == "Weather"
     assert isinstance(called.tool_calls[0]["args"]["city"], str)
 

@@ -24,7 +24,7 @@ from permamesh.overlay.sida import split
 from permamesh.overlay.reassembly import ChunkReassembly
 from permamesh.overlay.stream import ChunkBuffer, StreamConfig
 from permamesh.overlay.topup import NEW_LANE, TopUpGate, TopUpLimits, make_topup, topup_key
-from permamesh.wire import TokenChunk, encode
+from permamesh.wire import TokenChunk, TopLogprobs, encode
 
 RELAYS = [HopInfo.from_identity(NodeIdentity.generate().public) for _ in range(3)]
 CLIENT_ID = b"c" * 16
@@ -129,6 +129,12 @@ def test_the_buffer_cuts_the_first_chunk_at_once_and_later_ones_by_size_or_time(
     assert buf.add(TokenChunk("r", 3, "cd", (4, 5)), now=1.07)  # 4 tokens >= 3: due by size
     assert buf.take() == (1, TokenChunk("r", 1, "bcd", (2, 3, 4, 5)))
     assert buf.take() is None and buf.due_in(2.0) is None
+    # a merged chunk keeps its tokens' log-probabilities, texts and alternatives, in order
+    top = TopLogprobs(("x", "y"), (-0.1, -2.0))
+    buf.add(TokenChunk("r", 4, "x", (6,), (-0.1,), ("x",), (top,)), now=3.0)
+    buf.add(TokenChunk("r", 5, "", (), (), (), ()), now=3.0)  # a tail: text, no tokens
+    buf.add(TokenChunk("r", 6, "yz", (7,), (-0.5,), ("yz",), (top,)), now=3.0)
+    assert buf.take() == (2, TokenChunk("r", 4, "xyz", (6, 7), (-0.1, -0.5), ("x", "yz"), (top, top)))
 
 
 def test_chunks_are_released_in_order_from_any_k_cloves():

@@ -63,6 +63,26 @@ def test_an_honest_node_scores_full_credit_on_every_challenge(ref, verifier):
     assert all(c.credit == 1.0 for c in credits), [(c.credit, c.reason) for c in credits]
 
 
+def test_an_honest_node_answering_grammar_challenges_keeps_full_credit(ref, verifier):
+    """Challenges carry grammars as users' requests do (traffic.GRAMMARS); the reference applies
+    the grammar's mask, so an honest constrained answer, greedy or sampled (seeded: replayed
+    under the mask), gets full credit and keeps the sampling contract, while an answer that
+    leaves its grammar is zero credit."""
+    from permamesh.verify.contract import ContractState, judge, tally
+    from permamesh.verify.traffic import GRAMMARS
+
+    honest = zoo.ModelNode(Engine(ref), CLAIM)
+    asked = [dataclasses.replace(req, messages=(ChatMessage("user", req.prompt or req.messages[-1].content),),
+                                 prompt=None, max_tokens=24, grammar_kind=kind, grammar=grammar)
+             for req, ((kind, grammar), _) in zip(challenges(3, 8), GRAMMARS * 2)]
+    credits = [verifier.score(req, honest(req)) for req in asked]
+    assert all(c.credit == 1.0 for c in credits), [(c.credit, c.reason) for c in credits]
+    assert any(c.sampling is not None and c.sampling.seeded_tokens for c in credits)  # seeds replayed, masked
+    assert judge(ContractState((tally(credits),))).ok
+    free = honest(dataclasses.replace(asked[0], grammar_kind="", grammar=""))  # the unconstrained answer
+    assert verifier.score(asked[0], dataclasses.replace(free, request_id=asked[0].request_id)).credit == 0.0
+
+
 @pytest.mark.parametrize("cheater", ["other model", "layers skipped", "noisy weights", "random tokens",
                                      "truncated", "replay"])
 def test_every_full_time_cheater_has_abnormal_epochs(ref, verifier, cheater):

@@ -129,9 +129,19 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
     index=st.integers(min_value=-(2**63), max_value=2**64 - 1),
     token_ids=st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=20),
     logprobs=st.lists(finite, max_size=20),
+    texts=st.booleans(),
 )
-def test_any_token_chunk_with_finite_numbers_round_trips(request_id, text, index, token_ids, logprobs):
-    msg = TokenChunk(request_id=request_id, index=index, text=text, token_ids=tuple(token_ids), logprobs=tuple(logprobs))
+def test_any_token_chunk_with_finite_numbers_round_trips_or_is_refused(request_id, text, index, token_ids, logprobs,
+                                                                      texts):
+    """A chunk's per-token fields come one per token or not at all; its index is >= 0."""
+    tokens = tuple(str(t)[:8] for t in token_ids) if texts else ()
+    fields = dict(request_id=request_id, index=index, text=text, token_ids=tuple(token_ids), logprobs=tuple(logprobs),
+                  tokens=tokens)
+    if index < 0 or len(logprobs) not in (0, len(token_ids)):
+        with pytest.raises(WireError):
+            TokenChunk(**fields)
+        return
+    msg = TokenChunk(**fields)
     assert decode(encode(msg, ALICE)).msg == msg
 
 
