@@ -239,8 +239,9 @@ class LlamaEngine:
             run.fed_tokens(len(tokens), seconds)
             if not due:
                 continue
+            # a view of llama.cpp's own buffer, no copy: read only here, before the next llama_decode
             logits = torch.from_numpy(np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, index - 1),
-                                                            shape=(self._handle.n_vocab,)).copy())
+                                                            shape=(self._handle.n_vocab,)))
             try:
                 run.take(logits)
             except Exception as exc:  # noqa: BLE001 - this request is over; the others go on

@@ -155,7 +155,8 @@ def test_the_sampler_never_raises_on_finite_parameters(name, temperature, top_p)
 def test_the_sampler_never_picks_an_impossible_token():
     logits = torch.tensor([math.nan, -math.inf, 1.0, 1.0, -math.inf])
     gen = generator(5)
-    picks = {Engine.sample(logits, SamplingParams(temperature=t), gen)[0] for t in (1e-300, 0.5, 1.0) for _ in range(20)}
+    picks = {Engine.sample(logits, SamplingParams(temperature=t), gen)[0]
+             for t in (1e-300, 0.5, 1.0, 1e35, 1e300) for _ in range(20)}
     assert picks <= {2, 3}
     assert picks == {2, 3}  # a tie at a tiny temperature is shared, not broken one way
 
