@@ -21,6 +21,12 @@ it (:class:`~permamesh.verify.verifier.Verifier`, the fp32 torch reference, with
 config of the backend's engine): an honest backend's credits must stay far above the abnormal threshold (0.4), and the
 mean |reported - reference| log-prob gap per answer is the tolerance verification needs for it.
 
+The baseline (llama.cpp backend): llama.cpp itself on the same GGUF, context shape and threads,
+timed in the same run just before the worker starts and just after it stops
+(:mod:`permamesh.bench.engineraw`; this shared machine's speed drifts by a quarter over
+minutes); each level reports the worker's decode rate over the mean of the two
+(``decode_vs_raw``): what the engine's own work between steps, the executor and the sockets cost.
+
 The ceiling: one request's decode reads every weight once per token, so its rate is at most
 memory bandwidth / weight bytes; the bandwidth is measured here (a large tensor copy, best of
 five) and the weight bytes are the fp32 parameters (torch) or the GGUF file (llama.cpp).
@@ -135,6 +141,7 @@ def weight_bytes(backend: str, bench: EngineBench) -> int:
 
 
 def run(bench: EngineBench, say=print) -> dict:
+    from permamesh.bench.engineraw import baseline_for
     from permamesh.workers.backends import BACKENDS, llamacpp_missing
 
     backends = [b for b in bench.backends if b != "auto"]
@@ -146,11 +153,18 @@ def run(bench: EngineBench, say=print) -> dict:
     results, summary = [], {}
     for backend in backends:
         ceiling = bandwidth * 1e9 / weight_bytes(backend, bench)
+        raw = baseline_for(backend, bench.model, bench.model_path, bench.concurrency, say)  # before the worker
         result = run_backend(backend, bench, say)
+        after = baseline_for(backend, bench.model, bench.model_path, bench.concurrency, say) if raw else {}
         result["one_request_ceiling_tok_per_s"] = round(ceiling, 1)
         results.append(result)
         by_c = {row["concurrency"]: row for row in result["levels"]}
         summary[backend] = {f"total_tok_per_s_{c}": row["total_tok_per_s"] for c, row in by_c.items()}
+        for c, row in by_c.items():
+            if c in raw and c in after and row.get("decode_tok_per_s"):  # this machine's speed drifts: both sides
+                row["raw_llamacpp_decode_tok_per_s"] = [raw[c], after[c]]
+                row["decode_vs_raw"] = summary[backend][f"decode_vs_raw_{c}"] = \
+                    round(2 * row["decode_tok_per_s"] / (raw[c] + after[c]), 3)
         summary[backend]["prefill_tok_per_s"] = max(row["prefill_tok_per_s"] for row in result["levels"])
         summary[backend]["one_request_ceiling_tok_per_s"] = round(ceiling, 1)
         checks = [row["verification"] for row in result["levels"] if row.get("verification")]
