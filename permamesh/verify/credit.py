@@ -153,13 +153,16 @@ def answer_credit(evidence: TokenEvidence, reported_logprobs: Sequence[float], *
     structure = 0.0 if problems else 1.0
 
     reported = [float(x) for x in reported_logprobs][:n] if len(reported_logprobs) == total else []
+    compared = evidence.compared[:n] if len(evidence.compared) >= n else (True,) * n  # a grammar's forced tokens: not
+    m = sum(compared)
     if n and len(reported) == n and all(math.isfinite(x) for x in reported):
-        diff = sum(abs(a - b) for a, b in zip(reported, evidence.reference_logprobs)) / n
+        pairs = [(a, b) for a, b, keep in zip(reported, evidence.reference_logprobs, compared) if keep]
+        diff = sum(abs(a - b) for a, b in pairs) / m if m else 0.0
     else:
         diff = 0.0 if n == 0 else math.inf
     tol = config.agree_tol
-    if 0 < n < config.agree_min_tokens:
-        tol = min(tol * math.sqrt(config.agree_min_tokens / n), (tol + config.agree_zero) / 2)
+    if 0 < m < config.agree_min_tokens:
+        tol = min(tol * math.sqrt(config.agree_min_tokens / m), (tol + config.agree_zero) / 2)
     agreement = ramp(-diff, -config.agree_zero, -tol) if math.isfinite(diff) else 0.0
 
     greedy_share = typicality_z = sampling = None

@@ -39,6 +39,20 @@ def test_reported_logprobs_within_the_noise_floor_pass_and_far_ones_fail():
     assert half.agreement == pytest.approx(ramp(-0.115, -0.2, -0.03 * (8 / 3) ** 0.5)) and 0 < half.credit < 1
 
 
+def test_a_grammars_forced_tokens_are_not_compared_but_the_models_choices_are():
+    """Under a grammar, ``compared`` marks where the model chose: a forced token's log-prob (in
+    the model's tail, far off for a quantized engine) is left out of the gap; the chosen ones
+    still are, so a cheater's wrong numbers there cost what they always did."""
+    forced = dataclasses.replace(evidence(ref=(-0.1, -9.0, -0.3, -0.2)), compared=(True, False, True, True))
+    honest = answer_credit(forced, [-0.1, -7.5, -0.31, -0.2], finish_reason="stop", max_tokens=8, stop_hit=False)
+    assert honest.credit == 1.0 and honest.mean_abs_diff == pytest.approx(0.01 / 3)
+    cheat = answer_credit(forced, [-0.5, -9.0, -0.7, -0.6], finish_reason="stop", max_tokens=8, stop_hit=False)
+    assert cheat.credit == 0.0 and cheat.mean_abs_diff == pytest.approx(0.4)
+    unmarked = answer_credit(evidence(ref=(-0.1, -9.0, -0.3, -0.2)), [-0.1, -7.5, -0.31, -0.2],
+                             finish_reason="stop", max_tokens=8, stop_hit=False)
+    assert unmarked.credit < 1.0  # without the mark every position counts, as before
+
+
 def test_greedy_mismatches_cost_credit_at_temperature_zero():
     c = answer_credit(evidence(matches=[True, False, False]), [-0.1, -0.2, -0.3], finish_reason="stop",
                       max_tokens=8, stop_hit=False)

@@ -71,3 +71,31 @@ def test_cheaper_copies_of_the_registered_weights_score_low(smollm2_loaded, veri
                                 logprobs=True) for i, q in enumerate(QUESTIONS) for t in (0.0, 0.8)]
     credits = [verifier.score(req, node(req)) for req in requests]
     assert sum(c.credit < 0.4 for c in credits) >= 6, [(c.credit, c.reason) for c in credits]
+
+
+def test_an_honest_llamacpp_worker_keeps_full_credit_on_grammar_challenges(smollm2_loaded, verifier):
+    """Structured-output challenges (the traffic's grammars) answered by llama.cpp on the GGUF:
+    where the grammar forces tokens the model gave little mass, llama.cpp's raw log-probs stray
+    0.1-0.4 nats from the fp32 reference (this zeroed honest answers before those positions
+    were left out of the gap); every answer keeps full credit, and noisy weights still fail."""
+    from permamesh.verify.traffic import GRAMMARS
+    from permamesh.workers import backends
+
+    if backends.llamacpp_missing():
+        pytest.skip(backends.llamacpp_missing())
+    engine = backends.load_engine("llamacpp", smollm2_loaded.name, max_active=1)
+    honest = zoo.ModelNode(engine, smollm2_loaded.name)
+    clone = copy.copy(smollm2_loaded)
+    clone.model = zoo.add_noise(smollm2_loaded.model, 0.05)
+    noisy = zoo.ModelNode(Engine(clone), smollm2_loaded.name)
+    credits, cheats = [], []
+    for i, ((kind, grammar), _) in enumerate(GRAMMARS):
+        for j, temperature in enumerate((0.0, 0.7)):
+            req = GenerateRequest(f"{i:02d}{j:030x}", messages=(ChatMessage("user", QUESTIONS[i]),), max_tokens=24,
+                                  temperature=temperature, seed=i if temperature else None, logprobs=True,
+                                  grammar_kind=kind, grammar=grammar)
+            credits.append(verifier.score(req, honest(req), engine="llamacpp"))
+            if temperature == 0.0:
+                cheats.append(verifier.score(req, noisy(req), engine="llamacpp"))
+    assert all(c.credit == 1.0 for c in credits), [(c.credit, c.reason) for c in credits]
+    assert sum(c.credit for c in cheats) / len(cheats) < 0.5, [(c.credit, c.reason) for c in cheats]
