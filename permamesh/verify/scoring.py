@@ -61,6 +61,7 @@ class TokenEvidence:
     argmax_prob: tuple[float, ...] = ()  # P(the sampled token is the reference's argmax) per position
     seed_match: tuple[bool, ...] = ()  # seeded and sampled: token_i == the reference's replay of the seed's draw
     compared: tuple[bool, ...] = ()  # positions whose reported log-prob is compared (empty: all)
+    greedy_gap: tuple[float, ...] = ()  # nats from the reference's argmax down to token_i (0 where it is the argmax)
 
     @property
     def tokens(self) -> int:
@@ -173,6 +174,8 @@ def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], 
     tokens = torch.tensor(answer, dtype=torch.long, device=logp.device)
     ref = logp[:n].gather(-1, tokens[:, None])[:, 0] if n else logp[:0, 0]
     greedy = slogp[:n].argmax(dim=-1) == tokens if n else torch.zeros(0, dtype=torch.bool)
+    chosen = slogp[:n].gather(-1, tokens[:, None])[:, 0] if n else slogp[:0, 0]
+    greedy_gap = (slogp[:n].max(dim=-1).values - chosen).clamp(min=0.0) if n else slogp[:0, 0]
     probs = _sampling_probs(sampled[:n], temperature, top_p)
     finite = torch.where(torch.isfinite(logp[:n]), logp[:n], torch.zeros_like(logp[:n]))
     mean = (probs * finite).sum(dim=-1)
@@ -195,6 +198,7 @@ def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], 
         argmax_prob=tuple(float(x) for x in top.tolist()),
         seed_match=replay,
         compared=_model_chosen(logp[:n], slogp[:n]) if sampled is not logits else (),
+        greedy_gap=tuple(float(x) if math.isfinite(x) else 1e30 for x in greedy_gap.tolist()),
     )
     log.debug("scored %d answer tokens after %d prompt tokens", n, len(prompt))
     return evidence

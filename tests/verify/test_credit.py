@@ -39,6 +39,24 @@ def test_reported_logprobs_within_the_noise_floor_pass_and_far_ones_fail():
     assert half.agreement == pytest.approx(ramp(-0.115, -0.2, -0.03 * (8 / 3) ** 0.5)) and 0 < half.credit < 1
 
 
+def test_a_greedy_near_tie_counts_as_a_match_within_the_engines_margin():
+    """An honest llama.cpp answer may take the reference's second choice where the two are
+    within a few tenths of a nat; a token far below the argmax is still a mismatch."""
+    from permamesh.verify.credit import config_for
+
+    ties = dataclasses.replace(evidence(ref=(-0.7, -0.1, -0.75, -0.2), matches=[False, True, False, True]),
+                               greedy_gap=(0.2, 0.0, 0.25, 0.0))
+    reported = [-0.7, -0.1, -0.75, -0.2]
+    strict = answer_credit(ties, reported, finish_reason="length", max_tokens=4, stop_hit=False)
+    assert strict.greedy_share == 0.5 and strict.credit == 0.0  # torch's 0.05 nats: two mismatches
+    llama = answer_credit(ties, reported, finish_reason="length", max_tokens=4, stop_hit=False,
+                          config=config_for("llamacpp"))
+    assert llama.greedy_share == 1.0 and llama.credit == 1.0
+    far = dataclasses.replace(ties, greedy_gap=(2.0, 0.0, 3.0, 0.0))
+    assert answer_credit(far, reported, finish_reason="length", max_tokens=4, stop_hit=False,
+                         config=config_for("llamacpp")).credit == 0.0
+
+
 def test_a_grammars_forced_tokens_are_not_compared_but_the_models_choices_are():
     """Under a grammar, ``compared`` marks where the model chose: a forced token's log-prob (in
     the model's tail, far off for a quantized engine) is left out of the gap; the chosen ones
