@@ -6,9 +6,9 @@ rebuilt by the overlay) come to :meth:`ChoiceDeltas.chunk` as they arrive; each 
 entries of the tokens the chunk carries (OpenAI sends them with the chunk that holds the
 tokens, not at the end). When the job ends, :meth:`ChoiceDeltas.rest` gives whatever the
 chunks did not carry, from the result (the overlay's last piece, or everything after a chunk
-that came without what the choice asks for: an older worker sends no token texts, and no
-worker sends alternatives per chunk until its executor does), so the deltas always join to
-the answer's text and its log-probabilities, in order.
+that came without what the choice asks for: an older worker sends no token texts or
+alternatives), so the deltas always join to the answer's text and its log-probabilities, in
+order.
 
 A chunk's text and its tokens need not line up exactly: text is held back while it could be
 the start of a stop string, and a character split over two tokens comes with the second. So a
