@@ -189,38 +189,62 @@ CLOCK = {"type": "function", "function": {
                    "required": ["city"], "additionalProperties": False}}}
 
 
-def test_several_tool_calls_in_one_answer_whole_and_streamed(client):
+def _own_key(stack, name: str) -> str:
+    """A key of its own, so its own credit on the ledger: each request of a search over seeds
+    below (8 choices of up to 120 tokens, ~3,000 units) takes a fresh key, and the search
+    never leaves alice, or itself, out of credit."""
+    return stack.gateway.keys.new_key(name)
+
+
+def _client(stack, name: str):
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key=_own_key(stack, name), max_retries=0, timeout=120)
+
+
+def test_several_tool_calls_in_one_answer_whole_and_streamed(stack):
     """parallel_tool_calls absent (true): the grammar takes a list of calls, and tiny-random's
-    seeded draws write two at some seeds (about one in four); each call comes back with its own
-    id and index, the same streamed. False: exactly one call at every seed."""
+    seeded draws write two now and then (searched with 8 choices a request);
+    each call comes back with its own id and index, the same streamed. False: exactly one call."""
     import json
 
-    def ask(seed: int) -> dict:
+    def ask(seed: int, n: int = 1) -> dict:
         return dict(model=MODEL, messages=[{"role": "user", "content": "What is the weather in Oslo, and what time is "
                                                                        "it there?"}], max_tokens=120, temperature=1,
-                    seed=seed, tools=[WEATHER, CLOCK], tool_choice="required")
+                    seed=seed, tools=[WEATHER, CLOCK], tool_choice="required", n=n)
 
-    for seed in range(16):
-        choice = client.chat.completions.create(**ask(seed)).choices[0]
-        calls = choice.message.tool_calls or []
-        if len(calls) >= 2:
+    found = None
+    for seed in range(8):  # n choices of one request are seeds seed, seed + 1, ... (docs/gateway.md)
+        with _client(stack, f"tools-openai-{seed}") as client:
+            choices = client.chat.completions.create(**ask(seed * 8, n=8)).choices
+        found = next((c for c in choices if len(c.message.tool_calls or []) >= 2), None)
+        if found is not None:
             break
-    assert choice.finish_reason == "tool_calls" and len(calls) >= 2, "no seed of 16 drew several calls"
-    assert len({c.id for c in calls}) == len(calls) and all(c.function.name in ("weather", "clock") and
-                                                            json.loads(c.function.arguments)["city"] in ("Oslo", "Lima")
-                                                            for c in calls)
-    ask = ask(seed)
-    deltas = [d for c in client.chat.completions.create(**ask, stream=True) if c.choices
-              for d in (c.choices[0].delta.tool_calls or [])]
-    assert [d.index for d in deltas] == list(range(len(calls))) and len({d.id for d in deltas}) == len(calls)
-    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
-        [(c.function.name, json.loads(c.function.arguments)) for c in calls]
-    one = client.chat.completions.create(**ask, parallel_tool_calls=False).choices[0]
-    assert one.finish_reason == "tool_calls" and len(one.message.tool_calls) == 1
+    assert found is not None, "no choice of 64 drew several calls"
+    with _client(stack, "tools-openai") as client:
+        calls = found.message.tool_calls
+        assert found.finish_reason == "tool_calls"
+        assert len({c.id for c in calls}) == len(calls) and all(
+            c.function.name in ("weather", "clock") and json.loads(c.function.arguments)["city"] in ("Oslo", "Lima")
+            for c in calls)
+        one = ask(seed * 8 + found.index)
+        again = client.chat.completions.create(**one).choices[0]  # that choice's seed alone: the same calls
+        assert [(c.function.name, c.function.arguments) for c in again.message.tool_calls] == \
+            [(c.function.name, c.function.arguments) for c in calls]
+        deltas = [d for c in client.chat.completions.create(**one, stream=True) if c.choices
+                  for d in (c.choices[0].delta.tool_calls or [])]
+        assert [d.index for d in deltas] == list(range(len(calls))) and len({d.id for d in deltas}) == len(calls)
+        assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+            [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+        single = client.chat.completions.create(**one | {"parallel_tool_calls": False}).choices[0]
+        assert single.finish_reason == "tool_calls" and len(single.message.tool_calls) == 1
 
 
-def test_langchain_bind_tools_with_two_tools_gets_both_calls(stack):
+def test_langchain_bind_tools_with_two_tools_gets_every_call(stack):
+    """LangChain's ``bind_tools`` with two tools parses every call of an answer. A seed that
+    makes tiny-random write several calls (about one choice in thirty: most run out of tokens
+    inside the JSON) is searched with the official client on the very request LangChain sends
+    (its tools as LangChain writes them, 8 choices a request), then LangChain asks with it alone."""
     langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.utils.function_calling import convert_to_openai_tool
     from pydantic import BaseModel, Field
 
     class Weather(BaseModel):
@@ -233,14 +257,24 @@ def test_langchain_bind_tools_with_two_tools_gets_both_calls(stack):
 
         city: str = Field(max_length=8)
 
-    for seed in range(24):  # tiny-random writes both calls at some seeds (about one in eight)
-        llm = langchain_openai.ChatOpenAI(model=MODEL, base_url=stack.url + "/v1", api_key=stack.key, temperature=1,
-                                          seed=seed, max_tokens=120, max_retries=0)
-        called = llm.bind_tools([Weather, LocalTime], tool_choice="required").invoke(
-            "What is the weather and the local time in Oslo?")
-        if {call["name"] for call in called.tool_calls} == {"LocalTime", "Weather"}:
+    question = "What is the weather and the local time in Oslo?"
+    tools = [convert_to_openai_tool(Weather), convert_to_openai_tool(LocalTime)]
+    seed, seen = None, []
+    for base in range(0, 64, 8):
+        with _client(stack, f"tools-langchain-{base}") as client:
+            choices = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=120, temperature=1,
+                seed=base, n=8, tools=tools, tool_choice="required").choices
+        both = [c.index for c in choices if len(c.message.tool_calls or []) >= 2]
+        seen.extend([t.function.name for t in c.message.tool_calls or []] for c in choices)
+        if both:
+            seed = base + both[0]
             break
-    assert {call["name"] for call in called.tool_calls} == {"LocalTime", "Weather"}, "no seed of 24 drew both"
+    assert seed is not None, f"no choice of 64 drew several calls: {seen}"
+    llm = langchain_openai.ChatOpenAI(model=MODEL, base_url=stack.url + "/v1", api_key=_own_key(stack, "tools-langchain"),
+                                      temperature=1, seed=seed, max_tokens=120, max_retries=0)
+    called = llm.bind_tools([Weather, LocalTime], tool_choice="required").invoke(question)
+    assert len(called.tool_calls) >= 2 and {call["name"] for call in called.tool_calls} <= {"LocalTime", "Weather"}
     assert len({call["id"] for call in called.tool_calls}) == len(called.tool_calls)
     assert all(isinstance(call["args"]["city"], str) for call in called.tool_calls)
 
