@@ -12,6 +12,7 @@ from permamesh.bench.gateway import GatewayBench, plot_gateway, run
 from permamesh.bench.stats import write_report
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: the gateway's paths are tested in tests/gateway; this checks the bench's report
 def test_a_small_gateway_run_reports_its_ratios(tmp_path):
     report = run(GatewayBench(workers=1, requests=3, concurrency=2, max_tokens=4))
     s = report["summary"]

@@ -48,6 +48,7 @@ def test_the_summary_needs_its_baselines():
         routing.run(routing.RoutingBench(policies=("permamesh", "random")), say=lambda line: None)
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: routing over real sockets is tested in tests/routing and test_failover.py
 def test_the_real_mode_smoke_run_answers_every_request_through_real_sockets(tmp_path):
     """`--mode real --quick`: real WorkerServers with group links on loopback (threads of this
     process, tiny-random); every request answered, the summary complete, sync bytes counted."""

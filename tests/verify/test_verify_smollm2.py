@@ -89,13 +89,12 @@ def test_an_honest_llamacpp_worker_keeps_full_credit_on_grammar_challenges(smoll
     clone.model = zoo.add_noise(smollm2_loaded.model, 0.05)
     noisy = zoo.ModelNode(Engine(clone), smollm2_loaded.name)
     credits, cheats = [], []
-    for i, ((kind, grammar), _) in enumerate(GRAMMARS):
-        for j, temperature in enumerate((0.0, 0.7)):
-            req = GenerateRequest(f"{i:02d}{j:030x}", messages=(ChatMessage("user", QUESTIONS[i]),), max_tokens=24,
-                                  temperature=temperature, seed=i if temperature else None, logprobs=True,
-                                  grammar_kind=kind, grammar=grammar)
-            credits.append(verifier.score(req, honest(req), engine="llamacpp"))
-            if temperature == 0.0:
-                cheats.append(verifier.score(req, noisy(req), engine="llamacpp"))
+    for i, ((kind, grammar), _) in enumerate(GRAMMARS):  # each grammar, greedy and sampled in turn
+        temperature = 0.7 * (i % 2)
+        req = GenerateRequest(f"{i:032x}", messages=(ChatMessage("user", QUESTIONS[i]),), max_tokens=20,
+                              temperature=temperature, seed=i if temperature else None, logprobs=True,
+                              grammar_kind=kind, grammar=grammar)
+        credits.append(verifier.score(req, honest(req), engine="llamacpp"))
+        cheats.append(verifier.score(req, noisy(req), engine="llamacpp"))
     assert all(c.credit == 1.0 for c in credits), [(c.credit, c.reason) for c in credits]
     assert sum(c.credit for c in cheats) / len(cheats) < 0.5, [(c.credit, c.reason) for c in cheats]
