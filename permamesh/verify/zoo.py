@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import random
 from collections.abc import Callable
@@ -56,6 +57,9 @@ class ModelNode:
         from permamesh.workers.engine import SamplingParams
 
         params = dataclasses.replace(SamplingParams.of(req), logprobs=True)
+        if params.seed is None:  # its own randomness, drawn from the request id: benchmark runs repeat exactly
+            params = dataclasses.replace(params, seed=int.from_bytes(
+                hashlib.blake2b(req.request_id.encode(), digest_size=8).digest(), "little") >> 1)
         if horizon is not None:
             params = dataclasses.replace(params, max_tokens=min(params.max_tokens, horizon))
         done = self.engine.generate(self.engine.prompt_ids(req), params)
