@@ -21,7 +21,7 @@ from permamesh.gateway.accounts import Credit, KeyRing
 from permamesh.gateway.backend import MeshBackend
 from permamesh.gateway.server import Gateway, GatewayConfig, GatewayThread
 from permamesh.overlay.sender import OverlayClient
-from tests.overlay.test_overlay_e2e import FAST, overlay_mesh
+from tests.overlay.test_overlay_e2e import FAST, hold_after_second_step, overlay_mesh
 
 SCHEMA = ('{"type":"object","properties":{"n":{"type":"integer","minimum":0,"maximum":9}},"required":["n"],'
           '"additionalProperties":false}')
@@ -55,20 +55,6 @@ def _gateway(tmp_path, mesh, via: str):
     return GatewayThread(Gateway(GatewayConfig(tmp_path), backend, KeyRing(tmp_path, open_access=True), Credit()))
 
 
-def _hold(server, first: threading.Event):
-    """The worker's steps after its second wait (at most 20 s) for the client's first chunk."""
-    step, steps = server.engine.step, [0]
-
-    def held(runs):
-        steps[0] += 1
-        if steps[0] > 2:
-            first.wait(20.0)
-        return step(runs)
-
-    server.engine.step = held
-    return lambda: setattr(server.engine, "step", step)
-
-
 @pytest.mark.parametrize("via", ["overlay", "direct"])
 def test_streamed_logprobs_come_with_their_chunks_before_the_answer(tmp_path, mesh, via):
     server = mesh[2]
@@ -80,7 +66,7 @@ def test_streamed_logprobs_come_with_their_chunks_before_the_answer(tmp_path, me
                        temperature=0, logprobs=True, top_logprobs=2)
             whole = client.chat.completions.create(**ask).choices[0]
             first, served_then, chunks = threading.Event(), [], []
-            release = _hold(server, first)
+            release = hold_after_second_step(server, first, 20.0)
             try:
                 for chunk in client.chat.completions.create(**ask, stream=True):
                     chunks.append(chunk)

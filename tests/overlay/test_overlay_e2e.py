@@ -73,6 +73,22 @@ def overlay_mesh(loaded, dead: set[int]):
             thread.stop()
 
 
+def hold_after_second_step(server: WorkerServer, first, timeout_s: float = 30.0):
+    """The worker's decoding waits after its second step until ``first`` (a threading.Event) is
+    set, at most ``timeout_s``: "the client had a piece before the answer existed" then does not
+    depend on how busy the machine is. Returns a function that undoes it."""
+    step, steps = server.engine.step, [0]
+
+    def held(runs):
+        steps[0] += 1
+        if steps[0] > 2:
+            first.wait(timeout_s)
+        return step(runs)
+
+    server.engine.step = held
+    return lambda: setattr(server.engine, "step", step)
+
+
 @pytest.fixture
 def overlay(home, tiny_loaded, request):
     """(relay records, worker record, worker server); ``request.param`` = indices of dead relays."""

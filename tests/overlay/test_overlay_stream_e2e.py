@@ -18,7 +18,7 @@ from permamesh.overlay.errors import OverlayError
 from permamesh.overlay.sender import OverlayClient
 from permamesh.overlay.stream import StreamConfig
 from permamesh.workers.server import WorkerServer
-from tests.overlay.test_overlay_e2e import FAST, overlay_mesh
+from tests.overlay.test_overlay_e2e import FAST, hold_after_second_step, overlay_mesh
 
 STREAM = dataclasses.replace(FAST, stream_idle_s=1.0)
 
@@ -42,15 +42,7 @@ class Pieces:
         self.server, self.texts, self.answers_then = server, [], []
         self.first = threading.Event()
         if hold:
-            step, steps = server.engine.step, [0]
-
-            def held_step(runs):
-                steps[0] += 1
-                if steps[0] > 2:
-                    self.first.wait(30.0)
-                return step(runs)
-
-            server.engine.step = held_step
+            hold_after_second_step(server, self.first)
 
     def __call__(self, text: str) -> None:
         self.texts.append(text)
