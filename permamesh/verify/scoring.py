@@ -68,38 +68,63 @@ class TokenEvidence:
         return len(self.reference_logprobs)
 
 
-def _sampling_probs(logits, temperature: float, top_p: float):
-    """The per-position distribution the worker samples from (as :class:`Engine` does)."""
+#: Positions raced at once by the typicality and replay arithmetic (bounds its memory: each
+#: array is ``rows x vocabulary`` float32, ~10 MB for 48 rows of SmolLM2's 49k vocabulary).
+ROWS_AT_ONCE = 64
+
+
+def _race_weights(logits, temperature: float, top_p: float):
+    """Each position's weights in the worker's race (:func:`~permamesh.workers.sampling.race_weights`,
+    the arithmetic every backend samples with), a float32 numpy array, :data:`ROWS_AT_ONCE`
+    rows at a time; None at temperature 0 or when a row has no finite maximum (not from a real
+    model: those positions are scored one by one, as the worker picks)."""
+    import numpy as np
+
+    from permamesh.workers.sampling import race_weights
+
+    rows = logits.detach().cpu().float().numpy()
+    if temperature <= 0.0 or not len(rows) or not np.isfinite(rows.max(axis=1)).all():
+        return None
+    return np.concatenate([race_weights(rows[first:first + ROWS_AT_ONCE], temperature, top_p)
+                           for first in range(0, len(rows), ROWS_AT_ONCE)])
+
+
+def _sampling_probs(logits, weights):
+    """The per-position distribution the worker samples from: ``weights`` normalised, or where
+    there are none (greedy, or rows without a finite maximum) the first maximum's one-hot."""
+    import numpy as np
     import torch
 
-    if temperature <= 0.0:
+    if weights is None:
         probs = torch.zeros_like(logits)
-        probs.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs.scatter_(-1, torch.nan_to_num(logits, nan=-math.inf).argmax(dim=-1, keepdim=True), 1.0)
         return probs
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True, dim=-1)
-        keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < top_p
-        keep[..., 0] = True
-        kept = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        kept = kept / kept.sum(dim=-1, keepdim=True)
-        probs = torch.zeros_like(probs).scatter(-1, order, kept)
-    return probs
+    probs = weights / weights.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    return torch.from_numpy(probs).to(logits.device)
 
 
-def seeded_replay(logits, answer: Sequence[int], temperature: float, top_p: float, seed: int) -> tuple[bool, ...]:
+def seeded_replay(logits, weights, answer: Sequence[int], temperature: float, top_p: float,
+                  seed: int) -> tuple[bool, ...]:
     """Replay the seed's draws over the reference's logits, teacher-forced on ``answer``: the
     sampling contract of every backend is :func:`~permamesh.workers.sampling.sample_token` with
     one :func:`~permamesh.workers.sampling.generator` seeded with ``seed`` per request, one
     exponential race per token, so an honest answer's token i is the replay's draw i except
     where the worker's own logits (other hardware, bf16) tip a close race the other way (rare:
     the generator's state does not depend on the probabilities, so one such flip does not
-    desynchronise the rest). Each draw consumes the generator as the worker's does."""
-    from permamesh.workers.sampling import SamplingParams, generator, sample_token
+    desynchronise the rest). The draws do not depend on the tokens, so the positions race
+    :data:`ROWS_AT_ONCE` at a time over ``weights`` (:func:`_race_weights`), drawing the numbers
+    the worker drew one token at a time; without weights, one :func:`sample_token` per position."""
+    import numpy as np
+
+    from permamesh.workers.sampling import SamplingParams, generator, race, sample_token
 
     gen = generator(int(seed))
-    params = SamplingParams(max_tokens=max(1, len(answer)), temperature=temperature, top_p=top_p, seed=int(seed))
-    return tuple(sample_token(logits[i], params, gen)[0] == int(t) for i, t in enumerate(answer))
+    if weights is None:
+        params = SamplingParams(max_tokens=max(1, len(answer)), temperature=temperature, top_p=top_p, seed=int(seed))
+        return tuple(sample_token(logits[i], params, gen)[0] == int(t) for i, t in enumerate(answer))
+    tokens = np.concatenate([race(weights[first:first + ROWS_AT_ONCE], gen)
+                             for first in range(0, len(weights), ROWS_AT_ONCE)])
+    return tuple(bool(x) for x in tokens == np.asarray([int(t) for t in answer], dtype=np.int64))
 
 
 def grammar_masked(logits, answer: Sequence[int], kind: str, grammar: str, tokenizer):
@@ -176,12 +201,14 @@ def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], 
     greedy = slogp[:n].argmax(dim=-1) == tokens if n else torch.zeros(0, dtype=torch.bool)
     chosen = slogp[:n].gather(-1, tokens[:, None])[:, 0] if n else slogp[:0, 0]
     greedy_gap = (slogp[:n].max(dim=-1).values - chosen).clamp(min=0.0) if n else slogp[:0, 0]
-    probs = _sampling_probs(sampled[:n], temperature, top_p)
+    weights = _race_weights(sampled[:n], temperature, top_p)
+    probs = _sampling_probs(sampled[:n], weights)
     finite = torch.where(torch.isfinite(logp[:n]), logp[:n], torch.zeros_like(logp[:n]))
     mean = (probs * finite).sum(dim=-1)
     var = (probs * (finite - mean[:, None]) ** 2).sum(dim=-1).clamp(min=0.0)
     top = probs.gather(-1, slogp[:n].argmax(dim=-1, keepdim=True))[:, 0] if n else probs[:0, 0]
-    replay = seeded_replay(sampled, answer, temperature, top_p, seed) if seed is not None and temperature > 0 else ()
+    replay = (seeded_replay(sampled, weights, answer, temperature, top_p, seed)
+              if seed is not None and temperature > 0 else ())
     last = slogp[n]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=last.device)
     end_logprob = 0.0 if complete else float(torch.logsumexp(last[eos], dim=0))

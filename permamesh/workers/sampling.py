@@ -19,7 +19,7 @@ from permamesh.wire.messages import GenerateRequest
 from permamesh.workers.tokenizer import Tokenizer
 
 __all__ = ["Completion", "SamplingParams", "Sampler", "Step", "StepReport", "apply_penalties", "raw_logprob",
-           "generator", "sample_token", "top_alternatives"]
+           "generator", "nucleus_rows", "race", "race_weights", "sample_token", "top_alternatives"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,19 +137,38 @@ def _sample(logits, params: SamplingParams, gen) -> tuple[int, float]:
     if params.temperature <= 0.0:
         token = int(logits.argmax())
         return token, logprob_of(token)
-    shifted = logits - np.float32(top)
-    if not _TINY_TEMPERATURE < params.temperature < 1 / _TINY_TEMPERATURE:  # 1 / T overflows or vanishes in float32
-        weights = np.exp(shifted.astype(np.float64) / params.temperature).astype(np.float32)
-    else:
-        weights = np.exp(shifted * np.float32(1.0 / params.temperature))  # in [0, 1]; the maximum's is exactly 1
-    if params.top_p < 1.0:
-        nucleus = _nucleus(weights, params.top_p)
-        kept = np.zeros_like(weights)
-        kept[nucleus] = weights[nucleus]
-        weights = kept
-    race = -np.log(gen.random(len(weights), dtype=np.float32))  # standard exponentials, never 0 (u = 0: inf, loses)
-    token = int(np.argmax(weights / race))
+    token = int(race(race_weights(logits[None, :], params.temperature, params.top_p), gen)[0])
     return token, logprob_of(token)
+
+
+def race_weights(rows, temperature: float, top_p: float):
+    """The weights :func:`sample_token`'s race gives each token: ``rows`` a 2-D float32 numpy
+    array of logits, one position per row, each with a finite maximum; ``temperature`` > 0.
+    Each row's maximum weighs exactly 1; top-p zeroes what the nucleus leaves out
+    (:func:`nucleus_rows`). The worker calls it with one row per token; the committee's
+    replay and typicality with every answer position at once, by the same arithmetic."""
+    import numpy as np
+
+    shifted = rows - rows.max(axis=1, keepdims=True)
+    with np.errstate(over="ignore", divide="ignore"):
+        if not _TINY_TEMPERATURE < temperature < 1 / _TINY_TEMPERATURE:  # 1 / T overflows or vanishes in float32
+            weights = np.exp(shifted.astype(np.float64) / temperature).astype(np.float32)
+        else:
+            weights = np.exp(shifted * np.float32(1.0 / temperature))  # in [0, 1]; the maximum's is exactly 1
+    if top_p < 1.0:
+        weights = np.where(nucleus_rows(weights, top_p), weights, np.float32(0.0))
+    return weights
+
+
+def race(weights, gen):
+    """The winner of each row's exponential race over ``weights`` (2-D, from
+    :func:`race_weights`): one float32 uniform per entry from ``gen``, rows in order, so that
+    racing rows one call at a time or all in one call draws the same numbers."""
+    import numpy as np
+
+    with np.errstate(divide="ignore"):
+        exponentials = -np.log(gen.random(weights.shape, dtype=np.float32))  # never 0 (u = 0: inf, loses)
+    return np.argmax(weights / exponentials, axis=1)
 
 
 def _vector(logits):
@@ -176,26 +195,31 @@ def _raw_logprobs(logits, top: float):
     return of
 
 
-def _nucleus(weights, top_p: float):
-    """The vocabulary ids top-p keeps (``weights`` a float32 numpy vector): the likeliest tokens
-    whose mass before each is under ``top_p`` of the total (at least one). Looks at the
-    :data:`NUCLEUS_FIRST_K` likeliest first, then 16 times as many, and so on (a CPU core takes
-    ~0.1 ms for the first look, 4 ms to sort 49k tokens whole; with SmolLM2 at temperature 0.8,
-    top-p 0.95 the nucleus is ~5 tokens, and over 64 for one token in eight)."""
+def nucleus_rows(weights, top_p: float):
+    """What top-p keeps in each row of ``weights`` (2-D float32 numpy, one position per row), as
+    a boolean mask: the likeliest tokens whose mass before each is under ``top_p`` of the row's
+    total (at least one). Looks at the :data:`NUCLEUS_FIRST_K` likeliest first, then 16 times
+    as many, and so on, for the rows whose nucleus is longer (a CPU core takes ~0.1 ms a row
+    for the first look, 4 ms to sort 49k tokens whole; with SmolLM2 at temperature 0.8, top-p
+    0.95 the nucleus is ~5 tokens, and over 64 for one token in eight)."""
     import numpy as np
     import torch
 
-    limit = top_p * float(weights.sum(dtype=np.float64))
-    vector = torch.from_numpy(weights)
-    k = min(NUCLEUS_FIRST_K, len(weights))
-    while True:
-        values, ids = torch.topk(vector, k) if k < len(weights) else torch.sort(vector, descending=True)
-        before = torch.cumsum(values, 0, dtype=torch.float64) - values.double()
-        keep = before < limit
-        keep[0] = True
-        if not bool(keep[-1]) or k >= len(weights):
-            return ids[keep].numpy()
-        k = min(k * 16, len(weights))
+    mask = np.zeros(weights.shape, dtype=bool)
+    limits = top_p * weights.sum(axis=1, dtype=np.float64)
+    todo, vocab = np.arange(weights.shape[0]), weights.shape[1]
+    k = min(NUCLEUS_FIRST_K, vocab)
+    while todo.size:
+        rows = torch.from_numpy(weights if todo.size == weights.shape[0] else weights[todo])
+        values, ids = torch.topk(rows, k, dim=1) if k < vocab else torch.sort(rows, dim=1, descending=True)
+        before = torch.cumsum(values, 1, dtype=torch.float64) - values.double()
+        keep = (before < torch.from_numpy(limits[todo])[:, None]).numpy()
+        keep[:, 0] = True
+        done = ~keep[:, -1] | (k >= vocab)
+        kept = keep[done]
+        mask[np.repeat(todo[done], kept.sum(axis=1)), ids.numpy()[done][kept]] = True
+        todo, k = todo[~done], min(k * 16, vocab)
+    return mask
 
 
 def apply_penalties(logits, counts: dict[int, int], params: SamplingParams):
