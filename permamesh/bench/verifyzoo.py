@@ -69,9 +69,15 @@ class Zoo:
 
     def engine(self, kind: str) -> Engine:
         if kind not in self._engines and kind == "llamacpp":
+            import torch
+
             from permamesh.workers.backends import load_engine
 
+            threads = torch.get_num_threads()
             self._engines[kind] = load_engine("llamacpp", self.ref.name, max_active=1)
+            # a llama.cpp worker process keeps torch at 1 thread (it only samples there); these
+            # nodes stand in for remote workers, so the member's scoring keeps every core
+            torch.set_num_threads(threads)
         if kind not in self._engines:
             ref = self.ref
             made = {
