@@ -140,8 +140,10 @@ def _run_demo(opts: DemoOptions, out: TextIO) -> int:
         demo_gateway.gateway_round(url, key, workers[0].model, opts.max_tokens, say)
         with Client(endpoints) as direct:
             say("\n== worker status ==")
+            engines = {w.node_id: w.engine for w in workers}  # from their signed descriptors
             for st in direct.status():
-                say(f"  {st.worker_id} {st.model} on {st.device}: served {st.served}, queue {st.queue_length}, "
+                say(f"  {st.worker_id} {st.model} on {st.device} ({engines.get(st.worker_id, '?')}): "
+                    f"served {st.served}, queue {st.queue_length}, "
                     f"prefill {st.prefill_tok_per_s:.0f} tok/s, decode {st.decode_tok_per_s:.1f} tok/s, "
                     f"group {st.group or '-'} ({st.members} peers, forwarded {st.forwarded}), "
                     f"prefix cache {st.cached_tokens_total}/{st.prompt_tokens_total} prompt tokens")
