@@ -42,7 +42,7 @@ class RealConfig:
     workers: int = 2  # worker processes
     model: str = "smollm2-135m"
     model_path: str | None = None
-    threads_per_worker: int = 1  # torch threads per worker
+    threads_per_worker: int = 1  # CPU threads of each worker's engine (llama.cpp or torch)
     prefix_cache_mb: int = 1024  # per worker
     kill_at_s: float | None = None  # SIGKILL worker 0 this many seconds into each run
     seed: int = 0  # entry choice

@@ -1,4 +1,5 @@
-"""The plot of ``permamesh bench verify``: reputation over epochs, one line per node kind,
+"""The plot of ``permamesh bench verify``: reputation over epochs, one line per node kind (for
+honest kinds, the lowest of their nodes),
 the trust floor, and the run's headline figures in the title.
 
 Who calls it: :mod:`permamesh.bench.verify` (``--plot``) and tests.
@@ -20,12 +21,14 @@ def plot_verify(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(12, 6))
     floor = report["reputation_config"]["floor_ppm"] / 1e6
     start = report["reputation_config"]["initial_ppm"] / 1e6
+    for kind, (epochs, lowest, count) in sorted(_honest_lowest(report["nodes"]).items()):
+        ax.plot([0] + epochs, [start] + lowest, linewidth=2.5,
+                label=f"{kind} (lowest of {count})" if count > 1 else kind)
     for name, rows in sorted(report["nodes"].items()):
-        honest = name.startswith("honest-")
-        if (honest or "part-time" in name or "dodger" in name) and not name.endswith("-0"):
+        if name.startswith("honest-") or (("part-time" in name or "dodger" in name) and not name.endswith("-0")):
             continue  # one line per kind keeps the plot readable (the JSON has every node)
         ax.plot([0] + [r["epoch"] for r in rows], [start] + [r["reputation_ppm"] / 1e6 for r in rows],
-                marker="" if honest else "o", linewidth=2.5 if honest else 1.2, label=name.removesuffix("-0"))
+                marker="o", linewidth=1.2, label=name.removesuffix("-0"))
     ax.axhline(floor, color="red", linestyle="--", label=f"trust floor {floor:g}")
     ax.set_xlabel("epoch (a cheater's line ends when it is excluded)")
     ax.set_ylabel("reputation R(T)")
@@ -38,3 +41,19 @@ def plot_verify(report: dict, path: Path) -> None:
                  f"{s['verifications_per_minute']} verifications/min", fontsize=10)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save(fig, path)
+
+
+def _honest_lowest(nodes: dict[str, list[dict]]) -> dict[str, tuple[list[int], list[float], int]]:
+    """Per honest kind (``honest-bf16``, ...): its epochs, the lowest reputation of its nodes at
+    each, and how many nodes it has (a false exclusion shows whichever node it hits)."""
+    kinds: dict[str, dict[int, float]] = {}
+    counts: dict[str, int] = {}
+    for name, rows in nodes.items():
+        if not name.startswith("honest-"):
+            continue
+        kind = name.rsplit("-", 1)[0]
+        counts[kind] = counts.get(kind, 0) + 1
+        lowest = kinds.setdefault(kind, {})
+        for r in rows:
+            lowest[r["epoch"]] = min(lowest.get(r["epoch"], 1.0), r["reputation_ppm"] / 1e6)
+    return {kind: (sorted(by), [by[e] for e in sorted(by)], counts[kind]) for kind, by in kinds.items()}
