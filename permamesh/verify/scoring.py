@@ -111,9 +111,9 @@ def seeded_replay(logits, weights, answer: Sequence[int], temperature: float, to
     exponential race per token, so an honest answer's token i is the replay's draw i except
     where the worker's own logits (other hardware, bf16) tip a close race the other way (rare:
     the generator's state does not depend on the probabilities, so one such flip does not
-    desynchronise the rest). The draws do not depend on the tokens, so the positions race
-    :data:`ROWS_AT_ONCE` at a time over ``weights`` (:func:`_race_weights`), drawing the numbers
-    the worker drew one token at a time; without weights, one :func:`sample_token` per position."""
+    desynchronise the rest). The draws do not depend on the tokens, so every position races at
+    once over ``weights`` (:func:`_race_weights`), drawing, row by row, the numbers the worker
+    drew one token at a time; without weights, one :func:`sample_token` per position."""
     import numpy as np
 
     from permamesh.workers.sampling import SamplingParams, generator, race, sample_token
@@ -122,9 +122,7 @@ def seeded_replay(logits, weights, answer: Sequence[int], temperature: float, to
     if weights is None:
         params = SamplingParams(max_tokens=max(1, len(answer)), temperature=temperature, top_p=top_p, seed=int(seed))
         return tuple(sample_token(logits[i], params, gen)[0] == int(t) for i, t in enumerate(answer))
-    tokens = np.concatenate([race(weights[first:first + ROWS_AT_ONCE], gen)
-                             for first in range(0, len(weights), ROWS_AT_ONCE)])
-    return tuple(bool(x) for x in tokens == np.asarray([int(t) for t in answer], dtype=np.int64))
+    return tuple(bool(x) for x in race(weights, gen) == np.asarray([int(t) for t in answer], dtype=np.int64))
 
 
 def grammar_masked(logits, answer: Sequence[int], kind: str, grammar: str, tokenizer):
