@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what computes answers: llamacpp (GGUF models on CPU; `make setup` builds it), torch (any "
                         "model, GPU or CPU), or auto = llamacpp where it is installed and the model is a GGUF on a "
                         "machine without GPU, else torch (default: auto)")
+    w.add_argument("--gguf-weights", default="fast", choices=["fast", "exact", "file"],
+                   help="llama.cpp backend, what it computes with (a copy is made once in DATA_DIR/models): "
+                        "fast = a Q8_0 copy of a Q4_1/Q5_0/Q5_1 file (llama.cpp has tiled kernels for Q8_0, not "
+                        "for those: 1.2-1.5x the tokens/s at 4-8 requests); exact = an F16 copy of a quantized "
+                        "file (log-probs within ~0.002 nats of the fp32 reference, slower for one request); "
+                        "file = the file as it is (default: fast)")
     w.add_argument("--max-active", type=int, default=8, help="requests decoded together, one batched forward per "
                    "step; a new request joins between steps; 1 = one at a time (count, default: 8)")
     w.add_argument("--threads", type=int, default=0, help="CPU threads for the model (torch's or llama.cpp's), "
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                                             args.layer_budget_mb, args.container_jobs, args.container_uid,
                                             None if args.metrics_port < 0 else args.metrics_port,
                                             tuple(parse_join(args.join)) if args.join else (), args.advertise,
-                                            args.backend))
+                                            args.backend, args.gguf_weights))
         if args.command == "keys":
             from permamesh.directory.register import show_keys
 

@@ -77,6 +77,7 @@ class EngineBench:
     seed: int = 0
     temperature: float = 0.0  # of the decode requests (each with its own seed when > 0)
     top_p: float = 1.0
+    gguf_weights: str = "fast"  # llama.cpp: the file or a copy it computes with (workers/ggufweights.py MODES)
 
 
 def measure_bandwidth_gb_s(megabytes: int = 256, tries: int = 5) -> float:
@@ -99,6 +100,8 @@ def run_backend(backend: str, bench: EngineBench, say=print) -> dict:
 
     cmd = [sys.executable, "-m", "permamesh.bench.engine", "--serve", backend, "--model", bench.model,
            "--data-dir", str(bench.data_dir), "--max-active", str(bench.max_active)]
+    if backend == "llamacpp":
+        cmd += ["--gguf-weights", bench.gguf_weights]
     if bench.model_path:
         cmd += ["--model-path", bench.model_path]
     logs = Path(tempfile.mkdtemp(prefix="bench-engine-"))
@@ -106,7 +109,9 @@ def run_backend(backend: str, bench: EngineBench, say=print) -> dict:
     try:
         wait_ready([child], timeout_s=600.0)
         rng = random.Random(bench.seed)
-        ask_all(child.endpoint, [dict(prompt=prose(rng, 64), max_tokens=8)])  # warm up
+        # warm up as a worker that has served a while: a batch as large as the largest level
+        # (the first requests of a fresh llama.cpp worker ran ~15% slower, measured over 5 rounds)
+        ask_all(child.endpoint, [dict(prompt=prose(rng, 64), max_tokens=32) for _ in range(max(bench.concurrency))])
         rows, scored = [], []
         for c in bench.concurrency:
             before = os.getloadavg()[0]
@@ -129,12 +134,22 @@ def run_backend(backend: str, bench: EngineBench, say=print) -> dict:
             "worker_rates": {"prefill_tok_per_s": status.prefill_tok_per_s, "decode_tok_per_s": status.decode_tok_per_s}}
 
 
-def weight_bytes(backend: str, bench: EngineBench) -> int:
-    """Bytes one decode step reads at least: fp32 parameters, or the GGUF file."""
+def computed_gguf(bench: EngineBench) -> tuple[Path | None, Path | None]:
+    """The GGUF file the model serves from, and the one llama.cpp computes with (the same file,
+    or its copy for ``gguf_weights``): the worker's choice, so that the raw baseline runs on the same weights."""
+    from permamesh.workers import ggufweights
     from permamesh.workers.backends import gguf_of
 
     gguf = gguf_of(bench.model, bench.model_path)
-    if backend == "llamacpp" and gguf is not None:
+    if gguf is None:
+        return None, None
+    return gguf, ggufweights.weights_for(gguf, bench.gguf_weights, Path(bench.data_dir) / "models")
+
+
+def weight_bytes(backend: str, bench: EngineBench) -> int:
+    """Bytes one decode step reads at least: fp32 parameters, or the GGUF llama.cpp computes with."""
+    gguf = computed_gguf(bench)[1] if backend == "llamacpp" else None
+    if gguf is not None:
         return gguf.stat().st_size
     loaded = models.load(bench.model, bench.model_path, bench.data_dir, "cpu")
     return sum(p.numel() * p.element_size() for p in loaded.model.parameters())
@@ -153,9 +168,14 @@ def run(bench: EngineBench, say=print) -> dict:
     results, summary = [], {}
     for backend in backends:
         ceiling = bandwidth * 1e9 / weight_bytes(backend, bench)
-        raw = baseline_for(backend, bench.model, bench.model_path, bench.concurrency, say)  # before the worker
+        source, computed = computed_gguf(bench) if backend == "llamacpp" else (None, None)
+        raw = baseline_for(computed, bench.concurrency, say)  # before the worker
         result = run_backend(backend, bench, say)
-        after = baseline_for(backend, bench.model, bench.model_path, bench.concurrency, say) if raw else {}
+        after = baseline_for(computed, bench.concurrency, say) if raw else {}
+        if computed is not None and computed != source:  # what the file itself gives, in the same run
+            result["gguf_weights"] = {"file": source.name, "computed_with": computed.name,
+                                      "raw_file_decode_tok_per_s": {str(c): r for c, r in
+                                                                   baseline_for(source, bench.concurrency, say).items()}}
         result["one_request_ceiling_tok_per_s"] = round(ceiling, 1)
         results.append(result)
         by_c = {row["concurrency"]: row for row in result["levels"]}
@@ -231,6 +251,9 @@ def add_engine_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="decode requests' temperature; above 0 each "
                    "has its own seed, and the scoring replays it (default: 0, greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top-p, with --temperature (default: 1)")
+    p.add_argument("--gguf-weights", default="fast", choices=["fast", "exact", "file"], help="what the llama.cpp worker "
+                   "computes with, as `permamesh worker --gguf-weights` (default: fast = a Q8_0 copy of a Q4_1 file; "
+                   "the file's own raw rate is then measured too)")
     p.add_argument("--quick", action="store_true", help="levels 1 and 4, 256-token prompts, 32-token answers")
     p.add_argument("--model", default=models.DEFAULT_MODEL, help=f"model name (default: {models.DEFAULT_MODEL})")
     p.add_argument("--model-path", default=None, help="a local model directory or .gguf file")
@@ -254,7 +277,7 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
         concurrency=(1, 4) if args.quick else tuple(int(c) for c in args.concurrency.split(",")),
         prompt_tokens=256 if args.quick else args.prompt_tokens, max_tokens=32 if args.quick else args.max_tokens,
         max_active=args.max_active, model=args.model, model_path=args.model_path, data_dir=data_dir,
-        temperature=args.temperature, top_p=args.top_p)
+        temperature=args.temperature, top_p=args.top_p, gguf_weights=args.gguf_weights)
     report = run(bench)
     write_report(report, args.json, args.plot, plot_engine)
     if args.json:
@@ -270,6 +293,7 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("--model-path", default=None)
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--max-active", type=int, default=8)
+    p.add_argument("--gguf-weights", default="fast")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import uuid
@@ -282,7 +306,8 @@ def _serve(argv: list[str]) -> int:
     from permamesh.workers.server import ServerConfig, WorkerServer
 
     engine = load_engine(args.serve, args.model, args.model_path, args.data_dir, "cpu", max_active=args.max_active,
-                         prefix_cache=PrefixKVCache(BlockHasher(16, uuid.uuid4().bytes), 2**30))
+                         prefix_cache=PrefixKVCache(BlockHasher(16, uuid.uuid4().bytes), 2**30),
+                         gguf_weights=args.gguf_weights)
     identity = NodeIdentity.generate()
     server = WorkerServer(engine, identity, ServerConfig(max_active=args.max_active))
     serve_until_signalled(server, identity.node_id, lambda endpoint: None, lambda: None)

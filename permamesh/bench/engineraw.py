@@ -24,11 +24,12 @@ from pathlib import Path
 _CHILD = """
 import ctypes, json, sys, time
 import llama_cpp as L
-from permamesh.workers.llamacpp import LlamaConfig, _route_native_log
+from permamesh.workers.llamacpp import LlamaConfig
+from permamesh.workers.llamalog import route_native_log
 
 path, levels, prompt, steps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 config = LlamaConfig()
-_route_native_log(L)
+route_native_log(L)
 L.llama_backend_init()
 model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
 vocab_tokens = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
@@ -78,14 +79,11 @@ def raw_decode_tok_per_s(gguf: Path, levels: list[int], prompt_tokens: int = 40,
     return {int(c): rate for c, rate in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
-def baseline_for(backend: str, model: str, model_path: str | None, levels, say) -> dict[int, float]:
-    """The raw rates for ``backend`` when it is llama.cpp serving a GGUF; nothing for torch."""
-    from permamesh.workers.backends import gguf_of
-
-    gguf = gguf_of(model, model_path)
-    if backend != "llamacpp" or gguf is None:
+def baseline_for(gguf: Path | None, levels, say) -> dict[int, float]:
+    """The raw rates on ``gguf`` (what a llama.cpp worker computes with); nothing without one."""
+    if gguf is None:
         return {}
     raw = raw_decode_tok_per_s(gguf, list(levels))
-    say("raw llama.cpp batch decode (same GGUF, context and threads, no engine around it): "
+    say(f"raw llama.cpp batch decode on {gguf.name} (context and threads as the worker's, no engine around it): "
         + ", ".join(f"x{c} {rate:.1f} tok/s" for c, rate in sorted(raw.items())))
     return raw

@@ -124,7 +124,8 @@ def run(b: RoutingBench, say: Callable[[str], None] = print) -> dict:
     }
     for policy, s in by_policy.items():
         say(f"  {policy:<13} ttft mean {s['ttft_mean_s']:.3f} s  p99 {s['ttft_p99_s']:.3f} s  "
-            f"e2e p99 {s['e2e_p99_s']:.3f} s  cache hit {s['cache_hit_rate']:.2f}  failed {s['failed']}")
+            f"e2e p99 {s['e2e_p99_s']:.3f} s  cache hit {s['cache_hit_rate']:.2f}  failed {s['failed']}"
+            + (f" ({'; '.join(s['errors'])})" if s.get("errors") else ""))
     say("summary: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in report["summary"].items()}))
     return report
 

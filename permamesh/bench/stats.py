@@ -76,6 +76,7 @@ def summarize(
     return {
         "count": len(records),
         "failed": len(records) - len(ok),
+        "errors": sorted({r.error for r in records if not r.ok})[:10],  # why they failed, distinct, at most 10
         "ttft_mean_s": _mean(ttft),
         "ttft_p50_s": percentile(ttft, 50),
         "ttft_p99_s": percentile(ttft, 99),

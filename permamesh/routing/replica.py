@@ -148,6 +148,13 @@ class GroupReplica:
         return ReplicaMember(worker, m.epoch, m.seq, m.held.digest, len(m.held), m.load,
                            m.last_heard, not self._stuck(m))
 
+    def touch(self, worker: str, now: float) -> None:
+        """Any authentic frame from a known member (a relayed token, a progress note) shows it
+        alive, as a heartbeat does: a member busy streaming answers is never expired."""
+        m = self._members.get(worker)
+        if m is not None and worker != self.me:
+            m.last_heard = max(m.last_heard, float(now))
+
     def expire(self, now: float, timeout_s: float) -> list[str]:
         """Forget members (never ``me``) not heard from for ``timeout_s``; returns them."""
         gone = [w for w in sorted(self._members)

@@ -9,8 +9,10 @@
 - :mod:`~permamesh.workers.engine`: the torch engine: continuous batching, one forward per step
   over every active request (chunked prefill), over a :mod:`~permamesh.workers.kvpool` of slots.
 - :mod:`~permamesh.workers.llamacpp`: the llama.cpp engine (GGUF on CPU), the same interface;
-  its prefix store of saved sequence states is :mod:`~permamesh.workers.seqstore`;
-  :mod:`~permamesh.workers.llamabuild` builds llama-cpp-python once (``make setup``).
+  its prefix store of saved sequence states is :mod:`~permamesh.workers.seqstore`; what it
+  computes with (the GGUF file, or a Q8_0 / F16 copy made once) is
+  :mod:`~permamesh.workers.ggufweights`; :mod:`~permamesh.workers.llamalog` routes llama.cpp's
+  log; :mod:`~permamesh.workers.llamabuild` builds llama-cpp-python once (``make setup``).
 - :mod:`~permamesh.workers.decoding`: one request's state between steps (sampling, stop strings,
   streaming, log-probabilities) and the step plan; :mod:`~permamesh.workers.sampling`: the
   sampling rule and the request/answer types; :mod:`~permamesh.workers.stops`: stop strings.

@@ -26,7 +26,7 @@ import logging
 import time
 from pathlib import Path
 
-from permamesh.workers import models
+from permamesh.workers import ggufweights, models
 from permamesh.workers.errors import ModelError, WorkerError
 from permamesh.workers.prefix_cache import PrefixKVCache
 
@@ -83,16 +83,23 @@ def choose(requested: str, model: str, model_path: str | None, device: str = "au
 
 def load_engine(backend: str, model: str = models.DEFAULT_MODEL, model_path: str | None = None,
                 data_dir: Path | None = None, device: str = "auto", seed: int = 0, max_active: int = 8,
-                prefix_cache: PrefixKVCache | None = None, threads: int = 0):
+                prefix_cache: PrefixKVCache | None = None, threads: int = 0, gguf_weights: str = "fast"):
     """Load the model for ``backend`` (``auto`` resolved by :func:`choose`) and return its engine
     (``max_active``: requests it must hold at once; ``threads``: CPU threads of the engine that
-    computes, 0 = its default: torch's for torch, every core for llama.cpp).
+    computes, 0 = its default: torch's for torch, every core for llama.cpp; ``gguf_weights``:
+    what llama.cpp computes with, :mod:`permamesh.workers.ggufweights`; ``file`` is refused when
+    torch serves, which never reads the quantized file as it is).
 
     Logs one ``model NAME ready on DEVICE in S s`` line: S counts the model framework's imports
     (torch, transformers, llama.cpp) with the weights, as a worker pays both only to load a model;
     ``permamesh bench hosts`` excludes that line's figure from a worker's join time."""
     started = time.monotonic()
     backend = choose(backend, model, model_path, device)
+    if gguf_weights not in ggufweights.MODES:
+        raise WorkerError(f"unknown --gguf-weights {gguf_weights!r}: use {', '.join(ggufweights.MODES)}")
+    if backend == "torch" and gguf_weights != ggufweights.DEFAULT_MODE:
+        raise WorkerError(f"--gguf-weights {gguf_weights} applies to the llama.cpp backend only; torch serves "
+                          "the GGUF dequantized to fp32")
     import torch  # both engines: the torch engine computes with it, llama.cpp's samples with it
 
     if backend == "torch":
@@ -110,7 +117,9 @@ def load_engine(backend: str, model: str = models.DEFAULT_MODEL, model_path: str
         name = Path(model_path).stem if model_path else model
         # torch only samples here: its threads would spin against llama.cpp's (measured +5%)
         torch.set_num_threads(1)
-        engine = LlamaEngine(load_gguf(name, gguf, max_active), prefix_cache, LlamaConfig(threads=threads))
+        cache_dir = Path(data_dir).expanduser() / "models" if data_dir else None
+        engine = LlamaEngine(load_gguf(name, gguf, max_active, gguf_weights, cache_dir), prefix_cache,
+                             LlamaConfig(threads=threads))
     loaded = engine.loaded
     total = time.monotonic() - started
     log.info("model %s ready on %s in %.1f s (%s: framework imports %.1f s, weights and tokenizer %.1f s)",

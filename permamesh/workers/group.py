@@ -49,7 +49,9 @@ from permamesh.workers.host import WorkerHost
 log = logging.getLogger(__name__)
 
 GROUP_MESSAGES = (TreeDelta, TreeSyncRequest, ForwardedRequest)
-REROUTE_CODES = ("queue_full", "shutting_down")
+# a member's refusals that another member (or this one) can answer instead; "forbidden" comes
+# from a member whose directory copy does not list us yet
+REROUTE_CODES = ("queue_full", "shutting_down", "forbidden")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +224,7 @@ class GroupLink:
                 if msg.worker == node_id:
                     self.replica.apply_snapshot(msg, time.monotonic())
                 continue
+            self.replica.touch(node_id, time.monotonic())
             p = self.pending.get(getattr(msg, "request_id", ""))
             if p is None or p.target != node_id:
                 continue
@@ -270,13 +273,18 @@ class GroupLink:
                 link = self.links.get(request.worker)
                 if link is not None:
                     await link[1].send(encode(request, self.server.identity))
-            for gone in self.replica.expire(now, self.config.member_timeout_s):
-                self.view.remove(gone)
-                for p in [p for p in self.pending.values() if p.target == gone]:
-                    self._reroute(p, "member expired")
-            for p in [p for p in self.pending.values() if now - p.last_heard > self.config.forward_timeout_s]:
-                self._reroute(p, f"silent for {self.config.forward_timeout_s:g} s")
+            self._judge(now)
             await asyncio.sleep(self.config.sync_interval_s)
+
+    def _judge(self, now: float) -> None:
+        """Drop members unheard for ``member_timeout_s`` (re-routing what they held) and re-route
+        forwarded jobs silent for ``forward_timeout_s``."""
+        for gone in self.replica.expire(now, self.config.member_timeout_s):
+            self.view.remove(gone)
+            for p in [p for p in self.pending.values() if p.target == gone]:
+                self._reroute(p, "member expired")
+        for p in [p for p in self.pending.values() if now - p.last_heard > self.config.forward_timeout_s]:
+            self._reroute(p, f"silent for {self.config.forward_timeout_s:g} s")
 
     def _publish(self, now: float) -> None:
         self._last_publish = now
@@ -307,3 +315,5 @@ class GroupLink:
         await asyncio.gather(task, return_exceptions=True)
         dealer.close()
         self.view.remove(node_id)
+        for p in [p for p in self.pending.values() if p.target == node_id]:  # its answers cannot arrive now
+            self._reroute(p, "left the group's directory")

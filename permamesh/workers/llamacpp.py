@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from permamesh.wire.messages import GenerateRequest
+from permamesh.workers import ggufweights
+from permamesh.workers.llamalog import route_native_log
 from permamesh.workers.decoding import Decoding, plan_step, run_alone
 from permamesh.workers.errors import ContextLengthError, ModelError, RequestError, WorkerError
 from permamesh.workers.models import LoadedModel
@@ -59,57 +61,41 @@ class LlamaConfig:
 class GGUFModel:
     """A loaded GGUF model (what :attr:`LoadedModel.model` holds for this backend)."""
 
-    path: Path
+    path: Path  # what llama.cpp loaded: the file, or its Q8_0 copy (ggufweights)
     model: object  # llama_model_p
     vocab: object  # llama_vocab_p
     n_vocab: int
     n_ctx_train: int
     max_seqs: int  # requests one context holds at once
+    source: Path | None = None  # the GGUF file asked for (None: ``path`` itself)
 
 
-def load_gguf(name: str, path: Path, max_seqs: int = 8) -> LoadedModel:
-    """Load ``path`` with llama.cpp and its tokenizer (from the GGUF, as the torch path does)."""
+def load_gguf(name: str, path: Path, max_seqs: int = 8, weights: str = ggufweights.DEFAULT_MODE,
+              cache_dir: Path | None = None) -> LoadedModel:
+    """Load ``path`` with llama.cpp and its tokenizer (from the GGUF, as the torch path does);
+    ``weights``: compute with the file or its Q8_0 copy kept in ``cache_dir``
+    (:func:`permamesh.workers.ggufweights.weights_for`)."""
     import llama_cpp as L
     from transformers import AutoTokenizer
 
     from permamesh.workers.tokenizer import HFTokenizer
 
-    _route_native_log(L)
+    route_native_log(L)
     started = time.monotonic()
     L.llama_backend_init()
-    model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+    computed = ggufweights.weights_for(path, weights, cache_dir)
+    model = L.llama_model_load_from_file(str(computed).encode(), L.llama_model_default_params())
     if not model:
-        raise ModelError(f"llama.cpp cannot load {path}")
+        raise ModelError(f"llama.cpp cannot load {computed}")
     vocab = L.llama_model_get_vocab(model)
     hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tokenizer = HFTokenizer(hf_tok, extra_eos=[int(L.llama_vocab_eos(vocab))])
-    handle = GGUFModel(path, model, vocab, int(L.llama_vocab_n_tokens(vocab)), int(L.llama_model_n_ctx_train(model)),
-                       max_seqs)
+    handle = GGUFModel(computed, model, vocab, int(L.llama_vocab_n_tokens(vocab)), int(L.llama_model_n_ctx_train(model)),
+                       max_seqs, path)
     loaded = LoadedModel(name, handle, tokenizer, "cpu", time.monotonic() - started)
-    log.info("llama.cpp loaded %s in %.1f s", path.name, loaded.load_s)
+    log.info("llama.cpp loaded %s in %.1f s%s", path.name, loaded.load_s,
+             f" (computing with its Q8_0 copy {computed.name})" if computed != path else "")
     return loaded
-
-
-_native = logging.getLogger(__name__ + ".native")
-_NATIVE_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
-_callback = None  # kept alive: llama.cpp holds a pointer to it
-
-
-def _route_native_log(L) -> None:
-    """llama.cpp's own log lines (hundreds per load) go to a logger: debug, warning, error."""
-    global _callback
-    if _callback is not None:
-        return
-    last = [logging.DEBUG]
-
-    @L.llama_log_callback
-    def callback(level, text, user_data):
-        last[0] = _NATIVE_LEVELS.get(level, last[0])  # 5 continues the previous line's level
-        if _native.isEnabledFor(last[0]):
-            _native.log(last[0], "%s", text.decode("utf-8", errors="replace").rstrip())
-
-    _callback = callback
-    L.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 class LlamaEngine:
@@ -284,7 +270,9 @@ class LlamaEngine:
             nbytes = L.llama_state_seq_get_size(self._ctx, run.seq)
             buf = (ctypes.c_uint8 * nbytes)()
             got = L.llama_state_seq_get_data(self._ctx, buf, nbytes, run.seq)
-            self._store.store(held, bytes(buf[:got]))
+            # one memcpy; bytes(buf[:got]) built a list of ints first, holding the GIL for ~0.5 s
+            # per 23 MB state and freezing the worker's event loop (its heartbeats went silent)
+            self._store.store(held, ctypes.string_at(buf, got))
         except Exception:  # noqa: BLE001 - the answer does not depend on the store
             log.exception("saving a sequence state of %d tokens failed", len(held))
 

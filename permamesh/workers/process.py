@@ -59,13 +59,14 @@ class WorkerOptions:
     join: tuple[str, ...] = ()  # committee validators: peers, relays and the group salt come from its directory
     advertise: str | None = None  # HOST:PORT peers reach this worker at (default: the bound address)
     backend: str = "auto"  # torch, llamacpp, or auto (llama.cpp for a GGUF on CPU where it is installed)
+    gguf_weights: str = "fast"  # llama.cpp: compute with the file or a copy (workers/ggufweights.py MODES)
 
 
 def run_worker(opts: WorkerOptions) -> int:
     identity = NodeIdentity.load_or_create(opts.data_dir / "keys", opts.name)
     directory = _join(opts) if opts.join else None  # fails fast on a wrong committee address
     engine = backends.load_engine(opts.backend, opts.model, opts.model_path, opts.data_dir, opts.device, opts.seed,
-                                  max_active=opts.max_active, threads=opts.threads)
+                                  max_active=opts.max_active, threads=opts.threads, gguf_weights=opts.gguf_weights)
     loaded = engine.loaded
     if opts.model_path and opts.model == models.DEFAULT_MODEL:
         loaded.name = Path(opts.model_path).stem

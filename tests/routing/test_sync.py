@@ -427,6 +427,19 @@ def test_silent_members_expire_and_sync_requests_are_paced() -> None:
         replica.apply_delta(workers["gpu-a"].delta(), float("nan"))
 
 
+def test_a_member_heard_through_its_answers_is_not_expired() -> None:
+    """Relayed tokens and progress notes count as hearing from a member (``touch``), as its
+    heartbeats do: one busy streaming answers stays; one silent in every way goes."""
+    replica = GroupReplica(GROUP, "gpu-a")
+    for t, name in enumerate(("gpu-b", "gpu-c")):
+        assert replica.apply_delta(Worker(name).delta(), float(t))
+    replica.touch("gpu-b", 5.0)  # its answers kept coming; gpu-c went quiet at 1.0
+    replica.touch("stranger", 5.0)  # not a member: nothing to touch
+    assert replica.expire(now=6.5, timeout_s=3.0) == ["gpu-c"]
+    assert replica.members() == ["gpu-b"]
+    assert replica.expire(now=8.5, timeout_s=3.0) == ["gpu-b"]
+
+
 def test_publisher_rejects_bad_chains() -> None:
     pub = DeltaPublisher(GROUP, "gpu-a", 1)
     chain = HASHER.chain(list(range(48)))

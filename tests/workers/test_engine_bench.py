@@ -30,7 +30,7 @@ def test_the_engine_bench_reports_every_level_with_its_ceiling(home, tmp_path):
 def test_the_raw_llamacpp_baseline_decodes_every_level():
     """The llama.cpp baseline (``engineraw``) runs llama.cpp itself on SmolLM2's GGUF in a child
     process: a decode rate per concurrency, more tokens per second with 4 sequences than with 1
-    (one batched decode shares the weight reads); nothing for the torch backend."""
+    (one batched decode shares the weight reads); nothing without a GGUF (the torch backend)."""
     import pytest
 
     from permamesh.bench.engineraw import baseline_for, raw_decode_tok_per_s
@@ -40,4 +40,4 @@ def test_the_raw_llamacpp_baseline_decodes_every_level():
         pytest.skip(backends.llamacpp_missing())
     rates = raw_decode_tok_per_s(models.smollm2_gguf(), [4, 1], prompt_tokens=16, steps=16)
     assert set(rates) == {1, 4} and 0 < rates[1] < rates[4]
-    assert baseline_for("torch", models.DEFAULT_MODEL, None, [1], print) == {}
+    assert baseline_for(None, [1], print) == {}

@@ -115,6 +115,31 @@ def test_a_member_that_stops_mid_job_does_not_lose_it(group):
     assert result["r"].worker_id != first.worker_id and result["r"].completion_tokens >= 1
 
 
+def test_a_stalled_entry_judges_its_members_only_after_reading_what_they_sent(group):
+    """The entry's own event loop is blocked past the member timeout (as a long native call
+    holding the GIL can): its members kept sending heartbeats, unread. Back, it reads what they
+    sent before its upkeep judges them (pyzmq hands over every queued frame without yielding),
+    so it expires nobody and still answers."""
+    threads, servers, endpoints = group
+    entry = servers[0].group
+    expired: list[str] = []
+    real_expire = entry.replica.expire
+
+    def expire(now, timeout_s):  # the real one, its verdicts recorded
+        gone = real_expire(now, timeout_s)
+        expired.extend(gone)
+        return gone
+
+    entry.replica.expire = expire
+    stalled, back = threading.Event(), []
+    servers[0]._loop.call_soon_threadsafe(lambda: (time.sleep(2.5), back.append(time.monotonic()), stalled.set()))
+    assert stalled.wait(10)  # 2.5 s > member_timeout_s (2.0)
+    wait_for(lambda: all(heard > back[0] for w, (_, heard) in entry.replica.loads().items() if w != entry.me),
+             what="fresh heartbeats from every member after the stall")
+    assert expired == [] and len(entry.replica.members()) == 3
+    assert _ask(endpoints[0], "still here?").completion_tokens >= 1
+
+
 def test_strangers_cannot_feed_the_tree_or_forward_jobs(group):
     threads, servers, endpoints = group
     mallory = NodeIdentity.generate()
