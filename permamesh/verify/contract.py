@@ -68,10 +68,14 @@ class ContractConfig:
 # Per engine, as the credit configs are (verify.credit.ENGINE_CONFIGS): where a worker's logits
 # sit further from the fp32 reference, more seeded draws land across a boundary of the replay's
 # cumulative distribution. Measured against SmolLM2's fp32 reference (80 seeded sampled answers
-# each, 3,100 tokens): bf16 torch 0.32% of seeded tokens, llama.cpp (the wheel's GGUF) 3.3%,
-# up to 3 of 16 in one answer. The allowance keeps an honest worker's chance of failing a window
-# near 1e-4 at 16 seeded tokens (binomial tail) and far below at more; a seed-ignoring worker
-# misses most draws (tens of percent) and still fails within its first seeded answers.
+# each, 3,100 tokens): bf16 torch 0.32% of seeded tokens, llama.cpp (the wheel's GGUF) 3.3-4.6%,
+# up to 5 of 40 in one answer, and 7 of 39 in one node's first two epochs of a soak: a contract
+# break for an honest worker. Most of llama.cpp's flips lose the race by a hair: counted only
+# beyond its ``seed_tie_nats`` (0.5, verify.credit.ENGINE_CONFIGS) they are 0.4-0.6% of seeded
+# tokens, and llama.cpp's allowance is torch's with one more token of grace. It keeps an honest
+# worker's chance of failing a window near 1e-4 at 16 seeded tokens (binomial tail) and far below
+# at more; a seed-ignoring worker misses about half its draws beyond any tie and fails within its
+# first seeded answers.
 ENGINE_CONTRACTS: dict[str, "ContractConfig"] = {}
 
 
@@ -122,7 +126,7 @@ class Verdict:
     reason: str  # "" when the contract holds
 
 
-ENGINE_CONTRACTS.update({"torch": ContractConfig(), "llamacpp": ContractConfig(seed_slack=0.10, seed_grace=3)})
+ENGINE_CONTRACTS.update({"torch": ContractConfig(), "llamacpp": ContractConfig(seed_slack=0.05, seed_grace=3)})
 
 
 class _Sampled(Protocol):

@@ -60,6 +60,7 @@ class TokenEvidence:
     end_gap: float = math.inf  # nats from the reference's best next token down to its best ending
     argmax_prob: tuple[float, ...] = ()  # P(the sampled token is the reference's argmax) per position
     seed_match: tuple[bool, ...] = ()  # seeded and sampled: token_i == the reference's replay of the seed's draw
+    seed_gap: tuple[float, ...] = ()  # the same positions: nats of race score token_i finished behind the replay's winner
     compared: tuple[bool, ...] = ()  # positions whose reported log-prob is compared (empty: all)
     greedy_gap: tuple[float, ...] = ()  # nats from the reference's argmax down to token_i (0 where it is the argmax)
 
@@ -71,6 +72,7 @@ class TokenEvidence:
 #: Positions raced at once by the typicality and replay arithmetic (bounds its memory: each
 #: array is ``rows x vocabulary`` float32, ~10 MB for 48 rows of SmolLM2's 49k vocabulary).
 ROWS_AT_ONCE = 64
+NO_RACE = 1e30  # a race gap where the token had no weight at all
 
 
 def _race_weights(logits, temperature: float, top_p: float):
@@ -105,24 +107,41 @@ def _sampling_probs(logits, weights):
 
 def seeded_replay(logits, weights, answer: Sequence[int], temperature: float, top_p: float,
                   seed: int) -> tuple[bool, ...]:
-    """Replay the seed's draws over the reference's logits, teacher-forced on ``answer``: the
-    sampling contract of every backend is :func:`~permamesh.workers.sampling.sample_token` with
-    one :func:`~permamesh.workers.sampling.generator` seeded with ``seed`` per request, one
-    exponential race per token, so an honest answer's token i is the replay's draw i except
-    where the worker's own logits (other hardware, bf16) tip a close race the other way (rare:
-    the generator's state does not depend on the probabilities, so one such flip does not
-    desynchronise the rest). The draws do not depend on the tokens, so every position races at
+    """Whether each answer token is the seed's replayed draw (:func:`seeded_race_gaps` == 0)."""
+    return tuple(g == 0.0 for g in seeded_race_gaps(logits, weights, answer, temperature, top_p, seed))
+
+
+def seeded_race_gaps(logits, weights, answer: Sequence[int], temperature: float, top_p: float,
+                     seed: int) -> tuple[float, ...]:
+    """Replay the seed's draws over the reference's logits, teacher-forced on ``answer``: per
+    position, how far (nats of race score, log(weight / Exp)) the answer's token finished behind
+    the replay's winner: 0 where it won, 1e30 where the reference gives it no weight (outside
+    its nucleus). The sampling contract of every backend is
+    :func:`~permamesh.workers.sampling.sample_token` with one
+    :func:`~permamesh.workers.sampling.generator` seeded with ``seed`` per request, one
+    exponential race per token, so an honest answer's token i wins replay i except where the
+    worker's own logits (other hardware, bf16, llama.cpp's 8-bit activations) tip a close race,
+    and then it finishes a hair behind (the generator's state does not depend on the
+    probabilities, so one such flip does not desynchronise the rest); a token drawn without the
+    seed finishes anywhere. The draws do not depend on the tokens, so every position races at
     once over ``weights`` (:func:`_race_weights`), drawing, row by row, the numbers the worker
-    drew one token at a time; without weights, one :func:`sample_token` per position."""
+    drew one token at a time; without weights, one :func:`sample_token` per position (0 or
+    1e30)."""
     import numpy as np
 
-    from permamesh.workers.sampling import SamplingParams, generator, race, sample_token
+    from permamesh.workers.sampling import SamplingParams, generator, race_scores, sample_token
 
     gen = generator(int(seed))
     if weights is None:
         params = SamplingParams(max_tokens=max(1, len(answer)), temperature=temperature, top_p=top_p, seed=int(seed))
-        return tuple(sample_token(logits[i], params, gen)[0] == int(t) for i, t in enumerate(answer))
-    return tuple(bool(x) for x in race(weights, gen) == np.asarray([int(t) for t in answer], dtype=np.int64))
+        return tuple(0.0 if sample_token(logits[i], params, gen)[0] == int(t) else NO_RACE
+                     for i, t in enumerate(answer))
+    scores = race_scores(weights, gen).astype(np.float64)
+    mine = scores[np.arange(len(answer)), np.asarray([int(t) for t in answer], dtype=np.int64)]
+    best = scores.max(axis=1)
+    with np.errstate(divide="ignore"):
+        gaps = np.where(mine >= best, 0.0, np.log(best) - np.log(mine))
+    return tuple(float(g) if np.isfinite(g) else NO_RACE for g in gaps)
 
 
 def grammar_masked(logits, answer: Sequence[int], kind: str, grammar: str, tokenizer):
@@ -205,8 +224,8 @@ def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], 
     mean = (probs * finite).sum(dim=-1)
     var = (probs * (finite - mean[:, None]) ** 2).sum(dim=-1).clamp(min=0.0)
     top = probs.gather(-1, slogp[:n].argmax(dim=-1, keepdim=True))[:, 0] if n else probs[:0, 0]
-    replay = (seeded_replay(sampled, weights, answer, temperature, top_p, seed)
-              if seed is not None and temperature > 0 else ())
+    seed_gap = (seeded_race_gaps(sampled, weights, answer, temperature, top_p, seed)
+                if seed is not None and temperature > 0 else ())
     last = slogp[n]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=last.device)
     end_logprob = 0.0 if complete else float(torch.logsumexp(last[eos], dim=0))
@@ -221,7 +240,8 @@ def teacher_forced(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], 
         top_p=float(top_p),
         end_gap=0.0 if complete else max(0.0, float(last.max() - last[eos].max())),
         argmax_prob=tuple(float(x) for x in top.tolist()),
-        seed_match=replay,
+        seed_match=tuple(g == 0.0 for g in seed_gap),
+        seed_gap=seed_gap,
         compared=_model_chosen(logp[:n], slogp[:n]) if sampled is not logits else (),
         greedy_gap=tuple(float(x) if math.isfinite(x) else 1e30 for x in greedy_gap.tolist()),
     )

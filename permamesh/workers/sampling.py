@@ -160,15 +160,23 @@ def race_weights(rows, temperature: float, top_p: float):
     return weights
 
 
-def race(weights, gen):
-    """The winner of each row's exponential race over ``weights`` (2-D, from
-    :func:`race_weights`): one float32 uniform per entry from ``gen``, rows in order, so that
-    racing rows one call at a time or all in one call draws the same numbers."""
+def race_scores(weights, gen):
+    """Each entry's score in its row's exponential race over ``weights`` (2-D, from
+    :func:`race_weights`): weight / Exp(1), one float32 uniform per entry from ``gen``, rows in
+    order, so that racing rows one call at a time or all in one call draws the same numbers.
+    The committee's replay reads how far the worker's token finished behind the winner."""
     import numpy as np
 
     with np.errstate(divide="ignore"):
         exponentials = -np.log(gen.random(weights.shape, dtype=np.float32))  # never 0 (u = 0: inf, loses)
-    return np.argmax(weights / exponentials, axis=1)
+    return weights / exponentials
+
+
+def race(weights, gen):
+    """The winner of each row's exponential race (:func:`race_scores`)."""
+    import numpy as np
+
+    return np.argmax(race_scores(weights, gen), axis=1)
 
 
 def _vector(logits):

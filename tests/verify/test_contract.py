@@ -78,6 +78,26 @@ def evidence(n: int, *, z_sum: float, temperature: float = 0.7) -> TokenEvidence
                          0.0, (0.5,) * n, ())
 
 
+def test_a_seeded_token_that_lost_the_replay_by_a_hair_counts_as_its_draw_on_llamacpp() -> None:
+    """llama.cpp's 8-bit activations tip near-tie races: a seeded token that finished within
+    ``seed_tie_nats`` (0.5) of the replay's winner is no mismatch for a llama.cpp worker; the
+    same answer from a torch worker (tie 0) counts every loss; a token outside the reference's
+    nucleus (no weight: 1e30) counts on both."""
+    import dataclasses
+
+    from permamesh.verify.credit import ENGINE_CONFIGS
+
+    gaps = (0.0, 0.0, 0.2, 0.49, 0.8, 1e30, 0.0, 0.05)
+    ev = dataclasses.replace(evidence(8, z_sum=0.0), seed_match=tuple(g == 0.0 for g in gaps), seed_gap=gaps)
+    kw = dict(finish_reason="length", max_tokens=8, stop_hit=False)
+    llama = answer_credit(ev, [0.0] * 8, config=ENGINE_CONFIGS["llamacpp"], **kw).sampling
+    torch_ = answer_credit(ev, [0.0] * 8, config=ENGINE_CONFIGS["torch"], **kw).sampling
+    assert (llama.seeded_tokens, llama.seed_mismatches) == (8, 2)
+    assert (torch_.seeded_tokens, torch_.seed_mismatches) == (8, 5)
+    no_gaps = dataclasses.replace(ev, seed_gap=())  # evidence without gaps: every loss counts
+    assert answer_credit(no_gaps, [0.0] * 8, config=ENGINE_CONFIGS["llamacpp"], **kw).sampling.seed_mismatches == 5
+
+
 def test_one_answers_typicality_has_an_upper_bound_too() -> None:
     kw = dict(finish_reason="length", max_tokens=25, stop_hit=False)
     assert answer_credit(evidence(25, z_sum=0.0), [0.0] * 25, **kw).behaviour == 1.0
@@ -151,10 +171,11 @@ def test_argmax_only_and_seed_ignoring_workers_break_it(bench_zoo) -> None:
     assert ignoring.seed_mismatches > ignoring.seeded_tokens / 2
 
 
-@pytest.mark.parametrize(("engine", "flip_rate"), [("torch", 0.0032), ("llamacpp", 0.033)])
+@pytest.mark.parametrize(("engine", "flip_rate"), [("torch", 0.0032), ("llamacpp", 0.006)])
 def test_each_engines_honest_seed_flips_pass_and_a_seed_ignorer_fails(engine: str, flip_rate: float) -> None:
-    """Flip rates are the ones measured against SmolLM2's fp32 reference (bf16 torch, llama.cpp's
-    GGUF); a seed-ignoring worker misses a third of its draws or more."""
+    """Flip rates are the ones measured against SmolLM2's fp32 reference (bf16 torch; llama.cpp's
+    GGUF and its Q8_0 copy counted beyond the engine's seed tie, 0.4-0.6%); a seed-ignoring
+    worker misses a third of its draws or more (about half beyond the tie)."""
     config = contract.contract_for(engine)
     rng = random.Random(7)
     failed = 0
@@ -170,4 +191,4 @@ def test_each_engines_honest_seed_flips_pass_and_a_seed_ignorer_fails(engine: st
 
 def test_an_unknown_engine_gets_the_strictest_contract() -> None:
     assert contract.contract_for("made-up") == contract.contract_for("torch")
-    assert contract.contract_for("llamacpp").seed_slack > contract.contract_for("torch").seed_slack
+    assert contract.contract_for("llamacpp").seed_grace > contract.contract_for("torch").seed_grace

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from permamesh.verify.scoring import ROWS_AT_ONCE, _race_weights, _sampling_probs, seeded_replay
-from permamesh.workers.sampling import SamplingParams, generator, nucleus_rows, sample_token
+from permamesh.verify.scoring import (
+    NO_RACE, ROWS_AT_ONCE, _race_weights, _sampling_probs, seeded_race_gaps, seeded_replay,
+)
+from permamesh.workers.sampling import SamplingParams, generator, nucleus_rows, race_scores, sample_token
 
 VOCAB = 5000
 
@@ -38,6 +40,23 @@ def test_racing_every_position_at_once_replays_the_workers_draws(temperature, to
     assert seeded_replay(logits, weights, worker, temperature, top_p, 7) == (True,) * rows
     if temperature > 0.1:  # (a vanishing temperature leaves the argmax: any seed replays it)
         assert sum(seeded_replay(logits, weights, worker, temperature, top_p, 8)) < rows  # another seed does not
+
+
+def test_a_lost_race_is_measured_in_nats_behind_the_winner() -> None:
+    """Another seed's draws lose the replay's races by log(winner's score / theirs): checked
+    against the race scores themselves; tokens the nucleus leaves out lose by NO_RACE."""
+    rows = 40
+    logits = _logits(rows, 2.0, seed=21)
+    weights = _race_weights(logits, 0.8, 0.9)
+    drawn = _one_at_a_time(logits, 0.8, 0.9, seed=5)  # not the request's seed (6)
+    gaps = seeded_race_gaps(logits, weights, drawn, 0.8, 0.9, 6)
+    scores = race_scores(weights, generator(6)).astype(np.float64)
+    assert 0 < sum(g > 0 for g in gaps) < rows
+    for row, (token, gap) in enumerate(zip(drawn, gaps)):
+        assert gap == pytest.approx(float(np.log(scores[row].max() / scores[row, token])), abs=1e-9)
+    outside = [int(np.argmin(np.where(weights[row] > 0, np.inf, 0.0))) for row in range(rows)]  # weight 0
+    assert all(g == NO_RACE for g in seeded_race_gaps(logits, weights, outside, 0.8, 0.9, 6))
+    assert seeded_replay(logits, weights, drawn, 0.8, 0.9, 6) == tuple(g == 0 for g in gaps)
 
 
 def test_the_batched_nucleus_is_the_workers_and_its_distribution_sums_to_one() -> None:
