@@ -147,7 +147,8 @@ def answer_credit(evidence: TokenEvidence, reported_logprobs: Sequence[float], *
         pass  # the end lies beyond the scored prefix: not checked (the worker cannot know where it ends)
     elif finish_reason == "stop" and not stop_hit:
         if greedy and not evidence.end_is_greedy and evidence.end_gap > config.end_tie_nats:
-            problems.append("'stop' where the reference model would go on (truncated)")
+            problems.append(f"'stop' where the reference model would go on, its ending {evidence.end_gap:.2f} nats "
+                            "behind its best token (truncated)")
         if not greedy and evidence.end_logprob < math.log(config.min_end_prob):
             problems.append(f"'stop' where ending has p = {math.exp(evidence.end_logprob):.1e} (truncated)")
     elif finish_reason not in ("stop", "length"):
