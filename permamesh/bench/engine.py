@@ -146,9 +146,8 @@ def computed_gguf(bench: EngineBench) -> tuple[Path | None, Path | None]:
     return gguf, ggufweights.weights_for(gguf, bench.gguf_weights, Path(bench.data_dir) / "models")
 
 
-def weight_bytes(backend: str, bench: EngineBench) -> int:
-    """Bytes one decode step reads at least: fp32 parameters, or the GGUF llama.cpp computes with."""
-    gguf = computed_gguf(bench)[1] if backend == "llamacpp" else None
+def weight_bytes(bench: EngineBench, gguf: Path | None) -> int:
+    """Bytes one decode step reads at least: the GGUF llama.cpp computes with, or fp32 parameters."""
     if gguf is not None:
         return gguf.stat().st_size
     loaded = models.load(bench.model, bench.model_path, bench.data_dir, "cpu")
@@ -167,8 +166,8 @@ def run(bench: EngineBench, say=print) -> dict:
     say(f"memory bandwidth {bandwidth:.1f} GB/s; load average {load_before[0]:.2f}")
     results, summary = [], {}
     for backend in backends:
-        ceiling = bandwidth * 1e9 / weight_bytes(backend, bench)
         source, computed = computed_gguf(bench) if backend == "llamacpp" else (None, None)
+        ceiling = bandwidth * 1e9 / weight_bytes(bench, computed)
         raw = baseline_for(computed, bench.concurrency, say)  # before the worker
         result = run_backend(backend, bench, say)
         after = baseline_for(computed, bench.concurrency, say) if raw else {}

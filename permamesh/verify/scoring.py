@@ -136,9 +136,9 @@ def seeded_race_gaps(logits, weights, answer: Sequence[int], temperature: float,
         params = SamplingParams(max_tokens=max(1, len(answer)), temperature=temperature, top_p=top_p, seed=int(seed))
         return tuple(0.0 if sample_token(logits[i], params, gen)[0] == int(t) else NO_RACE
                      for i, t in enumerate(answer))
-    scores = race_scores(weights, gen).astype(np.float64)
-    mine = scores[np.arange(len(answer)), np.asarray([int(t) for t in answer], dtype=np.int64)]
-    best = scores.max(axis=1)
+    scores = race_scores(weights, gen)  # float32, rows x vocabulary: read two entries a row, no copy
+    mine = scores[np.arange(len(answer)), np.asarray([int(t) for t in answer], dtype=np.int64)].astype(np.float64)
+    best = scores.max(axis=1).astype(np.float64)
     with np.errstate(divide="ignore"):
         gaps = np.where(mine >= best, 0.0, np.log(best) - np.log(mine))
     return tuple(float(g) if np.isfinite(g) else NO_RACE for g in gaps)

@@ -128,7 +128,7 @@ def _quantize(src: Path, out: Path, ftype: int) -> None:
 
     route_native_log(L)  # its lines per tensor go to the debug log
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".q8_0-", suffix=".gguf", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}-", suffix=".gguf", dir=out.parent)
     os.close(fd)
     try:
         params = L.llama_model_quantize_default_params()

@@ -61,19 +61,18 @@ class LlamaConfig:
 class GGUFModel:
     """A loaded GGUF model (what :attr:`LoadedModel.model` holds for this backend)."""
 
-    path: Path  # what llama.cpp loaded: the file, or its Q8_0 copy (ggufweights)
+    path: Path  # what llama.cpp loaded: the file, or its copy (ggufweights)
     model: object  # llama_model_p
     vocab: object  # llama_vocab_p
     n_vocab: int
     n_ctx_train: int
     max_seqs: int  # requests one context holds at once
-    source: Path | None = None  # the GGUF file asked for (None: ``path`` itself)
 
 
 def load_gguf(name: str, path: Path, max_seqs: int = 8, weights: str = ggufweights.DEFAULT_MODE,
               cache_dir: Path | None = None) -> LoadedModel:
     """Load ``path`` with llama.cpp and its tokenizer (from the GGUF, as the torch path does);
-    ``weights``: compute with the file or its Q8_0 copy kept in ``cache_dir``
+    ``weights``: compute with the file or its copy kept in ``cache_dir``
     (:func:`permamesh.workers.ggufweights.weights_for`)."""
     import llama_cpp as L
     from transformers import AutoTokenizer
@@ -91,10 +90,10 @@ def load_gguf(name: str, path: Path, max_seqs: int = 8, weights: str = ggufweigh
     hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tokenizer = HFTokenizer(hf_tok, extra_eos=[int(L.llama_vocab_eos(vocab))])
     handle = GGUFModel(computed, model, vocab, int(L.llama_vocab_n_tokens(vocab)), int(L.llama_model_n_ctx_train(model)),
-                       max_seqs, path)
+                       max_seqs)
     loaded = LoadedModel(name, handle, tokenizer, "cpu", time.monotonic() - started)
     log.info("llama.cpp loaded %s in %.1f s%s", path.name, loaded.load_s,
-             f" (computing with its Q8_0 copy {computed.name})" if computed != path else "")
+             f" (computing with its copy {computed.name})" if computed != path else "")
     return loaded
 
 
